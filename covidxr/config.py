@@ -1,0 +1,142 @@
+"""Training configuration: a typed dataclass, its command-line parser, and validation."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+from covidxr.models import ARCHS
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; saved as config.json and inside each checkpoint."""
+
+    # data
+    data: str | None = None  # folder or manifest; else $COVIDXR_DATA, else data/cxr
+    val_frac: float = 0.15
+    test_frac: float = 0.15
+    holdout_source: list[str] = field(default_factory=list)  # sources that go entirely to test
+    balance: str = "loss"  # class-imbalance handling: loss (weighted cross-entropy), sampler, none
+    cache: bool = True  # decode each image once into the prepared cache
+    cache_dir: str | None = None
+    strict: bool = False  # unreadable images are fatal instead of skipped
+    # model
+    arch: str = "resnet50"
+    weights: str = "imagenet"  # imagenet | none | PATH
+    img_size: int = 224
+    # optimisation
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3  # head learning rate; the backbone gets lr * backbone_lr_scale once unfrozen
+    backbone_lr_scale: float = 0.1
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    freeze_epochs: int = 1  # epochs during which only the head trains
+    patience: int = 5  # early stopping on validation macro ROC-AUC (0: never stop early)
+    label_smoothing: float = 0.0
+    # system
+    device: str = "auto"
+    workers: int = min(4, os.cpu_count() or 1)
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with a grad scaler)
+    channels_last: bool = True  # on CUDA only
+    seed: int = 0
+    out: str | None = None  # run folder; default runs/<arch>-<time>
+    resume: str | None = None
+
+    def to_dict(self) -> dict:
+        """Return a JSON-friendly dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """Rebuild from :meth:`to_dict`, ignoring unknown keys (older or newer runs)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _image_size(text: str) -> int:
+    value = int(text)
+    if not 32 <= value <= 2048:
+        raise argparse.ArgumentTypeError(f"must be between 32 and 2048, got {value}")
+    return value
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """Return the ``python -m covidxr.train`` parser (reusable by tests and other entry points)."""
+    d = TrainConfig()
+    p = argparse.ArgumentParser("python -m covidxr.train", add_help=add_help,
+                                description="Fine-tune an ImageNet CNN on chest X-rays with a patient-level split.")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="class-per-folder tree or CSV manifest (default: $COVIDXR_DATA, then data/cxr)")
+    g.add_argument("--val-frac", type=_fraction, default=d.val_frac, help="share of each class for validation")
+    g.add_argument("--test-frac", type=_fraction, default=d.test_frac, help="share of each class for test")
+    g.add_argument("--holdout-source", action="append", default=[], metavar="SOURCE",
+                   help="put every image of this source in test (repeatable): external validation")
+    g.add_argument("--balance", choices=("loss", "sampler", "none"), default=d.balance,
+                   help="class imbalance: weighted loss, weighted sampler or nothing")
+    g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=d.cache,
+                   help="decode each image once into the prepared cache (default: on)")
+    g.add_argument("--cache-dir", help="prepared cache folder (default: $COVIDXR_CACHE or ~/.cache/covidxr/prepared)")
+    g.add_argument("--strict", action="store_true", help="stop on unreadable images instead of skipping them")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default=d.arch, help=f"architecture, e.g. {', '.join(ARCHS)}")
+    g.add_argument("--weights", default=d.weights, help="imagenet, none, or a path to a weights file")
+    g.add_argument("--img-size", type=_image_size, default=d.img_size, help="network input side in pixels")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=_positive_int, default=d.epochs)
+    g.add_argument("-b", "--batch-size", type=_positive_int, default=d.batch_size)
+    g.add_argument("--lr", type=_positive_float, default=d.lr, help="head learning rate (AdamW)")
+    g.add_argument("--backbone-lr-scale", type=_positive_float, default=d.backbone_lr_scale,
+                   help="backbone learning rate as a fraction of --lr once unfrozen")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up before cosine decay")
+    g.add_argument("--freeze-epochs", type=_non_negative_int, default=d.freeze_epochs,
+                   help="epochs that train the head only, backbone frozen")
+    g.add_argument("--patience", type=_non_negative_int, default=d.patience,
+                   help="stop after this many epochs without a better validation macro ROC-AUC (0: never)")
+    g.add_argument("--label-smoothing", type=_fraction, default=d.label_smoothing)
+    g = p.add_argument_group("system")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=d.device)
+    g.add_argument("-j", "--workers", type=_non_negative_int, default=d.workers, help="data loading processes")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=d.amp, help="mixed precision on CUDA")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last,
+                   help="channels_last memory format on CUDA")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--out", help="run folder (default: runs/<arch>-<date>-<time>)")
+    g.add_argument("--resume", help="continue from a run's last.pt")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Turn parsed arguments into a :class:`TrainConfig`."""
+    return TrainConfig.from_dict(vars(args))

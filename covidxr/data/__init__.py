@@ -1,0 +1,1 @@
+"""Datasets: manifests, patient-grouped splits, torch datasets, public-dataset adapters and audits."""

@@ -1,0 +1,98 @@
+"""Decode once: every source image is read by the shared reader and stored letterboxed as uint8 .npy.
+
+Entries are keyed by the source file's absolute path, size and modification time, the cache side and the
+reader's version, so a changed file or a changed reader is prepared again. The default folder is
+``$COVIDXR_CACHE`` or ``~/.cache/covidxr/prepared``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from covidxr.errors import ImageReadError
+from covidxr.io import load_xray
+from covidxr.preprocess import letterbox
+
+# Bump when load_xray or letterbox change what they produce: every cache entry is then prepared again.
+READER_VERSION = "1"
+
+
+def default_cache_dir() -> Path:
+    """Return ``$COVIDXR_CACHE`` or ``~/.cache/covidxr/prepared``."""
+    return Path(os.environ.get("COVIDXR_CACHE") or Path.home() / ".cache" / "covidxr" / "prepared")
+
+
+def cache_key(path: str | os.PathLike, size: int) -> str:
+    """Return the cache entry name for ``path`` at side ``size``."""
+    stat = os.stat(path)
+    ident = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{size}|{READER_VERSION}"
+    return hashlib.sha1(ident.encode()).hexdigest()
+
+
+def decode_square(path: str | os.PathLike, size: int) -> np.ndarray:
+    """Read ``path`` with the shared reader and return it letterboxed to (size, size) uint8."""
+    pixels = load_xray(path).pixels
+    return letterbox(pixels, size)[0].mul(255).round().to(torch.uint8).numpy()
+
+
+@dataclass
+class Prepared:
+    """The outcome of :func:`prepare`: one uint8 (size, size) array per readable image, and the failures."""
+
+    images: list[np.ndarray | None]
+    failures: dict[int, str] = field(default_factory=dict)  # row index -> one-line reason
+
+
+def _prepare_one(args: tuple[str, int, str | None]) -> tuple[np.ndarray | None, str | None]:
+    path, size, cache_dir = args
+    try:
+        entry = Path(cache_dir) / f"{cache_key(path, size)}.npy" if cache_dir else None
+        if entry is not None and entry.is_file():
+            try:
+                return np.load(entry), None
+            except (OSError, ValueError):
+                pass  # a damaged entry is prepared again
+        square = decode_square(path, size)
+        if entry is not None:
+            tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as fh:
+                np.save(fh, square)
+            os.replace(tmp, entry)
+        return square, None
+    except ImageReadError as exc:
+        return None, str(exc)
+    except OSError as exc:
+        return None, f"{os.path.basename(path)}: {exc.strerror or exc}"
+
+
+def prepare(paths: Sequence[str], size: int, cache_dir: Path | None, workers: int = 0,
+            desc: str = "prepare") -> Prepared:
+    """Decode every image once (reusing cache entries) and return them as uint8 squares.
+
+    Args:
+        paths: image files.
+        size: side of the stored square.
+        cache_dir: where entries are kept; None decodes without storing.
+        workers: processes to decode with (0: in this process).
+        desc: label of the progress bar.
+    """
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    jobs = [(str(p), size, str(cache_dir) if cache_dir else None) for p in paths]
+    if workers > 0 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(tqdm(pool.map(_prepare_one, jobs, chunksize=8), total=len(jobs), desc=desc))
+    else:
+        results = [_prepare_one(job) for job in tqdm(jobs, desc=desc)]
+    images = [img for img, _ in results]
+    failures = {i: err for i, (_, err) in enumerate(results) if err is not None}
+    return Prepared(images=images, failures=failures)

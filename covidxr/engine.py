@@ -1,0 +1,127 @@
+"""Training and inference loops: no argument parsing, no printing beyond progress bars."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass
+class EpochOutput:
+    """Per-sample results of one pass: mean loss, logits (N, C), targets (N,) and dataset indices (N,)."""
+
+    loss: float
+    logits: np.ndarray
+    targets: np.ndarray
+    indices: np.ndarray
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                    device: torch.device, amp: Callable, desc: str = "train", channels_last: bool = False,
+                    frozen_backbone: bool = False) -> EpochOutput:
+    """Run one optimisation pass over ``loader`` and return the training predictions."""
+    model.train()
+    if frozen_backbone:
+        model.backbone.eval()  # keep BatchNorm statistics of the frozen backbone as pretrained
+    total, count, logits_all, targets_all, index_all = 0.0, 0, [], [], []
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    for images, targets, indices in bar:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = targets.to(device, non_blocking=True)
+        with amp():
+            logits = model(images)
+            loss = criterion(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total += loss.item() * len(targets)
+        count += len(targets)
+        bar.set_postfix(loss=f"{total / count:.4f}")
+        logits_all.append(logits.detach().float().cpu())
+        targets_all.append(targets.cpu())
+        index_all.append(indices)
+    return _collect(total, count, logits_all, targets_all, index_all)
+
+
+@torch.inference_mode()
+def predict_loader(model: nn.Module, loader: Iterable, device: torch.device, amp: Callable,
+                   criterion: nn.Module | None = None, desc: str = "eval", channels_last: bool = False) -> EpochOutput:
+    """Return logits for every sample of ``loader`` (and the mean loss when ``criterion`` is given).
+
+    The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    total, count, logits_all, targets_all, index_all = 0.0, 0, [], [], []
+    try:
+        for images, targets, indices in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with amp():
+                logits = model(images).float()
+            if criterion is not None:
+                total += criterion(logits, targets.to(device)).item() * len(targets)
+            count += len(targets)
+            logits_all.append(logits.cpu())
+            targets_all.append(targets.cpu())
+            index_all.append(torch.as_tensor(indices))
+    finally:
+        model.train(was_training)
+    return _collect(total, count, logits_all, targets_all, index_all)
+
+
+def _collect(total: float, count: int, logits: list, targets: list, indices: list) -> EpochOutput:
+    return EpochOutput(
+        loss=total / max(count, 1),
+        logits=torch.cat(logits).numpy() if logits else np.zeros((0, 0), dtype=np.float32),
+        targets=torch.cat(targets).numpy() if targets else np.zeros(0, dtype=np.int64),
+        indices=torch.cat([torch.as_tensor(i) for i in indices]).numpy() if indices else np.zeros(0, dtype=np.int64),
+    )
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature``."""
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def summary_metrics(logits: np.ndarray, targets: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Return accuracy, macro F1 and macro one-vs-rest ROC-AUC (NaN when a class is absent)."""
+    if len(targets) == 0:
+        return {"acc": math.nan, "f1": math.nan, "auc": math.nan}
+    probs = softmax(logits)
+    preds = probs.argmax(1)
+    present = [c for c in range(num_classes) if 0 < (targets == c).sum() < len(targets)]
+    aucs = [roc_auc_score(targets == c, probs[:, c]) for c in present]
+    return {
+        "acc": float(accuracy_score(targets, preds)),
+        "f1": float(f1_score(targets, preds, labels=list(range(num_classes)), average="macro", zero_division=0)),
+        "auc": float(np.mean(aucs)) if len(present) == num_classes else math.nan,
+    }
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Return an LR multiplier: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor

