@@ -70,6 +70,6 @@ def library_versions() -> dict[str, str]:
 
     from covidxr import __version__
 
-    return {"covidxr": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
+    return {"covidxr": __version__, "python": sys.version.split()[0], "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "numpy": np.__version__, "pillow": PIL.__version__,
             "pydicom": pydicom.__version__, "scikit-learn": sklearn.__version__}

@@ -1,0 +1,70 @@
+"""Shared fixtures: the real chest X-rays in ../shared/data/cxr, small manifests of them, a tiny trained run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_cxr() -> Path:
+    """The shared dataset: $COVIDXR_DATA, else ../shared/data/cxr beside the checkout."""
+    path = Path(os.environ.get("COVIDXR_DATA") or REPO.parent / "shared" / "data" / "cxr")
+    if not (path / "metadata.csv").is_file():
+        pytest.fail(f"shared chest X-ray data not found at {path}: set COVIDXR_DATA (see data/README.md)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return shared_cxr()
+
+
+@pytest.fixture(scope="session")
+def shared_dicom_dir() -> Path:
+    return shared_cxr().parent / "dicom"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the prepared-image cache of the test session out of the user's home, unless CI set one."""
+    if not os.environ.get("COVIDXR_CACHE"):
+        os.environ["COVIDXR_CACHE"] = str(tmp_path_factory.mktemp("prepared-cache"))
+
+
+def write_subset_manifest(data: Path, out: Path, per_class: int, seed: int = 0) -> Path:
+    """Write a CSV manifest of ``per_class`` real images per class (whole patients, absolute paths)."""
+    meta = pd.read_csv(data / "metadata.csv", dtype=str, keep_default_na=False)
+    parts = []
+    for _, group in meta.groupby("label"):
+        patients = group["patient_id"].drop_duplicates().sample(frac=1.0, random_state=seed)
+        chosen = group[group["patient_id"].isin(patients.iloc[:per_class])]
+        parts.append(chosen)
+    subset = pd.concat(parts)
+    subset["path"] = [str(data / p) for p in subset["path"]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subset.to_csv(out, index=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_manifest(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 16 patients per class of the real shared data, as a CSV manifest with absolute paths."""
+    return write_subset_manifest(shared_data, tmp_path_factory.mktemp("subset") / "manifest.csv", per_class=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(small_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A resnet18 (random init) trained for one epoch at 64 px on the small manifest: a real run folder."""
+    from covidxr.train import main
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    status = main(["--data", str(small_manifest), "--arch", "resnet18", "--weights", "none", "--img-size", "64",
+                   "--epochs", "1", "--batch-size", "8", "--workers", "0", "--freeze-epochs", "0",
+                   "--out", str(out)])
+    assert status == 0
+    return out

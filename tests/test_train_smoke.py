@@ -1,0 +1,82 @@
+"""End-to-end training on a real subset: run folder contents, reload, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from covidxr.checkpoint import load_checkpoint
+from covidxr.models import build_model
+from covidxr.train import main
+
+
+def test_tiny_run_writes_a_complete_run_folder(tiny_run: Path) -> None:
+    for name in ("best.pt", "last.pt", "config.json", "history.csv", "split.csv"):
+        assert (tiny_run / name).is_file(), name
+    history = pd.read_csv(tiny_run / "history.csv")
+    assert list(history["epoch"]) == [1]
+    assert {"train_loss", "val_loss", "val_auc", "val_acc", "val_f1"} <= set(history.columns)
+    split = pd.read_csv(tiny_run / "split.csv")
+    assert set(split["split"]) == {"train", "val", "test"}
+    assert split.groupby("patient_id")["split"].nunique().max() == 1
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["arch"] == "resnet18" and config["img_size"] == 64
+
+
+def test_best_checkpoint_reloads_into_the_same_model(tiny_run: Path) -> None:
+    ckpt = load_checkpoint(tiny_run / "best.pt")
+    assert ckpt["arch"] == "resnet18"
+    assert ckpt["classes"] == ["covid", "normal", "pneumonia"]
+    assert ckpt["preprocess"]["img_size"] == 64
+    assert "optimizer" not in ckpt  # best.pt is for inference; last.pt carries the optimizer
+    model = build_model(ckpt["arch"], len(ckpt["classes"]), "none")
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 1, 64, 64))
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+    assert set(load_checkpoint(tiny_run / "last.pt")) >= {"optimizer", "scheduler", "scaler", "rng"}
+
+
+def _args(manifest: Path, out: Path, epochs: int) -> list[str]:
+    return ["--data", str(manifest), "--arch", "resnet18", "--weights", "none", "--img-size", "48",
+            "--epochs", str(epochs), "--batch-size", "8", "--workers", "0", "--freeze-epochs", "1",
+            "--patience", "0", "--out", str(out)]
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(small_manifest: Path, tmp_path: Path) -> None:
+    assert main(_args(small_manifest, tmp_path / "full", 2)) == 0
+    # Interrupted run: stops after epoch 1, then resumes to epoch 2 from last.pt.
+    assert main(_args(small_manifest, tmp_path / "part", 1)) == 0
+    assert main(["--resume", str(tmp_path / "part" / "last.pt"), "--epochs", "2"]) == 0
+    full, part = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "part" / "last.pt")
+    assert part["epoch"] == 2 and [r["epoch"] for r in part["history"]] == [1, 2]
+    for key, value in full["model"].items():
+        torch.testing.assert_close(part["model"][key], value, rtol=0, atol=1e-6, msg=key)
+    assert pd.read_csv(tmp_path / "part" / "split.csv").equals(pd.read_csv(tmp_path / "full" / "split.csv"))
+
+
+@pytest.mark.parametrize("bad", [["--epochs", "-1"], ["--batch-size", "0"], ["--img-size", "8"],
+                                 ["--device", "tpu"]])
+def test_impossible_arguments_exit_2(bad: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(bad)
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_missing_dataset_says_how_to_get_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "data/README.md" in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_architecture_is_one_line_error(small_manifest: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    assert main(["--data", str(small_manifest), "--arch", "resnet9000", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("covidxr.train: error: unknown architecture 'resnet9000'")
