@@ -18,7 +18,9 @@ class TrainConfig:
     val_frac: float = 0.15
     test_frac: float = 0.15
     holdout_source: list[str] = field(default_factory=list)  # sources that go entirely to test
-    balance: str = "loss"  # class-imbalance handling: loss (weighted cross-entropy), sampler, none
+    balance: str = "loss"  # loss (weighted cross-entropy), sampler (by class), group (by class x source), none
+    exclude_source: list[str] = field(default_factory=list)  # sources left out entirely
+    exclude_where: list[str] = field(default_factory=list)  # COLUMN=VALUE filters on manifest columns
     cache: bool = True  # decode each image once into the prepared cache
     cache_dir: str | None = None
     strict: bool = False  # unreadable images are fatal instead of skipped
@@ -102,8 +104,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--test-frac", type=_fraction, default=d.test_frac, help="share of each class for test")
     g.add_argument("--holdout-source", action="append", default=[], metavar="SOURCE",
                    help="put every image of this source in test (repeatable): external validation")
-    g.add_argument("--balance", choices=("loss", "sampler", "none"), default=d.balance,
-                   help="class imbalance: weighted loss, weighted sampler or nothing")
+    g.add_argument("--balance", choices=("loss", "sampler", "group", "none"), default=d.balance,
+                   help="imbalance: weighted loss, sampler by class, sampler by (class, source) group "
+                        "(weakens source shortcuts), or nothing")
+    g.add_argument("--exclude-source", action="append", default=[], metavar="SOURCE",
+                   help="leave out every image of this source (repeatable)")
+    g.add_argument("--exclude-where", action="append", default=[], metavar="COLUMN=VALUE",
+                   help="leave out images whose manifest COLUMN equals VALUE, e.g. view=L (repeatable)")
     g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=d.cache,
                    help="decode each image once into the prepared cache (default: on)")
     g.add_argument("--cache-dir", help="prepared cache folder (default: $COVIDXR_CACHE or ~/.cache/covidxr/prepared)")

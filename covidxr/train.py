@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from covidxr import engine
 from covidxr.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from covidxr.config import TrainConfig, config_from_args, get_args_parser
+from covidxr.data.audit import confounding_warnings
 from covidxr.data.cache import default_cache_dir, prepare
 from covidxr.data.dataset import XrayDataset
 from covidxr.data.manifest import class_names, dataset_root, load_manifest, resolve_data_path, validate_for_training
@@ -50,8 +51,10 @@ class RunData:
 def load_run_data(cfg: TrainConfig, run_dir: Path, resuming: bool) -> RunData:
     """Resolve, split (or reload the run's split) and prepare the dataset; refuse unusable data early."""
     data_path = resolve_data_path(cfg.data)
-    table = load_manifest(data_path)
+    table = exclude_rows(load_manifest(data_path), cfg.exclude_source, cfg.exclude_where)
     validate_for_training(table, str(data_path))
+    for warning in confounding_warnings(table):
+        log.warning("confounding: %s", warning)
     split_csv = run_dir / "split.csv"
     if resuming and split_csv.is_file():
         table = apply_split(table, split_csv)
@@ -68,12 +71,32 @@ def load_run_data(cfg: TrainConfig, run_dir: Path, resuming: bool) -> RunData:
         first = next(iter(unreadable.values()))
         raise DatasetError(f"{len(unreadable)} unreadable image(s) and --strict given, e.g. {first}")
     keep = np.array([i not in prepared.failures for i in range(len(table))], dtype=bool)
-    images = [img for img, ok in zip(prepared.images, keep) if ok] if cfg.cache else None
+    images = [img for img, ok in zip(prepared.images, keep, strict=False) if ok] if cfg.cache else None
     table = table[keep].reset_index(drop=True)
     for split in ("train", "val"):
         if (table["split"] == split).sum() == 0:
             raise DatasetError(f"the {split} split is empty: the dataset is too small for the requested fractions")
     return RunData(table, classes, dataset_root(data_path), images, unreadable)
+
+
+def exclude_rows(table: pd.DataFrame, sources: list[str], where: list[str]) -> pd.DataFrame:
+    """Drop the images of the named sources and those matching ``COLUMN=VALUE`` filters (logged, with counts)."""
+    keep = ~table["source"].isin(sources)
+    for rule in where:
+        column, sep, value = rule.partition("=")
+        if not sep or column not in table.columns:
+            raise DatasetError(f"--exclude-where {rule!r}: expected COLUMN=VALUE with a manifest column "
+                               f"({', '.join(table.columns)})")
+        keep &= table[column].astype(str) != value
+    if (~keep).any():
+        log.info("left out %d image(s) by --exclude-source/--exclude-where", int((~keep).sum()))
+    return table[keep].reset_index(drop=True)
+
+
+def sample_weights(table: pd.DataFrame, balance: str) -> np.ndarray:
+    """Per-image sampling weights that give every class (or every (class, source) group) the same total weight."""
+    keys = table["label"] if balance == "sampler" else table["label"] + "\x1f" + table["source"]
+    return (1.0 / keys.map(keys.value_counts())).to_numpy(dtype=np.float64)
 
 
 def make_loaders(data: RunData, cfg: TrainConfig, device: torch.device, epoch_seed: int) -> dict[str, DataLoader]:
@@ -90,9 +113,8 @@ def make_loaders(data: RunData, cfg: TrainConfig, device: torch.device, epoch_se
                          transform, [data.images[i] for i in rows] if data.images is not None else None)
         generator = torch.Generator().manual_seed(epoch_seed)
         sampler = None
-        if split == "train" and cfg.balance == "sampler":
-            counts = np.bincount(ds.targets.numpy(), minlength=len(data.classes))
-            weights = 1.0 / counts[ds.targets.numpy()]
+        if split == "train" and cfg.balance in ("sampler", "group"):
+            weights = sample_weights(sub, cfg.balance)
             sampler = WeightedRandomSampler(weights.tolist(), len(ds), replacement=True, generator=generator)
         loaders[split] = DataLoader(
             ds, batch_size=cfg.batch_size, shuffle=split == "train" and sampler is None, sampler=sampler,
@@ -111,7 +133,7 @@ def class_weights(targets: np.ndarray, num_classes: int) -> torch.Tensor:
 def build_optimizer(model: XrayClassifier, cfg: TrainConfig, steps_per_epoch: int):
     """AdamW with a higher learning rate for the head, warm-up and cosine decay per step."""
     decay, no_decay = [], []
-    for name, p in model.backbone.named_parameters():
+    for _name, p in model.backbone.named_parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
     backbone_lr = cfg.lr * cfg.backbone_lr_scale
     optimizer = torch.optim.AdamW([
@@ -252,8 +274,9 @@ def run(cfg: TrainConfig) -> Path:
             state |= {"best_auc": score, "best_epoch": epoch, "epochs_since_best": 0}
         else:
             state["epochs_since_best"] += 1
-        tqdm.write(f"epoch {epoch:3d} [{row['phase']}] {seconds:6.1f}s | train loss {tr.loss:.4f} acc {fmt(trm['acc'])} "
-                   f"f1 {fmt(trm['f1'])} auc {fmt(trm['auc'])} | val loss {va.loss:.4f} acc {fmt(vam['acc'])} "
+        tqdm.write(f"epoch {epoch:3d} [{row['phase']}] {seconds:6.1f}s | train loss {tr.loss:.4f} "
+                   f"acc {fmt(trm['acc'])} f1 {fmt(trm['f1'])} auc {fmt(trm['auc'])} | val loss {va.loss:.4f} "
+                   f"acc {fmt(vam['acc'])} "
                    f"f1 {fmt(vam['f1'])} auc {fmt(vam['auc'])}{'  *best*' if improved else ''}", file=sys.stderr)
         write_history(run_dir / "history.csv", state["history"])
         if improved:

@@ -102,7 +102,8 @@ def make_split(
         return df
     unknown = set(holdout_sources) - set(df["source"])
     if unknown:
-        raise DatasetError(f"--holdout-source {', '.join(sorted(unknown))} not among sources {sorted(set(df['source']))}")
+        known = sorted(set(df["source"]))
+        raise DatasetError(f"--holdout-source {', '.join(sorted(unknown))} not among sources {known}")
     forced = set(groups[df["source"].isin(holdout_sources).to_numpy()])
     df["split"] = assign_splits(df["label"].tolist(), groups, fractions, seed, forced)
     return df
@@ -134,7 +135,8 @@ def apply_split(df: pd.DataFrame, split_csv: Path | pd.DataFrame) -> pd.DataFram
     mapping = dict(zip(saved["relpath"], saved["split"], strict=True))
     missing = set(mapping) - set(df["relpath"])
     if missing:
-        raise DatasetError(f"{len(missing)} image(s) of the saved split are not in the dataset, e.g. {sorted(missing)[0]}")
+        example = sorted(missing)[0]
+        raise DatasetError(f"{len(missing)} image(s) of the saved split are not in the dataset, e.g. {example}")
     df = df[df["relpath"].isin(mapping)].copy()
     df["split"] = df["relpath"].map(mapping)
     return df
