@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm.auto import tqdm
 
 from covidxr import engine
-from covidxr.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from covidxr.checkpoint import atomic_write_text, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from covidxr.config import TrainConfig, config_from_args, get_args_parser
 from covidxr.data.audit import confounding_warnings
 from covidxr.data.cache import default_cache_dir, prepare
@@ -201,6 +201,7 @@ def run(cfg: TrainConfig) -> Path:
     else:
         run_dir = Path(cfg.out or f"runs/{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)  # left by a run killed while saving
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     dtype = amp_dtype(device) if cfg.amp else None
