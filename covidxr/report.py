@@ -18,16 +18,16 @@ import io
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
+from covidxr.checkpoint import atomic_write_bytes as write_bytes_atomic
+from covidxr.checkpoint import atomic_write_text as write_text_atomic
 from covidxr.metrics import expected_calibration_error, reliability_bins
 
 __all__ = [
@@ -79,42 +79,6 @@ figcaption { font-size: 0.88rem; color: #5a6275; }
 # --------------------------------------------------------------------------------------------------------------------
 # files
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write bytes to ``path`` atomically (temporary file in the same folder, then ``os.replace``).
-
-    The parent folder is created if needed. On failure the temporary file is removed and ``path`` is untouched.
-
-    Args:
-        path: Destination file.
-        data: Content.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write UTF-8 text to ``path`` atomically (see ``write_bytes_atomic``).
-
-    Args:
-        path: Destination file.
-        text: Content.
-    """
-    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def figure_png(fig: Figure, dpi: int = _DPI) -> bytes:
