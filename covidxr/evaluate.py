@@ -442,15 +442,9 @@ def load_eval_data(ckpt: dict[str, Any], checkpoint: Path, opts: EvalOptions) ->
 
 def build_eval_model(ckpt: dict[str, Any], device: Any) -> Any:
     """Rebuild the checkpoint's model in eval mode on ``device``."""
-    from covidxr.models import build_model
+    from covidxr.models import model_from_checkpoint
 
-    model = build_model(ckpt["arch"], len(ckpt["classes"]), "none")
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"the checkpoint's weights do not fit {ckpt['arch']}: {str(exc).splitlines()[0]}") \
-            from exc
-    return model.to(device).eval()
+    return model_from_checkpoint(ckpt, str(ckpt.get("path", "checkpoint"))).to(device).eval()
 
 
 def predict(ckpt: dict[str, Any], data: EvalData, cfg: Any) -> Prediction:

@@ -72,7 +72,7 @@ from covidxr.checkpoint import atomic_write_text
 from covidxr.errors import CovidxrError, DatasetError, ImageReadError
 from covidxr.io import load_xray
 from covidxr.models import target_layer
-from covidxr.preprocess import letterbox, unletterbox
+from covidxr.preprocess import network_input, unletterbox
 
 if typing.TYPE_CHECKING:
     from covidxr.predict import Predictor
@@ -501,7 +501,7 @@ def _score_batch(predictor: Predictor, rows: pd.DataFrame, methods: Sequence[str
     if not kept:
         return results
     size = predictor.preprocess.img_size
-    inputs = torch.stack([letterbox(p, size) for p in pixels])
+    inputs = torch.stack([network_input(p, size) for p in pixels])
     for method in methods:
         start = time.perf_counter()
         out = compute_cam(predictor.model, inputs, method)

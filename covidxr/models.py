@@ -16,8 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
-from covidxr.checkpoint import CheckpointError
-from covidxr.errors import CovidxrError
+from covidxr.errors import CheckpointError, CovidxrError, one_line
 from covidxr.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -100,8 +99,6 @@ def _build_torchvision(arch: str, pretrained: bool) -> tuple[nn.Module, tuple, t
     if not pretrained:
         return torchvision.models.get_model(arch, weights=None, **kwargs), IMAGENET_MEAN, IMAGENET_STD
     enum = torchvision.models.get_model_weights(arch).DEFAULT
-    if arch == "googlenet":
-        kwargs["transform_input"] = True  # the ported ImageNet weights expect it (as torchvision sets it)
     model = torchvision.models.get_model(arch, weights=None, **kwargs)
     result = model.load_state_dict(imagenet_state_dict(enum), strict=False)
     if result.missing_keys or [k for k in result.unexpected_keys if not k.startswith("aux")]:
@@ -109,6 +106,10 @@ def _build_torchvision(arch: str, pretrained: bool) -> tuple[nn.Module, tuple, t
                            f"unexpected {result.unexpected_keys[:3]}")
     transforms = enum.transforms()
     log.info("loaded %s for %s", enum, arch)
+    if arch == "googlenet":
+        # The ported weights expect inputs in [-1, 1]; torchvision's transform_input rescales ImageNet-normalised
+        # input to exactly that, so normalising with mean = std = 0.5 here is the same model with no hidden flag.
+        return model, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     return model, tuple(transforms.mean), tuple(transforms.std)
 
 
@@ -198,6 +199,55 @@ def _load_state_dict_file(path: Path) -> dict:
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: not a state dict")
     return state
+
+
+def read_preprocess(ckpt: dict, source: str = "checkpoint") -> Preprocess:
+    """Return the checkpoint's preprocessing record, checked.
+
+    Raises:
+        CheckpointError: the record is malformed or uses an unknown geometry.
+    """
+    try:
+        pre = Preprocess.from_dict(dict(ckpt["preprocess"]))
+        valid = (int(pre.img_size) == pre.img_size >= 8 and len(pre.mean) == 3 and len(pre.std) == 3
+                 and all(s > 0 for s in pre.std))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: malformed preprocess record ({exc})") from exc
+    if not valid:
+        raise CheckpointError(f"{source}: malformed preprocess record {ckpt['preprocess']}")
+    if pre.geometry != "letterbox":
+        raise CheckpointError(f"{source}: unknown preprocessing geometry {pre.geometry!r} (only 'letterbox')")
+    return pre
+
+
+def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> XrayClassifier:
+    """Rebuild a checkpoint's model exactly: architecture, head, weights (strict) and normalisation, on the CPU.
+
+    The normalisation mean/std are not in the state dict; they come from the checkpoint's preprocess record, so a
+    model trained from weights with their own statistics (EfficientNet-Lite0, GoogLeNet) is rebuilt as trained.
+
+    Raises:
+        CheckpointError: unknown architecture, malformed classes, or weights that do not fit (one line).
+    """
+    arch, classes = ckpt["arch"], ckpt["classes"]
+    if (not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c for c in classes)
+            or len(set(classes)) != len(classes)):
+        raise CheckpointError(f"{source}: classes must be at least two distinct names, got {classes!r}")
+    if not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{source}: the model entry is not a state dict")
+    pre = read_preprocess(ckpt, source)
+    try:
+        model = build_model(str(arch), len(classes), "none")
+    except WeightsError as exc:
+        raise CheckpointError(f"{source}: {exc}") from exc
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except (RuntimeError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{source}: weights do not fit {arch} with {len(classes)} classes: {one_line(exc)}") \
+            from exc
+    model.mean.copy_(torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1))
+    model.std.copy_(torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1))
+    return model
 
 
 def target_layer(model: XrayClassifier) -> nn.Module:

@@ -56,10 +56,10 @@ import torch
 from PIL import Image
 
 from covidxr.checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint
-from covidxr.errors import CheckpointError, CovidxrError, ImageReadError
+from covidxr.errors import CheckpointError, CovidxrError, ImageReadError, one_line
 from covidxr.explain import CAM_METHODS, OneLineParser, compute_cam, heatmap_on_image, overlay, resolve_layer
 from covidxr.io import Xray, load_xray
-from covidxr.models import WeightsError, XrayClassifier, build_model
+from covidxr.models import XrayClassifier, model_from_checkpoint, read_preprocess
 from covidxr.onnx_backend import (
     OnnxRunner,
     default_onnx_path,
@@ -70,7 +70,7 @@ from covidxr.onnx_backend import (
     onnxruntime_available,
     write_onnx,
 )
-from covidxr.preprocess import Preprocess, letterbox
+from covidxr.preprocess import Preprocess, network_input
 
 log = logging.getLogger("covidxr.predict")
 
@@ -116,86 +116,9 @@ class Prediction:
 # ------------------------------------------------------------------------------------------------- loading
 
 
-def _first_reason(exc: BaseException, limit: int = 300) -> str:
-    """The informative part of a (multi-line) exception message, on one line.
-
-    Args:
-        exc: the exception.
-        limit: maximum length.
-
-    Returns:
-        One line.
-    """
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
-        lines = lines[1:]
-    text = "; ".join(lines) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def read_preprocess(ckpt: dict, source: str) -> Preprocess:
-    """Return the checkpoint's preprocessing record, checked.
-
-    Args:
-        ckpt: the loaded checkpoint.
-        source: the checkpoint's name for messages.
-
-    Returns:
-        The :class:`~covidxr.preprocess.Preprocess`.
-
-    Raises:
-        CheckpointError: when the record is malformed or uses an unknown geometry.
-    """
-    try:
-        pre = Preprocess.from_dict(dict(ckpt["preprocess"]))
-        valid = (int(pre.img_size) == pre.img_size >= 8 and len(pre.mean) == 3 and len(pre.std) == 3
-                 and all(s > 0 for s in pre.std))
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{source}: malformed preprocess record ({exc})") from exc
-    if not valid:
-        raise CheckpointError(f"{source}: malformed preprocess record {ckpt['preprocess']}")
-    if pre.geometry != "letterbox":
-        raise CheckpointError(f"{source}: unknown preprocessing geometry {pre.geometry!r} (only 'letterbox')")
-    return pre
-
-
 def load_classifier(ckpt: dict, source: str = "checkpoint") -> XrayClassifier:
-    """Build the checkpoint's model and load its weights strictly; eval mode, no parameter requires grad.
-
-    The normalisation mean/std (not part of the state dict) are set from the checkpoint's preprocess record, so a
-    model trained from weights with their own statistics (EfficientNet-Lite0) is rebuilt exactly. GoogLeNet's
-    ``transform_input``, which torchvision switches on only for ImageNet weights, is set from the run's config.
-
-    Args:
-        ckpt: a checkpoint from :func:`covidxr.checkpoint.load_checkpoint`.
-        source: the checkpoint's name for messages.
-
-    Returns:
-        The model on the CPU.
-
-    Raises:
-        CheckpointError: unknown architecture, malformed classes, or weights that do not fit (one line).
-    """
-    arch, classes = ckpt["arch"], ckpt["classes"]
-    if (not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c for c in classes)
-            or len(set(classes)) != len(classes)):
-        raise CheckpointError(f"{source}: classes must be at least two distinct names, got {classes!r}")
-    if not isinstance(ckpt["model"], dict):
-        raise CheckpointError(f"{source}: the model entry is not a state dict")
-    pre = read_preprocess(ckpt, source)
-    try:
-        model = build_model(str(arch), len(classes), "none")
-    except WeightsError as exc:
-        raise CheckpointError(f"{source}: {exc}") from exc
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except (RuntimeError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"{source}: weights do not fit {arch} with {len(classes)} classes: "
-                              f"{_first_reason(exc)}") from exc
-    model.mean.copy_(torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1))
-    model.std.copy_(torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1))
-    if arch == "googlenet" and hasattr(model.backbone, "transform_input"):
-        model.backbone.transform_input = (ckpt.get("config") or {}).get("weights", "imagenet") == "imagenet"
+    """Return the checkpoint's model (see :func:`covidxr.models.model_from_checkpoint`) frozen, in eval mode."""
+    model = model_from_checkpoint(ckpt, source)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -445,7 +368,7 @@ class Predictor:
         pixels = [_as_pixels(image) for image in images]
         labels = [(names[i] if names is not None and names[i] else getattr(img, "name", "")) or ""
                   for i, img in enumerate(images)]
-        inputs = torch.stack([letterbox(p, self.preprocess.img_size) for p in pixels])
+        inputs = torch.stack([network_input(p, self.preprocess.img_size) for p in pixels])
         heatmaps: list[np.ndarray | None] = [None] * len(images)
         notes: list[str | None] = [None] * len(images)
         explained: list[int | None] = [None] * len(images)
@@ -679,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
                                        args.batch_size, args.alpha, args.max_side)
         write_csv(args.out / "predictions.csv", rows, predictor.classes)
     except (CovidxrError, ValueError, OSError) as exc:
-        print(f"{parser.prog}: error: {_first_reason(exc)}", file=sys.stderr)
+        print(f"{parser.prog}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     summary = {"predicted": len(files) - failed, "failed": failed, "csv": str(args.out / "predictions.csv"),
                "backend": predictor.backend}

@@ -87,6 +87,15 @@ def unletterbox(heatmap: np.ndarray, height: int, width: int) -> np.ndarray:
     return out[0, 0].numpy()
 
 
+def network_input(image: np.ndarray | torch.Tensor, img_size: int) -> torch.Tensor:
+    """Return the (1, img_size, img_size) network input for a decoded image, as training and evaluation see it.
+
+    Training and evaluation read images letterboxed at :func:`cache_size` (from the prepared cache) and resize them
+    to ``img_size``; prediction takes the same two steps so that a model sees the same pixels everywhere.
+    """
+    return eval_transform(img_size)(letterbox(image, cache_size(img_size)))
+
+
 def train_transform(img_size: int) -> Transform:
     """Return the training augmentation for (1, S, S) inputs: mild crops, rotations, shifts and contrast.
 

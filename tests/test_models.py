@@ -102,3 +102,27 @@ def test_efficientnet_lite0_package_weights_recognise_grace_hopper() -> None:
     grey = letterbox(load_xray(photo).pixels, 224)[None]
     with torch.no_grad():
         assert torch.isfinite(model(grey)).all()
+
+
+def test_checkpoint_rebuild_restores_the_weights_normalisation() -> None:
+    from covidxr.models import model_from_checkpoint, preprocess_for
+
+    trained = build_model("efficientnet_lite0", 3, "imagenet").eval()
+    ckpt = {"arch": "efficientnet_lite0", "classes": ["a", "b", "c"], "model": trained.state_dict(),
+            "preprocess": preprocess_for(trained, 64).to_dict()}
+    rebuilt = model_from_checkpoint(ckpt).eval()
+    assert rebuilt.mean.flatten().tolist() == [0.5, 0.5, 0.5]
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), trained(x))
+
+
+def test_checkpoint_with_other_class_count_is_refused() -> None:
+    from covidxr.errors import CheckpointError
+    from covidxr.models import model_from_checkpoint, preprocess_for
+
+    model = build_model("resnet18", 3, "none")
+    ckpt = {"arch": "resnet18", "classes": ["a", "b"], "model": model.state_dict(),
+            "preprocess": preprocess_for(model, 64).to_dict()}
+    with pytest.raises(CheckpointError, match="do not fit resnet18 with 2 classes"):
+        model_from_checkpoint(ckpt)

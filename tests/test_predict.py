@@ -19,7 +19,7 @@ from covidxr.errors import CheckpointError
 from covidxr.io import Xray, load_xray
 from covidxr.models import build_model
 from covidxr.predict import Prediction, Predictor, main
-from covidxr.preprocess import letterbox
+from covidxr.preprocess import network_input
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -56,7 +56,7 @@ def _reference_probs(tiny_run: Path, pixels: np.ndarray, temperature: float = 1.
     model = build_model(ckpt["arch"], len(ckpt["classes"]), "none")
     model.load_state_dict(ckpt["model"])
     with torch.no_grad():
-        logits = model.eval()(letterbox(pixels, ckpt["preprocess"]["img_size"])[None])
+        logits = model.eval()(network_input(pixels, ckpt["preprocess"]["img_size"])[None])
     return torch.softmax(logits.double() / temperature, dim=1)[0].numpy()
 
 
@@ -223,3 +223,14 @@ def test_cli_without_cam_and_usage_errors(tiny_run: Path, shared_data: Path, tmp
     with pytest.raises(SystemExit) as caught:
         main(["--checkpoint", ckpt, image, "--cam", "magic"])
     assert caught.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_prediction_input_matches_what_training_and_evaluation_see(shared_data: Path) -> None:
+    from covidxr.data.cache import decode_square
+    from covidxr.io import load_xray
+    from covidxr.preprocess import cache_size, eval_transform
+
+    path = next((shared_data / "normal").iterdir())
+    cached = torch.from_numpy(decode_square(path, cache_size(64))).float().div(255)[None]  # the training cache
+    torch.testing.assert_close(network_input(load_xray(path).pixels, 64), eval_transform(64)(cached),
+                               atol=2 / 255, rtol=0)

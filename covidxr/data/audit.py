@@ -43,7 +43,7 @@ import pandas as pd
 from covidxr.checkpoint import atomic_write_text
 from covidxr.data.sources import is_frontal
 from covidxr.data.split import apply_split, file_digest
-from covidxr.errors import CheckpointError, DatasetError, ImageReadError
+from covidxr.errors import DatasetError, ImageReadError
 from covidxr.io import MAX_PIXELS, Xray, load_xray
 
 CONFOUNDING_SHARE = 0.8
@@ -449,16 +449,11 @@ def source_probe(table: pd.DataFrame, checkpoint: str | os.PathLike, folds: int 
     import torch
 
     from covidxr.checkpoint import load_checkpoint
-    from covidxr.models import build_model
+    from covidxr.models import model_from_checkpoint
     from covidxr.preprocess import Preprocess
 
     ckpt = load_checkpoint(checkpoint)
-    model = build_model(ckpt["arch"], len(ckpt["classes"]), "none")
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{checkpoint}: weights do not fit {ckpt['arch']} ({str(exc).splitlines()[0]})") from exc
-    model.eval()
+    model = model_from_checkpoint(ckpt, str(checkpoint)).eval()
     img_size = Preprocess.from_dict(ckpt["preprocess"]).img_size
     with torch.inference_mode():
         feats, ok = _features(model, table["path"].tolist(), img_size, cache_dir, batch_size, workers)
