@@ -17,22 +17,17 @@ The page is thin: reading is ``covidxr.io``, prediction and explanation are ``co
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `streamlit run` puts app/ on sys.path, not the repository (when not pip-installed)
-    sys.path.append(str(REPO))
+import streamlit as st
+from app_model_view import render_model_view
+from app_results import INTENDED_USE, Context, FileResult, Upload, render_upload, results_csv
+from app_settings import TRAIN_COMMANDS, AppSettings, checkpoint_choices, load_settings
 
-import streamlit as st  # noqa: E402
-from app_model_view import render_model_view  # noqa: E402
-from app_results import INTENDED_USE, Context, FileResult, Upload, render_upload, results_csv  # noqa: E402
-from app_settings import TRAIN_COMMANDS, AppSettings, checkpoint_choices, load_settings  # noqa: E402
-
-from covidxr.audit_log import AuditLog, new_session_id  # noqa: E402
-from covidxr.errors import CovidxrError  # noqa: E402
-from covidxr.io import MAX_FILE_BYTES  # noqa: E402
+from covidxr.audit_log import AuditLog, new_session_id
+from covidxr.errors import CovidxrError
+from covidxr.io import MAX_FILE_BYTES
 
 if TYPE_CHECKING:  # torch loads with the first model, after the page's first lines are shown
     from covidxr.predict import Predictor
