@@ -28,7 +28,7 @@ from covidxr.data.dataset import XrayDataset
 from covidxr.data.manifest import class_names, dataset_root, load_manifest, resolve_data_path, validate_for_training
 from covidxr.data.split import apply_split, check_no_leakage, make_split, save_split
 from covidxr.errors import CovidxrError, DatasetError
-from covidxr.models import XrayClassifier, build_model, preprocess_for
+from covidxr.models import XrayClassifier, build_model, model_from_checkpoint, preprocess_for
 from covidxr.preprocess import cache_size, eval_transform, train_transform
 from covidxr.utils import amp_dtype, autocast, library_versions, pick_device, seed_everything, setup_logging
 
@@ -223,9 +223,8 @@ def run(cfg: TrainConfig) -> Path:
     counts = data.table.groupby(["split", "label"]).size().unstack(fill_value=0)
     log.info("data %s: %d images, classes %s\n%s", data.root, len(data.table), data.classes, counts.to_string())
 
-    model = build_model(cfg.arch, len(data.classes), "none" if resume is not None else cfg.weights)
-    if resume is not None:
-        model.load_state_dict(resume["model"])
+    model = model_from_checkpoint(resume, cfg.resume) if resume is not None else build_model(
+        cfg.arch, len(data.classes), cfg.weights)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
