@@ -36,11 +36,14 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     freeze_epochs: int = 1  # epochs during which only the head trains
+    linear_probe: bool = False  # only the head trains, every epoch
+    feature_cache: bool = True  # frozen epochs train the head on backbone features computed once (un-augmented)
     patience: int = 5  # early stopping on validation macro ROC-AUC (0: never stop early)
     label_smoothing: float = 0.0
     # system
     device: str = "auto"
     workers: int = min(4, os.cpu_count() or 1)
+    gpu_cache: str = "auto"  # keep the prepared squares on the GPU and augment there: auto | on | off
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with a grad scaler)
     channels_last: bool = True  # on CUDA only
     seed: int = 0
@@ -65,7 +68,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of 0 or more."""
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
@@ -86,7 +90,8 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _image_size(text: str) -> int:
+def image_size(text: str) -> int:
+    """argparse type: an image side between 32 and 2048 pixels."""
     value = int(text)
     if not 32 <= value <= 2048:
         raise argparse.ArgumentTypeError(f"must be between 32 and 2048, got {value}")
@@ -118,7 +123,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--arch", default=d.arch, help=f"architecture, e.g. {', '.join(ARCHS)}")
     g.add_argument("--weights", default=d.weights, help="imagenet, none, or a path to a weights file")
-    g.add_argument("--img-size", type=_image_size, default=d.img_size, help="network input side in pixels")
+    g.add_argument("--img-size", type=image_size, default=d.img_size, help="network input side in pixels")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=_positive_int, default=d.epochs)
     g.add_argument("-b", "--batch-size", type=_positive_int, default=d.batch_size)
@@ -127,14 +132,24 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="backbone learning rate as a fraction of --lr once unfrozen")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up before cosine decay")
-    g.add_argument("--freeze-epochs", type=_non_negative_int, default=d.freeze_epochs,
+    g.add_argument("--freeze-epochs", type=non_negative_int, default=d.freeze_epochs,
                    help="epochs that train the head only, backbone frozen")
-    g.add_argument("--patience", type=_non_negative_int, default=d.patience,
+    g.add_argument("--linear-probe", action="store_true",
+                   help="train the head only, for every epoch (backbone frozen throughout)")
+    g.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=d.feature_cache,
+                   help="while the backbone is frozen, compute its features once per image (eval mode, "
+                        "un-augmented) and train the head on them (default: on); --no-feature-cache passes "
+                        "augmented images through the frozen backbone every epoch")
+    g.add_argument("--patience", type=non_negative_int, default=d.patience,
                    help="stop after this many epochs without a better validation macro ROC-AUC (0: never)")
     g.add_argument("--label-smoothing", type=_fraction, default=d.label_smoothing)
     g = p.add_argument_group("system")
     g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=d.device)
-    g.add_argument("-j", "--workers", type=_non_negative_int, default=d.workers, help="data loading processes")
+    g.add_argument("-j", "--workers", type=non_negative_int, default=d.workers, help="data loading processes")
+    g.add_argument("--gpu-cache", choices=("auto", "on", "off"), default=d.gpu_cache,
+                   help="hold the prepared images on the device as one uint8 tensor and augment whole batches "
+                        "there (auto: on CUDA when they take under 4 GB and a quarter of free memory; on: "
+                        "also on the CPU)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=d.amp, help="mixed precision on CUDA")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last,
                    help="channels_last memory format on CUDA")

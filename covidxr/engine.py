@@ -26,13 +26,17 @@ class EpochOutput:
 def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
                     device: torch.device, amp: Callable, desc: str = "train", channels_last: bool = False,
-                    frozen_backbone: bool = False) -> EpochOutput:
-    """Run one optimisation pass over ``loader`` and return the training predictions."""
+                    frozen_backbone: bool = False, progress: bool = True) -> EpochOutput:
+    """Run one optimisation pass over ``loader`` and return the training predictions.
+
+    ``model`` may be wrapped in ``DistributedDataParallel``; ``progress`` False hides the progress bar.
+    """
     model.train()
     if frozen_backbone:
-        model.backbone.eval()  # keep BatchNorm statistics of the frozen backbone as pretrained
+        # Keep BatchNorm statistics of the frozen backbone as pretrained.
+        getattr(model, "module", model).backbone.eval()
     total, count, logits_all, targets_all, index_all = 0.0, 0, [], [], []
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    bar = progress_bar(loader, progress, desc=desc)
     for images, targets, indices in bar:
         images = images.to(device, non_blocking=True)
         if channels_last:
@@ -52,38 +56,46 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
         logits_all.append(logits.detach().float().cpu())
         targets_all.append(targets.cpu())
         index_all.append(indices)
-    return _collect(total, count, logits_all, targets_all, index_all)
+    return collect(total, count, logits_all, targets_all, index_all)
 
 
 @torch.inference_mode()
 def predict_loader(model: nn.Module, loader: Iterable, device: torch.device, amp: Callable,
-                   criterion: nn.Module | None = None, desc: str = "eval", channels_last: bool = False) -> EpochOutput:
+                   criterion: nn.Module | None = None, desc: str = "eval", channels_last: bool = False,
+                   progress: bool = True) -> EpochOutput:
     """Return logits for every sample of ``loader`` (and the mean loss when ``criterion`` is given).
 
-    The model's train/eval mode is restored afterwards.
+    The model's train/eval mode is restored afterwards; ``progress`` False hides the progress bar.
     """
     was_training = model.training
     model.eval()
     total, count, logits_all, targets_all, index_all = 0.0, 0, [], [], []
     try:
-        for images, targets, indices in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        for images, targets, indices in progress_bar(loader, progress, desc=desc):
             images = images.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with amp():
                 logits = model(images).float()
             if criterion is not None:
-                total += criterion(logits, targets.to(device)).item() * len(targets)
+                total += criterion(logits, targets.to(device, non_blocking=True)).item() * len(targets)
             count += len(targets)
             logits_all.append(logits.cpu())
             targets_all.append(targets.cpu())
             index_all.append(torch.as_tensor(indices))
     finally:
         model.train(was_training)
-    return _collect(total, count, logits_all, targets_all, index_all)
+    return collect(total, count, logits_all, targets_all, index_all)
 
 
-def _collect(total: float, count: int, logits: list, targets: list, indices: list) -> EpochOutput:
+def progress_bar(iterable: Iterable, progress: bool = True, **kwargs) -> tqdm:
+    """A transient tqdm bar over ``iterable``; ``progress`` False hides it (else $TQDM_DISABLE still applies)."""
+    kwargs = {"leave": False, "dynamic_ncols": True, **kwargs}
+    return tqdm(iterable, **kwargs) if progress else tqdm(iterable, disable=True, **kwargs)
+
+
+def collect(total: float, count: int, logits: list, targets: list, indices: list) -> EpochOutput:
+    """Assemble an :class:`EpochOutput` from a pass's summed loss, sample count and per-batch tensors."""
     return EpochOutput(
         loss=total / max(count, 1),
         logits=torch.cat(logits).numpy() if logits else np.zeros((0, 0), dtype=np.float32),

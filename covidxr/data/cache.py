@@ -31,10 +31,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("COVIDXR_CACHE") or Path.home() / ".cache" / "covidxr" / "prepared")
 
 
-def cache_key(path: str | os.PathLike, size: int) -> str:
-    """Return the cache entry name for ``path`` at side ``size``."""
+def cache_key(path: str | os.PathLike, size: int, version: str | None = None) -> str:
+    """Return the cache entry name for ``path`` at side ``size`` (``version``: default READER_VERSION)."""
     stat = os.stat(path)
-    ident = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{size}|{READER_VERSION}"
+    version = READER_VERSION if version is None else version
+    ident = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{size}|{version}"
     return hashlib.sha1(ident.encode()).hexdigest()
 
 
@@ -50,15 +51,21 @@ class Prepared:
 
     images: list[np.ndarray | None]
     failures: dict[int, str] = field(default_factory=dict)  # row index -> one-line reason
+    reused: int = 0  # entries read from the cache rather than decoded
 
 
-def _prepare_one(args: tuple[str, int, str | None]) -> tuple[np.ndarray | None, str | None]:
-    path, size, cache_dir = args
+def _one_thread() -> None:
+    # Decoding processes already use every core; torch threads inside each would only contend.
+    torch.set_num_threads(1)
+
+
+def _prepare_one(args: tuple[str, int, str | None, str]) -> tuple[np.ndarray | None, str | None, bool]:
+    path, size, cache_dir, version = args
     try:
-        entry = Path(cache_dir) / f"{cache_key(path, size)}.npy" if cache_dir else None
+        entry = Path(cache_dir) / f"{cache_key(path, size, version)}.npy" if cache_dir else None
         if entry is not None and entry.is_file():
             try:
-                return np.load(entry), None
+                return np.load(entry), None, True
             except (OSError, ValueError):
                 pass  # a damaged entry is prepared again
         square = decode_square(path, size)
@@ -67,15 +74,15 @@ def _prepare_one(args: tuple[str, int, str | None]) -> tuple[np.ndarray | None, 
             with open(tmp, "wb") as fh:
                 np.save(fh, square)
             os.replace(tmp, entry)
-        return square, None
+        return square, None, False
     except ImageReadError as exc:
-        return None, str(exc)
+        return None, str(exc), False
     except OSError as exc:
-        return None, f"{os.path.basename(path)}: {exc.strerror or exc}"
+        return None, f"{os.path.basename(path)}: {exc.strerror or exc}", False
 
 
 def prepare(paths: Sequence[str], size: int, cache_dir: Path | None, workers: int = 0,
-            desc: str = "prepare") -> Prepared:
+            desc: str = "prepare", progress: bool = True) -> Prepared:
     """Decode every image once (reusing cache entries) and return them as uint8 squares.
 
     Args:
@@ -84,15 +91,19 @@ def prepare(paths: Sequence[str], size: int, cache_dir: Path | None, workers: in
         cache_dir: where entries are kept; None decodes without storing.
         workers: processes to decode with (0: in this process).
         desc: label of the progress bar.
+        progress: show the progress bar.
     """
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    jobs = [(str(p), size, str(cache_dir) if cache_dir else None) for p in paths]
+    # The version travels with each job: worker processes must key entries as this process does.
+    jobs = [(str(p), size, str(cache_dir) if cache_dir else None, READER_VERSION) for p in paths]
+    bar = {"total": len(jobs), "desc": desc, "dynamic_ncols": True, **({} if progress else {"disable": True})}
     if workers > 0 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(tqdm(pool.map(_prepare_one, jobs, chunksize=8), total=len(jobs), desc=desc))
+        with ProcessPoolExecutor(max_workers=workers, initializer=_one_thread) as pool:
+            chunk = max(1, min(8, len(jobs) // (4 * workers)))
+            results = list(tqdm(pool.map(_prepare_one, jobs, chunksize=chunk), **bar))
     else:
-        results = [_prepare_one(job) for job in tqdm(jobs, desc=desc)]
-    images = [img for img, _ in results]
-    failures = {i: err for i, (_, err) in enumerate(results) if err is not None}
-    return Prepared(images=images, failures=failures)
+        results = [_prepare_one(job) for job in tqdm(jobs, **bar)]
+    images = [img for img, _, _ in results]
+    failures = {i: err for i, (_, err, _) in enumerate(results) if err is not None}
+    return Prepared(images=images, failures=failures, reused=sum(hit for _, _, hit in results))
