@@ -9,50 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from app_server import CHROMIUM, CHROMIUM_ARGS, RESULT_TIMEOUT_MS, require_chromium, run_app
 
 pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM = os.environ.get("COVIDXR_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
-START_TIMEOUT_S = 90
-RESULT_TIMEOUT_MS = 120_000
-
-
-def free_port() -> int:
-    """A TCP port that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
-    """Poll the server's health endpoint until it answers ``ok`` (or the server dies, or time runs out)."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"streamlit exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.status == 200 and response.read().strip() == b"ok":
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.2)  # polling interval, not synchronisation
-    pytest.fail(f"streamlit did not become healthy in {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture
@@ -65,28 +33,9 @@ def checkpoint(request: pytest.FixtureRequest) -> Path:
 @pytest.fixture
 def server(checkpoint: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A running ``streamlit run`` of the app; yields its URL and its audit log."""
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"no Chromium at {CHROMIUM} (set COVIDXR_CHROMIUM)")
-    port = free_port()
-    audit = tmp_path / "audit.jsonl"
-    log = tmp_path / "streamlit.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDXR_CHECKPOINT")}
-    command = [sys.executable, "-m", "streamlit", "run", "app/streamlit_app.py", "--server.headless", "true",
-               "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-               "--server.fileWatcherType", "none", "--", "--checkpoint", str(checkpoint), "--audit-log", str(audit)]
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process, log)
-        yield url, audit
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    require_chromium()
+    with run_app(checkpoint, tmp_path) as app:
+        yield app.url, app.audit
 
 
 def real_xray(data: Path) -> Path:
