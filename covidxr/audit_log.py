@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from covidxr.errors import CovidxrError
+from covidxr.io import DICOM_HEADER_FIELDS
 
 __all__ = [
     "ALLOWED_HEADER_FIELDS",
@@ -59,16 +60,7 @@ DEFAULT_FILE_NAME = "audit.jsonl"
 
 SCHEMA_VERSION = 1
 
-ALLOWED_HEADER_FIELDS: tuple[str, ...] = (
-    "Modality",
-    "ViewPosition",
-    "BodyPartExamined",
-    "PhotometricInterpretation",
-    "Rows",
-    "Columns",
-    "BitsStored",
-    "Manufacturer",
-)
+ALLOWED_HEADER_FIELDS: tuple[str, ...] = DICOM_HEADER_FIELDS
 """The only DICOM header fields a record may carry (the non-identifying ones ``covidxr.io`` extracts)."""
 
 

@@ -57,7 +57,7 @@ COLOR_MIN_FRACTION: float = 0.05
 # Formats PIL may open. Restricting the list keeps formats with weak or no magic bytes (TGA, DIB, ...) from claiming
 # random input. A multi-picture JPEG is opened through "JPEG" and reports format "MPO".
 _PIL_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP", "JPEG2000")
-_DICOM_HEADER_FIELDS: tuple[str, ...] = (
+DICOM_HEADER_FIELDS: tuple[str, ...] = (
     "Modality",
     "ViewPosition",
     "BodyPartExamined",
@@ -583,10 +583,10 @@ def _dicom_header(dataset: typing.Any) -> dict[str, str]:
         dataset: a parsed :class:`pydicom.dataset.Dataset`.
 
     Returns:
-        Present, non-empty fields of :data:`_DICOM_HEADER_FIELDS`.
+        Present, non-empty fields of :data:`DICOM_HEADER_FIELDS`.
     """
     header: dict[str, str] = {}
-    for keyword in _DICOM_HEADER_FIELDS:
+    for keyword in DICOM_HEADER_FIELDS:
         try:
             value = dataset.get(keyword, None)
         except Exception:  # a malformed element just stays out of the header

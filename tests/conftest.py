@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +36,15 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep the prepared-image cache of the test session out of the user's home, unless CI set one."""
     if not os.environ.get("COVIDXR_CACHE"):
         os.environ["COVIDXR_CACHE"] = str(tmp_path_factory.mktemp("prepared-cache"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Run torch on one thread for a module: on a shared, busy machine two spinning threads are many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def write_subset_manifest(data: Path, out: Path, per_class: int, seed: int = 0) -> Path:

@@ -563,7 +563,7 @@ def test_real_dicoms_load_with_safe_header() -> None:
         assert xray.format == "DICOM" and xray.color is False
         assert xray.header["Modality"] == "CR"
         assert xray.header["PhotometricInterpretation"] == photometric
-        assert set(xray.header) <= set(xio._DICOM_HEADER_FIELDS)
+        assert set(xray.header) <= set(xio.DICOM_HEADER_FIELDS)
         assert not any(key.startswith("Patient") for key in xray.header)
         patient_id = str(pydicom.dcmread(path, stop_before_pixels=True).PatientID)
         assert all(patient_id not in value for value in xray.header.values())
