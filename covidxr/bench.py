@@ -3,7 +3,8 @@
 Every measurement runs the plain way and the project's way in the same invocation, each in a fresh Python
 process (so that peak memory is its own), and prints one Markdown table:
 
-* training img/s on synthetic tensors (on CUDA: fp32 NCHW vs AMP + channels_last, with model FLOP utilisation);
+* training img/s on synthetic tensors (on CUDA: fp32 NCHW vs AMP + channels_last, with model FLOP utilisation),
+  and the same steps fed by the real loaders (``--gpu-cache``, and loader processes) against synthetic tensors;
 * loader img/s over real images: a notebook-style loader that decodes with PIL every epoch (``ImageFolder``'s
   loader, ``Resize`` + ``ToTensor``) vs the decode-once cache, and the on-device batch pipeline (``--gpu-cache``);
 * a head-only epoch: augmented images through the frozen backbone vs the feature cache (``--linear-probe``);
@@ -62,8 +63,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset (default: $COVIDXR_DATA, then data/cxr)")
     p.add_argument("--cache-dir", help="prepared cache to use (default: a fresh temporary one, timed)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--only", nargs="+", choices=("train", "loader", "probe", "infer"),
-                   default=["train", "loader", "probe", "infer"], help="measurements to run")
+    p.add_argument("--only", nargs="+", choices=("train", "train-real", "loader", "probe", "infer"),
+                   help="measurements to run (default: all; train-real, training fed by the real loaders, only "
+                        "on CUDA, where the loader can be the bottleneck)")
     p.add_argument("--peak-tflops", type=float, help="device peak for model FLOP utilisation")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p
@@ -111,39 +113,83 @@ def _amp(device, on: bool):
     return autocast(device, amp_dtype(device) if on else None)
 
 
+WARMUP_STEPS = 3  # untimed: cuDNN autotuning, allocator growth, loader start-up
+
+
+def _train_batches(args, device, variant: str, total: int):
+    """``total`` training batches for ``variant``: synthetic tensors, or real images through a project loader."""
+    import numpy as np
+    import torch
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+    from covidxr.data.dataset import DeviceBatches, XrayDataset
+    from covidxr.preprocess import cache_size, train_transform
+
+    b = args.batch_size
+    if variant in ("plain", "project"):
+        x = torch.rand(b, 1, args.img_size, args.img_size, device=device)
+        y = torch.randint(0, 3, (b,), device=device)
+        return [(x, y, torch.arange(b))] * total, "synthetic tensors"
+    paths, targets = _subset(args, args.loader_images or 10**9)
+    images = _prepared(args, paths)
+    # Drawn with replacement so that any number of steps fits a small dataset, every batch full.
+    sampler = RandomSampler(range(len(paths)), replacement=True, num_samples=total * b,
+                            generator=torch.Generator().manual_seed(0))
+    if variant == "device":
+        stacked = torch.from_numpy(np.stack(images)).to(device)
+        loader = DeviceBatches(stacked, range(len(paths)), targets, BatchSampler(sampler, b, True), args.img_size,
+                               augment_seed=0)
+        return loader, f"--gpu-cache: {len(paths)} real images, batched augmentation on {device.type}"
+    ds = XrayDataset(paths, targets, cache_size(args.img_size), train_transform(args.img_size), images)
+    loader = DataLoader(ds, batch_size=b, sampler=sampler, drop_last=True, num_workers=args.workers,
+                        pin_memory=device.type == "cuda")
+    return loader, f"decode-once cache, {len(paths)} real images, augmentation in {args.workers} workers"
+
+
 def measure_train(args, device, variant: str) -> Measure:
-    """Training img/s on synthetic tensors through the project's training loop."""
+    """Training img/s through the project's training loop.
+
+    ``plain``: fp32 NCHW on synthetic tensors (the notebook way). ``project``: AMP + channels_last on CUDA,
+    synthetic tensors. ``device`` / ``workers``: the project's settings fed by a real loader (``--gpu-cache``,
+    or the decode-once cache with augmentation in loader processes).
+    """
+    import itertools
+
     import torch
     from torch import nn
     from torch.utils.flop_counter import FlopCounterMode
 
     from covidxr import engine
 
-    fast = variant == "project" and device.type == "cuda"
+    fast = variant != "plain" and device.type == "cuda"
     model = _model(args, device)
     if fast:
         model.to(memory_format=torch.channels_last)
-    x = torch.rand(args.batch_size, 1, args.img_size, args.img_size, device=device)
-    y = torch.randint(0, 3, (args.batch_size,), device=device)
-    batches = [(x, y, torch.arange(args.batch_size))]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     amp = _amp(device, fast)
     dtype = torch.float16 if fast and not torch.cuda.is_bf16_supported() else None
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    batches, source = _train_batches(args, device, variant, WARMUP_STEPS + args.steps)
+    stream = iter(batches)
 
     def steps(n: int) -> None:
-        engine.train_one_epoch(model, batches * n, nn.CrossEntropyLoss(), optimizer, scheduler, scaler, device, amp,
-                               channels_last=fast, progress=False)
+        engine.train_one_epoch(model, itertools.islice(stream, n), nn.CrossEntropyLoss(), optimizer, scheduler,
+                               scaler, device, amp, channels_last=fast, progress=False)
 
-    steps(1)  # warm-up: allocator, cuDNN autotuning
+    steps(WARMUP_STEPS)
     seconds = _timed(lambda: steps(args.steps), device)
-    with FlopCounterMode(display=False) as counter:
-        steps(1)
-    flops_per_image = counter.get_total_flops() / args.batch_size
-    how = "AMP + channels_last" if fast else "fp32, NCHW"
+    extra = {}
+    if variant == "plain":
+        x = torch.rand(args.batch_size, 1, args.img_size, args.img_size, device=device)
+        y = torch.randint(0, 3, (args.batch_size,), device=device)
+        with FlopCounterMode(display=False) as counter:
+            engine.train_one_epoch(model, [(x, y, torch.arange(args.batch_size))], nn.CrossEntropyLoss(), optimizer,
+                                   scheduler, scaler, device, amp, progress=False)
+        extra["flops_per_image"] = counter.get_total_flops() / args.batch_size
+    how = ("AMP + channels_last" if fast else "fp32, NCHW") + f", {source}"
     rss, gpu = _peaks(device)
-    return Measure(args.steps * args.batch_size / seconds, how, rss, gpu, {"flops_per_image": flops_per_image})
+    return Measure(args.steps * args.batch_size / seconds, how, rss, gpu, extra)
 
 
 def _subset(args, count: int | None = None) -> tuple[list[str], list[int]]:
@@ -409,12 +455,16 @@ def report(args: argparse.Namespace, argv: list[str]) -> list[str]:
 
     device = pick_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if not args.only:
+        args.only = ["train", "loader", "probe", "infer"] + (["train-real"] if device.type == "cuda" else [])
     lines = [f"`python -m {' '.join(['covidxr.bench', *argv])}`", "", machine_line(name),
              f"{args.arch} at {args.img_size} px, batch {args.batch_size}, {args.steps} timed steps, "
              f"{args.loader_images or 'all'} real images per loader epoch, {args.images} per probe epoch", "",
              "| measurement | plain way | project's way | speed-up | peak RSS MB plain / project |",
              "|---|---|---|---|---|"]
     notes = []
+    if {"loader", "probe", "train-real"} & set(args.only):
+        notes.append(prepare_cache(args))
     if "train" in args.only:
         plain = measure(args, "train", "plain")
         if device.type == "cuda":
@@ -424,8 +474,11 @@ def report(args: argparse.Namespace, argv: list[str]) -> list[str]:
                                                                    "(AMP and channels_last are for CUDA)"})
         lines.append(table_row("training, synthetic", "img/s", plain, ours, True))
         notes += flops_notes(args, plain, ours, name, device.type)
-    if {"loader", "probe"} & set(args.only):
-        notes.append(prepare_cache(args))
+        if "train-real" in args.only:
+            # The loader's cost: the same training steps fed by real images instead of ready tensors.
+            for variant, label in (("device", "--gpu-cache"), ("workers", "loader processes")):
+                lines.append(table_row(f"training, real loader ({label}) vs synthetic", "img/s", ours,
+                                       measure(args, "train", variant), True))
     if "loader" in args.only:
         raw = measure(args, "loader", "raw")
         lines.append(table_row(f"loader epoch, same work (to {args.img_size} px tensors)", "img/s", raw,

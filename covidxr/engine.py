@@ -13,6 +13,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
+# On an accelerator the running loss in the progress bar is refreshed every this many steps (each read waits).
+POSTFIX_EVERY = 25
+
+
 @dataclass
 class EpochOutput:
     """Per-sample results of one pass: mean loss, logits (N, C), targets (N,) and dataset indices (N,)."""
@@ -35,9 +39,12 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
     if frozen_backbone:
         # Keep BatchNorm statistics of the frozen backbone as pretrained.
         getattr(model, "module", model).backbone.eval()
-    total, count, logits_all, targets_all, index_all = 0.0, 0, [], [], []
+    # The loss sum and the predictions stay on the device until the end: reading them every step would make
+    # the host wait for the GPU and leave it idle while the next step is launched.
+    total, count, logits_all, targets_all, index_all = torch.zeros((), device=device), 0, [], [], []
+    show_every = 1 if device.type == "cpu" else POSTFIX_EVERY
     bar = progress_bar(loader, progress, desc=desc)
-    for images, targets, indices in bar:
+    for step, (images, targets, indices) in enumerate(bar):
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -50,13 +57,14 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        total += loss.item() * len(targets)
+        total += loss.detach().float() * len(targets)
         count += len(targets)
-        bar.set_postfix(loss=f"{total / count:.4f}")
-        logits_all.append(logits.detach().float().cpu())
-        targets_all.append(targets.cpu())
+        if progress and step % show_every == 0:
+            bar.set_postfix(loss=f"{total.item() / count:.4f}")
+        logits_all.append(logits.detach().float())
+        targets_all.append(targets)
         index_all.append(indices)
-    return collect(total, count, logits_all, targets_all, index_all)
+    return collect(total.item(), count, [t.cpu() for t in logits_all], [t.cpu() for t in targets_all], index_all)
 
 
 @torch.inference_mode()

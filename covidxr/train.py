@@ -269,7 +269,7 @@ def build_optimizer(model: XrayClassifier, cfg: TrainConfig, steps_per_epoch: in
         {"params": list(model.head.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay},
         {"params": decay, "lr": backbone_lr, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "lr": backbone_lr, "weight_decay": 0.0},
-    ])
+    ], fused=next(model.parameters()).is_cuda or None)  # one kernel per step on CUDA instead of one per tensor
     total = cfg.epochs * steps_per_epoch
     warmup = max(1, int(round(cfg.warmup_epochs * steps_per_epoch)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, engine.warmup_cosine(total, warmup))
