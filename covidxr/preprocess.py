@@ -96,15 +96,31 @@ def network_input(image: np.ndarray | torch.Tensor, img_size: int) -> torch.Tens
     return eval_transform(img_size)(letterbox(image, cache_size(img_size)))
 
 
-def train_transform(img_size: int) -> Transform:
+@dataclass(frozen=True)
+class AugmentRanges:
+    """The ranges of the training augmentation, shared by the per-image transform (:func:`train_transform`) and
+    the batched one (:func:`covidxr.data.dataset.augment_batch`)."""
+
+    crop_scale: tuple[float, float] = (0.8, 1.0)  # area of the random crop, as a share of the image
+    crop_ratio: tuple[float, float] = (0.9, 1.1)  # its aspect ratio
+    degrees: float = 7.0  # rotation up to +/- this
+    translate: float = 0.04  # shift up to +/- this share of the side
+    brightness: float = 0.15  # factor in 1 +/- this
+    contrast: float = 0.15  # factor in 1 +/- this
+
+
+AUGMENT = AugmentRanges()
+
+
+def train_transform(img_size: int, ranges: AugmentRanges = AUGMENT) -> Transform:
     """Return the training augmentation for (1, S, S) inputs: mild crops, rotations, shifts and contrast.
 
     Radiographs are not flipped: the heart's side is anatomy, and a mirrored chest is not a plausible input.
     """
     return v2.Compose([
-        v2.RandomResizedCrop(img_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
-        v2.RandomAffine(degrees=7, translate=(0.04, 0.04)),
-        v2.ColorJitter(brightness=0.15, contrast=0.15),
+        v2.RandomResizedCrop(img_size, scale=ranges.crop_scale, ratio=ranges.crop_ratio, antialias=True),
+        v2.RandomAffine(degrees=ranges.degrees, translate=(ranges.translate, ranges.translate)),
+        v2.ColorJitter(brightness=ranges.brightness, contrast=ranges.contrast),
     ])
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from covidxr.io import load_xray
-from covidxr.preprocess import letterbox
+from covidxr.preprocess import AUGMENT, letterbox
 
 
 class XrayDataset(Dataset):
@@ -52,15 +52,6 @@ class XrayDataset(Dataset):
         return self.transform(square), self.targets[index], index
 
 
-# The batched augmentation mirrors covidxr.preprocess.train_transform (keep the two in step).
-CROP_SCALE = (0.8, 1.0)
-CROP_RATIO = (0.9, 1.1)
-MAX_DEGREES = 7.0
-MAX_TRANSLATE = 0.04  # fraction of the side
-BRIGHTNESS = 0.15
-CONTRAST = 0.15
-
-
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=generator, dtype=torch.float64).mul_(high - low).add_(low)
 
@@ -71,8 +62,9 @@ def augment_params(n: int, generator: torch.Generator) -> dict[str, torch.Tensor
     Returns float64 tensors of length ``n``: crop width/height and centre (as fractions of the source side),
     rotation (radians), translation (fractions of the output side), brightness and contrast factors.
     """
-    area = _uniform(n, *CROP_SCALE, generator)
-    log_ratio = _uniform(n, np.log(CROP_RATIO[0]), np.log(CROP_RATIO[1]), generator)
+    r = AUGMENT
+    area = _uniform(n, *r.crop_scale, generator)
+    log_ratio = _uniform(n, np.log(r.crop_ratio[0]), np.log(r.crop_ratio[1]), generator)
     width = (area * log_ratio.exp()).sqrt().clamp_(max=1.0)
     height = (area / log_ratio.exp()).sqrt().clamp_(max=1.0)
     return {
@@ -80,11 +72,11 @@ def augment_params(n: int, generator: torch.Generator) -> dict[str, torch.Tensor
         "height": height,
         "cx": 0.5 * width + torch.rand(n, generator=generator, dtype=torch.float64) * (1 - width),
         "cy": 0.5 * height + torch.rand(n, generator=generator, dtype=torch.float64) * (1 - height),
-        "angle": _uniform(n, -MAX_DEGREES, MAX_DEGREES, generator).deg2rad_(),
-        "tx": _uniform(n, -MAX_TRANSLATE, MAX_TRANSLATE, generator),
-        "ty": _uniform(n, -MAX_TRANSLATE, MAX_TRANSLATE, generator),
-        "brightness": _uniform(n, 1 - BRIGHTNESS, 1 + BRIGHTNESS, generator),
-        "contrast": _uniform(n, 1 - CONTRAST, 1 + CONTRAST, generator),
+        "angle": _uniform(n, -r.degrees, r.degrees, generator).deg2rad_(),
+        "tx": _uniform(n, -r.translate, r.translate, generator),
+        "ty": _uniform(n, -r.translate, r.translate, generator),
+        "brightness": _uniform(n, 1 - r.brightness, 1 + r.brightness, generator),
+        "contrast": _uniform(n, 1 - r.contrast, 1 + r.contrast, generator),
     }
 
 
@@ -107,8 +99,8 @@ def affine_matrices(params: dict[str, torch.Tensor]) -> torch.Tensor:
 def augment_batch(squares: torch.Tensor, img_size: int, generator: torch.Generator) -> torch.Tensor:
     """Randomly augment a batch: (B, 1, S', S') floats in [0, 1] -> (B, 1, img_size, img_size) in [0, 1].
 
-    Per sample: random resized crop (scale 0.8-1, ratio 0.9-1.1), rotation up to 7 degrees, shift up to 4%,
-    then brightness and contrast factors in 0.85-1.15 -- the augmentation of ``train_transform``, batched
+    Per sample: random resized crop, rotation, shift, then brightness and contrast factors, with the ranges of
+    ``covidxr.preprocess.AUGMENT`` -- the augmentation of ``train_transform``, batched
     (crop sides are clipped to the image instead of re-drawn, and brightness always precedes contrast). Runs
     on the device of ``squares``; the parameters come from ``generator`` (a CPU generator).
     """
