@@ -98,8 +98,7 @@ def network_input(image: np.ndarray | torch.Tensor, img_size: int) -> torch.Tens
 
 @dataclass(frozen=True)
 class AugmentRanges:
-    """The ranges of the training augmentation, shared by the per-image transform (:func:`train_transform`) and
-    the batched one (:func:`covidxr.data.dataset.augment_batch`)."""
+    """The ranges of the training augmentation (:func:`augment_batch`, per image or per batch)."""
 
     crop_scale: tuple[float, float] = (0.8, 1.0)  # area of the random crop, as a share of the image
     crop_ratio: tuple[float, float] = (0.9, 1.1)  # its aspect ratio
@@ -112,18 +111,112 @@ class AugmentRanges:
 AUGMENT = AugmentRanges()
 
 
-def train_transform(img_size: int, ranges: AugmentRanges = AUGMENT) -> Transform:
-    """Return the training augmentation for (1, S, S) inputs: mild crops, rotations, shifts and contrast.
+class TrainAugment:
+    """The training augmentation (:func:`augment_batch`) of one (1, S, S) image or a (B, 1, S, S) batch.
 
     Radiographs are not flipped: the heart's side is anatomy, and a mirrored chest is not a plausible input.
+    Randomness comes from torch's default generator, which ``DataLoader`` seeds in each worker.
     """
-    return v2.Compose([
-        v2.RandomResizedCrop(img_size, scale=ranges.crop_scale, ratio=ranges.crop_ratio, antialias=True),
-        v2.RandomAffine(degrees=ranges.degrees, translate=(ranges.translate, ranges.translate)),
-        v2.ColorJitter(brightness=ranges.brightness, contrast=ranges.contrast),
-    ])
+
+    def __init__(self, img_size: int, ranges: AugmentRanges = AUGMENT) -> None:
+        self.img_size, self.ranges = img_size, ranges
+
+    def __call__(self, squares: torch.Tensor) -> torch.Tensor:
+        if squares.dim() == 4:
+            return augment_batch(squares, self.img_size, None, self.ranges)
+        return augment_batch(squares.unsqueeze(0), self.img_size, None, self.ranges)[0]
+
+    def __repr__(self) -> str:
+        return f"TrainAugment(img_size={self.img_size}, ranges={self.ranges})"
+
+
+def train_transform(img_size: int, ranges: AugmentRanges = AUGMENT) -> Transform:
+    """Return the training augmentation for (1, S, S) inputs: mild crops, rotations, shifts and contrast."""
+    return TrainAugment(img_size, ranges)
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(n, generator=generator, dtype=torch.float64).mul_(high - low).add_(low)
+
+
+def augment_params(n: int, generator: torch.Generator | None = None,
+                   ranges: AugmentRanges = AUGMENT) -> dict[str, torch.Tensor]:
+    """Draw per-sample augmentation parameters on the CPU, so that a seed gives the same batch on every device.
+
+    ``generator`` None draws from torch's default generator (in loader processes: seeded per worker by the loader).
+
+    Returns float64 tensors of length ``n``: crop width/height and centre (as fractions of the source side),
+    rotation (radians), translation (fractions of the output side), brightness and contrast factors.
+    """
+    r = ranges
+    area = _uniform(n, *r.crop_scale, generator)
+    log_ratio = _uniform(n, np.log(r.crop_ratio[0]), np.log(r.crop_ratio[1]), generator)
+    width = (area * log_ratio.exp()).sqrt().clamp_(max=1.0)
+    height = (area / log_ratio.exp()).sqrt().clamp_(max=1.0)
+    return {
+        "width": width,
+        "height": height,
+        "cx": 0.5 * width + torch.rand(n, generator=generator, dtype=torch.float64) * (1 - width),
+        "cy": 0.5 * height + torch.rand(n, generator=generator, dtype=torch.float64) * (1 - height),
+        "angle": _uniform(n, -r.degrees, r.degrees, generator).deg2rad_(),
+        "tx": _uniform(n, -r.translate, r.translate, generator),
+        "ty": _uniform(n, -r.translate, r.translate, generator),
+        "brightness": _uniform(n, 1 - r.brightness, 1 + r.brightness, generator),
+        "contrast": _uniform(n, 1 - r.contrast, 1 + r.contrast, generator),
+    }
+
+
+def affine_matrices(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Return (n, 2, 3) ``affine_grid`` matrices: output coordinates -> source coordinates, both in [-1, 1].
+
+    One matrix does the random resized crop, the rotation about the centre and the shift together, so each
+    output pixel is interpolated once.
+    """
+    cos, sin = params["angle"].cos(), params["angle"].sin()
+    # Inverse rotation applied after removing the shift, then scaled into the crop box.
+    rot_inv = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)  # (n, 2, 2)
+    scale = torch.diag_embed(torch.stack([params["width"], params["height"]], -1))
+    linear = scale @ rot_inv
+    shift = torch.stack([params["tx"], params["ty"]], -1).mul(2.0).unsqueeze(-1)  # to [-1, 1] units
+    centre = torch.stack([params["cx"], params["cy"]], -1).mul(2.0).sub(1.0).unsqueeze(-1)
+    return torch.cat([linear, centre - linear @ shift], -1)
+
+
+def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``F.affine_grid(theta, [n, 1, height, width], align_corners=False)``, computed as two outer sums.
+
+    The library builds the grid with a batched matrix product of inner size 3, which on the CPU takes longer than
+    the sampling itself; an affine map of a regular grid is separable into row and column terms.
+    """
+    kw = {"device": theta.device, "dtype": theta.dtype}
+    xs = torch.linspace(-1 + 1 / width, 1 - 1 / width, width, **kw).view(1, 1, width)
+    ys = torch.linspace(-1 + 1 / height, 1 - 1 / height, height, **kw).view(1, height, 1)
+    t = theta.unsqueeze(-1).unsqueeze(-1)  # (n, 2, 3, 1, 1)
+    gx = t[:, 0, 0] * xs + t[:, 0, 1] * ys + t[:, 0, 2]
+    gy = t[:, 1, 0] * xs + t[:, 1, 1] * ys + t[:, 1, 2]
+    return torch.stack([gx, gy], dim=-1)
+
+
+def augment_batch(squares: torch.Tensor, img_size: int, generator: torch.Generator | None = None,
+                  ranges: AugmentRanges = AUGMENT) -> torch.Tensor:
+    """The training augmentation: (B, 1, S', S') floats in [0, 1] -> (B, 1, img_size, img_size) in [0, 1].
+
+    Per sample: random resized crop, rotation and shift as one affine map (so each output pixel is interpolated
+    once, bilinearly), then brightness and then contrast factors; the ranges are ``ranges``. Runs on the device
+    of ``squares``; the parameters come from ``generator`` (a CPU generator; None: torch's default one).
+    """
+    n = squares.shape[0]
+    params = augment_params(n, generator, ranges)
+    theta = affine_matrices(params).to(device=squares.device, dtype=squares.dtype)
+    grid = affine_grid(theta, img_size, img_size)
+    out = F.grid_sample(squares, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    factor = params["brightness"].to(device=squares.device, dtype=squares.dtype).view(n, 1, 1, 1)
+    out = out.mul_(factor).clamp_(0.0, 1.0)
+    contrast = params["contrast"].to(device=squares.device, dtype=squares.dtype).view(n, 1, 1, 1)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return out.mul_(contrast).add_(mean * (1 - contrast)).clamp_(0.0, 1.0)
 
 
 def eval_transform(img_size: int) -> Transform:
-    """Return the evaluation transform for (1, S', S') inputs: a plain resize to the network size."""
+    """Return the evaluation transform for (1, S', S') inputs or (B, 1, S', S') batches: a plain resize."""
     return v2.Resize((img_size, img_size), antialias=True)

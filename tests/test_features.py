@@ -14,10 +14,17 @@ from torch.utils.data import BatchSampler, SequentialSampler
 from covidxr import features
 from covidxr.checkpoint import load_checkpoint
 from covidxr.config import TrainConfig
-from covidxr.data.dataset import DeviceBatches, XrayDataset, affine_matrices, augment_batch, augment_params
+from covidxr.data.dataset import DeviceBatches, XrayDataset
 from covidxr.errors import DatasetError
 from covidxr.models import build_model
-from covidxr.preprocess import eval_transform
+from covidxr.preprocess import (
+    affine_grid,
+    affine_matrices,
+    augment_batch,
+    augment_params,
+    eval_transform,
+    train_transform,
+)
 from covidxr.train import RunData, main, use_device_cache
 
 
@@ -58,6 +65,25 @@ def test_augmentation_parameters_stay_in_their_ranges() -> None:
     assert float(p["brightness"].min()) >= 0.85 and float(p["contrast"].max()) <= 1.15
     out = augment_batch(_squares(4).unsqueeze(1).float() / 255, 24, torch.Generator().manual_seed(1))
     assert out.shape == (4, 1, 24, 24)
+
+
+def test_affine_grid_matches_the_library() -> None:
+    theta = affine_matrices(augment_params(5, torch.Generator().manual_seed(3))).float()
+    for height, width in ((24, 24), (17, 31)):
+        expected = torch.nn.functional.affine_grid(theta, [5, 1, height, width], align_corners=False)
+        torch.testing.assert_close(affine_grid(theta, height, width), expected, rtol=0, atol=1e-6)
+
+
+def test_the_per_image_augmentation_is_the_batched_one() -> None:
+    """Loader processes (per image, torch's default generator) and --gpu-cache (per batch) augment alike."""
+    square = _squares(1)[0].unsqueeze(0).float() / 255
+    torch.manual_seed(11)
+    per_image = train_transform(24)(square)
+    batched = augment_batch(square.unsqueeze(0), 24, torch.Generator().manual_seed(11))[0]
+    assert per_image.shape == (1, 24, 24)
+    torch.testing.assert_close(per_image, batched, rtol=0, atol=0)
+    torch.manual_seed(12)
+    assert not torch.equal(train_transform(24)(square), per_image)
 
 
 def test_device_evaluation_batches_match_the_dataset_path() -> None:

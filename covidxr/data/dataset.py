@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from covidxr.io import load_xray
-from covidxr.preprocess import AUGMENT, letterbox
+from covidxr.preprocess import augment_batch, letterbox
 
 
 class XrayDataset(Dataset):
@@ -24,7 +24,8 @@ class XrayDataset(Dataset):
         paths: image files, one per sample.
         targets: class index per sample.
         base_size: side of the letterboxed square the transform receives.
-        transform: maps a (1, base_size, base_size) float tensor to the network input.
+        transform: maps a (1, base_size, base_size) float tensor to the network input, and a
+            (B, 1, base_size, base_size) batch to a batch of them.
         images: optional prepared uint8 (base_size, base_size) arrays, aligned with ``paths``; when given,
             files are not read again.
     """
@@ -51,69 +52,14 @@ class XrayDataset(Dataset):
             square = letterbox(load_xray(self.paths[index]).pixels, self.base_size)
         return self.transform(square), self.targets[index], index
 
-
-def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
-    return torch.rand(n, generator=generator, dtype=torch.float64).mul_(high - low).add_(low)
-
-
-def augment_params(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Draw per-sample augmentation parameters on the CPU, so that a seed gives the same batch on every device.
-
-    Returns float64 tensors of length ``n``: crop width/height and centre (as fractions of the source side),
-    rotation (radians), translation (fractions of the output side), brightness and contrast factors.
-    """
-    r = AUGMENT
-    area = _uniform(n, *r.crop_scale, generator)
-    log_ratio = _uniform(n, np.log(r.crop_ratio[0]), np.log(r.crop_ratio[1]), generator)
-    width = (area * log_ratio.exp()).sqrt().clamp_(max=1.0)
-    height = (area / log_ratio.exp()).sqrt().clamp_(max=1.0)
-    return {
-        "width": width,
-        "height": height,
-        "cx": 0.5 * width + torch.rand(n, generator=generator, dtype=torch.float64) * (1 - width),
-        "cy": 0.5 * height + torch.rand(n, generator=generator, dtype=torch.float64) * (1 - height),
-        "angle": _uniform(n, -r.degrees, r.degrees, generator).deg2rad_(),
-        "tx": _uniform(n, -r.translate, r.translate, generator),
-        "ty": _uniform(n, -r.translate, r.translate, generator),
-        "brightness": _uniform(n, 1 - r.brightness, 1 + r.brightness, generator),
-        "contrast": _uniform(n, 1 - r.contrast, 1 + r.contrast, generator),
-    }
-
-
-def affine_matrices(params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Return (n, 2, 3) ``affine_grid`` matrices: output coordinates -> source coordinates, both in [-1, 1].
-
-    One matrix does the random resized crop, the rotation about the centre and the shift together, so each
-    output pixel is interpolated once.
-    """
-    cos, sin = params["angle"].cos(), params["angle"].sin()
-    # Inverse rotation applied after removing the shift, then scaled into the crop box.
-    rot_inv = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)  # (n, 2, 2)
-    scale = torch.diag_embed(torch.stack([params["width"], params["height"]], -1))
-    linear = scale @ rot_inv
-    shift = torch.stack([params["tx"], params["ty"]], -1).mul(2.0).unsqueeze(-1)  # to [-1, 1] units
-    centre = torch.stack([params["cx"], params["cy"]], -1).mul(2.0).sub(1.0).unsqueeze(-1)
-    return torch.cat([linear, centre - linear @ shift], -1)
-
-
-def augment_batch(squares: torch.Tensor, img_size: int, generator: torch.Generator) -> torch.Tensor:
-    """Randomly augment a batch: (B, 1, S', S') floats in [0, 1] -> (B, 1, img_size, img_size) in [0, 1].
-
-    Per sample: random resized crop, rotation, shift, then brightness and contrast factors, with the ranges of
-    ``covidxr.preprocess.AUGMENT`` -- the augmentation of ``train_transform``, batched
-    (crop sides are clipped to the image instead of re-drawn, and brightness always precedes contrast). Runs
-    on the device of ``squares``; the parameters come from ``generator`` (a CPU generator).
-    """
-    n = squares.shape[0]
-    params = augment_params(n, generator)
-    theta = affine_matrices(params).to(device=squares.device, dtype=squares.dtype)
-    grid = F.affine_grid(theta, [n, 1, img_size, img_size], align_corners=False)
-    out = F.grid_sample(squares, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    factor = params["brightness"].to(device=squares.device, dtype=squares.dtype).view(n, 1, 1, 1)
-    out = out.mul_(factor).clamp_(0.0, 1.0)
-    contrast = params["contrast"].to(device=squares.device, dtype=squares.dtype).view(n, 1, 1, 1)
-    mean = out.mean(dim=(1, 2, 3), keepdim=True)
-    return out.mul_(contrast).add_(mean * (1 - contrast)).clamp_(0.0, 1.0)
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """The samples at ``indices``; from prepared images, transformed as one batch (``DataLoader`` calls this
+        with a whole batch, in its worker processes)."""
+        if self.images is None:
+            return [self[i] for i in indices]
+        squares = self.images[torch.as_tensor(indices, dtype=torch.long)].unsqueeze(1).float().div_(255.0)
+        out = self.transform(squares)
+        return [(out[k], self.targets[i], i) for k, i in enumerate(indices)]
 
 
 def resize_batch(squares: torch.Tensor, img_size: int) -> torch.Tensor:
