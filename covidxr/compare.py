@@ -32,6 +32,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from covidxr.errors import CovidxrError
+from covidxr.utils import OneLineParser, int_at_least
 
 PROG = "covidxr.compare"
 HEADLINE = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc_macro")
@@ -266,32 +267,14 @@ def compare(paths: Sequence[str | os.PathLike], out: str | os.PathLike, n_resamp
 # -------------------------------------------------------------------------------------------------- command line
 
 
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line: ``covidxr.compare: error: ...`` (exit status 2)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        """Print a one-line error and exit with status 2."""
-        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
-
-
-def _resamples(text: str) -> int:
-    """argparse type: a positive number of bootstrap resamples."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     """The ``python -m covidxr.compare`` parser."""
-    p = _Parser(f"python -m {PROG}", description="Compare evaluated runs on the same images: headline metrics with "
-                "intervals and paired patient-bootstrap tests of macro ROC-AUC differences.")
+    p = OneLineParser(f"python -m {PROG}",
+                      description="Compare evaluated runs on the same images: headline metrics with intervals and "
+                                  "paired patient-bootstrap tests of macro ROC-AUC differences.")
     p.add_argument("paths", nargs="+", metavar="RUN_OR_EVAL_DIR", help="evaluation folders, or run folders (eval/)")
     p.add_argument("--out", type=Path, default=Path("comparison"), help="output folder (default: ./comparison)")
-    p.add_argument("--bootstrap", type=_resamples, default=1000, metavar="N", help="bootstrap resamples (1000)")
+    p.add_argument("--bootstrap", type=int_at_least(1), default=1000, metavar="N", help="bootstrap resamples (1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     return p
 

@@ -12,7 +12,6 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
-
 # On an accelerator the running loss in the progress bar is refreshed every this many steps (each read waits).
 POSTFIX_EVERY = 25
 

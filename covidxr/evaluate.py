@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from covidxr import __version__
 from covidxr.errors import CheckpointError, CovidxrError, DatasetError
+from covidxr.utils import OneLineParser, int_at_least
 
 log = logging.getLogger("covidxr.evaluate")
 
@@ -1267,46 +1268,24 @@ def example_rows(predictions: pd.DataFrame, n: int = 4) -> pd.DataFrame:
 # -------------------------------------------------------------------------------------------------- command line
 
 
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line: ``covidxr.evaluate: error: ...`` (exit status 2)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        """Print a one-line error and exit with status 2."""
-        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
-
-
-def _count(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer of at least ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     """The ``python -m covidxr.evaluate`` parser."""
-    p = _Parser(f"python -m {PROG}", description="Evaluate a covidxr checkpoint: metrics with patient-bootstrap "
-                "intervals, temperature scaling, operating points, breakdowns by source and view, HTML report.")
+    p = OneLineParser(f"python -m {PROG}",
+                      description="Evaluate a covidxr checkpoint: metrics with patient-bootstrap intervals, "
+                                  "temperature scaling, operating points, breakdowns by source and view, HTML report.")
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint to evaluate (e.g. RUN/best.pt)")
     p.add_argument("--data", help="dataset folder or manifest (default: the run's training data)")
     p.add_argument("--split", choices=SPLITS, help="split to evaluate (default: test of the run's data; all for an "
                    "external dataset)")
     p.add_argument("--out", type=Path, help="output folder (default: eval/ beside the checkpoint; eval-<dataset>/ "
                    "for an external dataset)")
-    p.add_argument("-b", "--batch-size", type=_count(1), default=32)
+    p.add_argument("-b", "--batch-size", type=int_at_least(1), default=32)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--positive", help="positive class of the operating points (default: the class named like covid)")
-    p.add_argument("--bootstrap", type=_count(0), default=1000, metavar="N",
+    p.add_argument("--bootstrap", type=int_at_least(0), default=1000, metavar="N",
                    help="patient-level bootstrap resamples for the intervals (0: none; default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("-j", "--workers", type=_count(0), default=min(2, os.cpu_count() or 1),
+    p.add_argument("-j", "--workers", type=int_at_least(0), default=min(2, os.cpu_count() or 1),
                    help="image decoding and loading processes")
     return p
 

@@ -73,6 +73,7 @@ from covidxr.errors import CovidxrError, DatasetError, ImageReadError
 from covidxr.io import load_xray
 from covidxr.models import target_layer
 from covidxr.preprocess import network_input, unletterbox
+from covidxr.utils import OneLineParser
 
 if typing.TYPE_CHECKING:
     from covidxr.predict import Predictor
@@ -649,17 +650,6 @@ def score(checkpoint: Path, data: str | None, split: str, methods: Sequence[str]
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose usage errors are one line (``PROG: error: ...``, no usage text), exit status 2.
-
-    Shared by the ``covidxr.explain``, ``covidxr.predict`` and ``covidxr.export`` command lines.
-    """
-
-    def error(self, message: str) -> typing.NoReturn:
-        """Print ``message`` on one line and exit with status 2."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from covidxr.checkpoint import load_checkpoint
 from covidxr.errors import CovidxrError
-from covidxr.explain import OneLineParser
 from covidxr.onnx_backend import EXPORTERS, default_onnx_path, export_bytes, export_metadata, file_sha256, write_onnx
 from covidxr.predict import load_classifier, read_preprocess
+from covidxr.utils import OneLineParser
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,

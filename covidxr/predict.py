@@ -57,7 +57,7 @@ from PIL import Image
 
 from covidxr.checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint
 from covidxr.errors import CheckpointError, CovidxrError, ImageReadError, one_line
-from covidxr.explain import CAM_METHODS, OneLineParser, compute_cam, heatmap_on_image, overlay, resolve_layer
+from covidxr.explain import CAM_METHODS, compute_cam, heatmap_on_image, overlay, resolve_layer
 from covidxr.io import Xray, load_xray
 from covidxr.models import XrayClassifier, model_from_checkpoint, read_preprocess
 from covidxr.onnx_backend import (
@@ -71,6 +71,7 @@ from covidxr.onnx_backend import (
     write_onnx,
 )
 from covidxr.preprocess import Preprocess, network_input
+from covidxr.utils import OneLineParser
 
 log = logging.getLogger("covidxr.predict")
 

@@ -1,11 +1,13 @@
-"""Device, precision, seeding and logging helpers; nothing here runs at import time."""
+"""Device, precision, seeding, logging and command-line helpers; nothing here runs at import time."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import random
 import sys
+import typing
 from collections.abc import Callable
 
 import numpy as np
@@ -73,3 +75,28 @@ def library_versions() -> dict[str, str]:
     return {"covidxr": __version__, "python": sys.version.split()[0], "torch": str(torch.__version__),
             "torchvision": str(torchvision.__version__), "numpy": np.__version__, "pillow": PIL.__version__,
             "pydicom": pydicom.__version__, "scikit-learn": sklearn.__version__}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, ``covidxr.NAME: error: ...`` without the usage text,
+    with exit status 2 (the covidxr command lines that take file paths: evaluate, compare, explain, predict,
+    export)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        """Print ``message`` on one line and exit with status 2."""
+        self.exit(2, f"{self.prog.removeprefix('python -m ')}: error: {message} (see --help)\n")
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
