@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay, average_precision_score, roc_auc_score
 
 from covidxr.checkpoint import atomic_write_bytes as write_bytes_atomic
 from covidxr.checkpoint import atomic_write_text as write_text_atomic
@@ -180,8 +180,19 @@ def _one_vs_rest(y_true: Any, probs: Any, n_classes: int) -> tuple[np.ndarray, n
     return y, p
 
 
+def _finish_curves(ax, title: str, xlabel: str, ylabel: str, legend_loc: str) -> None:
+    # After sklearn's displays, which label the axes with their own wording.
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.legend(loc=legend_loc, fontsize=8)
+    ax.grid(alpha=0.3)
+
+
 def plot_roc_curves(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> Figure:
-    """One-vs-rest ROC curve per class, AUC in the legend.
+    """One-vs-rest ROC curve per class (sklearn's ``RocCurveDisplay``), AUC and positives in the legend.
 
     A class without positives or negatives has no curve and is listed in the legend as undefined.
 
@@ -201,23 +212,18 @@ def plot_roc_curves(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str
         if positives.all() or not positives.any():
             ax.plot([], [], label=f"{name} (AUC undefined: n_pos={int(positives.sum())})")
             continue
-        fpr, tpr, _ = roc_curve(positives, p[:, k])
-        ax.plot(
-            fpr, tpr, lw=1.6, label=f"{name} (AUC {roc_auc_score(positives, p[:, k]):.3f}, n={int(positives.sum())})"
-        )
+        auc = roc_auc_score(positives, p[:, k])
+        RocCurveDisplay.from_predictions(positives, p[:, k], ax=ax, curve_kwargs={
+            "lw": 1.6, "label": f"{name} (AUC {auc:.3f}, n={int(positives.sum())})"})
     ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey", label="chance")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_xlabel("False positive rate (1 - specificity)")
-    ax.set_ylabel("True positive rate (sensitivity)")
-    ax.set_title("ROC curves (one-vs-rest)")
-    ax.legend(loc="lower right", fontsize=8)
-    ax.grid(alpha=0.3)
+    _finish_curves(ax, "ROC curves (one-vs-rest)", "False positive rate (1 - specificity)",
+                   "True positive rate (sensitivity)", "lower right")
     return fig
 
 
 def plot_pr_curves(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> Figure:
-    """One-vs-rest precision-recall curve per class, average precision and prevalence in the legend.
+    """One-vs-rest precision-recall curve per class (sklearn's ``PrecisionRecallDisplay``), average precision and
+    prevalence in the legend.
 
     The dotted horizontal line of each class's colour is its prevalence (the AP of a random classifier).
 
@@ -237,20 +243,12 @@ def plot_pr_curves(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]
         if not positives.any():
             ax.plot([], [], label=f"{name} (AP undefined: no positives)")
             continue
-        precision, recall, _ = precision_recall_curve(positives, p[:, k])
-        ap = average_precision_score(positives, p[:, k])
-        prevalence = float(positives.mean())
-        (line,) = ax.step(
-            recall, precision, where="post", lw=1.6, label=f"{name} (AP {ap:.3f}, prev. {prevalence:.2f})"
-        )
-        ax.axhline(prevalence, ls=":", lw=0.8, color=line.get_color())
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_xlabel("Recall (sensitivity)")
-    ax.set_ylabel("Precision (PPV)")
-    ax.set_title("Precision-recall curves (one-vs-rest)")
-    ax.legend(loc="lower left", fontsize=8)
-    ax.grid(alpha=0.3)
+        ap, prevalence = average_precision_score(positives, p[:, k]), float(positives.mean())
+        display = PrecisionRecallDisplay.from_predictions(positives, p[:, k], ax=ax, curve_kwargs={
+            "lw": 1.6, "label": f"{name} (AP {ap:.3f}, prev. {prevalence:.2f})"})
+        ax.axhline(prevalence, ls=":", lw=0.8, color=display.line_.get_color())
+    _finish_curves(ax, "Precision-recall curves (one-vs-rest)", "Recall (sensitivity)", "Precision (PPV)",
+                   "lower left")
     return fig
 
 
