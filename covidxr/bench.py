@@ -4,7 +4,8 @@ Every measurement runs the plain way and the project's way in the same invocatio
 process (so that peak memory is its own), and prints one Markdown table:
 
 * training img/s on synthetic tensors (on CUDA: fp32 NCHW vs AMP + channels_last, with model FLOP utilisation),
-  and the same steps fed by the real loaders (``--gpu-cache``, and loader processes) against synthetic tensors;
+  and the same steps fed by the real loaders (``--gpu-cache``, loader processes with and without the cache)
+  against synthetic tensors;
 * loader img/s over real images: a notebook-style loader that decodes with PIL every epoch (``ImageFolder``'s
   loader, ``Resize`` + ``ToTensor``) vs the decode-once cache, and the on-device batch pipeline (``--gpu-cache``);
 * a head-only epoch: augmented images through the frozen backbone vs the feature cache (``--linear-probe``);
@@ -131,7 +132,7 @@ def _train_batches(args, device, variant: str, total: int):
         y = torch.randint(0, 3, (b,), device=device)
         return [(x, y, torch.arange(b))] * total, "synthetic tensors"
     paths, targets = _subset(args, args.loader_images or 10**9)
-    images = _prepared(args, paths)
+    images = _prepared(args, paths) if variant != "raw" else None
     # Drawn with replacement so that any number of steps fits a small dataset, every batch full.
     sampler = RandomSampler(range(len(paths)), replacement=True, num_samples=total * b,
                             generator=torch.Generator().manual_seed(0))
@@ -140,18 +141,22 @@ def _train_batches(args, device, variant: str, total: int):
         loader = DeviceBatches(stacked, range(len(paths)), targets, BatchSampler(sampler, b, True), args.img_size,
                                augment_seed=0)
         return loader, f"--gpu-cache: {len(paths)} real images, batched augmentation on {device.type}"
-    ds = XrayDataset(paths, targets, cache_size(args.img_size), train_transform(args.img_size), images)
+    cached = variant == "workers"
+    ds = XrayDataset(paths, targets, cache_size(args.img_size), train_transform(args.img_size),
+                     images if cached else None)
     loader = DataLoader(ds, batch_size=b, sampler=sampler, drop_last=True, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
-    return loader, f"decode-once cache, {len(paths)} real images, augmentation in {args.workers} workers"
+    source = "decode-once cache" if cached else "--no-cache: every image decoded on each use"
+    return loader, f"{source}, {len(paths)} real images, augmentation in {args.workers} workers"
 
 
 def measure_train(args, device, variant: str) -> Measure:
     """Training img/s through the project's training loop.
 
     ``plain``: fp32 NCHW on synthetic tensors (the notebook way). ``project``: AMP + channels_last on CUDA,
-    synthetic tensors. ``device`` / ``workers``: the project's settings fed by a real loader (``--gpu-cache``,
-    or the decode-once cache with augmentation in loader processes).
+    synthetic tensors. ``device`` / ``workers`` / ``raw``: the project's settings fed by a real loader
+    (``--gpu-cache``; the decode-once cache with augmentation in loader processes; or those processes decoding
+    every image on each use, ``--no-cache``).
     """
     import itertools
 
@@ -476,7 +481,8 @@ def report(args: argparse.Namespace, argv: list[str]) -> list[str]:
         notes += flops_notes(args, plain, ours, name, device.type)
         if "train-real" in args.only:
             # The loader's cost: the same training steps fed by real images instead of ready tensors.
-            for variant, label in (("device", "--gpu-cache"), ("workers", "loader processes")):
+            for variant, label in (("device", "--gpu-cache"), ("workers", "loader processes"),
+                                   ("raw", "loader processes, --no-cache")):
                 lines.append(table_row(f"training, real loader ({label}) vs synthetic", "img/s", ours,
                                        measure(args, "train", variant), True))
     if "loader" in args.only:

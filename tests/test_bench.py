@@ -24,8 +24,10 @@ def test_bench_measures_every_comparison(small_manifest: Path, tmp_path: Path,
     rows = table_rows(capsys.readouterr().out)
     assert set(rows) == {
         "training, synthetic", "training, real loader (--gpu-cache) vs synthetic",
-        "training, real loader (loader processes) vs synthetic", "loader epoch, same work (to 32 px tensors)",
-        "loader epoch, project adds training augmentation", "loader epoch, batched augmentation on the device",
+        "training, real loader (loader processes) vs synthetic",
+        "training, real loader (loader processes, --no-cache) vs synthetic",
+        "loader epoch, same work (to 32 px tensors)", "loader epoch, project adds training augmentation",
+        "loader epoch, batched augmentation on the device",
         "frozen-backbone epoch", "inference, batch 1", "inference, batch 32"}
     for name, row in rows.items():
         # A failed child leaves the ratio cell empty; a measured one shows both values and their ratio.
