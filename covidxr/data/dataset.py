@@ -10,11 +10,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from covidxr.io import load_xray
-from covidxr.preprocess import augment_batch, letterbox
+from covidxr.preprocess import augment_batch, eval_transform, letterbox
 
 
 class XrayDataset(Dataset):
@@ -62,13 +61,6 @@ class XrayDataset(Dataset):
         return [(out[k], self.targets[i], i) for k, i in enumerate(indices)]
 
 
-def resize_batch(squares: torch.Tensor, img_size: int) -> torch.Tensor:
-    """The evaluation transform, batched: antialiased bilinear resize to (img_size, img_size)."""
-    if squares.shape[-1] == img_size and squares.shape[-2] == img_size:
-        return squares
-    return F.interpolate(squares, size=(img_size, img_size), mode="bilinear", antialias=True, align_corners=False)
-
-
 class DeviceBatches:
     """Batches cut from one uint8 (N, S', S') tensor that already lives on the compute device.
 
@@ -93,6 +85,7 @@ class DeviceBatches:
         self.batches = batches
         self.img_size = img_size
         self.augment_seed = augment_seed
+        self.resize = eval_transform(img_size)  # the evaluation transform, which takes whole batches
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -104,7 +97,7 @@ class DeviceBatches:
             on_device = positions.to(self.images.device, non_blocking=True)
             squares = self.images[self.rows[on_device]].unsqueeze(1).float().div_(255.0)
             if generator is None:
-                images = resize_batch(squares, self.img_size)
+                images = self.resize(squares)
             else:
                 images = augment_batch(squares, self.img_size, generator)
             yield images, self.targets[on_device], positions
