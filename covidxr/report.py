@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay, average_precision_score, roc_auc_score
+from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay
 
 from covidxr.checkpoint import atomic_write_bytes as write_bytes_atomic
 from covidxr.checkpoint import atomic_write_text as write_text_atomic
@@ -212,9 +212,8 @@ def plot_roc_curves(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str
         if positives.all() or not positives.any():
             ax.plot([], [], label=f"{name} (AUC undefined: n_pos={int(positives.sum())})")
             continue
-        auc = roc_auc_score(positives, p[:, k])
-        RocCurveDisplay.from_predictions(positives, p[:, k], ax=ax, curve_kwargs={
-            "lw": 1.6, "label": f"{name} (AUC {auc:.3f}, n={int(positives.sum())})"})
+        display = RocCurveDisplay.from_predictions(positives, p[:, k], ax=ax, curve_kwargs={"lw": 1.6})
+        display.line_.set_label(f"{name} (AUC {display.roc_auc:.3f}, n={int(positives.sum())})")
     ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey", label="chance")
     _finish_curves(ax, "ROC curves (one-vs-rest)", "False positive rate (1 - specificity)",
                    "True positive rate (sensitivity)", "lower right")
@@ -243,9 +242,9 @@ def plot_pr_curves(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]
         if not positives.any():
             ax.plot([], [], label=f"{name} (AP undefined: no positives)")
             continue
-        ap, prevalence = average_precision_score(positives, p[:, k]), float(positives.mean())
-        display = PrecisionRecallDisplay.from_predictions(positives, p[:, k], ax=ax, curve_kwargs={
-            "lw": 1.6, "label": f"{name} (AP {ap:.3f}, prev. {prevalence:.2f})"})
+        prevalence = float(positives.mean())
+        display = PrecisionRecallDisplay.from_predictions(positives, p[:, k], ax=ax, curve_kwargs={"lw": 1.6})
+        display.line_.set_label(f"{name} (AP {display.average_precision:.3f}, prev. {prevalence:.2f})")
         ax.axhline(prevalence, ls=":", lw=0.8, color=display.line_.get_color())
     _finish_curves(ax, "Precision-recall curves (one-vs-rest)", "Recall (sensitivity)", "Precision (PPV)",
                    "lower left")
