@@ -186,11 +186,9 @@ def measure_train(args, device, variant: str) -> Measure:
     seconds = _timed(lambda: steps(args.steps), device)
     extra = {}
     if variant == "plain":
-        x = torch.rand(args.batch_size, 1, args.img_size, args.img_size, device=device)
-        y = torch.randint(0, 3, (args.batch_size,), device=device)
         with FlopCounterMode(display=False) as counter:
-            engine.train_one_epoch(model, [(x, y, torch.arange(args.batch_size))], nn.CrossEntropyLoss(), optimizer,
-                                   scheduler, scaler, device, amp, progress=False)
+            engine.train_one_epoch(model, batches[:1], nn.CrossEntropyLoss(), optimizer, scheduler, scaler, device,
+                                   amp, progress=False)
         extra["flops_per_image"] = counter.get_total_flops() / args.batch_size
     how = ("AMP + channels_last" if fast else "fp32, NCHW") + f", {source}"
     rss, gpu = _peaks(device)
