@@ -50,3 +50,19 @@ def test_flops_notes_give_utilisation_against_the_known_peak() -> None:
     notes = bench.flops_notes(args, plain, ours, "NVIDIA H100 80GB HBM3", "cuda")
     assert any("MFU 2.5% of 989" in n for n in notes)  # 24.3 TFLOP/s of 989
     assert any("MFU 9.8% of 989" in n for n in notes)  # 97.2 TFLOP/s of 989
+
+
+def test_onnx_benchmark_times_every_session_variant_and_profiles_the_operators() -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_onnx.py"), "--arch", "resnet18",
+                           "--img-size", "32", "--repeats", "1"], capture_output=True, text=True, cwd=root,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    timed = [line for line in proc.stdout.splitlines() if re.fullmatch(r".+\s+\d+\.\d\s+\d+\.\d\d", line)]
+    assert [line.split("  ")[0] for line in timed][:3] == [
+        "torch eager, no_grad", "ORT, dynamo export (the project's session)", "ORT, legacy export"]
+    assert len(timed) == 7
+    assert re.search(r"operator \(project session\): Conv \d+\.\d% \(20 per run\)", proc.stdout), proc.stdout
