@@ -22,12 +22,12 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from covidxr.audit_log import AuditLog, AuditLogError, pixel_sha256, prediction_record, safe_header
 from covidxr.errors import CovidxrError
+from covidxr.inference.prediction_log import AuditLog, AuditLogError, pixel_sha256, prediction_record, safe_header
 from covidxr.io import MAX_FILE_BYTES, Xray, load_xray
 
 if TYPE_CHECKING:  # torch and friends load on first use, so the page shows its first lines at once
-    from covidxr.predict import Prediction, Predictor
+    from covidxr.inference.predictor import Prediction, Predictor
 
 log = logging.getLogger("covidxr.app")
 
@@ -205,7 +205,7 @@ def cam_choices(predictor: Predictor) -> list[str | None]:
     Returns:
         Method names, then None for "off".
     """
-    from covidxr.explain import CAM_METHODS
+    from covidxr.explain.cam import CAM_METHODS
 
     on_cpu = getattr(getattr(predictor, "device", None), "type", "cpu") == "cpu"
     return [m for m in CAM_METHODS if not (on_cpu and m in SLOW_ON_CPU)] + [None]
@@ -266,7 +266,7 @@ def _header_table(xray: Xray) -> None:
 
 def _explanation(xray: Xray, prediction: Prediction, alpha: float) -> np.ndarray | None:
     """The heat map over the image, or None (with the reason shown) when there is none."""
-    from covidxr.explain import overlay
+    from covidxr.explain.cam import overlay
 
     if prediction.heatmap is None:
         st.info(prediction.note or "Explanation is switched off.")
@@ -298,7 +298,7 @@ def result_dict(upload: Upload, xray: Xray, image_sha: str, prediction: Predicti
 
 def _downloads(upload: Upload, xray: Xray, prediction: Prediction, result: dict[str, Any], alpha: float) -> None:
     """Download buttons: the result JSON and the overlay PNG (made only when clicked)."""
-    from covidxr.explain import overlay
+    from covidxr.explain.cam import overlay
 
     stem = Path(upload.name).stem or "image"
     cols = st.columns(2)
@@ -315,7 +315,7 @@ def _downloads(upload: Upload, xray: Xray, prediction: Prediction, result: dict[
 
 def _render(upload: Upload, ctx: Context) -> FileResult | None:
     """Lay out one file's result; errors reading the file are shown as one line."""
-    from covidxr.explain import overlay
+    from covidxr.explain.cam import overlay
 
     xray = _decode(upload, ctx)
     if isinstance(xray, str):

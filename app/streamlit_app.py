@@ -25,12 +25,12 @@ from app_model_view import render_model_view
 from app_results import INTENDED_USE, Context, FileResult, Upload, render_upload, results_csv
 from app_settings import TRAIN_COMMANDS, AppSettings, checkpoint_choices, load_settings
 
-from covidxr.audit_log import AuditLog, new_session_id
 from covidxr.errors import CovidxrError
+from covidxr.inference.prediction_log import AuditLog, new_session_id
 from covidxr.io import MAX_FILE_BYTES
 
 if TYPE_CHECKING:  # torch loads with the first model, after the page's first lines are shown
-    from covidxr.predict import Predictor
+    from covidxr.inference.predictor import Predictor
 
 log = logging.getLogger("covidxr.app")
 
@@ -57,7 +57,7 @@ def load_model(path: str, mtime_ns: int) -> Predictor:
     Raises:
         CovidxrError: the checkpoint is missing, unsafe or invalid.
     """
-    from covidxr.predict import Predictor
+    from covidxr.inference.predictor import Predictor
 
     return Predictor.from_checkpoint(path)
 

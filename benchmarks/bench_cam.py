@@ -34,10 +34,10 @@ import pandas as pd
 import torch
 
 from covidxr.data.manifest import load_manifest, resolve_data_path
-from covidxr.explain import compute_cam
+from covidxr.explain.cam import compute_cam
+from covidxr.inference.onnx_backend import OnnxRunner, export_bytes
 from covidxr.io import load_xray
 from covidxr.models import build_model
-from covidxr.onnx_backend import OnnxRunner, export_bytes
 from covidxr.preprocess import letterbox
 
 

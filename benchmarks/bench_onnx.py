@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from covidxr.inference.onnx_backend import export_bytes
 from covidxr.models import build_model
-from covidxr.onnx_backend import export_bytes
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:

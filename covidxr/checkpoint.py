@@ -1,52 +1,21 @@
-"""Self-describing checkpoints: atomic writes, safe loading (``weights_only=True``) and validation."""
+"""Self-describing checkpoints: atomic saving, safe loading (``weights_only=True``) and validation."""
 
 from __future__ import annotations
 
 import io
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from covidxr.errors import CheckpointError
+from covidxr.files import atomic_write_bytes
 
 FORMAT = "covidxr-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "arch", "classes", "preprocess", "model")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete temporary files that an interrupted atomic write left in ``folder``; return what was removed."""
-    removed = []
-    for tmp in Path(folder).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp)
-    return removed
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write UTF-8 ``text`` atomically (see :func:`atomic_write_bytes`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:

@@ -1,79 +1,10 @@
-"""``python -m covidxr.export``: export a checkpoint's model to ONNX for ONNX Runtime.
+"""``python -m covidxr.export``: export a checkpoint for ONNX Runtime."""
 
-Usage::
+# The program lives in covidxr.inference.export.
 
-    python -m covidxr.export --checkpoint RUN/best.pt --format onnx [--out PATH] [--exporter dynamo|legacy]
-
-The file (default: beside the checkpoint, ``RUN/best.onnx``) is written atomically. Its input is ``image``,
-``(B, 1, S, S)`` float32 in ``[0, 1]`` with a dynamic batch size, its output ``logits`` ``(B, C)`` without softmax
-(apply the checkpoint's temperature and a softmax for probabilities); normalisation is inside the graph. The
-checkpoint's SHA-256 is recorded in the ONNX ``metadata_props`` (``covidxr.checkpoint_sha256``), with the
-architecture, classes and input size, so :class:`covidxr.predict.Predictor` never uses a stale export.
-Exit status: 0 on success, 2 on errors (one line on stderr).
-"""
-
-from __future__ import annotations
-
-import argparse
-import os
 import sys
-from pathlib import Path
 
-from covidxr.checkpoint import load_checkpoint
-from covidxr.errors import CovidxrError
-from covidxr.onnx_backend import EXPORTERS, default_onnx_path, export_bytes, export_metadata, file_sha256, write_onnx
-from covidxr.predict import load_classifier, read_preprocess
-from covidxr.utils import OneLineParser
-
-
-def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
-                      exporter: str = "dynamo") -> Path:
-    """Export the model of a covidxr checkpoint to ONNX.
-
-    Args:
-        checkpoint: the checkpoint file.
-        out: the ONNX file to write (default: :func:`covidxr.onnx_backend.default_onnx_path`).
-        exporter: ``"dynamo"`` or ``"legacy"`` (see :func:`covidxr.onnx_backend.export_bytes`).
-
-    Returns:
-        The path written.
-
-    Raises:
-        CheckpointError: unusable checkpoint.
-        CovidxrError: missing onnx packages or a failed export.
-    """
-    checkpoint = Path(checkpoint)
-    ckpt = load_checkpoint(checkpoint)
-    sha = file_sha256(checkpoint)
-    model = load_classifier(ckpt, str(checkpoint))
-    img_size = read_preprocess(ckpt, str(checkpoint)).img_size
-    data = export_bytes(model, img_size, export_metadata(sha, model.arch, list(ckpt["classes"]), img_size), exporter)
-    return write_onnx(Path(out) if out is not None else default_onnx_path(checkpoint), data)
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    """Return the parser of ``python -m covidxr.export``."""
-    parser = OneLineParser(prog="python -m covidxr.export", description="Export a checkpoint's model for ONNX Runtime.")
-    parser.add_argument("--checkpoint", required=True, type=Path, help="the run's checkpoint (best.pt)")
-    parser.add_argument("--format", required=True, choices=("onnx",), help="export format")
-    parser.add_argument("--out", type=Path, help="output file (default: beside the checkpoint, .onnx)")
-    parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
-                        help="torch.onnx exporter (default: %(default)s; legacy is faster but deprecated)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 done, 2 error)."""
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    try:
-        path = export_checkpoint(args.checkpoint, args.out, args.exporter)
-    except (CovidxrError, OSError) as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"exported {args.checkpoint} to {path}")
-    return 0
-
+from covidxr.inference.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

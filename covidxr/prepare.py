@@ -14,11 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from covidxr.config import image_size, non_negative_int
 from covidxr.data.cache import default_cache_dir, prepare
 from covidxr.data.manifest import load_manifest, resolve_data_path
 from covidxr.errors import CovidxrError
 from covidxr.preprocess import cache_size
+from covidxr.training.config import image_size, non_negative_int
 from covidxr.utils import setup_logging
 
 

@@ -18,7 +18,7 @@ import pydicom
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from covidxr.audit_log import ALLOWED_HEADER_FIELDS, read_records
+from covidxr.inference.prediction_log import ALLOWED_HEADER_FIELDS, read_records
 from covidxr.io import load_xray
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,7 +222,7 @@ def test_model_view_not_evaluated_then_evaluated(app_env: Path, tiny_run: Path, 
     at = run_app()
     assert any("python -m covidxr.evaluate --checkpoint" in i.value for i in at.info)
 
-    from covidxr.evaluate import main as evaluate
+    from covidxr.evaluation.pipeline import main as evaluate
 
     assert evaluate(["--checkpoint", str(run / "best.pt"), "--bootstrap", "50", "--workers", "0"]) == 0
     at = run_app()
@@ -280,7 +280,7 @@ def test_files_without_extension_option(with_model: Path) -> None:
 
 def _append_many(path: str, writer: int, count: int) -> None:
     """Append ``count`` large records from one process (helper of the concurrency test)."""
-    from covidxr.audit_log import AuditLog
+    from covidxr.inference.prediction_log import AuditLog
 
     log = AuditLog(Path(path))
     for i in range(count):
@@ -291,7 +291,7 @@ def test_audit_log_concurrent_appends_and_privacy(tmp_path: Path) -> None:
     """Lines of concurrent writers never interleave; records keep only the allowed header fields."""
     import multiprocessing
 
-    from covidxr.audit_log import AuditLog, pixel_sha256, prediction_record
+    from covidxr.inference.prediction_log import AuditLog, pixel_sha256, prediction_record
 
     path = tmp_path / "sub" / "audit.jsonl"
     context = multiprocessing.get_context("fork")

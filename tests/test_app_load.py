@@ -40,7 +40,7 @@ import pandas as pd
 import pytest
 from app_server import CHROMIUM, CHROMIUM_ARGS, REPO, RESULT_TIMEOUT_MS, AppServer, require_chromium, run_app
 
-from covidxr.audit_log import pixel_sha256, read_records
+from covidxr.inference.prediction_log import pixel_sha256, read_records
 from covidxr.io import MAX_FILE_BYTES, load_xray
 
 SESSIONS = 8
@@ -108,7 +108,7 @@ class Expected:
 
 def pick_images(data: Path, checkpoint: Path, count: int) -> list[Expected]:
     """``count`` real X-rays (distinct names) whose predicted probabilities differ pairwise by ``MIN_PROB_GAP``."""
-    from covidxr.predict import Predictor
+    from covidxr.inference.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu", backend="torch")
     meta = pd.read_csv(data / "metadata.csv", dtype=str, keep_default_na=False).sample(frac=1.0, random_state=0)

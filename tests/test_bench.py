@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from covidxr import bench
+from covidxr.bench import __main__ as bench
 
 
 def table_rows(out: str) -> dict[str, str]:

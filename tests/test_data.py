@@ -12,7 +12,7 @@ from PIL import Image
 from covidxr.data.manifest import load_manifest, resolve_data_path, validate_for_training
 from covidxr.data.split import assign_splits, leakage_groups, make_split
 from covidxr.errors import DatasetError
-from covidxr.train import exclude_rows, sample_weights
+from covidxr.training.trainer import exclude_rows, sample_weights
 
 
 def _png(path: Path, value: int = 0) -> None:

@@ -14,12 +14,12 @@ import pytest
 import torch
 from torch.utils.data import WeightedRandomSampler
 
-from covidxr import engine
 from covidxr.checkpoint import load_checkpoint
-from covidxr.config import TrainConfig
-from covidxr.distributed import DistInfo, DistributedWeightedSampler, env_info, gather_epoch
 from covidxr.models import build_model
-from covidxr.train import load_run_data, make_loaders
+from covidxr.training import engine
+from covidxr.training.config import TrainConfig
+from covidxr.training.distributed import DistInfo, DistributedWeightedSampler, env_info, gather_epoch
+from covidxr.training.trainer import load_run_data, make_loaders
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from covidxr import engine
 from covidxr.data.dataset import XrayDataset
 from covidxr.preprocess import eval_transform, train_transform
+from covidxr.training import engine
 from covidxr.utils import autocast
 
 

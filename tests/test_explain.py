@@ -13,7 +13,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from covidxr.checkpoint import load_checkpoint, save_checkpoint
-from covidxr.explain import (
+from covidxr.explain.cam import (
     CAM_METHODS,
     border_share,
     compute_cam,
@@ -21,9 +21,9 @@ from covidxr.explain import (
     main,
     overlay,
 )
+from covidxr.inference.predictor import Predictor, load_classifier
 from covidxr.io import Xray, load_xray
 from covidxr.models import IMAGENET_MEAN, IMAGENET_STD, XrayClassifier, build_model
-from covidxr.predict import Predictor, load_classifier
 from covidxr.preprocess import letterbox
 
 GRADIENT_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam")

@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidxr.export import main
+from covidxr.files import file_digest
+from covidxr.inference.export import main
+from covidxr.inference.onnx_backend import SHA_KEY, OnnxRunner
+from covidxr.inference.predictor import Predictor
 from covidxr.io import Xray, load_xray
-from covidxr.onnx_backend import SHA_KEY, OnnxRunner, file_sha256
-from covidxr.predict import Predictor
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -41,7 +42,7 @@ def xrays(shared_data: Path) -> list[Xray]:
 def test_export_records_the_checkpoint_and_has_a_dynamic_batch(exported: Path) -> None:
     model = onnx.load(str(exported.with_suffix(".onnx")))
     meta = {p.key: p.value for p in model.metadata_props}
-    assert meta[SHA_KEY] == file_sha256(exported)
+    assert meta[SHA_KEY] == file_digest(exported)
     assert meta["covidxr.arch"] == "resnet18" and meta["covidxr.img_size"] == "64"
     assert meta["covidxr.classes"] == '["covid", "normal", "pneumonia"]'
     dims = model.graph.input[0].type.tensor_type.shape.dim

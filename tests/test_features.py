@@ -11,9 +11,7 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, SequentialSampler
 
-from covidxr import features
 from covidxr.checkpoint import load_checkpoint
-from covidxr.config import TrainConfig
 from covidxr.data.dataset import DeviceBatches, XrayDataset
 from covidxr.errors import DatasetError
 from covidxr.models import build_model
@@ -25,7 +23,9 @@ from covidxr.preprocess import (
     eval_transform,
     train_transform,
 )
-from covidxr.train import RunData, main, use_device_cache
+from covidxr.training import head_features as features
+from covidxr.training.config import TrainConfig
+from covidxr.training.trainer import RunData, main, use_device_cache
 
 
 def _squares(n: int = 6, side: int = 40, seed: int = 0) -> torch.Tensor:

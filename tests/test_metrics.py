@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from covidxr import metrics as m
+from covidxr.evaluation import metrics as m
 
 CLASSES = ["A", "B", "C"]
 

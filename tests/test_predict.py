@@ -15,9 +15,9 @@ from PIL import Image
 
 from covidxr.checkpoint import load_checkpoint, save_checkpoint
 from covidxr.errors import CheckpointError
+from covidxr.inference.predictor import Prediction, Predictor, main
 from covidxr.io import Xray, load_xray
 from covidxr.models import build_model
-from covidxr.predict import Prediction, Predictor, main
 from covidxr.preprocess import network_input
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -40,7 +40,7 @@ import pytest
 from app_server import CHROMIUM, CHROMIUM_ARGS, RESULT_TIMEOUT_MS, AppServer, require_chromium, run_app
 from PIL import Image
 
-from covidxr.audit_log import ALLOWED_HEADER_FIELDS, read_records
+from covidxr.inference.prediction_log import ALLOWED_HEADER_FIELDS, read_records
 from covidxr.io import load_xray
 
 REPO = Path(__file__).resolve().parents[1]

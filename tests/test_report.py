@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidxr import metrics as m
-from covidxr import report as r
+from covidxr.evaluation import metrics as m
+from covidxr.evaluation import report_html as r
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["COVID-19", "<b>", "Normal"]

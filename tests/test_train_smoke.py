@@ -11,7 +11,7 @@ import torch
 
 from covidxr.checkpoint import load_checkpoint
 from covidxr.models import build_model
-from covidxr.train import main
+from covidxr.training.trainer import main
 
 
 def test_tiny_run_writes_a_complete_run_folder(tiny_run: Path) -> None:

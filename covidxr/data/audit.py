@@ -5,7 +5,7 @@
 * counts per class and per source (cross-table), per split when a split is given;
 * patients per class and images per patient (max, mean); images whose patient id is per-image (the dataset had
   none, so a patient may hide in two splits);
-* exact duplicates: identical file bytes (SHA-1, :func:`covidxr.data.split.file_digest`);
+* exact duplicates: identical file bytes (SHA-256, :func:`covidxr.files.file_digest`);
 * near duplicates: a 256-bit difference hash (dHash on a 17x16 box-filtered grey thumbnail, see :func:`dhash`)
   within ``NEAR_DUPLICATE_BITS`` (12) bits. Re-encoded, rescaled or mildly brightness/contrast-adjusted copies of
   an image fall within it; on the 402 shared images, no two different radiographs come closer than 19 bits
@@ -40,10 +40,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from covidxr.checkpoint import atomic_write_text
 from covidxr.data.sources import is_frontal
-from covidxr.data.split import apply_split, file_digest
+from covidxr.data.split import apply_split
 from covidxr.errors import DatasetError, ImageReadError
+from covidxr.files import atomic_write_text, file_digest
 from covidxr.io import MAX_PIXELS, Xray, load_xray
 
 CONFOUNDING_SHARE = 0.8

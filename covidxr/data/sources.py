@@ -74,9 +74,9 @@ from urllib.parse import urlparse
 
 import pandas as pd
 
-from covidxr.checkpoint import atomic_write_text
 from covidxr.data.manifest import IMAGE_SUFFIXES, load_manifest
 from covidxr.errors import DatasetError
+from covidxr.files import atomic_write_text
 
 MANIFEST_COLUMNS = ("path", "label", "patient_id", "source", "view")
 PROVENANCE_COLUMNS = ("patient_id_kind", "original_label")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -10,18 +9,10 @@ import numpy as np
 import pandas as pd
 
 from covidxr.errors import DatasetError
+from covidxr.files import file_digest
 
 SPLITS = ("train", "val", "test")
 SPLIT_COLUMNS = ("relpath", "label", "patient_id", "source", "view", "split")
-
-
-def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Return the SHA-1 of a file's bytes (used to keep byte-identical copies in one split)."""
-    digest = hashlib.sha1()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def leakage_groups(patient_ids: Sequence[str], digests: Sequence[str]) -> np.ndarray:
@@ -120,7 +111,7 @@ def check_no_leakage(df: pd.DataFrame) -> None:
 
 def save_split(df: pd.DataFrame, path: Path) -> None:
     """Write the split table (``relpath`` keyed) as CSV, atomically."""
-    from covidxr.checkpoint import atomic_write_bytes
+    from covidxr.files import atomic_write_bytes
 
     columns = [c for c in SPLIT_COLUMNS if c in df.columns]
     atomic_write_bytes(path, df[columns].to_csv(index=False).encode())

@@ -164,7 +164,7 @@ def measure_train(args, device, variant: str) -> Measure:
     from torch import nn
     from torch.utils.flop_counter import FlopCounterMode
 
-    from covidxr import engine
+    from covidxr.training import engine
 
     fast = variant != "plain" and device.type == "cuda"
     model = _model(args, device)
@@ -276,9 +276,10 @@ def measure_probe(args, device, variant: str) -> Measure:
     from torch import nn
     from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-    from covidxr import engine, features
     from covidxr.data.dataset import XrayDataset
     from covidxr.preprocess import cache_size, eval_transform, train_transform
+    from covidxr.training import engine
+    from covidxr.training import head_features as features
 
     paths, targets = _subset(args)
     model = _model(args, device)
@@ -317,7 +318,7 @@ def measure_probe(args, device, variant: str) -> Measure:
 def _onnx_runner(model, img_size: int):
     """The project's CPU inference path when ``covidxr.onnx_backend`` is there and exports; else None."""
     try:
-        from covidxr import onnx_backend
+        from covidxr.inference import onnx_backend
     except ImportError:
         return None, "covidxr.onnx_backend not found"
     if not onnx_backend.onnxruntime_available():

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
-from covidxr.engine import EpochOutput
+from covidxr.training.engine import EpochOutput
 
 # Rank 0 decodes the whole dataset into the cache while the others wait at a barrier: allow for that.
 DEFAULT_TIMEOUT_MIN = 120

@@ -68,15 +68,15 @@ from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostReleva
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 from torch import nn
 
-from covidxr.checkpoint import atomic_write_text
 from covidxr.errors import CovidxrError, DatasetError, ImageReadError
+from covidxr.files import atomic_write_text
 from covidxr.io import load_xray
 from covidxr.models import target_layer
 from covidxr.preprocess import network_input, unletterbox
 from covidxr.utils import OneLineParser
 
 if typing.TYPE_CHECKING:
-    from covidxr.predict import Predictor
+    from covidxr.inference.predictor import Predictor
 
 log = logging.getLogger("covidxr.explain")
 
@@ -584,7 +584,7 @@ def write_reports(out: Path, scores: pd.DataFrame, summary: pd.DataFrame, title:
         summary: per-method table.
         title: subtitle naming the run and data.
     """
-    from covidxr.report import Section, paragraph_html, render_html, table_html
+    from covidxr.evaluation.report_html import Section, paragraph_html, render_html, table_html
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "explain_scores.csv", scores.to_csv(index=False))
@@ -627,7 +627,7 @@ def score(checkpoint: Path, data: str | None, split: str, methods: Sequence[str]
         The per-method summary.
     """
     from covidxr.data.manifest import load_manifest, resolve_data_path
-    from covidxr.predict import Predictor
+    from covidxr.inference.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(checkpoint, device=device, backend="torch")
     data_path = resolve_data_path(data)

@@ -14,7 +14,6 @@ onnx, onnxscript and onnxruntime are optional (``pip install covidxr[onnx]``); t
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.util
 import io
 import json
@@ -26,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from covidxr.checkpoint import atomic_write_bytes
 from covidxr.errors import CovidxrError
+from covidxr.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +35,6 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 EXPORTERS = ("dynamo", "legacy")
 OPSET = 18
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Return the hex SHA-256 of a file's bytes.
-
-    Args:
-        path: the file.
-
-    Returns:
-        64 hex digits.
-    """
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def default_onnx_path(checkpoint: str | os.PathLike) -> Path:

@@ -26,9 +26,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay
 
-from covidxr.checkpoint import atomic_write_bytes as write_bytes_atomic
-from covidxr.checkpoint import atomic_write_text as write_text_atomic
-from covidxr.metrics import expected_calibration_error, reliability_bins
+from covidxr.evaluation.metrics import expected_calibration_error, reliability_bins
+from covidxr.files import atomic_write_bytes as write_bytes_atomic
+from covidxr.files import atomic_write_text as write_text_atomic
 
 __all__ = [
     "Section",

@@ -1,0 +1,615 @@
+"""One predictor for the command line and the app, and ``python -m covidxr.predict``.
+
+>>> predictor = Predictor.from_checkpoint("runs/resnet50/best.pt")
+>>> result = predictor.predict(load_xray("chest.dcm"), cam="gradcam")
+>>> result.label, result.confidence, result.heatmap.shape      # heatmap on the original image geometry
+
+Everything comes from the checkpoint alone: architecture, classes, preprocessing (input size, normalisation) and
+the probability temperature (``ckpt["temperature"]``, 1.0 when absent). A checkpoint whose weights do not fit its
+architecture and class count is refused with one :class:`~covidxr.errors.CheckpointError` line (strict loading).
+
+Backends (plain predictions only; Grad-CAM always runs in torch, see :mod:`covidxr.explain`):
+
+* ``"torch"``: the PyTorch model, on ``device``.
+* ``"onnx"``: ONNX Runtime on the CPU, with the export beside the checkpoint (``best.onnx`` for ``best.pt``) when
+  it was made from this very checkpoint (its SHA-256 is recorded in the ONNX metadata). Otherwise the model is
+  exported on first use: written beside the checkpoint (atomically) when that folder is writable, else kept in
+  memory. ``python -m covidxr.export`` makes the file ahead of time.
+* ``"auto"`` (default): ONNX Runtime when the device is the CPU, onnxruntime is installed and a fresh export exists
+  beside the checkpoint; torch otherwise. ``"auto"`` never exports by itself (no surprise writes into a run folder,
+  no export delay when an app starts).
+
+A :class:`Predictor` may be shared between threads: model calls are serialised by an internal lock (CAM hooks
+must not see another thread's forward pass).
+
+Command line::
+
+    python -m covidxr.predict --checkpoint RUN/best.pt IMAGE_OR_FOLDER... [--cam METHOD|none] [--cam-class CLASS]
+        [--out DIR] [--device auto|cpu|cuda] [--batch-size N] [--backend auto|torch|onnx]
+
+prints ``FILE: CLASS PROBABILITY`` per image, writes ``DIR/predictions.csv`` (path, predicted, one ``prob_CLASS``
+column per class, cam_class, overlay, note, error) and, unless ``--cam none``, one overlay PNG per image in DIR.
+Folders are searched recursively for image files (known image suffixes, and files without a suffix, which is how
+DICOM files often come); hidden files are skipped. Files named on the command line are always tried.
+Unreadable files get their own error line on stderr and a row with their error in the CSV; the other files are
+still predicted. Exit status: 0 when every file was predicted, 1 when some could not be read, 2 for usage errors
+(bad option, unusable checkpoint, nothing to predict), with one line on stderr and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from covidxr.checkpoint import load_checkpoint
+from covidxr.errors import CheckpointError, CovidxrError, ImageReadError, one_line
+from covidxr.explain.cam import CAM_METHODS, compute_cam, heatmap_on_image, overlay, resolve_layer
+from covidxr.files import atomic_write_bytes, atomic_write_text, file_digest
+from covidxr.inference.onnx_backend import (
+    OnnxRunner,
+    default_onnx_path,
+    export_bytes,
+    export_metadata,
+    fresh_runner,
+    onnxruntime_available,
+    write_onnx,
+)
+from covidxr.io import Xray, load_xray
+from covidxr.models import XrayClassifier, model_from_checkpoint, read_preprocess
+from covidxr.preprocess import Preprocess, network_input
+from covidxr.utils import OneLineParser
+
+log = logging.getLogger("covidxr.predict")
+
+BACKENDS = ("auto", "torch", "onnx")
+# Suffixes searched for in folders (files named explicitly are always tried; load_xray detects the format itself).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".jp2",
+                            ".j2k", ".jpf", ".jpx", ".dcm", ".dicom", ".dic"})
+
+
+@dataclass
+class Prediction:
+    """The model's output for one image.
+
+    Attributes:
+        name: the image's name (file name, or what the caller passed).
+        probs: class -> probability (temperature-calibrated when the checkpoint has a temperature).
+        label: predicted class.
+        confidence: ``probs[label]``.
+        heatmap: ``(H, W)`` float32 in ``[0, 1]`` on the original image geometry; None without a CAM or when no
+            explanation is available (see ``note``).
+        cam_method: the CAM method used, or None.
+        cam_class: the class explained, or None.
+        note: why there is no heatmap although one was asked for, e.g. ``"no explanation available (constant
+            heatmap)"``; None otherwise.
+    """
+
+    name: str
+    probs: dict[str, float]
+    label: str
+    confidence: float
+    heatmap: np.ndarray | None = None
+    cam_method: str | None = None
+    cam_class: str | None = None
+    note: str | None = None
+
+    def to_dict(self) -> dict:
+        """Return a JSON-friendly dict of everything but the heatmap."""
+        return {"name": self.name, "label": self.label, "confidence": float(self.confidence),
+                "probs": {k: float(v) for k, v in self.probs.items()}, "cam_method": self.cam_method,
+                "cam_class": self.cam_class, "note": self.note}
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+
+def load_classifier(ckpt: dict, source: str = "checkpoint") -> XrayClassifier:
+    """Return the checkpoint's model (see :func:`covidxr.models.model_from_checkpoint`) frozen, in eval mode."""
+    model = model_from_checkpoint(ckpt, source)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _temperature(ckpt: dict, source: str) -> float:
+    """Return the checkpoint's temperature (1.0 when absent), checked to be a positive finite number.
+
+    Args:
+        ckpt: the checkpoint.
+        source: the checkpoint's name for messages.
+
+    Returns:
+        The temperature.
+
+    Raises:
+        CheckpointError: when it is not a positive finite number.
+    """
+    value = ckpt.get("temperature", 1.0)
+    try:
+        temperature = float(value if value is not None else 1.0)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: temperature {value!r} is not a number") from exc
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise CheckpointError(f"{source}: temperature must be a positive number, got {value!r}")
+    return temperature
+
+
+def _data_summary(ckpt: dict) -> dict:
+    """Summarise the training data recorded in a checkpoint (no file lists).
+
+    Args:
+        ckpt: the checkpoint.
+
+    Returns:
+        ``root``, ``n_images``, ``n_unreadable``, ``patients`` and ``split_counts`` ({split: {class: n}}) where known.
+    """
+    data = ckpt.get("data") or {}
+    summary: dict = {k: data[k] for k in ("root", "n_images") if k in data}
+    if isinstance(data.get("unreadable"), dict):
+        summary["n_unreadable"] = len(data["unreadable"])
+    split = ckpt.get("split")
+    if isinstance(split, dict) and {"label", "split"} <= set(split):
+        counts: dict[str, dict[str, int]] = {}
+        for label, part in zip(split["label"], split["split"], strict=False):
+            counts.setdefault(part, {}).setdefault(label, 0)
+            counts[part][label] += 1
+        summary["split_counts"] = counts
+        if "patient_id" in split:
+            summary["patients"] = len(set(split["patient_id"]))
+    return summary
+
+
+def _as_pixels(image: np.ndarray | Xray) -> np.ndarray:
+    """Return the ``(H, W)`` image of an :class:`~covidxr.io.Xray` or array, checked.
+
+    Args:
+        image: an Xray, or an ``(H, W)`` array: float in ``[0, 1]`` or uint8 (read as value/255).
+
+    Returns:
+        The array.
+
+    Raises:
+        ValueError: for other shapes, non-finite values or floats outside ``[0, 1]``.
+    """
+    pixels = image.pixels if isinstance(image, Xray) else np.asarray(image)
+    if pixels.ndim != 2 or min(pixels.shape) < 1:
+        raise ValueError(f"expected an (H, W) grey image, got shape {pixels.shape}; read files with "
+                         "covidxr.io.load_xray")
+    if pixels.dtype != np.uint8:
+        if not np.issubdtype(pixels.dtype, np.number):
+            raise ValueError(f"image must be numeric, got dtype {pixels.dtype}")
+        if not np.isfinite(pixels).all() or pixels.min() < -1e-6 or pixels.max() > 1 + 1e-6:
+            raise ValueError("float images must be finite and in [0, 1] (uint8 images are read as value/255)")
+    return pixels
+
+
+# ----------------------------------------------------------------------------------------------- predictor
+
+
+class Predictor:
+    """A trained model ready to predict and explain, built from a checkpoint alone (see the module docstring).
+
+    Attributes:
+        arch: architecture name.
+        classes: class names, in the model's output order.
+        preprocess: the checkpoint's preprocessing record.
+        temperature: probability temperature (1.0: uncalibrated).
+        checkpoint_path: the checkpoint file.
+        checkpoint_sha256: SHA-256 of the checkpoint file.
+        metrics: the checkpoint's stored evaluation (``ckpt["evaluation"]``), or None.
+        info: ``arch``, ``classes``, ``img_size``, ``epoch``, ``best_epoch``, ``best_auc``, ``temperature``,
+            ``created``, ``versions``, ``data`` (summary) and ``config``.
+        model: the torch model (eval mode, no parameter requires grad).
+        device: the torch device.
+        backend: what plain predictions use, ``"torch"`` or ``"onnx"``.
+    """
+
+    def __init__(self, model: XrayClassifier, classes: list[str], preprocess: Preprocess, temperature: float,
+                 checkpoint_path: Path, checkpoint_sha256: str, metrics: dict | None, info: dict,
+                 device: torch.device, runner: OnnxRunner | None = None) -> None:
+        self.model = model
+        self.arch: str = model.arch
+        self.classes = list(classes)
+        self.preprocess = preprocess
+        self.temperature = float(temperature)
+        self.checkpoint_path = Path(checkpoint_path)
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.metrics = metrics
+        self.info = info
+        self.device = device
+        self.runner = runner
+        self._lock = threading.RLock()
+
+    @property
+    def backend(self) -> str:
+        """``"onnx"`` when plain predictions run on ONNX Runtime, else ``"torch"``."""
+        return "onnx" if self.runner is not None else "torch"
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto", backend: str = "auto") -> Predictor:
+        """Load a predictor from a covidxr checkpoint.
+
+        Args:
+            path: the checkpoint file (``RUN/best.pt``).
+            device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ...
+            backend: ``"auto"``, ``"torch"`` or ``"onnx"`` (see the module docstring).
+
+        Returns:
+            The predictor.
+
+        Raises:
+            CheckpointError: missing, unsafe or invalid checkpoint.
+            CovidxrError: unavailable device, or ``backend="onnx"`` without onnxruntime or with a failed export.
+            ValueError: unknown backend.
+        """
+        from covidxr.utils import pick_device
+
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        path = Path(path)
+        ckpt = load_checkpoint(path)
+        model = load_classifier(ckpt, str(path))
+        classes = list(ckpt["classes"])
+        preprocess = read_preprocess(ckpt, str(path))
+        temperature = _temperature(ckpt, str(path))
+        torch_device = pick_device(device)
+        model.to(torch_device)
+        sha = file_digest(path)
+        info = {"arch": model.arch, "classes": classes, "img_size": preprocess.img_size, "epoch": ckpt.get("epoch"),
+                "best_epoch": ckpt.get("best_epoch"), "best_auc": ckpt.get("best_auc"), "temperature": temperature,
+                "created": ckpt.get("created"), "versions": ckpt.get("versions") or {},
+                "data": _data_summary(ckpt), "config": ckpt.get("config") or {}}
+        predictor = cls(model, classes, preprocess, temperature, path, sha, ckpt.get("evaluation"), info,
+                        torch_device)
+        predictor.runner = predictor._open_runner(backend)
+        return predictor
+
+    def _open_runner(self, backend: str) -> OnnxRunner | None:
+        """Return the ONNX Runtime runner the backend choice asks for (None: use torch).
+
+        Args:
+            backend: ``"auto"``, ``"torch"`` or ``"onnx"``.
+
+        Returns:
+            The runner or None.
+        """
+        if backend == "torch" or (backend == "auto" and (self.device.type != "cpu" or not onnxruntime_available())):
+            return None
+        target = default_onnx_path(self.checkpoint_path)
+        runner = fresh_runner(target, self.checkpoint_sha256)
+        if runner is not None or backend == "auto":
+            return runner
+        meta = export_metadata(self.checkpoint_sha256, self.arch, self.classes, self.preprocess.img_size)
+        data = export_bytes(self.model, self.preprocess.img_size, meta)
+        if os.access(target.parent, os.W_OK):
+            write_onnx(target, data)
+            log.info("exported %s", target)
+        return OnnxRunner(data)
+
+    def class_index(self, cls: str | int) -> int:
+        """Return the output index of a class given by name or index.
+
+        Args:
+            cls: a class name, or an index (``int`` or a string of digits).
+
+        Returns:
+            The index.
+
+        Raises:
+            ValueError: for an unknown class.
+        """
+        if isinstance(cls, str) and cls in self.classes:
+            return self.classes.index(cls)
+        if isinstance(cls, (int, np.integer)) or (isinstance(cls, str) and cls.strip().isdigit()):
+            index = int(cls)
+            if 0 <= index < len(self.classes):
+                return index
+        raise ValueError(f"unknown class {cls!r}; choose one of {', '.join(self.classes)} "
+                         f"(or an index 0-{len(self.classes) - 1})")
+
+    def predict(self, image: np.ndarray | Xray, *, cam: str | None = "gradcam", cam_class: str | int | None = None,
+                name: str = "", cam_layer: str | None = None) -> Prediction:
+        """Predict one image and, unless ``cam`` is None, explain it, with a single forward pass.
+
+        Args:
+            image: an :class:`~covidxr.io.Xray` or an ``(H, W)`` array (float in ``[0, 1]``, or uint8).
+            cam: a method of :data:`covidxr.explain.CAM_METHODS`, or None (or ``"none"``) for no heatmap.
+            cam_class: class to explain (name or index); None explains the predicted class. Ignored without ``cam``.
+            name: the name in the result (default: the Xray's name).
+            cam_layer: dotted name of the layer to explain (default: the architecture's last convolutional stage).
+
+        Returns:
+            The prediction.
+
+        Raises:
+            ValueError: bad image array, unknown method, class or layer.
+        """
+        return self.predict_batch([image], cam=cam, names=[name], cam_class=cam_class, cam_layer=cam_layer)[0]
+
+    def predict_batch(self, images: Sequence[np.ndarray | Xray], *, cam: str | None = None,
+                      names: Sequence[str] | None = None, cam_class: str | int | None = None,
+                      cam_layer: str | None = None) -> list[Prediction]:
+        """Predict (and optionally explain) several images with one batched forward pass.
+
+        Args:
+            images: Xrays or ``(H, W)`` arrays, any sizes.
+            cam: CAM method or None (default) / ``"none"``.
+            names: one name per image (default: each Xray's name, else ``""``).
+            cam_class: class to explain for every image (None: each image's predicted class).
+            cam_layer: dotted name of the layer to explain.
+
+        Returns:
+            One prediction per image, in order.
+
+        Raises:
+            ValueError: bad image array, names of another length, unknown method, class or layer.
+        """
+        if not images:
+            return []
+        if names is not None and len(names) != len(images):
+            raise ValueError(f"got {len(names)} names for {len(images)} images")
+        method = None if cam is None or cam.strip().lower() == "none" else cam.strip().lower()
+        if method is not None and method not in CAM_METHODS:
+            raise ValueError(f"unknown CAM method {cam!r}; choose one of {', '.join(CAM_METHODS)} or None")
+        target = None if cam_class is None or method is None else self.class_index(cam_class)
+        pixels = [_as_pixels(image) for image in images]
+        labels = [(names[i] if names is not None and names[i] else getattr(img, "name", "")) or ""
+                  for i, img in enumerate(images)]
+        inputs = torch.stack([network_input(p, self.preprocess.img_size) for p in pixels])
+        heatmaps: list[np.ndarray | None] = [None] * len(images)
+        notes: list[str | None] = [None] * len(images)
+        explained: list[int | None] = [None] * len(images)
+        if method is None:
+            logits = self._logits(inputs)
+        else:
+            with self._lock:
+                out = compute_cam(self.model, inputs, method, None if target is None else [target] * len(images),
+                                  layer=cam_layer)
+            logits = out.logits.numpy()
+            explained = list(out.targets)
+            for i, image in enumerate(pixels):
+                heatmaps[i], notes[i] = heatmap_on_image(out.maps[i], *image.shape)
+        probs = _softmax(logits, self.temperature)
+        results = []
+        for i in range(len(images)):
+            best = int(np.argmax(probs[i]))
+            results.append(Prediction(
+                name=labels[i], probs={c: float(p) for c, p in zip(self.classes, probs[i], strict=True)},
+                label=self.classes[best], confidence=float(probs[i][best]), heatmap=heatmaps[i],
+                cam_method=method, cam_class=None if explained[i] is None else self.classes[explained[i]],
+                note=notes[i]))
+        return results
+
+    def _logits(self, inputs: torch.Tensor) -> np.ndarray:
+        """Logits of a batch without explanation: ONNX Runtime when selected, else torch in inference mode.
+
+        Args:
+            inputs: ``(B, 1, S, S)`` letterboxed images.
+
+        Returns:
+            ``(B, C)`` float32 logits.
+        """
+        if self.runner is not None:
+            return self.runner.logits(inputs)
+        with self._lock, torch.inference_mode():
+            return self.model(inputs.to(self.device)).float().cpu().numpy()
+
+
+def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` in float64.
+
+    Args:
+        logits: ``(B, C)``.
+        temperature: positive temperature.
+
+    Returns:
+        ``(B, C)`` probabilities.
+    """
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Return the parser of ``python -m covidxr.predict``."""
+    parser = OneLineParser(prog="python -m covidxr.predict",
+                     description="Predict chest X-rays (PNG, JPEG, DICOM, ... or folders of them) with a trained "
+                                 "checkpoint and explain each prediction with a Grad-CAM overlay.")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders (recursive)")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="the run's checkpoint (best.pt)")
+    parser.add_argument("--cam", default="gradcam", choices=(*CAM_METHODS, "none"), metavar="METHOD",
+                        help=f"explanation method: {', '.join(CAM_METHODS)}, or none (default: %(default)s)")
+    parser.add_argument("--cam-class", help="class to explain, by name or index (default: the predicted class)")
+    parser.add_argument("--cam-layer", help="dotted name of the layer to explain (default: per architecture)")
+    parser.add_argument("--out", type=Path, default=Path("predictions"),
+                        help="folder for predictions.csv and the overlays (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="plain predictions with torch, ONNX Runtime, or auto (default: %(default)s)")
+    parser.add_argument("--alpha", type=float, default=0.4, help="overlay opacity of the heatmap (default: 0.4)")
+    parser.add_argument("--max-side", type=int, default=1024, help="longest side of the overlays (default: 1024)")
+    return parser
+
+
+def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand the command line's files and folders into the files to predict, in order, without duplicates.
+
+    Args:
+        inputs: files (kept whatever their name, even when missing: the reader reports it) and folders
+            (searched recursively for :data:`IMAGE_SUFFIXES` and files without a suffix; hidden ones skipped).
+
+    Returns:
+        The files.
+    """
+    found: dict[Path, None] = {}
+    for item in map(Path, inputs):
+        if not item.is_dir():
+            found.setdefault(item, None)
+            continue
+        for dirpath, dirnames, filenames in os.walk(item):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                file = Path(dirpath) / name
+                if not name.startswith(".") and (file.suffix.lower() in IMAGE_SUFFIXES or not file.suffix):
+                    found.setdefault(file, None)
+    return list(found)
+
+
+def _png_bytes(rgb: np.ndarray) -> bytes:
+    """Encode an RGB uint8 array as PNG.
+
+    Args:
+        rgb: ``(h, w, 3)`` uint8.
+
+    Returns:
+        The PNG file's bytes.
+    """
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _overlay_name(path: Path, method: str, used: set[str]) -> str:
+    """A unique overlay file name for ``path``: ``STEM_METHOD.png``, then ``STEM_METHOD-2.png``, ...
+
+    Args:
+        path: the image file.
+        method: CAM method.
+        used: names taken so far (updated).
+
+    Returns:
+        The file name.
+    """
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem) or "image"
+    method_tag = method.replace("+", "p")
+    name, n = f"{stem}_{method_tag}.png", 2
+    while name in used:
+        name, n = f"{stem}_{method_tag}-{n}.png", n + 1
+    used.add(name)
+    return name
+
+
+def run_predictions(predictor: Predictor, files: Sequence[Path], out: Path, cam: str | None,
+                    cam_class: str | None, cam_layer: str | None, batch_size: int, alpha: float,
+                    max_side: int) -> tuple[list[dict], int]:
+    """Predict ``files`` in batches, print one line per file and write the overlays.
+
+    Args:
+        predictor: the loaded predictor.
+        files: image files.
+        out: output folder.
+        cam: CAM method or None.
+        cam_class: class to explain or None.
+        cam_layer: layer to explain or None.
+        batch_size: images per forward pass.
+        alpha: overlay opacity.
+        max_side: longest overlay side.
+
+    Returns:
+        ``(CSV rows, number of failed files)``.
+    """
+    rows: list[dict] = []
+    used: set[str] = set()
+    failed = 0
+    for start in range(0, len(files), batch_size):
+        batch: list[tuple[Path, Xray]] = []
+        for file in files[start : start + batch_size]:
+            try:
+                batch.append((file, load_xray(file, name=str(file))))
+            except ImageReadError as exc:
+                failed += 1
+                reason = str(exc).removeprefix(f"{file}: ")
+                print(f"{file}: error: {reason}", file=sys.stderr)
+                rows.append({"path": str(file), "error": reason})
+        if not batch:
+            continue
+        results = predictor.predict_batch([x for _, x in batch], cam=cam, names=[str(f) for f, _ in batch],
+                                          cam_class=cam_class, cam_layer=cam_layer)
+        for (file, xray), result in zip(batch, results, strict=True):
+            row = {"path": str(file), "predicted": result.label, "cam_class": result.cam_class or "",
+                   "note": result.note or "", "overlay": "", "error": ""}
+            row |= {f"prob_{c}": f"{p:.6f}" for c, p in result.probs.items()}
+            if cam is not None:
+                name = _overlay_name(file, cam, used)
+                atomic_write_bytes(out / name, _png_bytes(overlay(xray.pixels, result.heatmap, alpha, max_side)))
+                row["overlay"] = name
+            rows.append(row)
+            print(f"{file}: {result.label} {result.confidence:.3f}" + (f" ({result.note})" if result.note else ""))
+    return rows, failed
+
+
+def write_csv(path: Path, rows: list[dict], classes: list[str]) -> None:
+    """Write ``predictions.csv`` atomically.
+
+    Args:
+        path: destination.
+        rows: one dict per file.
+        classes: class names (one probability column each).
+    """
+    fields = ["path", "predicted", *[f"prob_{c}" for c in classes], "cam_class", "overlay", "note", "error"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point.
+
+    Returns:
+        0 when every file was predicted, 1 when some files could not be read, 2 for usage errors.
+    """
+    from covidxr.utils import setup_logging
+
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.max_side < 1 or not 0 <= args.alpha <= 1:
+        parser.error("--batch-size and --max-side must be positive and --alpha in [0, 1]")
+    setup_logging()
+    cam = None if args.cam == "none" else args.cam
+    files = find_images(args.inputs)
+    if not files:
+        parser.error(f"no image files found in {', '.join(args.inputs)}")
+    try:
+        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend)
+        if (args.cam_class is not None or args.cam_layer is not None) and cam is None:
+            raise ValueError("--cam-class and --cam-layer need a --cam method")
+        if args.cam_class is not None:
+            predictor.class_index(args.cam_class)
+        if args.cam_layer is not None:
+            resolve_layer(predictor.model, args.cam_layer)
+        args.out.mkdir(parents=True, exist_ok=True)
+        rows, failed = run_predictions(predictor, files, args.out, cam, args.cam_class, args.cam_layer,
+                                       args.batch_size, args.alpha, args.max_side)
+        write_csv(args.out / "predictions.csv", rows, predictor.classes)
+    except (CovidxrError, ValueError, OSError) as exc:
+        print(f"{parser.prog}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    summary = {"predicted": len(files) - failed, "failed": failed, "csv": str(args.out / "predictions.csv"),
+               "backend": predictor.backend}
+    log.info("done: %s", json.dumps(summary))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
