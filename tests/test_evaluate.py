@@ -15,7 +15,7 @@ import pytest
 
 from covidxr.checkpoint import load_checkpoint
 from covidxr.evaluation.pipeline import PLOT_FILES, SOURCE_CONFOUNDED, main
-from covidxr.evaluation.report_html import format_value
+from covidxr.html_page import format_value
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_FILES = ("best.pt", "split.csv", "history.csv", "config.json")

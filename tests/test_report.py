@@ -10,8 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from covidxr import html_page as h
 from covidxr.evaluation import metrics as m
-from covidxr.evaluation import report_html as r
+from covidxr.evaluation import plots as r
+from covidxr.files import atomic_write_text
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["COVID-19", "<b>", "Normal"]
@@ -83,26 +85,26 @@ def test_save_figure_atomic(tmp_path, data):
 
 def test_write_text_atomic(tmp_path):
     target = tmp_path / "report.html"
-    r.write_text_atomic(target, "first ✓")
-    r.write_text_atomic(target, "second ✓")
+    atomic_write_text(target, "first ✓")
+    atomic_write_text(target, "second ✓")
     assert target.read_text(encoding="utf-8") == "second ✓"
     assert [f.name for f in tmp_path.iterdir()] == ["report.html"]
 
 
 def test_format_value_and_table():
-    assert r.format_value({"estimate": 0.91234, "lo": 0.8712, "hi": 0.9456}) == "0.912 (0.871–0.946)"
-    assert r.format_value({"estimate": 0.5, "lo": None, "hi": None}) == "0.500 (CI n/a)"
-    assert r.format_value(None) == "n/a"
-    assert r.format_value(float("nan")) == "n/a"
-    assert r.format_value(np.float32(0.25)) == "0.250"
-    assert r.format_value(12) == "12"
-    assert r.format_value(True) == "yes"
-    assert r.format_value(["a", 1.0]) == "a, 1.000"
+    assert h.format_value({"estimate": 0.91234, "lo": 0.8712, "hi": 0.9456}) == "0.912 (0.871–0.946)"
+    assert h.format_value({"estimate": 0.5, "lo": None, "hi": None}) == "0.500 (CI n/a)"
+    assert h.format_value(None) == "n/a"
+    assert h.format_value(float("nan")) == "n/a"
+    assert h.format_value(np.float32(0.25)) == "0.250"
+    assert h.format_value(12) == "12"
+    assert h.format_value(True) == "yes"
+    assert h.format_value(["a", 1.0]) == "a, 1.000"
     rows = [
         {"class": "<b>", "auc": {"estimate": 0.91234, "lo": 0.8712, "hi": 0.9456}, "n": 12},
         {"class": "Normal & co", "auc": None},
     ]
-    table = r.table_html(rows, [("class", "Class"), ("auc", "ROC-AUC (95% CI)"), "n"], caption="Per <class>")
+    table = h.table_html(rows, [("class", "Class"), ("auc", "ROC-AUC (95% CI)"), "n"], caption="Per <class>")
     assert "&lt;b&gt;" in table and "<b>" not in table
     assert "Normal &amp; co" in table
     assert "0.912 (0.871–0.946)" in table
@@ -115,7 +117,7 @@ def test_format_value_and_table():
 
 def test_img_html_roundtrip():
     blob = PNG_SIGNATURE + b"fake"
-    frag = r.img_html(blob, alt='ROC "curves" <all>', caption="Figure 1")
+    frag = h.img_html(blob, alt='ROC "curves" <all>', caption="Figure 1")
     match = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', frag)
     assert match and base64.b64decode(match.group(1)) == blob
     assert 'alt="ROC &quot;curves&quot; &lt;all&gt;"' in frag
@@ -128,12 +130,12 @@ def test_render_html_self_contained_and_escaped(data):
     rows = [{"class": c, **metrics["per_class"][c]} for c in CLASSES]
     png = _png(r.plot_reliability(y, p, p_cal))
     sections = [
-        r.Section("Model card", r.kv_html({"model": "densenet121 <test>", "classes": CLASSES})),
-        r.Section("Per-class metrics", r.table_html(rows, ["class", "precision", "recall", "specificity"])),
-        r.Section("Calibration", r.paragraph_html("Before & after") + r.img_html(png, "reliability diagram")),
-        r.Section("Calibration", r.paragraph_html("duplicate title gets its own anchor")),
+        h.Section("Model card", h.kv_html({"model": "densenet121 <test>", "classes": CLASSES})),
+        h.Section("Per-class metrics", h.table_html(rows, ["class", "precision", "recall", "specificity"])),
+        h.Section("Calibration", h.paragraph_html("Before & after") + h.img_html(png, "reliability diagram")),
+        h.Section("Calibration", h.paragraph_html("duplicate title gets its own anchor")),
     ]
-    page = r.render_html(
+    page = h.render_html(
         sections,
         title="covidxr <report>",
         subtitle="run 1",
@@ -154,7 +156,7 @@ def test_render_html_self_contained_and_escaped(data):
     assert all(f'href="#{i}"' in page for i in ids)
     # headline cards come before the table of contents and show intervals
     auc = ci["metrics"]["roc_auc_macro"]
-    assert page.index(r.format_value(auc)) < page.index('<nav class="toc">')
+    assert page.index(h.format_value(auc)) < page.index('<nav class="toc">')
 
 
 def test_report_does_not_use_pyplot():

@@ -205,7 +205,7 @@ def _csv_rows(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def render(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], n_resamples: int, seed: int) -> str:
     """The comparison as a self-contained HTML page."""
-    from covidxr.evaluation.report_html import Section, paragraph_html, render_html, table_html
+    from covidxr.html_page import Section, paragraph_html, render_html, table_html
 
     columns = ["run", "arch", "split", "n_images", "n_patients", "temperature",
                *[(m, f"{m.replace('_', ' ')} (95% CI)") for m in HEADLINE]]
@@ -281,7 +281,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _print_summary(result: dict[str, Any]) -> None:
     """Print the comparison table and the pairwise verdicts."""
-    from covidxr.evaluation.report_html import format_value
+    from covidxr.html_page import format_value
 
     for row in result["runs"]:
         print(f"{row['run']}: " + ", ".join(f"{m} {format_value(row[m])}" for m in HEADLINE))

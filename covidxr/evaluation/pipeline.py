@@ -697,7 +697,7 @@ def make_plots(out: Path, pred: Prediction, probs: np.ndarray, raw: np.ndarray, 
     Returns:
         ``{name: (file name, PNG bytes)}``.
     """
-    from covidxr.evaluation import report_html as rep
+    from covidxr.evaluation import plots as rep
     from covidxr.files import atomic_write_bytes
 
     figures: dict[str, Callable[[], Any]] = {
@@ -809,7 +809,7 @@ def _per_class_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _group_section(title: str, groups: dict[str, Any] | None, classes: Sequence[str]) -> str:
     """HTML table of ``group_metrics`` output (empty string when None)."""
-    from covidxr.evaluation.report_html import table_html
+    from covidxr.html_page import table_html
 
     if not groups:
         return ""
@@ -824,14 +824,14 @@ def _group_section(title: str, groups: dict[str, Any] | None, classes: Sequence[
 
 def _figure(plots: dict[str, tuple[str, bytes]], name: str, caption: str) -> str:
     """An embedded plot, or nothing when it was not made."""
-    from covidxr.evaluation.report_html import img_html
+    from covidxr.html_page import img_html
 
     return img_html(plots[name][1], alt=name, caption=f"{caption} ({plots[name][0]})") if name in plots else ""
 
 
 def _calibration_html(result: dict[str, Any], plots: dict[str, tuple[str, bytes]]) -> str:
     """Calibration section: temperature, ECE and Brier score before and after, reliability diagram."""
-    from covidxr.evaluation.report_html import kv_html, paragraph_html
+    from covidxr.html_page import kv_html, paragraph_html
 
     cal = result["calibration"]
     text = (f"Temperature scaling divides the logits by T = {cal['temperature']:.3f} ({cal['how']}). It changes "
@@ -845,7 +845,7 @@ def _calibration_html(result: dict[str, Any], plots: dict[str, tuple[str, bytes]
 
 def _operating_html(ops: dict[str, Any] | None) -> str:
     """Operating-point table, or a sentence saying why there is none."""
-    from covidxr.evaluation.report_html import paragraph_html, table_html
+    from covidxr.html_page import paragraph_html, table_html
 
     if not ops:
         return paragraph_html("No operating points: no positive class (pass --positive CLASS) or no validation "
@@ -860,7 +860,7 @@ def _operating_html(ops: dict[str, Any] | None) -> str:
 
 def _confounding_html(result: dict[str, Any]) -> str:
     """Baselines that see only a metadata column, and the breakdowns by source and by view."""
-    from covidxr.evaluation.report_html import paragraph_html, table_html
+    from covidxr.html_page import paragraph_html, table_html
 
     parts = [paragraph_html("A 'classifier' that sees only the source (or the view) of an image, learned on the "
                             "run's training images. If it scores close to the model, the model's score says little "
@@ -881,7 +881,7 @@ def _confounding_html(result: dict[str, Any]) -> str:
 
 def _model_card_html(card: dict[str, Any], explain: list[dict[str, Any]] | None) -> str:
     """Model card section."""
-    from covidxr.evaluation.report_html import kv_html, paragraph_html, table_html
+    from covidxr.html_page import kv_html, paragraph_html, table_html
 
     data = card["data"]
     split_rows = [{"split": s, **counts} for s, counts in data["split_counts"].items()]
@@ -915,7 +915,7 @@ def _esc(text: str) -> str:
 
 def build_report(result: dict[str, Any], plots: dict[str, tuple[str, bytes]]) -> str:
     """Assemble the self-contained HTML report from the metrics.json content and the rendered plots."""
-    from covidxr.evaluation.report_html import Section, kv_html, paragraph_html, render_html, table_html
+    from covidxr.html_page import Section, kv_html, paragraph_html, render_html, table_html
 
     ci = (result["ci"] or {}).get("metrics", {})
     headline = {k.replace("_", " "): ci.get(k) or result["metrics"].get(k) for k in HEADLINE}
@@ -1270,7 +1270,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _print_summary(result: dict[str, Any]) -> None:
     """Print the headline numbers, the warnings and where the report is."""
-    from covidxr.evaluation.report_html import format_value
+    from covidxr.html_page import format_value
 
     ci = (result["ci"] or {}).get("metrics", {})
     numbers = ", ".join(f"{k} {format_value(ci.get(k) or result['metrics'].get(k))}" for k in HEADLINE)

@@ -584,7 +584,7 @@ def write_reports(out: Path, scores: pd.DataFrame, summary: pd.DataFrame, title:
         summary: per-method table.
         title: subtitle naming the run and data.
     """
-    from covidxr.evaluation.report_html import Section, paragraph_html, render_html, table_html
+    from covidxr.html_page import Section, paragraph_html, render_html, table_html
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "explain_scores.csv", scores.to_csv(index=False))
