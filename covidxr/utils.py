@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import random
 import sys
 import typing
 from collections.abc import Callable
 
 import numpy as np
+import scipy.special
 import torch
 
 from covidxr.errors import CovidxrError
@@ -100,3 +102,22 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Numerically stable softmax of ``logits / temperature`` along the last axis.
+
+    Args:
+        logits: Array of shape ``(..., C)``.
+        temperature: Positive temperature; > 1 softens, < 1 sharpens.
+
+    Returns:
+        float64 array of the same shape whose last axis sums to 1.
+
+    Raises:
+        ValueError: If ``temperature`` is not a positive finite number.
+    """
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    return np.exp(z - scipy.special.logsumexp(z, axis=-1, keepdims=True))

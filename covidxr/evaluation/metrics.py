@@ -40,7 +40,6 @@ __all__ = [
     "operating_points",
     "paired_bootstrap_auc",
     "reliability_bins",
-    "softmax",
 ]
 
 _HEADLINE = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc_macro")
@@ -341,25 +340,6 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: in
     bins = reliability_bins(y_true, probs, n_bins)
     n = sum(b["count"] for b in bins)
     return float(sum(b["count"] / n * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]))
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Numerically stable softmax of ``logits / temperature`` along the last axis.
-
-    Args:
-        logits: Array of shape ``(..., C)``.
-        temperature: Positive temperature; > 1 softens, < 1 sharpens.
-
-    Returns:
-        float64 array of the same shape whose last axis sums to 1.
-
-    Raises:
-        ValueError: If ``temperature`` is not a positive finite number.
-    """
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    return np.exp(z - logsumexp(z, axis=-1, keepdims=True))
 
 
 def fit_temperature(logits: np.ndarray, y_true: np.ndarray, bounds: tuple[float, float] = (0.01, 100.0)) -> float:

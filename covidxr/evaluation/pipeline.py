@@ -959,7 +959,8 @@ def analyse(ckpt: dict[str, Any], data: EvalData, pred: Prediction, split_table:
     Returns:
         The analysis part of metrics.json plus ``_probs`` and ``_raw`` (probability arrays, not serialised).
     """
-    from covidxr.evaluation.metrics import bootstrap_ci, classification_metrics, softmax
+    from covidxr.evaluation.metrics import bootstrap_ci, classification_metrics
+    from covidxr.utils import softmax
 
     classes = list(ckpt["classes"])
     temperature, how = calibrate(pred, ckpt)

@@ -71,7 +71,7 @@ from covidxr.inference.onnx_backend import (
 from covidxr.io import Xray, load_xray
 from covidxr.models import XrayClassifier, model_from_checkpoint, read_preprocess
 from covidxr.preprocess import Preprocess, network_input
-from covidxr.utils import OneLineParser
+from covidxr.utils import OneLineParser, softmax
 
 log = logging.getLogger("covidxr.predict")
 
@@ -383,7 +383,7 @@ class Predictor:
             explained = list(out.targets)
             for i, image in enumerate(pixels):
                 heatmaps[i], notes[i] = heatmap_on_image(out.maps[i], *image.shape)
-        probs = _softmax(logits, self.temperature)
+        probs = softmax(logits, self.temperature)
         results = []
         for i in range(len(images)):
             best = int(np.argmax(probs[i]))
@@ -408,21 +408,6 @@ class Predictor:
         with self._lock, torch.inference_mode():
             return self.model(inputs.to(self.device)).float().cpu().numpy()
 
-
-def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """Row-wise softmax of ``logits / temperature`` in float64.
-
-    Args:
-        logits: ``(B, C)``.
-        temperature: positive temperature.
-
-    Returns:
-        ``(B, C)`` probabilities.
-    """
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 # ----------------------------------------------------------------------------------------------------- CLI

@@ -12,6 +12,8 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
+from covidxr.utils import softmax
+
 # On an accelerator the running loss in the progress bar is refreshed every this many steps (each read waits).
 POSTFIX_EVERY = 25
 
@@ -109,14 +111,6 @@ def collect(total: float, count: int, logits: list, targets: list, indices: list
         targets=torch.cat(targets).numpy() if targets else np.zeros(0, dtype=np.int64),
         indices=torch.cat([torch.as_tensor(i) for i in indices]).numpy() if indices else np.zeros(0, dtype=np.int64),
     )
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of ``logits / temperature``."""
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def summary_metrics(logits: np.ndarray, targets: np.ndarray, num_classes: int) -> dict[str, float]:
