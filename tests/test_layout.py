@@ -1,0 +1,123 @@
+"""The package layout's rules, read from the import statements: no import circle (between modules or between stages),
+evaluation and training independent of each other, the app on the predictor, explanations, the reader and the
+saved-evaluation reader only, and no module over 400 lines."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "covidxr"
+MAX_LINES = 400
+# Thin modules that only keep documented commands (python -m covidxr.NAME) working: they import a stage's CLI.
+SHIMS = {"covidxr.train", "covidxr.evaluate", "covidxr.compare", "covidxr.predict", "covidxr.export"}
+# What the app may use: the predictor and prediction log, the explanations, the reader, the saved-evaluation reader.
+APP_ALLOWED = ("covidxr.inference", "covidxr.explain", "covidxr.io", "covidxr.errors", "covidxr.evaluation.results",
+               "covidxr.lungs")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def is_module(name: str) -> bool:
+    rel = Path(*name.split("."))
+    return (ROOT / rel).with_suffix(".py").is_file() or (ROOT / rel / "__init__.py").is_file()
+
+
+def covidxr_imports(path: Path) -> Iterator[str]:
+    """Every covidxr module that ``path`` imports, at module level or inside functions."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+            names = [n if is_module(n) else node.module for n in names]
+        else:
+            continue
+        yield from (n for n in names if n == "covidxr" or n.startswith("covidxr."))
+
+
+def graph(folder: Path) -> dict[str, set[str]]:
+    return {module_name(p): set(covidxr_imports(p)) - {module_name(p)} for p in sorted(folder.rglob("*.py"))}
+
+
+def stage(module: str) -> str:
+    """The stage sub-package a module belongs to (``covidxr.training``), or the module itself for the basics."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 or (PACKAGE / parts[-1]).is_dir() else module
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_graph_reader_sees_imports_inside_functions(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("import os\nfrom covidxr.files import atomic_write_text\n\ndef f():\n"
+                      "    from covidxr.training import engine\n    import covidxr.io\n")
+    assert set(covidxr_imports(source)) == {"covidxr.files", "covidxr.training.engine", "covidxr.io"}
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_circle_between_modules():
+    assert find_cycle(graph(PACKAGE)) is None
+
+
+def test_no_import_circle_between_stages():
+    stages: dict[str, set[str]] = {}
+    for module, imported in graph(PACKAGE).items():
+        if module in SHIMS:
+            continue
+        stages.setdefault(stage(module), set()).update(stage(m) for m in imported)
+    for name, imported in stages.items():
+        imported.discard(name)
+    assert find_cycle(stages) is None
+
+
+@pytest.mark.parametrize(("importer", "forbidden"), [
+    ("covidxr.evaluation", "covidxr.training"),
+    ("covidxr.training", "covidxr.evaluation"),
+    ("covidxr.data", "covidxr.training"),
+    ("covidxr.data", "covidxr.evaluation"),
+])
+def test_stage_does_not_import(importer, forbidden):
+    offenders = {m: sorted(i for i in imported if i.startswith(forbidden))
+                 for m, imported in graph(PACKAGE).items() if m.startswith(importer)}
+    assert not {m: i for m, i in offenders.items() if i}
+
+
+def test_app_imports_only_the_predictor_explanations_reader_and_results():
+    used = {m for imported in graph(ROOT / "app").values() for m in imported}
+    assert used, "the app should use the package"
+    assert sorted(m for m in used if not m.startswith(APP_ALLOWED)) == []
+
+
+def test_no_module_over_400_lines():
+    long = {str(p.relative_to(ROOT)): n for folder in (PACKAGE, ROOT / "app") for p in folder.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert long == {}
