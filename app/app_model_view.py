@@ -70,7 +70,7 @@ def load_evaluation(predictor: Any) -> tuple[dict[str, Any] | None, Path, list[s
     to this very file); otherwise the summary is shown, and a note says why.
 
     Args:
-        predictor: the loaded ``covidxr.predict.Predictor``.
+        predictor: the loaded ``covidxr.inference.predictor.Predictor``.
 
     Returns:
         ``(evaluation or None, folder holding the plot images, notes to show)``.
@@ -191,7 +191,7 @@ def render_model_info(predictor: Any) -> None:
     """Architecture, classes, input size and the checkpoint's identity.
 
     Args:
-        predictor: the loaded ``covidxr.predict.Predictor``.
+        predictor: the loaded ``covidxr.inference.predictor.Predictor``.
     """
     info = dict(getattr(predictor, "info", {}) or {})
     st.subheader("The model", anchor=False)
@@ -213,7 +213,7 @@ def render_data_and_limitations(predictor: Any, evaluation: Mapping[str, Any] | 
     """Training data summary, known limitations and the training configuration.
 
     Args:
-        predictor: the loaded ``covidxr.predict.Predictor``.
+        predictor: the loaded ``covidxr.inference.predictor.Predictor``.
         evaluation: the saved evaluation (its model card adds data details and limitations), or None.
     """
     info = dict(getattr(predictor, "info", {}) or {})
@@ -315,7 +315,7 @@ def render_evaluation(predictor: Any, evaluation: Mapping[str, Any] | None, fold
     """The test-set evaluation of the loaded model, or how to produce it.
 
     Args:
-        predictor: the loaded ``covidxr.predict.Predictor``.
+        predictor: the loaded ``covidxr.inference.predictor.Predictor``.
         evaluation: from :func:`load_evaluation`.
         folder: the folder holding the plots.
         notes: remarks from :func:`load_evaluation`.
@@ -353,7 +353,7 @@ def render_model_view(predictor: Any) -> None:
     """The whole "Model and evaluation" tab.
 
     Args:
-        predictor: the loaded ``covidxr.predict.Predictor``.
+        predictor: the loaded ``covidxr.inference.predictor.Predictor``.
     """
     evaluation, folder, notes = load_evaluation(predictor)
     render_model_info(predictor)

@@ -1,7 +1,7 @@
 """One uploaded file on the page: read it, warn about unsuitable input, predict, explain, offer downloads.
 
 :func:`render_upload` is the single code path for every uploaded file (browser uploads and AppTest uploads alike).
-Reading, preprocessing, prediction and Grad-CAM are the package's (``covidxr.io``, ``covidxr.predict``,
+Reading, preprocessing, prediction and Grad-CAM are the package's (``covidxr.io``, ``covidxr.inference.predictor``,
 ``covidxr.explain``); this module only lays out their results and keeps them in the browser session's memory.
 Nothing an upload contains is written to disk; the audit log gets one privacy-safe record per prediction.
 """
@@ -23,7 +23,13 @@ import streamlit as st
 from PIL import Image
 
 from covidxr.errors import CovidxrError
-from covidxr.inference.prediction_log import AuditLog, AuditLogError, pixel_sha256, prediction_record, safe_header
+from covidxr.inference.prediction_log import (
+    PredictionLog,
+    PredictionLogError,
+    pixel_sha256,
+    prediction_record,
+    safe_header,
+)
 from covidxr.io import MAX_FILE_BYTES, Xray, load_xray
 
 if TYPE_CHECKING:  # torch and friends load on first use, so the page shows its first lines at once
@@ -65,7 +71,8 @@ class Context:
     """What every file's rendering needs.
 
     Attributes:
-        predictor: the loaded ``covidxr.predict.Predictor`` (shared by all sessions; it serialises its model calls).
+        predictor: the loaded ``covidxr.inference.predictor.Predictor`` (shared by all sessions; it serialises its
+            model calls).
         model_key: identifies the loaded checkpoint (path and mtime) in the session cache.
         audit: the audit log, or None when it is disabled.
         session_id: random id of this browser session.
@@ -75,7 +82,7 @@ class Context:
 
     predictor: Predictor
     model_key: str
-    audit: AuditLog | None
+    audit: PredictionLog | None
     session_id: str
     store: MutableMapping[Any, Any]
     audit_errors: list[str] = field(default_factory=list)
@@ -169,7 +176,7 @@ def _audit(ctx: Context, xray: Xray, image_sha: str, prediction: Prediction, war
         cam_method=prediction.cam_method, cam_class=prediction.cam_class, warnings=warnings)
     try:
         ctx.audit.append(record)
-    except AuditLogError as exc:
+    except PredictionLogError as exc:
         log.error("audit log: %s", exc)
         ctx.audit_errors.append(str(exc))
 
@@ -266,7 +273,7 @@ def _header_table(xray: Xray) -> None:
 
 def _explanation(xray: Xray, prediction: Prediction, alpha: float) -> np.ndarray | None:
     """The heat map over the image, or None (with the reason shown) when there is none."""
-    from covidxr.explain.cam import overlay
+    from covidxr.explain.display import overlay
 
     if prediction.heatmap is None:
         st.info(prediction.note or "Explanation is switched off.")
@@ -298,7 +305,7 @@ def result_dict(upload: Upload, xray: Xray, image_sha: str, prediction: Predicti
 
 def _downloads(upload: Upload, xray: Xray, prediction: Prediction, result: dict[str, Any], alpha: float) -> None:
     """Download buttons: the result JSON and the overlay PNG (made only when clicked)."""
-    from covidxr.explain.cam import overlay
+    from covidxr.explain.display import overlay
 
     stem = Path(upload.name).stem or "image"
     cols = st.columns(2)
@@ -315,7 +322,7 @@ def _downloads(upload: Upload, xray: Xray, prediction: Prediction, result: dict[
 
 def _render(upload: Upload, ctx: Context) -> FileResult | None:
     """Lay out one file's result; errors reading the file are shown as one line."""
-    from covidxr.explain.cam import overlay
+    from covidxr.explain.display import overlay
 
     xray = _decode(upload, ctx)
     if isinstance(xray, str):

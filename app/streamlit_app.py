@@ -7,10 +7,10 @@ Launch (from the repository root)::
 or set ``COVIDXR_CHECKPOINT`` / ``COVIDXR_RUNS`` / ``COVIDXR_AUDIT_LOG``. Without a checkpoint the page lists the
 ``*/best.pt`` files under the runs folder, or explains how to train one. The model is loaded once per process
 (``st.cache_resource``, keyed by checkpoint path and modification time) and shared by all browser sessions.
-Uploads stay in memory; every prediction is recorded in the audit log (``covidxr.audit_log``; default
+Uploads stay in memory; every prediction is recorded in the audit log (``covidxr.inference.prediction_log``; default
 ``audit.jsonl`` beside the checkpoint) without names, patient identifiers or the image itself.
 
-The page is thin: reading is ``covidxr.io``, prediction and explanation are ``covidxr.predict`` and
+The page is thin: reading is ``covidxr.io``, prediction and explanation are ``covidxr.inference.predictor`` and
 ``covidxr.explain``, the numbers of the model view come from the saved evaluation.
 """
 
@@ -26,7 +26,7 @@ from app_results import INTENDED_USE, Context, FileResult, Upload, render_upload
 from app_settings import TRAIN_COMMANDS, AppSettings, checkpoint_choices, load_settings
 
 from covidxr.errors import CovidxrError
-from covidxr.inference.prediction_log import AuditLog, new_session_id
+from covidxr.inference.prediction_log import PredictionLog, new_session_id
 from covidxr.io import MAX_FILE_BYTES
 
 if TYPE_CHECKING:  # torch loads with the first model, after the page's first lines are shown
@@ -126,7 +126,7 @@ def _prune(store: dict, uploads: list[Upload], model_key: str) -> None:
         del store[key]
 
 
-def _results_tab(predictor: Predictor, model_key: str, audit: AuditLog | None, any_name: bool) -> None:
+def _results_tab(predictor: Predictor, model_key: str, audit: PredictionLog | None, any_name: bool) -> None:
     """Upload, then one box per file and a CSV of all results."""
     session_id, store = _session()
     uploads = _uploads(any_name)
@@ -168,7 +168,7 @@ def main() -> None:
         log.exception("loading %s failed", chosen)
         _no_model(settings, f"The model could not be loaded from {chosen} (unexpected error; see the server log).")
         return
-    audit = AuditLog.resolve(settings.audit_log, chosen)
+    audit = PredictionLog.resolve(settings.audit_log, chosen)
     st.sidebar.caption(f"Audit log: `{audit.path}`" if audit else "Audit log: off")
     results, model_tab = st.tabs(["Analyse images", "Model and evaluation"])
     with results:

@@ -1,10 +1,10 @@
 """``python -m covidxr.predict``: predict with Grad-CAM overlays."""
 
-# The program lives in covidxr.inference.predictor.
+# The program lives in covidxr.inference.__main__.
 
 import sys
 
-from covidxr.inference.predictor import main
+from covidxr.inference.__main__ import main
 
 if __name__ == "__main__":
     sys.exit(main())

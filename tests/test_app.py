@@ -18,7 +18,8 @@ import pydicom
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from covidxr.inference.prediction_log import ALLOWED_HEADER_FIELDS, read_records
+from covidxr.dicom import DICOM_HEADER_FIELDS
+from covidxr.inference.prediction_log import read_records
 from covidxr.io import load_xray
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,7 +181,7 @@ def test_dicom_header_without_patient_data(with_model: Path, shared_dicom_dir: P
     tables = [t.value for t in at.table]
     assert len(tables) == len(paths)
     for table in tables:
-        assert set(table.index) <= set(ALLOWED_HEADER_FIELDS)
+        assert set(table.index) <= set(DICOM_HEADER_FIELDS)
         assert table.loc["Modality", "value"] == "CR" and table.loc["ViewPosition", "value"] == "PA"
     secrets = set()
     for path in paths:
@@ -280,9 +281,9 @@ def test_files_without_extension_option(with_model: Path) -> None:
 
 def _append_many(path: str, writer: int, count: int) -> None:
     """Append ``count`` large records from one process (helper of the concurrency test)."""
-    from covidxr.inference.prediction_log import AuditLog
+    from covidxr.inference.prediction_log import PredictionLog
 
-    log = AuditLog(Path(path))
+    log = PredictionLog(Path(path))
     for i in range(count):
         log.append({"writer": writer, "i": i, "padding": "x" * 6000})
 
@@ -291,7 +292,7 @@ def test_audit_log_concurrent_appends_and_privacy(tmp_path: Path) -> None:
     """Lines of concurrent writers never interleave; records keep only the allowed header fields."""
     import multiprocessing
 
-    from covidxr.inference.prediction_log import AuditLog, pixel_sha256, prediction_record
+    from covidxr.inference.prediction_log import PredictionLog, pixel_sha256, prediction_record
 
     path = tmp_path / "sub" / "audit.jsonl"
     context = multiprocessing.get_context("fork")
@@ -312,7 +313,7 @@ def test_audit_log_concurrent_appends_and_privacy(tmp_path: Path) -> None:
         header={"Modality": "CR", "PatientName": "Doe^Jane", "PatientID": "12345"}, arch="resnet18",
         checkpoint_sha256="c" * 64, classes=["a", "b"], preprocess={"img_size": 64}, temperature=float("nan"),
         probabilities={"a": 0.25, "b": 0.75}, label="b", confidence=0.75, cam_method="gradcam", cam_class="b")
-    AuditLog(path).append(record)
+    PredictionLog(path).append(record)
     text = path.read_text()
     assert "Doe^Jane" not in text and "12345" not in text
     last = read_records(path)[-1]

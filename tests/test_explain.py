@@ -13,14 +13,10 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from covidxr.checkpoint import load_checkpoint, save_checkpoint
-from covidxr.explain.cam import (
-    CAM_METHODS,
-    border_share,
-    compute_cam,
-    heatmap_on_image,
-    main,
-    overlay,
-)
+from covidxr.explain.__main__ import main
+from covidxr.explain.cam import CAM_METHODS, compute_cam
+from covidxr.explain.display import heatmap_on_image, overlay
+from covidxr.explain.scoring import border_share
 from covidxr.inference.predictor import Predictor, load_classifier
 from covidxr.io import Xray, load_xray
 from covidxr.models import IMAGENET_MEAN, IMAGENET_STD, XrayClassifier, build_model
@@ -228,7 +224,8 @@ def test_score_cli_writes_its_tables(tiny_run: Path, small_manifest: Path, tmp_p
 
 def test_score_cli_refuses_a_split_of_other_data(tiny_run: Path, shared_data: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    status = main(["score", "--checkpoint", str(tiny_run / "best.pt"), "--data", str(shared_data), "--split", "test",
-                   "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as caught:
+        main(["score", "--checkpoint", str(tiny_run / "best.pt"), "--data", str(shared_data), "--split", "test",
+              "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
-    assert status == 2 and "not this run's training data" in err and "\n" not in err
+    assert caught.value.code == 2 and "not this run's training data" in err and "\n" not in err

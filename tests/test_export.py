@@ -81,8 +81,10 @@ def test_stale_or_missing_export_is_not_used(exported: Path, tmp_path: Path) -> 
 
 
 def test_export_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--format", "onnx"]) == 2
+    with pytest.raises(SystemExit) as caught:
+        main(["--checkpoint", str(tmp_path / "missing.pt"), "--format", "onnx"])
     err = capsys.readouterr().err.strip()
+    assert caught.value.code == 2
     assert len(err.splitlines()) == 1 and "checkpoint not found" in err
     with pytest.raises(SystemExit) as caught:
         main(["--checkpoint", str(tmp_path / "missing.pt"), "--format", "tflite"])

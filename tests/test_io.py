@@ -26,7 +26,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from covidxr import dicom as xdicom
 from covidxr import io as xio
+from covidxr.dicom import DICOM_HEADER_FIELDS
 from covidxr.errors import CovidxrError, ImageReadError
 from covidxr.io import MAX_FILE_BYTES, MAX_PIXELS, Xray, load_xray
 
@@ -563,7 +565,7 @@ def test_real_dicoms_load_with_safe_header() -> None:
         assert xray.format == "DICOM" and xray.color is False
         assert xray.header["Modality"] == "CR"
         assert xray.header["PhotometricInterpretation"] == photometric
-        assert set(xray.header) <= set(xio.DICOM_HEADER_FIELDS)
+        assert set(xray.header) <= set(DICOM_HEADER_FIELDS)
         assert not any(key.startswith("Patient") for key in xray.header)
         patient_id = str(pydicom.dcmread(path, stop_before_pixels=True).PatientID)
         assert all(patient_id not in value for value in xray.header.values())
@@ -744,7 +746,7 @@ def test_unexpected_decoder_exceptions_become_read_errors(
     with pytest.raises(ImageReadError) as excinfo:
         load_xray(encode(Image.fromarray(gray_ramp(), "L"), "PNG"), name="a.png")
     assert_read_error(excinfo, "a.png")
-    monkeypatch.setattr(xio, "_dicom_monochrome", explode)
+    monkeypatch.setattr(xdicom, "_monochrome", explode)
     with pytest.raises(ImageReadError) as excinfo:
         load_xray(dicom_bytes(make_dicom(gray_ramp())), name="a.dcm")
     assert_read_error(excinfo, "a.dcm")

@@ -15,7 +15,8 @@ from PIL import Image
 
 from covidxr.checkpoint import load_checkpoint, save_checkpoint
 from covidxr.errors import CheckpointError
-from covidxr.inference.predictor import Prediction, Predictor, main
+from covidxr.inference.__main__ import main
+from covidxr.inference.predictor import Prediction, Predictor
 from covidxr.io import Xray, load_xray
 from covidxr.models import build_model
 from covidxr.preprocess import network_input

@@ -40,7 +40,8 @@ import pytest
 from app_server import CHROMIUM, CHROMIUM_ARGS, RESULT_TIMEOUT_MS, AppServer, require_chromium, run_app
 from PIL import Image
 
-from covidxr.inference.prediction_log import ALLOWED_HEADER_FIELDS, read_records
+from covidxr.dicom import DICOM_HEADER_FIELDS
+from covidxr.inference.prediction_log import read_records
 from covidxr.io import load_xray
 
 REPO = Path(__file__).resolve().parents[1]
@@ -285,7 +286,7 @@ def test_dicom_identifiers_reach_neither_page_nor_logs_nor_disk(probe: Probe, ti
     for field, value in (("Modality", "DX"), ("ViewPosition", "PA"), ("PhotometricInterpretation", "MONOCHROME2")):
         assert re.search(rf"{field}\s+{value}", seen["header table"].decode()), seen["header table"]
     result = json.loads(seen["result JSON"])
-    assert set(result["image"]["dicom_header"]) <= set(ALLOWED_HEADER_FIELDS)
+    assert set(result["image"]["dicom_header"]) <= set(DICOM_HEADER_FIELDS)
     assert [row["file"] for row in csv.DictReader(io.StringIO(seen["CSV"].decode()))] == [PROBE_NAME]
     records = read_records(server.audit)
     assert len(records) == 1 and records[0]["image_format"] == "DICOM"

@@ -8,7 +8,7 @@ The file (default: beside the checkpoint, ``RUN/best.onnx``) is written atomical
 ``(B, 1, S, S)`` float32 in ``[0, 1]`` with a dynamic batch size, its output ``logits`` ``(B, C)`` without softmax
 (apply the checkpoint's temperature and a softmax for probabilities); normalisation is inside the graph. The
 checkpoint's SHA-256 is recorded in the ONNX ``metadata_props`` (``covidxr.checkpoint_sha256``), with the
-architecture, classes and input size, so :class:`covidxr.predict.Predictor` never uses a stale export.
+architecture, classes and input size, so :class:`covidxr.inference.predictor.Predictor` never uses a stale export.
 Exit status: 0 on success, 2 on errors (one line on stderr).
 """
 
@@ -20,10 +20,11 @@ import sys
 from pathlib import Path
 
 from covidxr.checkpoint import load_checkpoint
-from covidxr.errors import CovidxrError
+from covidxr.errors import CovidxrError, one_line
 from covidxr.files import file_digest
 from covidxr.inference.onnx_backend import EXPORTERS, default_onnx_path, export_bytes, export_metadata, write_onnx
-from covidxr.inference.predictor import load_classifier, read_preprocess
+from covidxr.inference.predictor import load_classifier
+from covidxr.models import read_preprocess
 from covidxr.utils import OneLineParser
 
 
@@ -33,8 +34,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
 
     Args:
         checkpoint: the checkpoint file.
-        out: the ONNX file to write (default: :func:`covidxr.onnx_backend.default_onnx_path`).
-        exporter: ``"dynamo"`` or ``"legacy"`` (see :func:`covidxr.onnx_backend.export_bytes`).
+        out: the ONNX file to write (default: :func:`covidxr.inference.onnx_backend.default_onnx_path`).
+        exporter: ``"dynamo"`` or ``"legacy"`` (see :func:`covidxr.inference.onnx_backend.export_bytes`).
 
     Returns:
         The path written.
@@ -64,14 +65,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 done, 2 error)."""
+    """Command-line entry point; returns 0 when done and exits with status 2 (one line on stderr) on errors."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
     try:
         path = export_checkpoint(args.checkpoint, args.out, args.exporter)
     except (CovidxrError, OSError) as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
+        parser.error(one_line(exc))
     print(f"exported {args.checkpoint} to {path}")
     return 0
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from covidxr.errors import CovidxrError
+from covidxr.errors import CovidxrError, one_line
 from covidxr.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,7 @@ def export_bytes(model: torch.nn.Module, img_size: int, metadata: dict[str, str]
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
             proto = onnx.load_from_string(buffer.getvalue())
     except Exception as exc:  # noqa: BLE001 - exporter failures come in many types; report one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CovidxrError(f"ONNX export ({exporter}) failed: {first}") from exc
+        raise CovidxrError(f"ONNX export ({exporter}) failed: {one_line(exc)}") from exc
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=str(value))
     return proto.SerializeToString()
@@ -152,8 +151,7 @@ class OnnxRunner:
         try:
             self.session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CovidxrError(f"cannot load the ONNX model: {first}") from exc
+            raise CovidxrError(f"cannot load the ONNX model: {one_line(exc)}") from exc
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.input_name: str = self.session.get_inputs()[0].name
 

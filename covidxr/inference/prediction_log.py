@@ -1,4 +1,4 @@
-"""Append-only JSON-lines audit log of predictions (one line per prediction, safe with concurrent writers).
+"""The prediction log: an append-only JSON-lines file, one line per prediction, safe with concurrent writers.
 
 Every prediction the clinician app makes is recorded as one JSON object on one line::
 
@@ -8,7 +8,8 @@ Every prediction the clinician app makes is recorded as one JSON object on one l
      "probabilities": {...}, "label": ..., "confidence": ..., "cam_method": ..., "cam_class": ..., "warnings": [...]}
 
 Privacy: the record holds **no** file name (names often contain patient names), no patient name, ID, birth date or
-any other DICOM field than :data:`ALLOWED_HEADER_FIELDS` (filtered here again, whatever the caller passes). The
+any other DICOM field than :data:`covidxr.dicom.DICOM_HEADER_FIELDS` (filtered here again, whatever the caller
+passes). The
 image is identified only by the SHA-256 of its decoded pixels (``Xray.pixels``: float32, C order), which lets an
 auditor check which image a prediction was made on without storing the image. ``session_id`` is random per browser
 session (:func:`new_session_id`), not a user identity.
@@ -17,8 +18,8 @@ Concurrency: each record is written with a single ``os.write`` on a file descrip
 appends each such write at the end of the file as a whole, so lines of concurrent sessions (threads or processes)
 do not interleave on a local file system. The file is created with mode 0600.
 
-Location (chosen by the app, see ``app/streamlit_app.py``): ``--audit-log PATH``, else ``$COVIDXR_AUDIT_LOG``,
-else ``audit.jsonl`` beside the checkpoint.
+Location (chosen by the app, see ``app/streamlit_app.py``; the user-facing names keep the word "audit"):
+``--audit-log PATH``, else ``$COVIDXR_AUDIT_LOG``, else ``audit.jsonl`` beside the checkpoint.
 """
 
 from __future__ import annotations
@@ -36,15 +37,14 @@ from typing import Any
 
 import numpy as np
 
+from covidxr.dicom import DICOM_HEADER_FIELDS
 from covidxr.errors import CovidxrError
-from covidxr.io import DICOM_HEADER_FIELDS
 
 __all__ = [
-    "ALLOWED_HEADER_FIELDS",
     "ENV_VAR",
     "SCHEMA_VERSION",
-    "AuditLog",
-    "AuditLogError",
+    "PredictionLog",
+    "PredictionLogError",
     "new_session_id",
     "pixel_sha256",
     "prediction_record",
@@ -53,19 +53,15 @@ __all__ = [
 ]
 
 ENV_VAR = "COVIDXR_AUDIT_LOG"
-"""Environment variable naming the audit log file."""
+"""Environment variable naming the prediction log file."""
 
 DEFAULT_FILE_NAME = "audit.jsonl"
 """File name of the default log, placed beside the checkpoint."""
 
 SCHEMA_VERSION = 1
 
-ALLOWED_HEADER_FIELDS: tuple[str, ...] = DICOM_HEADER_FIELDS
-"""The only DICOM header fields a record may carry (the non-identifying ones ``covidxr.io`` extracts)."""
-
-
-class AuditLogError(CovidxrError):
-    """The audit log could not be written."""
+class PredictionLogError(CovidxrError):
+    """The prediction log could not be written."""
 
 
 def new_session_id() -> str:
@@ -100,7 +96,7 @@ def _finite(value: Any) -> float | None:
 
 
 def safe_header(header: Mapping[str, Any] | None) -> dict[str, str]:
-    """Keep only the allowed, non-identifying DICOM fields of ``header``.
+    """Keep only the non-identifying DICOM fields (:data:`~covidxr.dicom.DICOM_HEADER_FIELDS`) of ``header``.
 
     Args:
         header: e.g. ``Xray.header``.
@@ -108,7 +104,7 @@ def safe_header(header: Mapping[str, Any] | None) -> dict[str, str]:
     Returns:
         The filtered header, values as strings.
     """
-    return {key: str(header[key]) for key in ALLOWED_HEADER_FIELDS if header and key in header}
+    return {key: str(header[key]) for key in DICOM_HEADER_FIELDS if header and key in header}
 
 
 def prediction_record(
@@ -130,14 +126,14 @@ def prediction_record(
     cam_class: str | None,
     warnings: Iterable[str] = (),
 ) -> dict[str, Any]:
-    """Build one audit record (see the module docstring for its fields and privacy rules).
+    """Build one prediction record (see the module docstring for its fields and privacy rules).
 
     Args:
         session_id: from :func:`new_session_id`.
         image_sha256: from :func:`pixel_sha256`.
         image_shape: ``(H, W)`` of the decoded image.
         image_format: ``Xray.format``.
-        header: ``Xray.header``; filtered to :data:`ALLOWED_HEADER_FIELDS`.
+        header: ``Xray.header``; filtered to :data:`~covidxr.dicom.DICOM_HEADER_FIELDS`.
         arch: model architecture.
         checkpoint_sha256: SHA-256 of the checkpoint file.
         classes: class names in model order.
@@ -179,7 +175,7 @@ def prediction_record(
 
 
 @dataclass(frozen=True)
-class AuditLog:
+class PredictionLog:
     """An append-only JSON-lines file.
 
     Attributes:
@@ -189,7 +185,7 @@ class AuditLog:
     path: Path
 
     @classmethod
-    def resolve(cls, explicit: str | os.PathLike | None, checkpoint: str | os.PathLike | None) -> AuditLog | None:
+    def resolve(cls, explicit: str | os.PathLike | None, checkpoint: str | os.PathLike | None) -> PredictionLog | None:
         """Pick the log location: ``explicit``, else ``$COVIDXR_AUDIT_LOG``, else ``audit.jsonl`` beside the checkpoint.
 
         Args:
@@ -213,29 +209,29 @@ class AuditLog:
             record: a JSON-serialisable mapping (normally from :func:`prediction_record`).
 
         Raises:
-            AuditLogError: the record is not serialisable, or the file cannot be opened or fully written.
+            PredictionLogError: the record is not serialisable, or the file cannot be opened or fully written.
         """
         try:
             line = (json.dumps(record, ensure_ascii=True, allow_nan=False, separators=(",", ":")) + "\n").encode()
         except (TypeError, ValueError) as exc:
-            raise AuditLogError(f"audit record is not valid JSON ({exc})") from exc
+            raise PredictionLogError(f"prediction record is not valid JSON ({exc})") from exc
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
         except OSError as exc:
-            raise AuditLogError(f"cannot open audit log {self.path} ({exc.strerror or exc})") from exc
+            raise PredictionLogError(f"cannot open audit log {self.path} ({exc.strerror or exc})") from exc
         try:
             written = os.write(fd, line)
         except OSError as exc:
-            raise AuditLogError(f"cannot write audit log {self.path} ({exc.strerror or exc})") from exc
+            raise PredictionLogError(f"cannot write audit log {self.path} ({exc.strerror or exc})") from exc
         finally:
             os.close(fd)
         if written != len(line):
-            raise AuditLogError(f"audit log {self.path}: short write ({written} of {len(line)} bytes)")
+            raise PredictionLogError(f"audit log {self.path}: short write ({written} of {len(line)} bytes)")
 
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read every record of an audit log (for auditors and tests).
+    """Read every record of a prediction log (for auditors and tests).
 
     Args:
         path: the log file.

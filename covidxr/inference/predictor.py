@@ -1,4 +1,4 @@
-"""One predictor for the command line and the app, and ``python -m covidxr.predict``.
+"""One predictor for the command line and the app.
 
 >>> predictor = Predictor.from_checkpoint("runs/resnet50/best.pt")
 >>> result = predictor.predict(load_xray("chest.dcm"), cam="gradcam")
@@ -22,30 +22,13 @@ Backends (plain predictions only; Grad-CAM always runs in torch, see :mod:`covid
 A :class:`Predictor` may be shared between threads: model calls are serialised by an internal lock (CAM hooks
 must not see another thread's forward pass).
 
-Command line::
-
-    python -m covidxr.predict --checkpoint RUN/best.pt IMAGE_OR_FOLDER... [--cam METHOD|none] [--cam-class CLASS]
-        [--out DIR] [--device auto|cpu|cuda] [--batch-size N] [--backend auto|torch|onnx]
-
-prints ``FILE: CLASS PROBABILITY`` per image, writes ``DIR/predictions.csv`` (path, predicted, one ``prob_CLASS``
-column per class, cam_class, overlay, note, error) and, unless ``--cam none``, one overlay PNG per image in DIR.
-Folders are searched recursively for image files (known image suffixes, and files without a suffix, which is how
-DICOM files often come); hidden files are skipped. Files named on the command line are always tried.
-Unreadable files get their own error line on stderr and a row with their error in the CSV; the other files are
-still predicted. Exit status: 0 when every file was predicted, 1 when some could not be read, 2 for usage errors
-(bad option, unusable checkpoint, nothing to predict), with one line on stderr and no traceback.
+The command line, ``python -m covidxr.predict``, is :mod:`covidxr.inference.__main__`.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import io
-import json
 import logging
-import math
 import os
-import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,12 +36,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from covidxr.checkpoint import load_checkpoint
-from covidxr.errors import CheckpointError, CovidxrError, ImageReadError, one_line
-from covidxr.explain.cam import CAM_METHODS, compute_cam, heatmap_on_image, overlay, resolve_layer
-from covidxr.files import atomic_write_bytes, atomic_write_text, file_digest
+from covidxr.checkpoint import load_checkpoint, read_temperature
+from covidxr.explain.cam import CAM_METHODS, compute_cam
+from covidxr.explain.display import heatmap_on_image
+from covidxr.files import file_digest
 from covidxr.inference.onnx_backend import (
     OnnxRunner,
     default_onnx_path,
@@ -68,17 +50,14 @@ from covidxr.inference.onnx_backend import (
     onnxruntime_available,
     write_onnx,
 )
-from covidxr.io import Xray, load_xray
+from covidxr.io import Xray
 from covidxr.models import XrayClassifier, model_from_checkpoint, read_preprocess
 from covidxr.preprocess import Preprocess, network_input
-from covidxr.utils import OneLineParser, softmax
+from covidxr.utils import pick_device, softmax
 
 log = logging.getLogger("covidxr.predict")
 
 BACKENDS = ("auto", "torch", "onnx")
-# Suffixes searched for in folders (files named explicitly are always tried; load_xray detects the format itself).
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".jp2",
-                            ".j2k", ".jpf", ".jpx", ".dcm", ".dicom", ".dic"})
 
 
 @dataclass
@@ -125,34 +104,8 @@ def load_classifier(ckpt: dict, source: str = "checkpoint") -> XrayClassifier:
     return model
 
 
-def _temperature(ckpt: dict, source: str) -> float:
-    """Return the checkpoint's temperature (1.0 when absent), checked to be a positive finite number.
-
-    Args:
-        ckpt: the checkpoint.
-        source: the checkpoint's name for messages.
-
-    Returns:
-        The temperature.
-
-    Raises:
-        CheckpointError: when it is not a positive finite number.
-    """
-    value = ckpt.get("temperature", 1.0)
-    try:
-        temperature = float(value if value is not None else 1.0)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{source}: temperature {value!r} is not a number") from exc
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise CheckpointError(f"{source}: temperature must be a positive number, got {value!r}")
-    return temperature
-
-
 def _data_summary(ckpt: dict) -> dict:
     """Summarise the training data recorded in a checkpoint (no file lists).
-
-    Args:
-        ckpt: the checkpoint.
 
     Returns:
         ``root``, ``n_images``, ``n_unreadable``, ``patients`` and ``split_counts`` ({split: {class: n}}) where known.
@@ -174,13 +127,8 @@ def _data_summary(ckpt: dict) -> dict:
 
 
 def _as_pixels(image: np.ndarray | Xray) -> np.ndarray:
-    """Return the ``(H, W)`` image of an :class:`~covidxr.io.Xray` or array, checked.
-
-    Args:
-        image: an Xray, or an ``(H, W)`` array: float in ``[0, 1]`` or uint8 (read as value/255).
-
-    Returns:
-        The array.
+    """Return the ``(H, W)`` image of an :class:`~covidxr.io.Xray` or of an array (float in ``[0, 1]``, or uint8
+    read as value/255), checked.
 
     Raises:
         ValueError: for other shapes, non-finite values or floats outside ``[0, 1]``.
@@ -256,8 +204,6 @@ class Predictor:
             CovidxrError: unavailable device, or ``backend="onnx"`` without onnxruntime or with a failed export.
             ValueError: unknown backend.
         """
-        from covidxr.utils import pick_device
-
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         path = Path(path)
@@ -265,7 +211,7 @@ class Predictor:
         model = load_classifier(ckpt, str(path))
         classes = list(ckpt["classes"])
         preprocess = read_preprocess(ckpt, str(path))
-        temperature = _temperature(ckpt, str(path))
+        temperature = read_temperature(ckpt, str(path))
         torch_device = pick_device(device)
         model.to(torch_device)
         sha = file_digest(path)
@@ -280,9 +226,6 @@ class Predictor:
 
     def _open_runner(self, backend: str) -> OnnxRunner | None:
         """Return the ONNX Runtime runner the backend choice asks for (None: use torch).
-
-        Args:
-            backend: ``"auto"``, ``"torch"`` or ``"onnx"``.
 
         Returns:
             The runner or None.
@@ -327,7 +270,7 @@ class Predictor:
 
         Args:
             image: an :class:`~covidxr.io.Xray` or an ``(H, W)`` array (float in ``[0, 1]``, or uint8).
-            cam: a method of :data:`covidxr.explain.CAM_METHODS`, or None (or ``"none"``) for no heatmap.
+            cam: a method of :data:`covidxr.explain.cam.CAM_METHODS`, or None (or ``"none"``) for no heatmap.
             cam_class: class to explain (name or index); None explains the predicted class. Ignored without ``cam``.
             name: the name in the result (default: the Xray's name).
             cam_layer: dotted name of the layer to explain (default: the architecture's last convolutional stage).
@@ -397,9 +340,6 @@ class Predictor:
     def _logits(self, inputs: torch.Tensor) -> np.ndarray:
         """Logits of a batch without explanation: ONNX Runtime when selected, else torch in inference mode.
 
-        Args:
-            inputs: ``(B, 1, S, S)`` letterboxed images.
-
         Returns:
             ``(B, C)`` float32 logits.
         """
@@ -407,194 +347,3 @@ class Predictor:
             return self.runner.logits(inputs)
         with self._lock, torch.inference_mode():
             return self.model(inputs.to(self.device)).float().cpu().numpy()
-
-
-
-# ----------------------------------------------------------------------------------------------------- CLI
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    """Return the parser of ``python -m covidxr.predict``."""
-    parser = OneLineParser(prog="python -m covidxr.predict",
-                     description="Predict chest X-rays (PNG, JPEG, DICOM, ... or folders of them) with a trained "
-                                 "checkpoint and explain each prediction with a Grad-CAM overlay.")
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders (recursive)")
-    parser.add_argument("--checkpoint", required=True, type=Path, help="the run's checkpoint (best.pt)")
-    parser.add_argument("--cam", default="gradcam", choices=(*CAM_METHODS, "none"), metavar="METHOD",
-                        help=f"explanation method: {', '.join(CAM_METHODS)}, or none (default: %(default)s)")
-    parser.add_argument("--cam-class", help="class to explain, by name or index (default: the predicted class)")
-    parser.add_argument("--cam-layer", help="dotted name of the layer to explain (default: per architecture)")
-    parser.add_argument("--out", type=Path, default=Path("predictions"),
-                        help="folder for predictions.csv and the overlays (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s)")
-    parser.add_argument("--backend", default="auto", choices=BACKENDS,
-                        help="plain predictions with torch, ONNX Runtime, or auto (default: %(default)s)")
-    parser.add_argument("--alpha", type=float, default=0.4, help="overlay opacity of the heatmap (default: 0.4)")
-    parser.add_argument("--max-side", type=int, default=1024, help="longest side of the overlays (default: 1024)")
-    return parser
-
-
-def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand the command line's files and folders into the files to predict, in order, without duplicates.
-
-    Args:
-        inputs: files (kept whatever their name, even when missing: the reader reports it) and folders
-            (searched recursively for :data:`IMAGE_SUFFIXES` and files without a suffix; hidden ones skipped).
-
-    Returns:
-        The files.
-    """
-    found: dict[Path, None] = {}
-    for item in map(Path, inputs):
-        if not item.is_dir():
-            found.setdefault(item, None)
-            continue
-        for dirpath, dirnames, filenames in os.walk(item):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                file = Path(dirpath) / name
-                if not name.startswith(".") and (file.suffix.lower() in IMAGE_SUFFIXES or not file.suffix):
-                    found.setdefault(file, None)
-    return list(found)
-
-
-def _png_bytes(rgb: np.ndarray) -> bytes:
-    """Encode an RGB uint8 array as PNG.
-
-    Args:
-        rgb: ``(h, w, 3)`` uint8.
-
-    Returns:
-        The PNG file's bytes.
-    """
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _overlay_name(path: Path, method: str, used: set[str]) -> str:
-    """A unique overlay file name for ``path``: ``STEM_METHOD.png``, then ``STEM_METHOD-2.png``, ...
-
-    Args:
-        path: the image file.
-        method: CAM method.
-        used: names taken so far (updated).
-
-    Returns:
-        The file name.
-    """
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem) or "image"
-    method_tag = method.replace("+", "p")
-    name, n = f"{stem}_{method_tag}.png", 2
-    while name in used:
-        name, n = f"{stem}_{method_tag}-{n}.png", n + 1
-    used.add(name)
-    return name
-
-
-def run_predictions(predictor: Predictor, files: Sequence[Path], out: Path, cam: str | None,
-                    cam_class: str | None, cam_layer: str | None, batch_size: int, alpha: float,
-                    max_side: int) -> tuple[list[dict], int]:
-    """Predict ``files`` in batches, print one line per file and write the overlays.
-
-    Args:
-        predictor: the loaded predictor.
-        files: image files.
-        out: output folder.
-        cam: CAM method or None.
-        cam_class: class to explain or None.
-        cam_layer: layer to explain or None.
-        batch_size: images per forward pass.
-        alpha: overlay opacity.
-        max_side: longest overlay side.
-
-    Returns:
-        ``(CSV rows, number of failed files)``.
-    """
-    rows: list[dict] = []
-    used: set[str] = set()
-    failed = 0
-    for start in range(0, len(files), batch_size):
-        batch: list[tuple[Path, Xray]] = []
-        for file in files[start : start + batch_size]:
-            try:
-                batch.append((file, load_xray(file, name=str(file))))
-            except ImageReadError as exc:
-                failed += 1
-                reason = str(exc).removeprefix(f"{file}: ")
-                print(f"{file}: error: {reason}", file=sys.stderr)
-                rows.append({"path": str(file), "error": reason})
-        if not batch:
-            continue
-        results = predictor.predict_batch([x for _, x in batch], cam=cam, names=[str(f) for f, _ in batch],
-                                          cam_class=cam_class, cam_layer=cam_layer)
-        for (file, xray), result in zip(batch, results, strict=True):
-            row = {"path": str(file), "predicted": result.label, "cam_class": result.cam_class or "",
-                   "note": result.note or "", "overlay": "", "error": ""}
-            row |= {f"prob_{c}": f"{p:.6f}" for c, p in result.probs.items()}
-            if cam is not None:
-                name = _overlay_name(file, cam, used)
-                atomic_write_bytes(out / name, _png_bytes(overlay(xray.pixels, result.heatmap, alpha, max_side)))
-                row["overlay"] = name
-            rows.append(row)
-            print(f"{file}: {result.label} {result.confidence:.3f}" + (f" ({result.note})" if result.note else ""))
-    return rows, failed
-
-
-def write_csv(path: Path, rows: list[dict], classes: list[str]) -> None:
-    """Write ``predictions.csv`` atomically.
-
-    Args:
-        path: destination.
-        rows: one dict per file.
-        classes: class names (one probability column each).
-    """
-    fields = ["path", "predicted", *[f"prob_{c}" for c in classes], "cam_class", "overlay", "note", "error"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point.
-
-    Returns:
-        0 when every file was predicted, 1 when some files could not be read, 2 for usage errors.
-    """
-    from covidxr.utils import setup_logging
-
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.max_side < 1 or not 0 <= args.alpha <= 1:
-        parser.error("--batch-size and --max-side must be positive and --alpha in [0, 1]")
-    setup_logging()
-    cam = None if args.cam == "none" else args.cam
-    files = find_images(args.inputs)
-    if not files:
-        parser.error(f"no image files found in {', '.join(args.inputs)}")
-    try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend)
-        if (args.cam_class is not None or args.cam_layer is not None) and cam is None:
-            raise ValueError("--cam-class and --cam-layer need a --cam method")
-        if args.cam_class is not None:
-            predictor.class_index(args.cam_class)
-        if args.cam_layer is not None:
-            resolve_layer(predictor.model, args.cam_layer)
-        args.out.mkdir(parents=True, exist_ok=True)
-        rows, failed = run_predictions(predictor, files, args.out, cam, args.cam_class, args.cam_layer,
-                                       args.batch_size, args.alpha, args.max_side)
-        write_csv(args.out / "predictions.csv", rows, predictor.classes)
-    except (CovidxrError, ValueError, OSError) as exc:
-        print(f"{parser.prog}: error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    summary = {"predicted": len(files) - failed, "failed": failed, "csv": str(args.out / "predictions.csv"),
-               "backend": predictor.backend}
-    log.info("done: %s", json.dumps(summary))
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
