@@ -71,7 +71,7 @@ def small_manifest(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="session")
 def tiny_run(small_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A resnet18 (random init) trained for one epoch at 64 px on the small manifest: a real run folder."""
-    from covidxr.training.trainer import main
+    from covidxr.training.__main__ import main
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     status = main(["--data", str(small_manifest), "--arch", "resnet18", "--weights", "none", "--img-size", "64",

@@ -223,7 +223,7 @@ def test_model_view_not_evaluated_then_evaluated(app_env: Path, tiny_run: Path, 
     at = run_app()
     assert any("python -m covidxr.evaluate --checkpoint" in i.value for i in at.info)
 
-    from covidxr.evaluation.pipeline import main as evaluate
+    from covidxr.evaluation.__main__ import main as evaluate
 
     assert evaluate(["--checkpoint", str(run / "best.pt"), "--bootstrap", "50", "--workers", "0"]) == 0
     at = run_app()

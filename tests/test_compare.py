@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from covidxr.evaluation.__main__ import main as evaluate_main
 from covidxr.evaluation.compare import holm, main
-from covidxr.evaluation.pipeline import main as evaluate_main
 
 RUN_FILES = ("best.pt", "split.csv", "history.csv", "config.json")
 

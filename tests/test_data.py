@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from covidxr.data.loaders import exclude_rows, sample_weights
 from covidxr.data.manifest import load_manifest, resolve_data_path, validate_for_training
 from covidxr.data.split import assign_splits, leakage_groups, make_split
 from covidxr.errors import DatasetError
-from covidxr.training.trainer import exclude_rows, sample_weights
 
 
 def _png(path: Path, value: int = 0) -> None:

@@ -14,12 +14,13 @@ import pytest
 import torch
 from torch.utils.data import WeightedRandomSampler
 
+from covidxr.batches import EpochOutput, predict_loader
 from covidxr.checkpoint import load_checkpoint
+from covidxr.data.loaders import DistributedWeightedSampler, load_run_data, make_loaders
 from covidxr.models import build_model
 from covidxr.training import engine
 from covidxr.training.config import TrainConfig
-from covidxr.training.distributed import DistInfo, DistributedWeightedSampler, env_info, gather_epoch
-from covidxr.training.trainer import load_run_data, make_loaders
+from covidxr.training.distributed import DistInfo, env_info, gather_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +38,7 @@ def test_environment_of_torchrun_is_read() -> None:
     assert env_info({}) == DistInfo() and not DistInfo().enabled and DistInfo().is_main
     info = env_info({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
     assert (info.rank, info.world_size, info.local_rank, info.enabled, info.is_main) == (3, 4, 1, True, False)
-    out = engine.EpochOutput(1.0, torch.zeros(2, 3).numpy(), torch.zeros(2).long().numpy(), torch.arange(2).numpy())
+    out = EpochOutput(1.0, torch.zeros(2, 3).numpy(), torch.zeros(2).long().numpy(), torch.arange(2).numpy())
     assert gather_epoch(out, DistInfo(), dedupe=True) is out  # a single process gathers nothing
 
 
@@ -83,10 +84,10 @@ def test_torchrun_two_processes_train_resume_and_report_metrics_over_all_ranks(s
     model = build_model("resnet18", len(ckpt["classes"]), "none")
     model.load_state_dict(ckpt["model"])
     # The logged validation metrics are those of the saved model over every validation image once.
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    data = load_run_data(cfg, run, resuming=True)
-    out = engine.predict_loader(model, make_loaders(data, cfg, torch.device("cpu"), 0)["val"], torch.device("cpu"),
-                                nullcontext, progress=False)
+    settings = TrainConfig.from_dict(ckpt["config"]).loader_settings()
+    data = load_run_data(settings, run / "split.csv")
+    out = predict_loader(model, make_loaders(data, settings, torch.device("cpu"), 0)["val"], torch.device("cpu"),
+                         nullcontext, progress=False)
     expected = engine.summary_metrics(out.logits, out.targets, len(ckpt["classes"]))
     assert len(out.targets) == (data.table["split"] == "val").sum() == 5  # odd: one rank saw a padding repeat
     assert history["val_acc"].iloc[-1] == pytest.approx(expected["acc"], abs=1e-9)

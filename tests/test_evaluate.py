@@ -14,7 +14,9 @@ import pandas as pd
 import pytest
 
 from covidxr.checkpoint import load_checkpoint
-from covidxr.evaluation.pipeline import PLOT_FILES, SOURCE_CONFOUNDED, main
+from covidxr.evaluation.__main__ import main
+from covidxr.evaluation.analysis import SOURCE_CONFOUNDED
+from covidxr.evaluation.outputs import PLOT_FILES
 from covidxr.html_page import format_value
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,6 +13,7 @@ from torch.utils.data import BatchSampler, SequentialSampler
 
 from covidxr.checkpoint import load_checkpoint
 from covidxr.data.dataset import DeviceBatches, XrayDataset
+from covidxr.data.loaders import LoaderSettings, RunData, use_device_cache
 from covidxr.errors import DatasetError
 from covidxr.models import build_model
 from covidxr.preprocess import (
@@ -24,8 +25,7 @@ from covidxr.preprocess import (
     train_transform,
 )
 from covidxr.training import head_features as features
-from covidxr.training.config import TrainConfig
-from covidxr.training.trainer import RunData, main, use_device_cache
+from covidxr.training.__main__ import main
 
 
 def _squares(n: int = 6, side: int = 40, seed: int = 0) -> torch.Tensor:
@@ -151,8 +151,8 @@ def test_device_batches_keep_resume_equal_to_an_uninterrupted_run(small_manifest
 def test_gpu_cache_on_needs_the_prepared_cache() -> None:
     data = RunData(pd.DataFrame(), ["a", "b"], Path("."), None, {})
     with pytest.raises(DatasetError, match="--no-cache"):
-        use_device_cache(TrainConfig(gpu_cache="on"), data, torch.device("cpu"))
-    assert not use_device_cache(TrainConfig(gpu_cache="auto"), data, torch.device("cpu"))
+        use_device_cache(LoaderSettings(gpu_cache="on"), data, torch.device("cpu"))
+    assert not use_device_cache(LoaderSettings(gpu_cache="auto"), data, torch.device("cpu"))
     cached = RunData(pd.DataFrame(), ["a", "b"], Path("."), [np.zeros((4, 4), np.uint8)], {})
-    assert not use_device_cache(TrainConfig(gpu_cache="auto"), cached, torch.device("cpu"))  # auto: CUDA only
-    assert use_device_cache(TrainConfig(gpu_cache="on"), cached, torch.device("cpu"))
+    assert not use_device_cache(LoaderSettings(gpu_cache="auto"), cached, torch.device("cpu"))  # auto: CUDA only
+    assert use_device_cache(LoaderSettings(gpu_cache="on"), cached, torch.device("cpu"))

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from covidxr.evaluation import arrays, bootstrap, calibration
 from covidxr.evaluation import metrics as m
+from covidxr.evaluation import operating_points as op
 from covidxr.utils import softmax
 
 CLASSES = ["A", "B", "C"]
@@ -166,8 +168,8 @@ def test_ece_hand_example():
     # ECE = 2/4 * .4 + 2/4 * .35 = .375
     y = np.array([0, 1, 0, 0])
     p = np.array([[0.9, 0.1], [0.9, 0.1], [0.65, 0.35], [0.65, 0.35]])
-    assert m.expected_calibration_error(y, p) == pytest.approx(0.375, abs=1e-12)
-    bins = m.reliability_bins(y, p)
+    assert calibration.expected_calibration_error(y, p) == pytest.approx(0.375, abs=1e-12)
+    bins = calibration.reliability_bins(y, p)
     assert len(bins) == 15
     assert sum(b["count"] for b in bins) == 4
     used = [b for b in bins if b["count"]]
@@ -179,12 +181,12 @@ def test_ece_hand_example():
 def test_ece_perfect_confidence_and_single_bin():
     y = np.array([0, 1])
     p = np.array([[1.0, 0.0], [0.0, 1.0]])
-    assert m.expected_calibration_error(y, p) == 0.0
-    assert m.reliability_bins(y, p)[-1]["count"] == 2
+    assert calibration.expected_calibration_error(y, p) == 0.0
+    assert calibration.reliability_bins(y, p)[-1]["count"] == 2
     # one bin: ECE = |mean accuracy - mean confidence|
     y2 = np.array([0, 1, 1])
     p2 = np.array([[0.6, 0.4], [0.3, 0.7], [0.8, 0.2]])
-    assert m.expected_calibration_error(y2, p2, n_bins=1) == pytest.approx(abs(2 / 3 - 0.7), abs=1e-12)
+    assert calibration.expected_calibration_error(y2, p2, n_bins=1) == pytest.approx(abs(2 / 3 - 0.7), abs=1e-12)
 
 
 def test_softmax():
@@ -202,7 +204,7 @@ def test_fit_temperature_recovers_known_temperature():
     z = rng.normal(scale=3.0, size=(5000, 4))
     true_p = softmax(z, temperature=2.0)
     y = (rng.random(5000)[:, None] > np.cumsum(true_p, axis=1)).sum(axis=1)
-    t = m.fit_temperature(z, y)
+    t = calibration.fit_temperature(z, y)
     assert t == pytest.approx(2.0, rel=0.10)
     # calibrated probabilities have lower NLL than the raw ones
     assert skm.log_loss(y, softmax(z, t), labels=range(4)) < skm.log_loss(y, softmax(z), labels=range(4))
@@ -218,7 +220,7 @@ def test_resample_indices_moves_whole_patients():
     sizes = np.bincount(groups)
     rng = np.random.default_rng(123)
     for _ in range(50):
-        idx = m._resample_indices(groups, rng)
+        idx = bootstrap._resample_indices(groups, rng)
         per_row = np.bincount(idx, minlength=groups.size)
         draws_per_patient = []
         for g in range(sizes.size):
@@ -245,15 +247,15 @@ def test_patient_bootstrap_wider_than_image_bootstrap():
     p[::7] = np.where(right[::7, None], [0.2, 0.8], [0.8, 0.2])
     patients = np.repeat(np.arange(n_pat), per).astype(str)
     images = np.arange(y.size).astype(str)
-    ci_pat = m.bootstrap_ci(y, p, patients, ["neg", "pos"], n_resamples=400, seed=1)["metrics"]["accuracy"]
-    ci_img = m.bootstrap_ci(y, p, images, ["neg", "pos"], n_resamples=400, seed=1)["metrics"]["accuracy"]
+    ci_pat = bootstrap.bootstrap_ci(y, p, patients, ["neg", "pos"], n_resamples=400, seed=1)["metrics"]["accuracy"]
+    ci_img = bootstrap.bootstrap_ci(y, p, images, ["neg", "pos"], n_resamples=400, seed=1)["metrics"]["accuracy"]
     assert ci_pat["estimate"] == ci_img["estimate"] == 0.5
     assert (ci_pat["hi"] - ci_pat["lo"]) > 2 * (ci_img["hi"] - ci_img["lo"])
 
 
 def test_bootstrap_estimates_match_point_metrics_and_are_reproducible():
     y, p, g, _ = _synthetic(n=300)
-    r = m.bootstrap_ci(y, p, g, CLASSES, n_resamples=200, seed=7)
+    r = bootstrap.bootstrap_ci(y, p, g, CLASSES, n_resamples=200, seed=7)
     point = m.classification_metrics(y, p, CLASSES)
     for name in ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc_macro"):
         ci = r["metrics"][name]
@@ -264,8 +266,8 @@ def test_bootstrap_estimates_match_point_metrics_and_are_reproducible():
         assert r["per_class"][c]["sensitivity"]["estimate"] == pytest.approx(point["per_class"][c]["recall"])
         assert r["per_class"][c]["specificity"]["estimate"] == pytest.approx(point["per_class"][c]["specificity"])
     assert (r["n_resamples"], r["seed"], r["n_groups"], r["n"]) == (200, 7, 150, 300)
-    assert r == m.bootstrap_ci(y, p, g, CLASSES, n_resamples=200, seed=7)
-    assert r != m.bootstrap_ci(y, p, g, CLASSES, n_resamples=200, seed=8)
+    assert r == bootstrap.bootstrap_ci(y, p, g, CLASSES, n_resamples=200, seed=7)
+    assert r != bootstrap.bootstrap_ci(y, p, g, CLASSES, n_resamples=200, seed=8)
     json.dumps(r, allow_nan=False)
 
 
@@ -274,15 +276,15 @@ def test_bootstrap_cm_formulas_match_sklearn_on_resamples():
     rng = np.random.default_rng(0)
     codes = np.unique(g, return_inverse=True)[1]
     for _ in range(5):
-        idx = m._resample_indices(codes, rng)
+        idx = bootstrap._resample_indices(codes, rng)
         yi, predi = y[idx], p[idx].argmax(1)
         cm = skm.confusion_matrix(yi, predi, labels=[0, 1, 2])[None]
-        h = m._cm_headline(cm)
+        h = bootstrap._cm_headline(cm)
         assert h["accuracy"][0] == pytest.approx(skm.accuracy_score(yi, predi))
         assert h["balanced_accuracy"][0] == pytest.approx(skm.balanced_accuracy_score(yi, predi))
         f1 = skm.f1_score(yi, predi, labels=[0, 1, 2], average="macro", zero_division=np.nan)
         assert h["f1_macro"][0] == pytest.approx(f1)
-        assert m._binary_auc(yi == 1, p[idx][:, 1]) == pytest.approx(skm.roc_auc_score(yi == 1, p[idx][:, 1]))
+        assert arrays.binary_auc(yi == 1, p[idx][:, 1]) == pytest.approx(skm.roc_auc_score(yi == 1, p[idx][:, 1]))
 
 
 def test_bootstrap_skips_undefined_resamples():
@@ -291,7 +293,7 @@ def test_bootstrap_skips_undefined_resamples():
     rng = np.random.default_rng(0)
     p = softmax(rng.normal(size=(10, 3)) + 2 * np.eye(3)[y])
     g = np.array(["a", "a", "b", "b", "c", "d", "e", "e", "f", "g"])
-    r = m.bootstrap_ci(y, p, g, CLASSES, n_resamples=300, seed=0)
+    r = bootstrap.bootstrap_ci(y, p, g, CLASSES, n_resamples=300, seed=0)
     sens_c = r["per_class"]["C"]["sensitivity"]
     assert sens_c["n_skipped"] > 0 and sens_c["n_valid"] + sens_c["n_skipped"] == 300
     assert r["metrics"]["roc_auc_macro"]["n_skipped"] >= sens_c["n_skipped"]
@@ -302,7 +304,7 @@ def test_bootstrap_skips_undefined_resamples():
 def test_bootstrap_is_fast():
     y, p, g, _ = _synthetic(n=400)
     start = time.perf_counter()
-    m.bootstrap_ci(y, p, g, CLASSES, n_resamples=1000, seed=0)
+    bootstrap.bootstrap_ci(y, p, g, CLASSES, n_resamples=1000, seed=0)
     assert time.perf_counter() - start < 8.0
 
 
@@ -311,7 +313,7 @@ def test_groups_must_not_be_missing():
     g = g.astype(object)
     g[3] = None
     with pytest.raises(ValueError):
-        m.bootstrap_ci(y, p, g, CLASSES, n_resamples=10)
+        bootstrap.bootstrap_ci(y, p, g, CLASSES, n_resamples=10)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -321,7 +323,7 @@ def test_groups_must_not_be_missing():
 
 def test_paired_bootstrap_identical_models():
     y, p, g, _ = _synthetic(n=200)
-    r = m.paired_bootstrap_auc(y, p, p.copy(), g, n_resamples=200, seed=0)
+    r = bootstrap.paired_bootstrap_auc(y, p, p.copy(), g, n_resamples=200, seed=0)
     assert r["diff"] == 0.0 and r["lo"] == 0.0 and r["hi"] == 0.0
     assert r["significant"] is False
     assert r["p_value"] == 1.0
@@ -332,12 +334,12 @@ def test_paired_bootstrap_clearly_better_model():
     y, p_good, g, z = _synthetic(n=300, signal=2.5)
     rng = np.random.default_rng(5)
     p_bad = softmax(rng.normal(size=z.shape))
-    r = m.paired_bootstrap_auc(y, p_good, p_bad, g, n_resamples=200, seed=0)
+    r = bootstrap.paired_bootstrap_auc(y, p_good, p_bad, g, n_resamples=200, seed=0)
     assert r["auc_a"] > r["auc_b"]
     assert r["diff"] == pytest.approx(r["auc_a"] - r["auc_b"])
     assert 0 < r["lo"] <= r["diff"] <= r["hi"]
     assert r["significant"] is True and r["p_value"] < 0.01
-    r_swapped = m.paired_bootstrap_auc(y, p_bad, p_good, g, n_resamples=200, seed=0)
+    r_swapped = bootstrap.paired_bootstrap_auc(y, p_bad, p_good, g, n_resamples=200, seed=0)
     assert r_swapped["hi"] < 0 and r_swapped["significant"] is True
 
 
@@ -355,7 +357,7 @@ def test_operating_points_hand_example():
     # test: positives .9 .56 .54 .3, negatives .7 .5 .1 .2
     y_test = np.array([1, 1, 1, 1, 0, 0, 0, 0])
     s_test = np.array([0.9, 0.56, 0.54, 0.3, 0.7, 0.5, 0.1, 0.2])
-    op90, op95 = m.operating_points(y_val, s_val, y_test, s_test, sensitivities=(0.90, 0.95))
+    op90, op95 = op.operating_points(y_val, s_val, y_test, s_test, sensitivities=(0.90, 0.95))
     # target .90: need >= 9 of 10 positives -> 9th highest positive score .55; negatives >= .55: {.6} -> spec 9/10
     assert op90["threshold"] == 0.55
     assert (op90["val_sensitivity"], op90["val_specificity"]) == (0.9, 0.9)
@@ -374,11 +376,11 @@ def test_operating_points_hand_example():
 
 
 def test_operating_points_without_positives():
-    ops = m.operating_points(np.zeros(5), np.linspace(0, 1, 5), np.array([1, 0]), np.array([0.9, 0.1]))
+    ops = op.operating_points(np.zeros(5), np.linspace(0, 1, 5), np.array([1, 0]), np.array([0.9, 0.1]))
     assert len(ops) == 2
     assert all(o["threshold"] is None and o["test_sensitivity"] is None for o in ops)
     assert all("no positives" in o["reason"] for o in ops)
-    ops = m.operating_points(np.array([1, 0]), np.array([0.9, 0.1]), np.zeros(3), np.array([0.2, 0.95, 0.1]))
+    ops = op.operating_points(np.array([1, 0]), np.array([0.9, 0.1]), np.zeros(3), np.array([0.2, 0.95, 0.1]))
     assert ops[0]["threshold"] == 0.9 and ops[0]["test_sensitivity"] is None
     assert ops[0]["test_specificity"] == 2 / 3
     assert "no positives in the test set" in ops[0]["reason"]

@@ -10,7 +10,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from covidxr.evaluation.pipeline import main as evaluate_main
+from covidxr.evaluation.__main__ import main as evaluate_main
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "explore_run.ipynb"

@@ -11,9 +11,11 @@ import pandas as pd
 import pytest
 
 from covidxr import html_page as h
+from covidxr.evaluation import bootstrap
 from covidxr.evaluation import metrics as m
 from covidxr.evaluation import plots as r
 from covidxr.files import atomic_write_text
+from covidxr.utils import softmax
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["COVID-19", "<b>", "Normal"]
@@ -25,7 +27,7 @@ def data():
     y = rng.integers(0, 3, 90)
     z = rng.normal(size=(90, 3))
     z[np.arange(90), y] += 2.0
-    return y, m.softmax(z), m.softmax(z, 2.0)
+    return y, softmax(z), softmax(z, 2.0)
 
 
 def _png(fig) -> bytes:
@@ -126,7 +128,7 @@ def test_img_html_roundtrip():
 def test_render_html_self_contained_and_escaped(data):
     y, p, p_cal = data
     metrics = m.classification_metrics(y, p, CLASSES)
-    ci = m.bootstrap_ci(y, p, np.arange(y.size).astype(str), CLASSES, n_resamples=50)
+    ci = bootstrap.bootstrap_ci(y, p, np.arange(y.size).astype(str), CLASSES, n_resamples=50)
     rows = [{"class": c, **metrics["per_class"][c]} for c in CLASSES]
     png = _png(r.plot_reliability(y, p, p_cal))
     sections = [

@@ -9,9 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from covidxr.checkpoint import load_checkpoint
+from covidxr.checkpoint import load_checkpoint, save_checkpoint
+from covidxr.data.loaders import LoaderSettings
 from covidxr.models import build_model
-from covidxr.training.trainer import main
+from covidxr.training import __main__ as train_cli
+from covidxr.training.__main__ import main
+from covidxr.training.config import TrainConfig
 
 
 def test_tiny_run_writes_a_complete_run_folder(tiny_run: Path) -> None:
@@ -58,6 +61,26 @@ def test_resume_continues_and_matches_an_uninterrupted_run(small_manifest: Path,
     for key, value in full["model"].items():
         torch.testing.assert_close(part["model"][key], value, rtol=0, atol=1e-6, msg=key)
     assert pd.read_csv(tmp_path / "part" / "split.csv").equals(pd.read_csv(tmp_path / "full" / "split.csv"))
+
+
+@pytest.mark.parametrize(("given", "epochs"), [([], 4), (["--epochs", str(TrainConfig.epochs)], TrainConfig.epochs),
+                                              (["--epochs", "2"], 4)])
+def test_resume_applies_a_given_epochs_even_when_it_equals_the_default(given: list[str], epochs: int, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # --epochs 20 (the default) used to be taken for "not given" and silently ignored on --resume.
+    last = tmp_path / "last.pt"
+    save_checkpoint(last, {"arch": "resnet18", "classes": ["a", "b"], "preprocess": {}, "model": {},
+                           "config": TrainConfig(epochs=4, lr=0.01).to_dict()})
+    started = []
+    monkeypatch.setattr(train_cli, "run", lambda cfg, resume: started.append(cfg))
+    assert main(["--resume", str(last), "--lr", "0.5", *given]) == 0
+    cfg = started[0]
+    assert (cfg.epochs, cfg.resume, cfg.lr) == (epochs, str(last), 0.01)  # the run's own settings, but --epochs
+
+
+def test_loader_settings_have_the_training_defaults() -> None:
+    assert TrainConfig().loader_settings() == LoaderSettings()
+    assert TrainConfig(batch_size=3, seed=9).loader_settings() == LoaderSettings(batch_size=3, seed=9)
 
 
 @pytest.mark.parametrize("bad", [["--epochs", "-1"], ["--batch-size", "0"], ["--img-size", "8"],

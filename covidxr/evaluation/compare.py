@@ -31,11 +31,15 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from covidxr.errors import CovidxrError
+from covidxr.errors import CovidxrError, one_line
+from covidxr.evaluation.bootstrap import bootstrap_ci, paired_bootstrap_auc
+from covidxr.evaluation.metrics import HEADLINE
+from covidxr.evaluation.results import load_evaluation
+from covidxr.files import atomic_write_bytes, atomic_write_text
+from covidxr.html_page import Section, format_value, paragraph_html, render_html, table_html
 from covidxr.utils import OneLineParser, int_at_least
 
 PROG = "covidxr.compare"
-HEADLINE = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc_macro")
 ALPHA = 0.05
 
 
@@ -76,8 +80,6 @@ def load_runs(paths: Sequence[str | os.PathLike]) -> list[EvaluatedRun]:
     Raises:
         CovidxrError: A folder holds no evaluation, or fewer than two were given.
     """
-    from covidxr.evaluation.pipeline import load_evaluation
-
     if len(paths) < 2:
         raise CovidxrError("give at least two evaluation (or run) folders to compare")
     loaded = [load_evaluation(p) for p in paths]
@@ -145,8 +147,6 @@ def headline_rows(runs: list[EvaluatedRun], classes: list[str], y: np.ndarray, g
         Rows with ``run``, ``arch``, ``checkpoint``, ``split``, ``n_images``, ``n_patients``, ``temperature`` and,
         per headline metric, ``{metric}`` (interval dict) and ``{metric}_lo`` / ``{metric}_hi``.
     """
-    from covidxr.evaluation.metrics import bootstrap_ci
-
     rows = []
     for run, p in zip(runs, probs, strict=True):
         ci = bootstrap_ci(y, p, groups.tolist(), classes, n_resamples=n_resamples, seed=seed)
@@ -180,8 +180,6 @@ def pairwise(runs: list[EvaluatedRun], y: np.ndarray, groups: np.ndarray, probs:
         One row per pair: ``run_a``, ``run_b`` and ``metrics.paired_bootstrap_auc``'s fields, plus ``p_holm`` and
         ``significant_holm`` (Holm-adjusted over all pairs at alpha 0.05).
     """
-    from covidxr.evaluation.metrics import paired_bootstrap_auc
-
     rows = []
     pairs = list(itertools.combinations(range(len(runs)), 2))
     for a, b in tqdm(pairs, desc="paired bootstrap", leave=False, disable=None):
@@ -205,8 +203,6 @@ def _csv_rows(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def render(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], n_resamples: int, seed: int) -> str:
     """The comparison as a self-contained HTML page."""
-    from covidxr.html_page import Section, paragraph_html, render_html, table_html
-
     columns = ["run", "arch", "split", "n_images", "n_patients", "temperature",
                *[(m, f"{m.replace('_', ' ')} (95% CI)") for m in HEADLINE]]
     pair_columns = ["run_a", "run_b", ("auc_a", "macro AUC a"), ("auc_b", "macro AUC b"), ("diff", "a - b"),
@@ -225,8 +221,6 @@ def render(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], n_resamples:
 
 def write_outputs(out: Path, rows: list[dict[str, Any]], pairs: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     """Write comparison.csv, pairs.csv, comparison.html and comparison.json atomically into ``out``."""
-    from covidxr.files import atomic_write_bytes, atomic_write_text
-
     atomic_write_bytes(out / "comparison.csv", _csv_rows(rows).to_csv(index=False).encode("utf-8"))
     atomic_write_bytes(out / "pairs.csv", pd.DataFrame(pairs).to_csv(index=False).encode("utf-8"))
     atomic_write_text(out / "comparison.html", render(rows, pairs, meta["n_resamples"], meta["seed"]))
@@ -281,8 +275,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _print_summary(result: dict[str, Any]) -> None:
     """Print the comparison table and the pairwise verdicts."""
-    from covidxr.html_page import format_value
-
     for row in result["runs"]:
         print(f"{row['run']}: " + ", ".join(f"{m} {format_value(row[m])}" for m in HEADLINE))
     for pair in result["pairs"]:
@@ -302,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = compare(args.paths, args.out, args.bootstrap, args.seed)
     except CovidxrError as exc:
-        print(f"{PROG}: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     _print_summary(result)
     return 0

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay
 
-from covidxr.evaluation.metrics import expected_calibration_error, reliability_bins
+from covidxr.evaluation.calibration import expected_calibration_error, reliability_bins
 from covidxr.files import atomic_write_bytes
 
 _DPI = 110
@@ -108,16 +108,7 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]] | np.ndarray, classes: Seq
 
 
 def _one_vs_rest(y_true: Any, probs: Any, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validate labels and probabilities for per-class curves.
-
-    Args:
-        y_true: Labels, shape ``(N,)``.
-        probs: Probabilities, shape ``(N, C)``.
-        n_classes: ``C``.
-
-    Returns:
-        ``(labels as int array, probabilities as float array)``.
-    """
+    """``(labels as int64, probabilities as float64)`` after checking that ``probs`` is ``(N, n_classes)``."""
     y = np.asarray(y_true).astype(np.int64)
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape != (y.shape[0], n_classes):
@@ -249,28 +240,14 @@ def plot_reliability(
 
 
 def _history_rows(history: Any) -> list[dict[str, Any]]:
-    """Normalise a training history to a list of dicts.
-
-    Args:
-        history: A list of per-epoch dicts or a pandas ``DataFrame`` (anything with ``to_dict("records")``).
-
-    Returns:
-        A list of dicts.
-    """
+    """A training history (per-epoch dicts, or anything with ``to_dict("records")`` such as a DataFrame) as dicts."""
     if hasattr(history, "to_dict"):
         return list(history.to_dict("records"))
     return [dict(row) for row in history]
 
 
 def _numeric(value: Any) -> float:
-    """A value as float, NaN when missing or not numeric.
-
-    Args:
-        value: Anything.
-
-    Returns:
-        A float (possibly NaN).
-    """
+    """A value as float, NaN when missing or not numeric."""
     if isinstance(value, bool) or value is None:
         return float("nan")
     try:

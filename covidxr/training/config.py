@@ -6,7 +6,11 @@ import argparse
 import os
 from dataclasses import asdict, dataclass, field, fields
 
+from covidxr.data.loaders import LoaderSettings
 from covidxr.models import ARCHS
+from covidxr.utils import OneLineParser, int_at_least
+
+PROG = "covidxr.train"
 
 
 @dataclass
@@ -60,12 +64,9 @@ class TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    def loader_settings(self) -> LoaderSettings:
+        """The settings that decide the run's data and loaders."""
+        return LoaderSettings(**{f.name: getattr(self, f.name) for f in fields(LoaderSettings)})
 
 
 def non_negative_int(text: str) -> int:
@@ -101,8 +102,8 @@ def image_size(text: str) -> int:
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Return the ``python -m covidxr.train`` parser (reusable by tests and other entry points)."""
     d = TrainConfig()
-    p = argparse.ArgumentParser("python -m covidxr.train", add_help=add_help,
-                                description="Fine-tune an ImageNet CNN on chest X-rays with a patient-level split.")
+    p = OneLineParser(f"python -m {PROG}", add_help=add_help,
+                      description="Fine-tune an ImageNet CNN on chest X-rays with a patient-level split.")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="class-per-folder tree or CSV manifest (default: $COVIDXR_DATA, then data/cxr)")
     g.add_argument("--val-frac", type=_fraction, default=d.val_frac, help="share of each class for validation")
@@ -125,8 +126,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--weights", default=d.weights, help="imagenet, none, or a path to a weights file")
     g.add_argument("--img-size", type=image_size, default=d.img_size, help="network input side in pixels")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=_positive_int, default=d.epochs)
-    g.add_argument("-b", "--batch-size", type=_positive_int, default=d.batch_size)
+    # None tells "not given" apart from "given as the default": with --resume only a given --epochs applies.
+    g.add_argument("--epochs", type=int_at_least(1), default=None,
+                   help=f"training epochs (default {d.epochs}; with --resume the run's own, or this many if more)")
+    g.add_argument("-b", "--batch-size", type=int_at_least(1), default=d.batch_size)
     g.add_argument("--lr", type=_positive_float, default=d.lr, help="head learning rate (AdamW)")
     g.add_argument("--backbone-lr-scale", type=_positive_float, default=d.backbone_lr_scale,
                    help="backbone learning rate as a fraction of --lr once unfrozen")
@@ -159,6 +162,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Turn parsed arguments into a :class:`TrainConfig`."""
-    return TrainConfig.from_dict(vars(args))
+def config_from_args(args: argparse.Namespace, resumed: dict | None = None) -> TrainConfig:
+    """Turn parsed arguments into a :class:`TrainConfig`.
+
+    Args:
+        args: parsed :func:`get_args_parser` arguments.
+        resumed: the stored config of the run that ``--resume`` continues. Its settings are kept; a given
+            ``--epochs`` raises its epoch count (never lowers it).
+    """
+    given = {k: v for k, v in vars(args).items() if not (k == "epochs" and v is None)}
+    if resumed is None:
+        return TrainConfig.from_dict(given)
+    cfg = TrainConfig.from_dict({**resumed, "resume": args.resume})
+    if args.epochs is not None:
+        cfg.epochs = max(cfg.epochs, args.epochs)
+    return cfg

@@ -1,4 +1,5 @@
-"""``torchrun`` support: process group, rank-aware samplers, gathering of predictions and gradient averaging.
+"""``torchrun`` support: process group, broadcasts, gathering of predictions and gradient averaging (the rank-aware
+samplers are in :mod:`covidxr.data.loaders`).
 
 A single process (no ``WORLD_SIZE`` in the environment, or 1) uses the same code with every collective a
 no-op, so ``python -m covidxr.train`` and ``torchrun --nproc_per_node=N -m covidxr.train`` share one path.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Sampler
 
-from covidxr.training.engine import EpochOutput
+from covidxr.batches import EpochOutput
 
 # Rank 0 decodes the whole dataset into the cache while the others wait at a barrier: allow for that.
 DEFAULT_TIMEOUT_MIN = 120
@@ -153,30 +153,3 @@ def gather_epoch(out: EpochOutput, info: DistInfo, dedupe: bool) -> EpochOutput:
         _, first = np.unique(indices, return_index=True)
         logits, targets, indices = logits[first], targets[first], indices[first]
     return EpochOutput(loss=loss, logits=logits, targets=targets, indices=indices)
-
-
-class DistributedWeightedSampler(Sampler[int]):
-    """Weighted sampling with replacement, shared out over ranks.
-
-    Every rank draws the same ``num_samples`` indices from one generator seeded with ``seed`` (the epoch's
-    seed) -- the very draw ``WeightedRandomSampler`` makes in a single process with that generator -- and
-    keeps every ``world_size``-th one from position ``rank``. So the ranks together see one weighted sample of
-    the dataset per epoch, disjoint in positions, with the same class (or group) balance as a single process;
-    the tail that does not divide evenly is dropped so that every rank takes the same number of steps.
-    """
-
-    def __init__(self, weights: Sequence[float], num_samples: int, rank: int, world_size: int, seed: int) -> None:
-        self.weights = torch.tensor(np.asarray(weights, dtype=np.float64))
-        self.num_samples = num_samples
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return self.num_samples // self.world_size
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed)
-        draw = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
-        yield from draw[self.rank : len(self) * self.world_size : self.world_size].tolist()
-

@@ -1,31 +1,21 @@
-"""Training and inference loops: no argument parsing, no printing beyond progress bars."""
+"""The training loop, its summary metrics and learning-rate schedule: no argument parsing, no printing beyond
+progress bars (the inference pass is :func:`covidxr.batches.predict_loader`)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from torch import nn
-from tqdm.auto import tqdm
 
+from covidxr.batches import EpochOutput, collect, progress_bar
 from covidxr.utils import softmax
 
 # On an accelerator the running loss in the progress bar is refreshed every this many steps (each read waits).
 POSTFIX_EVERY = 25
-
-
-@dataclass
-class EpochOutput:
-    """Per-sample results of one pass: mean loss, logits (N, C), targets (N,) and dataset indices (N,)."""
-
-    loss: float
-    logits: np.ndarray
-    targets: np.ndarray
-    indices: np.ndarray
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, optimizer: torch.optim.Optimizer,
@@ -66,51 +56,6 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
         targets_all.append(targets)
         index_all.append(indices)
     return collect(total.item(), count, [t.cpu() for t in logits_all], [t.cpu() for t in targets_all], index_all)
-
-
-@torch.inference_mode()
-def predict_loader(model: nn.Module, loader: Iterable, device: torch.device, amp: Callable,
-                   criterion: nn.Module | None = None, desc: str = "eval", channels_last: bool = False,
-                   progress: bool = True) -> EpochOutput:
-    """Return logits for every sample of ``loader`` (and the mean loss when ``criterion`` is given).
-
-    The model's train/eval mode is restored afterwards; ``progress`` False hides the progress bar.
-    """
-    was_training = model.training
-    model.eval()
-    total, count, logits_all, targets_all, index_all = 0.0, 0, [], [], []
-    try:
-        for images, targets, indices in progress_bar(loader, progress, desc=desc):
-            images = images.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with amp():
-                logits = model(images).float()
-            if criterion is not None:
-                total += criterion(logits, targets.to(device, non_blocking=True)).item() * len(targets)
-            count += len(targets)
-            logits_all.append(logits.cpu())
-            targets_all.append(targets.cpu())
-            index_all.append(torch.as_tensor(indices))
-    finally:
-        model.train(was_training)
-    return collect(total, count, logits_all, targets_all, index_all)
-
-
-def progress_bar(iterable: Iterable, progress: bool = True, **kwargs) -> tqdm:
-    """A transient tqdm bar over ``iterable``; ``progress`` False hides it (else $TQDM_DISABLE still applies)."""
-    kwargs = {"leave": False, "dynamic_ncols": True, **kwargs}
-    return tqdm(iterable, **kwargs) if progress else tqdm(iterable, disable=True, **kwargs)
-
-
-def collect(total: float, count: int, logits: list, targets: list, indices: list) -> EpochOutput:
-    """Assemble an :class:`EpochOutput` from a pass's summed loss, sample count and per-batch tensors."""
-    return EpochOutput(
-        loss=total / max(count, 1),
-        logits=torch.cat(logits).numpy() if logits else np.zeros((0, 0), dtype=np.float32),
-        targets=torch.cat(targets).numpy() if targets else np.zeros(0, dtype=np.int64),
-        indices=torch.cat([torch.as_tensor(i) for i in indices]).numpy() if indices else np.zeros(0, dtype=np.int64),
-    )
 
 
 def summary_metrics(logits: np.ndarray, targets: np.ndarray, num_classes: int) -> dict[str, float]:

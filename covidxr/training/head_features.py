@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from covidxr.training.engine import EpochOutput, collect, progress_bar
+from covidxr.batches import EpochOutput, collect, progress_bar
 
 
 @dataclass

@@ -1,0 +1,101 @@
+"""``python -m covidxr.evaluate``: evaluate a checkpoint with intervals, calibration, breakdowns and a report.
+
+Usage::
+
+    python -m covidxr.evaluate --checkpoint runs/r50/best.pt                     # test split of the run's data
+    python -m covidxr.evaluate --checkpoint runs/r50/best.pt --split val
+    python -m covidxr.evaluate --checkpoint runs/r50/best.pt --data other/ --split all   # external dataset
+
+The run's own data (default: the data it was trained on, split as recorded in ``split.csv`` beside the checkpoint
+or in the checkpoint) is evaluated on its ``test`` split by default. The validation split is predicted as well: a
+temperature is fitted on it (temperature scaling) and the decision thresholds of the operating points are chosen
+on it. The checkpoint then receives ``temperature`` and a compact ``evaluation`` summary (saved atomically).
+
+A dataset whose images are not the run's split is *external*: all its images are evaluated (``--split all``), the
+temperature and thresholds stored in the checkpoint are reused, images that were also in the run's data (same
+path or same bytes) are flagged, and the checkpoint is left untouched.
+
+Output folder (default ``eval/`` beside the checkpoint; ``eval-<dataset>/`` for an external dataset):
+``metrics.json``, ``predictions.csv``, ``report.html`` (self-contained) and the PNG plots. Errors a user can cause
+print one line ``covidxr.evaluate: error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from covidxr.errors import CovidxrError, one_line
+from covidxr.evaluation.inputs import EvalOptions
+from covidxr.evaluation.metrics import HEADLINE
+from covidxr.evaluation.pipeline import evaluate
+from covidxr.html_page import format_value
+from covidxr.utils import OneLineParser, int_at_least, setup_logging
+
+PROG = "covidxr.evaluate"
+SPLITS = ("test", "val", "all")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The ``python -m covidxr.evaluate`` parser."""
+    p = OneLineParser(f"python -m {PROG}",
+                      description="Evaluate a covidxr checkpoint: metrics with patient-bootstrap intervals, "
+                                  "temperature scaling, operating points, breakdowns by source and view, HTML report.")
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint to evaluate (e.g. RUN/best.pt)")
+    p.add_argument("--data", help="dataset folder or manifest (default: the run's training data)")
+    p.add_argument("--split", choices=SPLITS, help="split to evaluate (default: test of the run's data; all for an "
+                   "external dataset)")
+    p.add_argument("--out", type=Path, help="output folder (default: eval/ beside the checkpoint; eval-<dataset>/ "
+                   "for an external dataset)")
+    p.add_argument("-b", "--batch-size", type=int_at_least(1), default=32)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--positive", help="positive class of the operating points (default: the class named like covid)")
+    p.add_argument("--bootstrap", type=int_at_least(0), default=1000, metavar="N",
+                   help="patient-level bootstrap resamples for the intervals (0: none; default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("-j", "--workers", type=int_at_least(0), default=min(2, os.cpu_count() or 1),
+                   help="image decoding and loading processes")
+    return p
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    """Print the headline numbers, the warnings and where the report is."""
+    ci = (result["ci"] or {}).get("metrics", {})
+    numbers = ", ".join(f"{k} {format_value(ci.get(k) or result['metrics'].get(k))}" for k in HEADLINE)
+    print(f"{result['split']} split of {result['data']}: {result['n_images']} images, {result['n_patients']} "
+          f"patients; {numbers}; temperature {result['calibration']['temperature']:.3f}")
+    for warning in result["warnings"]:
+        print(f"warning: {warning}")
+    print(f"report: {Path(result['out']) / 'report.html'}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    setup_logging()
+    opts = EvalOptions(checkpoint=args.checkpoint, data=args.data, split=args.split, out=args.out,
+                       batch_size=args.batch_size, device=args.device, positive=args.positive,
+                       bootstrap=args.bootstrap, seed=args.seed, workers=args.workers,
+                       command=["python", "-m", PROG, *argv])
+    try:
+        result = evaluate(opts)
+    except CovidxrError as exc:
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    _print_summary(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The sections of report.html, built from the metrics.json content and the rendered plots."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from typing import Any
+
+from covidxr.evaluation.metrics import HEADLINE
+from covidxr.evaluation.outputs import EXPLAIN_SUMMARY
+from covidxr.html_page import Section, img_html, kv_html, paragraph_html, render_html, table_html
+
+
+def _metric_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of the headline table: calibrated value with interval, uncalibrated value."""
+    ci = (result["ci"] or {}).get("metrics", {})
+    rows = []
+    for name in (*HEADLINE, "average_precision_macro", "f1_weighted", "cohen_kappa", "mcc", "brier", "log_loss",
+                 "ece"):
+        rows.append({"metric": name.replace("_", " "), "value": ci.get(name) or result["metrics"].get(name),
+                     "uncalibrated": result["metrics_uncalibrated"].get(name)})
+    return rows
+
+
+def _per_class_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of the per-class table, with sensitivity and specificity intervals when bootstrapped."""
+    ci = (result["ci"] or {}).get("per_class", {})
+    rows = []
+    for name, m in result["metrics"]["per_class"].items():
+        rows.append({"class": name, "support": m["support"], "n_predicted": m["n_predicted"],
+                     "sensitivity": ci.get(name, {}).get("sensitivity") or m["recall"],
+                     "specificity": ci.get(name, {}).get("specificity") or m["specificity"],
+                     "precision": m["precision"], "npv": m["npv"], "f1": m["f1"], "roc_auc": m["roc_auc"],
+                     "average_precision": m["average_precision"]})
+    return rows
+
+
+def _group_section(title: str, groups: dict[str, Any] | None, classes: Sequence[str]) -> str:
+    """HTML table of ``group_metrics`` output (empty string when None)."""
+    if not groups:
+        return ""
+    rows = [{"group": g, **{k: v[k] for k in ("n", "small", "class_counts", "accuracy", "balanced_accuracy",
+                                              "roc_auc_macro")},
+             **{f"sens_{c}": v["per_class"][c]["sensitivity"] for c in classes}} for g, v in groups.items()]
+    columns = ["group", "n", ("small", "n < 30"), ("class_counts", "images per class"), "accuracy",
+               ("balanced_accuracy", "balanced acc."), ("roc_auc_macro", "macro ROC-AUC"),
+               *[(f"sens_{c}", f"sensitivity {c}") for c in classes]]
+    return table_html(rows, columns, caption=title)
+
+
+def _figure(plots: dict[str, tuple[str, bytes]], name: str, caption: str) -> str:
+    """An embedded plot, or nothing when it was not made."""
+    return img_html(plots[name][1], alt=name, caption=f"{caption} ({plots[name][0]})") if name in plots else ""
+
+
+def _calibration_html(result: dict[str, Any], plots: dict[str, tuple[str, bytes]]) -> str:
+    """Calibration section: temperature, ECE and Brier score before and after, reliability diagram."""
+    cal = result["calibration"]
+    text = (f"Temperature scaling divides the logits by T = {cal['temperature']:.3f} ({cal['how']}). It changes "
+            "confidence, not the predicted class of any image, so accuracy, sensitivity and specificity are unchanged; "
+            "one-vs-rest ROC-AUC can move slightly because a class's probability is compared across images. ECE and "
+            f"Brier score below are measured on the evaluated split ({result['split']}).")
+    return paragraph_html(text) + kv_html({k: cal[k] for k in ("temperature", "ece_before", "ece_after",
+                                                               "brier_before", "brier_after")}) + \
+        _figure(plots, "reliability", "Reliability diagram before and after temperature scaling")
+
+
+def _operating_html(ops: dict[str, Any] | None) -> str:
+    """Operating-point table, or a sentence saying why there is none."""
+    if not ops:
+        return paragraph_html("No operating points: no positive class (pass --positive CLASS) or no validation "
+                              "split and no thresholds stored in the checkpoint.")
+    intro = paragraph_html(f"Positive class {ops['positive']!r}; score: {ops['score']}. Thresholds chosen on "
+                           f"{ops['chosen_on']} for the target sensitivity, then applied unchanged to the "
+                           "evaluated split.")
+    columns = ["target_sensitivity", "threshold", "val_sensitivity", "val_specificity", "test_sensitivity",
+               "test_specificity", "test_counts", "reason"]
+    return intro + table_html(ops["points"], columns, digits=3)
+
+
+def _confounding_html(result: dict[str, Any]) -> str:
+    """Baselines that see only a metadata column, and the breakdowns by source and by view."""
+    parts = [paragraph_html("A 'classifier' that sees only the source (or the view) of an image, learned on the "
+                            "run's training images. If it scores close to the model, the model's score says little "
+                            "about the disease.")]
+    baselines = [b for b in (result.get("baselines") or {}).values() if b]
+    if baselines:
+        parts.append(table_html(baselines, ["column", "learned_on", "accuracy", "balanced_accuracy",
+                                            "roc_auc_macro"], caption="Metadata-only baselines"))
+    else:
+        parts.append(paragraph_html("No metadata-only baseline: the run's split has no source/view information."))
+    classes = result["classes"]
+    parts.append(_group_section("Metrics by data source", result["by_source"], classes))
+    parts.append(_group_section("Metrics by view position", result["by_view"], classes))
+    if not result["by_source"] and not result["by_view"]:
+        parts.append(paragraph_html("The dataset records no source or view: no breakdown possible."))
+    return "\n".join(parts)
+
+
+def _model_card_html(card: dict[str, Any], explain: list[dict[str, Any]] | None) -> str:
+    """Model card section."""
+    data = card["data"]
+    split_rows = [{"split": s, **counts} for s, counts in data["split_counts"].items()]
+    classes = card["model"]["classes"]
+    source_rows = [{"class": c, "by source": counts} for c, counts in data["class_by_source"].items()]
+    parts = [
+        "<h3>Intended use</h3>", paragraph_html(card["intended_use"]),
+        "<h3>Limitations</h3>",
+        "<ul>" + "".join(f"<li>{html.escape(str(t))}</li>" for t in card["limitations"]) + "</ul>",
+        "<h3>Data</h3>",
+        kv_html({"training data": data["training_data"], "images": data["images"], "patients": data["patients"],
+                 "patients per class": data["patients_per_class"], "evaluated dataset": data["evaluated"]["dataset"],
+                 "external": data["evaluated"]["external"], "evaluated split": data["evaluated"]["split"]}),
+        table_html(split_rows, ["split", *classes], caption="Images per split and class (run's data)"),
+        table_html(source_rows, ["class", "by source"], caption="Images per class and source (run's data)"),
+        *[paragraph_html(f"Warning: {w}") for w in data["confounding"]],
+        "<h3>Architecture and training</h3>",
+        kv_html({k: v for k, v in card["model"].items() if k not in ("training", "preprocess")}),
+        kv_html(card["model"]["training"], caption="Training settings", digits=6),
+        "<h3>Headline metrics (95% patient-bootstrap intervals)</h3>", kv_html(card["headline"]),
+    ]
+    if explain:
+        parts += ["<h3>Explanations (Grad-CAM summary)</h3>",
+                  table_html(explain, list(explain[0].keys()), caption=EXPLAIN_SUMMARY)]
+    return "\n".join(parts)
+
+
+def build_report(result: dict[str, Any], plots: dict[str, tuple[str, bytes]]) -> str:
+    """Assemble the self-contained HTML report from the metrics.json content and the rendered plots."""
+    ci = (result["ci"] or {}).get("metrics", {})
+    headline = {k.replace("_", " "): ci.get(k) or result["metrics"].get(k) for k in HEADLINE}
+    warnings = "".join(f'<p style="color:#9c1f1f"><strong>Warning:</strong> {html.escape(str(w))}</p>'
+                       for w in result["warnings"]) or paragraph_html("No warnings.")
+    sections = [
+        Section("Warnings", warnings),
+        Section("Metrics", table_html(_metric_rows(result), ["metric", ("value", "value (95% CI)"), "uncalibrated"],
+                                      caption=f"{result['split']} split, {result['n_images']} images, "
+                                              f"{result['n_patients']} patients")
+                + table_html(_per_class_rows(result), ["class", "support", "n_predicted", "sensitivity",
+                                                       "specificity", "precision", "npv", "f1", "roc_auc",
+                                                       "average_precision"], caption="Per class")),
+        Section("Confusion matrix", _figure(plots, "confusion_counts", "Counts")
+                + _figure(plots, "confusion_normalized", "Row-normalised (recall on the diagonal)")),
+        Section("ROC and precision-recall", _figure(plots, "roc", "ROC curves, one-vs-rest")
+                + _figure(plots, "pr", "Precision-recall curves, one-vs-rest")),
+        Section("Calibration", _calibration_html(result, plots)),
+        Section("Operating points", _operating_html(result["operating_points"])),
+        Section("Confounding checks", _confounding_html(result)),
+        Section("Training", _figure(plots, "history", "Training curves (history.csv)")
+                or paragraph_html("No training history recorded.")),
+        Section("Model card", _model_card_html(result["model_card"], result["explain"])),
+    ]
+    if result["unreadable"]:
+        rows = [{"relpath": k, "reason": v} for k, v in result["unreadable"].items()]
+        sections.append(Section("Unreadable files", table_html(rows, ["relpath", "reason"])))
+    sections.append(Section("Reproducibility", kv_html(result["reproducibility"])))
+    subtitle = (f"{result['model_card']['model']['arch']} · {result['checkpoint']} · {result['split']} split of "
+                f"{result['model_card']['data']['evaluated']['dataset']} · {result['reproducibility']['created']}")
+    return render_html(sections, title="Chest X-ray classifier evaluation", subtitle=subtitle, headline=headline)

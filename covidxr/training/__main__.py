@@ -1,0 +1,56 @@
+"""``python -m covidxr.train``: fine-tune a pretrained CNN on chest X-rays, split by patient.
+
+Run folder: best.pt, last.pt, config.json, history.csv, split.csv (and unreadable.csv when files were skipped).
+
+Speed (see also ``python -m covidxr.prepare`` and ``python -m covidxr.bench``):
+
+* Images are decoded once into the prepared cache (``--no-cache`` decodes them every epoch instead).
+* ``--gpu-cache auto|on|off``: small datasets live on the GPU as one uint8 tensor and whole batches are
+  augmented there (:class:`covidxr.data.dataset.DeviceBatches`); ``on`` also works on the CPU.
+* While the backbone is frozen (``--freeze-epochs``, ``--linear-probe``) the head trains on backbone features
+  computed once per image, in eval mode and without augmentation (:mod:`covidxr.training.head_features`;
+  ``--no-feature-cache`` to pass augmented images through the frozen backbone every epoch instead).
+* ``torchrun --nproc_per_node=N -m covidxr.train ...`` trains with DistributedDataParallel (NCCL on CUDA, Gloo
+  on the CPU). ``--batch-size`` is per process. Rank 0 prepares the cache and splits while the others wait,
+  and alone logs and writes the run folder; metrics cover every rank's predictions, each sample once. With
+  ``--balance sampler/group`` every rank draws the same weighted sample of the epoch and keeps its own share
+  of it, so the ranks together see what one process would. The checkpoint holds the unwrapped model;
+  ``--resume`` works under torchrun as without it.
+"""
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from covidxr.checkpoint import load_checkpoint
+from covidxr.errors import CovidxrError, one_line
+from covidxr.training import distributed
+from covidxr.training.config import PROG, config_from_args, get_args_parser
+from covidxr.training.trainer import run
+from covidxr.utils import setup_logging
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    setup_logging()
+    if not distributed.env_info().is_main:
+        logging.getLogger().setLevel(logging.ERROR)  # under torchrun only rank 0 reports
+    try:
+        resume = load_checkpoint(args.resume) if args.resume else None
+        cfg = config_from_args(args, resume["config"] if resume is not None else None)
+        if cfg.val_frac + cfg.test_frac >= 1:
+            parser.error("--val-frac plus --test-frac must leave images for training")
+        run(cfg, resume)
+    except CovidxrError as exc:
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; continue with --resume RUN/last.pt", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
