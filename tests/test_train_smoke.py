@@ -103,3 +103,18 @@ def test_unknown_architecture_is_one_line_error(small_manifest: Path, tmp_path: 
     assert main(["--data", str(small_manifest), "--arch", "resnet9000", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("covidxr.train: error: unknown architecture 'resnet9000'")
+
+
+@pytest.mark.slow
+def test_compiled_training_saves_plain_weights_that_match_eager(small_manifest: Path, tmp_path: Path) -> None:
+    """--compile trains through torch.compile (one compilation on the CPU) and saves the un-compiled model's keys;
+    the first epoch's weights agree with an eager run of the same seed."""
+    base = ["--freeze-epochs", "0", "--epochs", "1", "--img-size", "32"]
+    assert main([*_args(small_manifest, tmp_path / "eager", 1), *base]) == 0
+    assert main([*_args(small_manifest, tmp_path / "compiled", 1), *base, "--compile"]) == 0
+    eager = load_checkpoint(tmp_path / "eager" / "best.pt")
+    compiled = load_checkpoint(tmp_path / "compiled" / "best.pt")
+    assert compiled["config"]["compile"] is True and eager["config"]["compile"] is False
+    assert set(compiled["model"]) == set(eager["model"]) and not any("_orig_mod" in k for k in compiled["model"])
+    for key, value in eager["model"].items():
+        torch.testing.assert_close(compiled["model"][key], value, rtol=1e-3, atol=1e-3, msg=key)

@@ -106,22 +106,28 @@ class Trainer:
     feature_sets: dict[str, features.FeatureSet] | None = None  # while the backbone stays frozen
     ddp: DistributedDataParallel | None = None
     ddp_frozen: bool | None = None
+    compiled: nn.Module | None = None  # torch.compile of the training network (--compile)
 
     def loaders(self, epoch: int, epoch_seed: int, augment: bool = True) -> dict[str, Iterable]:
         return make_loaders(self.data, self.settings, self.device, epoch_seed, epoch, self.dist.rank,
                             self.dist.world_size, self.device_images, augment)
 
     def network(self, frozen: bool) -> nn.Module:
-        """The model to train, wrapped in DDP under torchrun (again when the frozen parameters change)."""
-        if not self.dist.enabled:
-            return self.model
-        if self.ddp is None or self.ddp_frozen != frozen:
+        """The model to train: wrapped in DDP under torchrun (again when the frozen parameters change), then
+        compiled with ``--compile``."""
+        if self.dist.enabled and (self.ddp is None or self.ddp_frozen != frozen):
             # DDP only synchronises parameters that require grad when it is built.
             self.ddp = None
             self.ddp = DistributedDataParallel(self.model,
                                                device_ids=[self.device.index] if self.device.type == "cuda" else None)
             self.ddp_frozen = frozen
-        return self.ddp
+            self.compiled = None
+        network = self.ddp if self.dist.enabled else self.model
+        if not self.cfg.compile:
+            return network
+        if self.compiled is None:
+            self.compiled = torch.compile(network)
+        return self.compiled
 
     def image_epoch(self, epoch: int, epoch_seed: int, frozen: bool) -> tuple[EpochOutput, EpochOutput]:
         """Train on augmented images through the network, then validate."""
