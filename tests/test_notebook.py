@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -41,4 +42,6 @@ def test_notebook_runs_on_an_evaluated_run(evaluated_run: Path, monkeypatch: pyt
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert f"evaluation folder: {evaluated_run / 'eval'}" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 5  # the report's figures (plus Grad-CAM examples when covidxr.explain is installed)
+    assert len(images) >= 6  # the report's figures and the Grad-CAM examples
+    shown = re.search(r"Grad-CAM examples shown: (\d+) of (\d+)", text)
+    assert shown and int(shown[1]) == int(shown[2]) > 0, text[-500:]
