@@ -360,7 +360,7 @@ def load_external_data(ckpt: dict[str, Any], cfg: Any, table: pd.DataFrame, spli
     Returns:
         A ``RunData`` whose split column is "external".
     """
-    from covidxr.data.cache import default_cache_dir, prepare
+    from covidxr.data.cache import default_cache_dir, fill_cache
     from covidxr.data.manifest import dataset_root
     from covidxr.preprocess import cache_size
     from covidxr.training.trainer import RunData
@@ -372,8 +372,8 @@ def load_external_data(ckpt: dict[str, Any], cfg: Any, table: pd.DataFrame, spli
         table = table[table["split"] == split]
     table = table.assign(split=EXTERNAL).reset_index(drop=True)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    prepared = prepare(table["path"].tolist(), cache_size(cfg.img_size), cache_dir if cfg.cache else None,
-                       workers=min(cfg.workers, 8), desc="prepare images")
+    prepared = fill_cache(table["path"].tolist(), cache_size(cfg.img_size), cache_dir if cfg.cache else None,
+                          workers=min(cfg.workers, 8), desc="prepare images")
     unreadable = {table["relpath"].iloc[i]: reason for i, reason in prepared.failures.items()}
     keep = np.array([i not in prepared.failures for i in range(len(table))], dtype=bool)
     images = [img for img, ok in zip(prepared.images, keep, strict=True) if ok] if cfg.cache else None
@@ -607,7 +607,7 @@ def source_warnings(table: pd.DataFrame) -> list[str]:
     """Confounding of class and source in ``table``, with the plain verdict when it is total.
 
     A class whose images all come from one source, or a source that gives a single class, makes disease and source
-    inseparable: the report says so first. ``covidxr.data.audit.confounding_warnings`` adds the details.
+    inseparable: the report says so first. ``covidxr.data.confounding.confounding_warnings`` adds the details.
 
     Args:
         table: Rows with ``label`` and ``source``.
@@ -615,7 +615,7 @@ def source_warnings(table: pd.DataFrame) -> list[str]:
     Returns:
         Warnings (empty when none).
     """
-    from covidxr.data.audit import confounding_warnings
+    from covidxr.data.confounding import confounding_warnings
 
     sources = table["source"].fillna("").astype(str).str.strip() if "source" in table else pd.Series(dtype=str)
     known = sources != ""

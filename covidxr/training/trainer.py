@@ -45,8 +45,8 @@ from torch.utils.data import (
 from tqdm.auto import tqdm
 
 from covidxr.checkpoint import load_checkpoint, save_checkpoint
-from covidxr.data.audit import confounding_warnings
-from covidxr.data.cache import default_cache_dir, prepare
+from covidxr.data.cache import default_cache_dir, fill_cache
+from covidxr.data.confounding import confounding_warnings
 from covidxr.data.dataset import DeviceBatches, XrayDataset
 from covidxr.data.manifest import class_names, dataset_root, load_manifest, resolve_data_path, validate_for_training
 from covidxr.data.split import apply_split, check_no_leakage, make_split, save_split
@@ -97,8 +97,8 @@ def load_run_data(cfg: TrainConfig, run_dir: Path, resuming: bool, dist: DistInf
         return data
     images = None
     if cfg.cache:
-        prepared = prepare(shared.table["path"].tolist(), cache_size(cfg.img_size), _cache_dir(cfg),
-                           workers=min(cfg.workers, 8), desc="prepare images", progress=False)
+        prepared = fill_cache(shared.table["path"].tolist(), cache_size(cfg.img_size), _cache_dir(cfg),
+                              workers=min(cfg.workers, 8), desc="prepare images", progress=False)
         if prepared.failures:
             raise DatasetError(f"rank {dist.rank}: {len(prepared.failures)} image(s) unreadable here that rank 0 "
                                f"read, e.g. {next(iter(prepared.failures.values()))}")
@@ -126,8 +126,8 @@ def _load_run_data(cfg: TrainConfig, run_dir: Path, resuming: bool) -> RunData:
         table = make_split(table, fractions, cfg.seed, cfg.holdout_source)
     check_no_leakage(table)
     classes = class_names(table)
-    prepared = prepare(table["path"].tolist(), cache_size(cfg.img_size), _cache_dir(cfg),
-                       workers=min(cfg.workers, 8), desc="prepare images")
+    prepared = fill_cache(table["path"].tolist(), cache_size(cfg.img_size), _cache_dir(cfg),
+                          workers=min(cfg.workers, 8), desc="prepare images")
     unreadable = {table["relpath"].iloc[i]: reason for i, reason in prepared.failures.items()}
     if unreadable and cfg.strict:
         first = next(iter(unreadable.values()))
