@@ -56,12 +56,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def make_squares(data: str, out: Path, img_size: int, limit: int) -> None:
     """Decode ``limit`` images of ``data`` into the cache-size squares the training loader uses; save as .npy."""
-    from covidxr.data.cache import prepare
+    from covidxr.data.cache import fill_cache
     from covidxr.data.manifest import load_manifest, resolve_data_path
     from covidxr.preprocess import cache_size
 
     table = load_manifest(resolve_data_path(data)).sample(frac=1.0, random_state=0).head(limit)
-    prepared = prepare(list(table["path"]), cache_size(img_size), None, workers=2)
+    prepared = fill_cache(list(table["path"]), cache_size(img_size), None, workers=2)
     good = [img for i, img in enumerate(prepared.images) if i not in prepared.failures]
     np.save(out, np.stack(good))
     print(f"{len(good)} squares of {cache_size(img_size)} px -> {out} ({out.stat().st_size / 1e6:.1f} MB)")

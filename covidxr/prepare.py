@@ -8,24 +8,22 @@ changed file or reader is decoded again and an unchanged one never is.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from pathlib import Path
 
-from covidxr.data.cache import default_cache_dir, prepare
+from covidxr.data.cache import default_cache_dir, fill_cache
 from covidxr.data.manifest import load_manifest, resolve_data_path
-from covidxr.errors import CovidxrError
+from covidxr.errors import CovidxrError, one_line
 from covidxr.preprocess import cache_size
 from covidxr.training.config import image_size, non_negative_int
-from covidxr.utils import setup_logging
+from covidxr.utils import OneLineParser, setup_logging
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def get_args_parser() -> OneLineParser:
     """Return the ``python -m covidxr.prepare`` parser."""
-    p = argparse.ArgumentParser("python -m covidxr.prepare",
-                                description="Decode a dataset once into the prepared-image cache.")
+    p = OneLineParser("python -m covidxr.prepare", description="Decode a dataset once into the prepared-image cache.")
     p.add_argument("--data", help="class-per-folder tree or CSV manifest (default: $COVIDXR_DATA, then data/cxr)")
     p.add_argument("--img-size", type=image_size, default=224,
                    help="network input side the cache is for (squares are stored a little larger, 256 for 224)")
@@ -37,23 +35,24 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for a dataset problem)."""
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     setup_logging()
     try:
         data_path = resolve_data_path(args.data)
         table = load_manifest(data_path)
-    except CovidxrError as exc:
-        print(f"covidxr.prepare: error: {exc}", file=sys.stderr)
+    except CovidxrError as exc:  # a dataset problem, not a usage error: no "(see --help)"
+        print(f"{parser.prog.removeprefix('python -m ')}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     size = cache_size(args.img_size)
     start = time.perf_counter()
-    prepared = prepare(table["path"].tolist(), size, cache_dir, workers=args.workers, desc="prepare")
+    filled = fill_cache(table["path"].tolist(), size, cache_dir, workers=args.workers, desc="prepare")
     seconds = time.perf_counter() - start
-    decoded = len(table) - prepared.reused - len(prepared.failures)
+    decoded = len(table) - filled.reused - len(filled.failures)
     print(f"{len(table)} images of {data_path} at {size}x{size} in {cache_dir}: {decoded} decoded, "
-          f"{prepared.reused} already prepared, {len(prepared.failures)} unreadable ({seconds:.1f}s)")
-    for index, reason in list(prepared.failures.items())[:10]:
+          f"{filled.reused} already prepared, {len(filled.failures)} unreadable ({seconds:.1f}s)")
+    for index, reason in list(filled.failures.items())[:10]:
         print(f"  unreadable: {table['relpath'].iloc[index]}: {reason}", file=sys.stderr)
     return 0
 

@@ -16,16 +16,10 @@ from PIL import Image
 
 from covidxr.checkpoint import save_checkpoint
 from covidxr.data.__main__ import main
-from covidxr.data.audit import (
-    audit,
-    close_pairs,
-    confounding_warnings,
-    dhash,
-    render_html,
-    render_markdown,
-    report_blocks,
-    write_report,
-)
+from covidxr.data.audit import audit
+from covidxr.data.audit_report import html_report, markdown_report, report_blocks, write_report
+from covidxr.data.confounding import confounding_warnings
+from covidxr.data.duplicates import close_pairs, dhash
 from covidxr.data.manifest import load_manifest
 from covidxr.models import build_model
 from covidxr.preprocess import Preprocess
@@ -174,7 +168,7 @@ def test_planted_duplicates_and_odd_images_are_found(planted: tuple[Path, Path, 
     assert odd["view"] == {names["lateral"]} and odd["unreadable"] == set()
     by_split = pd.DataFrame(result["counts"]["class_by_split"]).sum(axis=1).to_dict()
     assert by_split == {"test": 5, "train": 6}
-    markdown = render_markdown(report_blocks(result))
+    markdown = markdown_report(report_blocks(result))
     assert "## Near duplicates" in markdown and names["near"] in markdown
 
 
@@ -226,7 +220,7 @@ def test_cxr_data_audit_finds_what_the_readme_says(shared_audit: dict[str, Any],
     assert shared_audit["suspicious"]["unreadable"] == []
     report = write_report(shared_audit, tmp_path, "md")
     assert "class 'covid': 152 of 152" in report.read_text()
-    assert "152 of 152" in render_html(report_blocks(shared_audit))
+    assert "152 of 152" in html_report(report_blocks(shared_audit))
 
 
 # ------------------------------------------------------------------------------------------------------ probe
@@ -253,4 +247,4 @@ def test_source_probe_on_tiny_model(cxr_data: Path, tmp_path: Path) -> None:
     assert set(probe["per_class"]) == {"normal", "pneumonia"}
     for scope in probe["per_class"].values():
         assert 0.0 <= scope["auc"] <= 1.0 and scope["folds"] >= 2
-    assert "Source probe" in render_markdown(report_blocks(result))
+    assert "Source probe" in markdown_report(report_blocks(result))

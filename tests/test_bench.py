@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from covidxr.bench import __main__ as bench
+from covidxr.bench.common import Measure
+from covidxr.bench.report import flops_notes, table_row
 
 
 def table_rows(out: str) -> dict[str, str]:
@@ -37,7 +39,7 @@ def test_bench_measures_every_comparison(small_manifest: Path, tmp_path: Path,
 
 
 def test_bench_reports_a_failed_measurement_in_its_row() -> None:
-    failed = bench.table_row("x", "img/s", "failed: CUDA out of memory", bench.Measure(1.0, "ours"), True)
+    failed = table_row("x", "img/s", "failed: CUDA out of memory", Measure(1.0, "ours"), True)
     assert "failed: CUDA out of memory" in failed and "**" not in failed
 
 
@@ -45,9 +47,9 @@ def test_flops_notes_give_utilisation_against_the_known_peak() -> None:
     import argparse
 
     args = argparse.Namespace(peak_tflops=None)
-    plain = bench.Measure(1000.0, "plain", extra={"flops_per_image": 24.3e9})
-    ours = bench.Measure(4000.0, "ours")
-    notes = bench.flops_notes(args, plain, ours, "NVIDIA H100 80GB HBM3", "cuda")
+    plain = Measure(1000.0, "plain", extra={"flops_per_image": 24.3e9})
+    ours = Measure(4000.0, "ours")
+    notes = flops_notes(args, plain, ours, "NVIDIA H100 80GB HBM3", "cuda")
     assert any("MFU 2.5% of 989" in n for n in notes)  # 24.3 TFLOP/s of 989
     assert any("MFU 9.8% of 989" in n for n in notes)  # 97.2 TFLOP/s of 989
 

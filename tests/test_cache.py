@@ -11,7 +11,7 @@ from PIL import Image
 
 from covidxr import prepare as prepare_cli
 from covidxr.data import cache
-from covidxr.data.cache import prepare
+from covidxr.data.cache import fill_cache
 
 
 def _png(path: Path, value: int, size: tuple[int, int] = (40, 30)) -> Path:
@@ -54,38 +54,38 @@ def test_prepare_cli_reports_a_missing_dataset(tmp_path: Path, capsys: pytest.Ca
 def test_touched_or_rewritten_file_is_prepared_again(folder: Path, tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
     path = folder / "covid" / "covid-0.png"
-    first = prepare([str(path)], 32, cache_dir)
+    first = fill_cache([str(path)], 32, cache_dir)
     before = _entries(cache_dir)
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))  # touch
-    again = prepare([str(path)], 32, cache_dir)
+    again = fill_cache([str(path)], 32, cache_dir)
     assert again.reused == 0 and len(_entries(cache_dir)) == 2
     np.testing.assert_array_equal(again.images[0], first.images[0])
     _png(path, 200)  # new content
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 4_000_000_000))
-    changed = prepare([str(path)], 32, cache_dir)
+    changed = fill_cache([str(path)], 32, cache_dir)
     assert changed.reused == 0 and len(_entries(cache_dir) - before) == 2
     assert not np.array_equal(changed.images[0], first.images[0])
-    assert prepare([str(path)], 32, cache_dir).reused == 1
+    assert fill_cache([str(path)], 32, cache_dir).reused == 1
 
 
 def test_new_reader_version_prepares_again_in_worker_processes(folder: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     cache_dir = tmp_path / "cache"
     paths = [str(p) for p in sorted(folder.rglob("*.png"))]
-    assert prepare(paths, 32, cache_dir, workers=2).reused == 0
-    assert prepare(paths, 32, cache_dir, workers=2).reused == 6
+    assert fill_cache(paths, 32, cache_dir, workers=2).reused == 0
+    assert fill_cache(paths, 32, cache_dir, workers=2).reused == 6
     monkeypatch.setattr(cache, "READER_VERSION", cache.READER_VERSION + "-next")
-    assert prepare(paths, 32, cache_dir, workers=2).reused == 0
+    assert fill_cache(paths, 32, cache_dir, workers=2).reused == 0
     assert len(_entries(cache_dir)) == 12
 
 
 def test_damaged_entry_is_prepared_again(folder: Path, tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
     path = str(folder / "normal" / "normal-1.png")
-    good = prepare([path], 32, cache_dir).images[0]
+    good = fill_cache([path], 32, cache_dir).images[0]
     entry = cache_dir / f"{cache.cache_key(path, 32)}.npy"
     entry.write_bytes(b"not numpy")
-    again = prepare([path], 32, cache_dir)
+    again = fill_cache([path], 32, cache_dir)
     assert again.reused == 0 and not again.failures
     np.testing.assert_array_equal(again.images[0], good)

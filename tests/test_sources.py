@@ -14,16 +14,9 @@ import pytest
 from PIL import Image
 
 from covidxr.data.__main__ import main
-from covidxr.data.manifest import load_manifest
-from covidxr.data.sources import (
-    apply_classes,
-    finding_to_class,
-    is_frontal,
-    parse_class_spec,
-    prepare,
-    source_from_url,
-    write_manifest,
-)
+from covidxr.data.manifest import load_manifest, write_manifest
+from covidxr.data.mapping import apply_classes, is_frontal, parse_class_spec, source_from_url
+from covidxr.data.sources import build_manifest, finding_to_class
 from covidxr.data.split import make_split
 from covidxr.errors import DatasetError
 
@@ -129,30 +122,31 @@ def ieee_tree(tmp_path: Path) -> Path:
 
 
 def test_kaggle_radiography_default_classes_and_sources(kaggle_tree: Path) -> None:
-    prepared = prepare("kaggle-radiography", kaggle_tree)  # the dataset folder is found one level down
-    table = prepared.table.set_index(prepared.table["path"].map(lambda p: Path(p).stem))
+    manifest = build_manifest("kaggle-radiography", kaggle_tree)  # the dataset folder is found one level down
+    table = manifest.table.set_index(manifest.table["path"].map(lambda p: Path(p).stem))
     assert sorted(table.index) == ["COVID-1", "COVID-2", "COVID-3", "Normal-1", "Normal-2", "Viral Pneumonia-1"]
     assert table.loc["COVID-1", "label"] == "covid" and table.loc["Viral Pneumonia-1", "label"] == "pneumonia"
     assert table["source"].to_dict() == {"COVID-1": "ieee8023", "COVID-2": "bimcv", "COVID-3": "sirm",
                                          "Normal-1": "rsna", "Normal-2": "kermany", "Viral Pneumonia-1": "kermany"}
     assert (table["patient_id_kind"] == "image").all() and table["patient_id"].is_unique
     assert not any("masks" in p for p in table["path"])
-    assert prepared.dropped == {"label 'Lung_Opacity' no default class": 1}
-    assert any("no patient ids" in note for note in prepared.notes)
+    assert manifest.dropped == {"label 'Lung_Opacity' no default class": 1}
+    assert any("no patient ids" in note for note in manifest.notes)
 
 
 def test_kaggle_radiography_manifest_round_trip(kaggle_tree: Path) -> None:
     root = kaggle_tree / "COVID-19_Radiography_Dataset"
-    prepared = prepare("kaggle-radiography", root, classes="covid=COVID;non-covid=Normal,Lung_Opacity,Viral Pneumonia")
-    inside = write_manifest(prepared.table, root / "manifest.csv")
-    outside = write_manifest(prepared.table, kaggle_tree / "elsewhere" / "kaggle.csv")
+    manifest = build_manifest("kaggle-radiography", root,
+                              classes="covid=COVID;non-covid=Normal,Lung_Opacity,Viral Pneumonia")
+    inside = write_manifest(manifest.table, root / "manifest.csv")
+    outside = write_manifest(manifest.table, kaggle_tree / "elsewhere" / "kaggle.csv")
     written = pd.read_csv(inside, dtype=str, keep_default_na=False)
     assert list(written.columns[:7]) == ["path", "label", "patient_id", "source", "view", "patient_id_kind",
                                          "original_label"]
     assert all(not Path(p).is_absolute() for p in written["path"])  # below the manifest: relative
     assert all(Path(p).is_absolute() for p in pd.read_csv(outside)["path"])  # elsewhere: absolute
-    for manifest in (inside, outside, root):
-        table = load_manifest(manifest)
+    for where in (inside, outside, root):
+        table = load_manifest(where)
         assert table["label"].value_counts().to_dict() == {"non-covid": 4, "covid": 3}
         assert all(Path(p).is_file() for p in table["path"])
 
@@ -167,10 +161,10 @@ def test_kaggle_radiography_2020_layout(tmp_path: Path) -> None:
                [("COVID-19(1)", "PNG", "1024*1024", "https://www.sirm.org/category/senza-categoria/covid-19/")])
     write_xlsx(root / "NORMAL.metadata.xlsx",
                [("NORMAL (1).png", "PNG", "1024*1024", "https://www.kaggle.com/paultimothymooney/chest-xray-pneumonia")])
-    prepared = prepare("kaggle-radiography", root)
-    assert prepared.table["label"].tolist() == ["covid", "normal", "pneumonia"]
-    assert prepared.table["source"].tolist() == ["sirm", "kermany", "unknown"]
-    assert prepared.notes[0] == "Viral Pneumonia: no Viral Pneumonia.metadata.xlsx; source is 'unknown' for its images"
+    manifest = build_manifest("kaggle-radiography", root)
+    assert manifest.table["label"].tolist() == ["covid", "normal", "pneumonia"]
+    assert manifest.table["source"].tolist() == ["sirm", "kermany", "unknown"]
+    assert manifest.notes[0] == "Viral Pneumonia: no Viral Pneumonia.metadata.xlsx; source is 'unknown' for its images"
 
 # ------------------------------------------------------------------------------------------- covid-chestxray
 
@@ -192,13 +186,13 @@ def test_is_frontal(view: str, frontal: bool) -> None:
 
 
 def test_covid_chestxray_mapping_and_view_filter(ieee_tree: Path) -> None:
-    prepared = prepare("covid-chestxray", ieee_tree)
-    table = prepared.table
+    manifest = build_manifest("covid-chestxray", ieee_tree)
+    table = manifest.table
     assert sorted(zip(table["patient_id"], table["label"], table["view"], strict=True)) == [
         ("ieee8023-11", "pneumonia", "AP Supine"), ("ieee8023-12", "normal", "PA"),
         ("ieee8023-13", "pneumonia", "AP semi erect"), ("ieee8023-17", "pneumonia", "AP"),
         ("ieee8023-2", "covid", "PA"), ("ieee8023-4", "covid", "AP Supine")]
-    assert prepared.dropped == {"view L (not frontal)": 1, "modality CT": 1,
+    assert manifest.dropped == {"view L (not frontal)": 1, "modality CT": 1,
                                 "label 'Tuberculosis' no default class": 1, "label 'todo' no default class": 1}
     assert set(table["source"]) == {"ieee8023"}
     row = table.set_index("patient_id").loc["ieee8023-11"]
@@ -209,15 +203,15 @@ def test_covid_chestxray_mapping_and_view_filter(ieee_tree: Path) -> None:
 
 
 def test_covid_chestxray_all_views_keeps_lateral_not_ct(ieee_tree: Path) -> None:
-    prepared = prepare("covid-chestxray", ieee_tree, all_views=True)
-    assert "L" in set(prepared.table["view"])
-    assert prepared.dropped["modality CT"] == 1 and not any("view" in k for k in prepared.dropped)
+    manifest = build_manifest("covid-chestxray", ieee_tree, all_views=True)
+    assert "L" in set(manifest.table["view"])
+    assert manifest.dropped["modality CT"] == 1 and not any("view" in k for k in manifest.dropped)
 
 
 def test_covid_chestxray_classes_merge_and_subdivide(ieee_tree: Path) -> None:
-    merged = prepare("covid-chestxray", ieee_tree, classes="covid=covid,COVID-19;non-covid=normal,pneumonia")
+    merged = build_manifest("covid-chestxray", ieee_tree, classes="covid=covid,COVID-19;non-covid=normal,pneumonia")
     assert merged.table["label"].value_counts().to_dict() == {"non-covid": 4, "covid": 2}
-    sars = prepare("covid-chestxray", ieee_tree, classes="sars=SARS;pneumonia;tb=Tuberculosis")
+    sars = build_manifest("covid-chestxray", ieee_tree, classes="sars=SARS;pneumonia;tb=Tuberculosis")
     labels = dict(zip(sars.table["patient_id"], sars.table["label"], strict=True))
     assert labels == {"ieee8023-11": "pneumonia", "ieee8023-13": "sars", "ieee8023-14": "tb",
                       "ieee8023-17": "pneumonia"}
@@ -273,8 +267,7 @@ def covidx_tree(tmp_path: Path, binary: bool = False) -> Path:
 
 
 def test_covidx_keeps_official_split(tmp_path: Path) -> None:
-    prepared = prepare("covidx", covidx_tree(tmp_path))
-    table = prepared.table
+    table = build_manifest("covidx", covidx_tree(tmp_path)).table
     assert table["split"].value_counts().to_dict() == {"train": 3, "test": 2, "val": 1}
     assert table["label"].value_counts().to_dict() == {"covid": 3, "normal": 2, "pneumonia": 1}
     assert "1a2b (copy).png" in {Path(p).name for p in table["path"]}  # a file name with a space
@@ -286,7 +279,7 @@ def test_covidx_keeps_official_split(tmp_path: Path) -> None:
 
 
 def test_covidx_binary_labels(tmp_path: Path) -> None:
-    table = prepare("covidx", covidx_tree(tmp_path, binary=True)).table
+    table = build_manifest("covidx", covidx_tree(tmp_path, binary=True)).table
     assert set(table["label"]) == {"covid", "non-covid"}
     assert set(table["original_label"]) == {"positive", "negative"}
 
@@ -303,7 +296,7 @@ def test_kermany_patients_split_and_subtypes(tmp_path: Path) -> None:
     for name, seed in files.items():
         write_image(root / name, seed)
     write_image(tmp_path / "chest_xray" / "__MACOSX" / "train" / "NORMAL" / "._IM-0115-0001.jpeg", 9)
-    table = prepare("kermany", tmp_path).table
+    table = build_manifest("kermany", tmp_path).table
     assert len(table) == 8 and set(table["source"]) == {"kermany"} and set(table["age_group"]) == {"pediatric"}
     by_name = table.set_index(table["path"].map(lambda p: Path(p).name))
     assert by_name.loc["person1_virus_6.jpeg", ["patient_id", "finding", "split"]].tolist() == [
@@ -311,7 +304,7 @@ def test_kermany_patients_split_and_subtypes(tmp_path: Path) -> None:
     assert by_name.loc["NORMAL2-IM-1427-0001.jpeg", "patient_id"] == "kermany-NORMAL2-IM-1427"
     assert by_name.loc["IM-0115-0001.jpeg", "patient_id"] == "kermany-IM-0115"
     assert table["split"].value_counts().to_dict() == {"train": 5, "test": 2, "val": 1}
-    subtypes = prepare("kermany", tmp_path, classes="bacterial=bacteria;viral=virus").table
+    subtypes = build_manifest("kermany", tmp_path, classes="bacterial=bacteria;viral=virus").table
     assert subtypes["label"].value_counts().to_dict() == {"bacterial": 3, "viral": 1}
 
 
@@ -321,13 +314,13 @@ def test_kermany_patients_split_and_subtypes(tmp_path: Path) -> None:
 def test_folder_and_csv_adapters(tmp_path: Path) -> None:
     for i, name in enumerate(["covid/a.png", "normal/b.png", "normal/c.png"]):
         write_image(tmp_path / "tree" / name, seed=i)
-    folder = prepare("folder", tmp_path / "tree")
+    folder = build_manifest("folder", tmp_path / "tree")
     assert folder.table["label"].tolist() == ["covid", "normal", "normal"]
     manifest = tmp_path / "list.csv"
     pd.DataFrame({"path": ["tree/covid/a.png", "tree/normal/b.png"], "label": ["COVID-19", "normal"],
                   "patient_id": ["p1", "p2"], "source": ["siteA", "siteB"], "age": ["50", "60"]}).to_csv(manifest,
                                                                                                       index=False)
-    csv = prepare("csv", manifest, classes="covid=COVID-19")
+    csv = build_manifest("csv", manifest, classes="covid=COVID-19")
     assert csv.table[["label", "patient_id", "source", "age"]].values.tolist() == [["covid", "p1", "siteA", "50"]]
     out = write_manifest(csv.table, tmp_path / "out" / "m.csv")
     assert load_manifest(out)["path"].tolist() == [str((tmp_path / "tree/covid/a.png").resolve())]

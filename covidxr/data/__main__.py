@@ -18,16 +18,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from covidxr.data.sources import Prepared
-from covidxr.errors import CovidxrError
+from covidxr.data.audit import TINY_SIDE, audit
+from covidxr.data.audit_report import html_report, markdown_report, report_blocks, write_report
+from covidxr.data.confounding import confounding_warnings
+from covidxr.data.download import COVID_CHESTXRAY_URL, fetch_covid_chestxray
+from covidxr.data.duplicates import NEAR_DUPLICATE_BITS
+from covidxr.data.manifest import load_manifest, write_manifest
+from covidxr.data.sources import ADAPTERS, Manifest, build_manifest
+from covidxr.errors import CovidxrError, one_line
+from covidxr.utils import OneLineParser
 
 PROG = "covidxr.data"
 
 
 def add_prepare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``prepare`` options to ``parser``."""
-    from covidxr.data.sources import ADAPTERS
-
     parser.add_argument("kind", choices=list(ADAPTERS), help="dataset layout to read (see data/README.md)")
     parser.add_argument("--src", required=True, type=Path, help="the dataset's folder (or manifest for csv)")
     parser.add_argument("--out", required=True, type=Path, help="manifest CSV to write")
@@ -45,8 +50,6 @@ def add_mapping_args(parser: argparse.ArgumentParser) -> None:
 
 def add_fetch_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``fetch`` options to ``parser``."""
-    from covidxr.data.sources import COVID_CHESTXRAY_URL
-
     parser.add_argument("dataset", choices=["covid-chestxray"], help="dataset to download")
     parser.add_argument("--dest", required=True, type=Path, help="folder to download and extract into")
     parser.add_argument("--url", default=COVID_CHESTXRAY_URL, help="archive URL (default: %(default)s)")
@@ -59,8 +62,6 @@ def add_fetch_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_audit_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``audit`` options to ``parser``."""
-    from covidxr.data.audit import NEAR_DUPLICATE_BITS, TINY_SIDE
-
     parser.add_argument("data", type=Path, help="manifest CSV or dataset folder")
     parser.add_argument("--split", type=Path, default=None,
                         help="split.csv of a run, to find duplicates across splits")
@@ -79,55 +80,47 @@ def add_audit_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Return the parser of ``python -m covidxr.data``."""
-    parser = argparse.ArgumentParser(prog=PROG, description="Prepare, download and audit chest X-ray datasets.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog=PROG, description="Prepare, download and audit chest X-ray datasets.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     add_prepare_args(sub.add_parser("prepare", help="write a manifest CSV for a public dataset"))
     add_fetch_args(sub.add_parser("fetch", help="download a public dataset and write its manifest"))
     add_audit_args(sub.add_parser("audit", help="report counts, duplicates, odd images and confounding"))
     return parser
 
 
-def _print_prepared(prepared: Prepared, out: Path) -> None:
+def _print_manifest(manifest: Manifest, out: Path) -> None:
     """Print what a prepare step wrote and left out."""
-    from covidxr.data.audit import confounding_warnings
-
-    table = prepared.table
+    table = manifest.table
     counts = ", ".join(f"{k} {v}" for k, v in table["label"].value_counts().sort_index().items())
     print(f"wrote {out}: {len(table)} images, {table['patient_id'].nunique()} patients ({counts})")
-    for reason, n in sorted(prepared.dropped.items()):
+    for reason, n in sorted(manifest.dropped.items()):
         print(f"  dropped {n}: {reason}")
-    for note in prepared.notes:
+    for note in manifest.notes:
         print(f"  note: {note}")
     for warning in confounding_warnings(table):
         print(f"  warning: {warning}")
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    """Run ``prepare``."""
-    from covidxr.data.sources import prepare, write_manifest
-
-    prepared = prepare(args.kind, args.src, args.classes, args.all_views)
-    _print_prepared(prepared, write_manifest(prepared.table, args.out))
+    """Run ``prepare``: write the manifest of a public dataset."""
+    manifest = build_manifest(args.kind, args.src, args.classes, args.all_views)
+    _print_manifest(manifest, write_manifest(manifest.table, args.out))
     return 0
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    """Run ``fetch``: download (or take ``--archive``), extract, then prepare the manifest."""
-    from covidxr.data.sources import fetch_covid_chestxray, prepare, write_manifest
-
+    """Run ``fetch``: download (or take ``--archive``), extract, then write the manifest."""
     root = fetch_covid_chestxray(args.dest, url=args.url, timeout=args.timeout, archive=args.archive,
                                  progress=sys.stderr.isatty())
     print(f"dataset in {root}")
-    prepared = prepare("covid-chestxray", root, args.classes, args.all_views)
-    _print_prepared(prepared, write_manifest(prepared.table, args.out or args.dest / "manifest.csv"))
+    manifest = build_manifest("covid-chestxray", root, args.classes, args.all_views)
+    _print_manifest(manifest, write_manifest(manifest.table, args.out or args.dest / "manifest.csv"))
     return 0
 
 
 def run_audit(args: argparse.Namespace) -> int:
     """Run ``audit`` and print or write the report."""
-    from covidxr.data.audit import audit, render_html, render_markdown, report_blocks, write_report
-    from covidxr.data.cache import default_cache_dir
-    from covidxr.data.manifest import load_manifest
+    from covidxr.data.cache import default_cache_dir  # imports torch: seconds, for --probe only
 
     table = load_manifest(args.data)
     result = audit(table, args.split, probe=args.probe, near_bits=args.near_bits, tiny_side=args.tiny_side,
@@ -136,7 +129,7 @@ def run_audit(args: argparse.Namespace) -> int:
     title = f"Dataset audit: {args.data}"
     if args.out is None:
         blocks = report_blocks(result, title)
-        print(render_markdown(blocks) if args.format == "md" else render_html(blocks), end="")
+        print(markdown_report(blocks) if args.format == "md" else html_report(blocks), end="")
         return 0
     report = write_report(result, args.out, args.format, title)
     for warning in result["confounding"]:
@@ -157,9 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (CovidxrError, OSError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+    except (CovidxrError, OSError) as exc:  # a data problem, not a usage error: no "(see --help)"
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 

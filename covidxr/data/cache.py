@@ -1,7 +1,8 @@
 """Decode once: every source image is read by the shared reader and stored letterboxed as uint8 .npy.
 
 Entries are keyed by the source file's absolute path, size and modification time, the cache side and the
-reader's version, so a changed file or a changed reader is prepared again. The default folder is
+reader's version, so a changed file or a changed reader is decoded again. :func:`fill_cache` decodes what is
+missing (in several processes) and returns every image. The default folder is
 ``$COVIDXR_CACHE`` or ``~/.cache/covidxr/prepared``.
 """
 
@@ -22,7 +23,7 @@ from covidxr.errors import ImageReadError
 from covidxr.io import load_xray
 from covidxr.preprocess import letterbox
 
-# Bump when load_xray or letterbox change what they produce: every cache entry is then prepared again.
+# Bump when load_xray or letterbox change what they produce: every cache entry is then decoded again.
 READER_VERSION = "1"
 
 
@@ -46,8 +47,8 @@ def decode_square(path: str | os.PathLike, size: int) -> np.ndarray:
 
 
 @dataclass
-class Prepared:
-    """The outcome of :func:`prepare`: one uint8 (size, size) array per readable image, and the failures."""
+class DecodedImages:
+    """The outcome of :func:`fill_cache`: one uint8 (size, size) array per readable image, and the failures."""
 
     images: list[np.ndarray | None]
     failures: dict[int, str] = field(default_factory=dict)  # row index -> one-line reason
@@ -59,7 +60,7 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _prepare_one(args: tuple[str, int, str | None, str]) -> tuple[np.ndarray | None, str | None, bool]:
+def _decode_one(args: tuple[str, int, str | None, str]) -> tuple[np.ndarray | None, str | None, bool]:
     path, size, cache_dir, version = args
     try:
         entry = Path(cache_dir) / f"{cache_key(path, size, version)}.npy" if cache_dir else None
@@ -67,7 +68,7 @@ def _prepare_one(args: tuple[str, int, str | None, str]) -> tuple[np.ndarray | N
             try:
                 return np.load(entry), None, True
             except (OSError, ValueError):
-                pass  # a damaged entry is prepared again
+                pass  # a damaged entry is decoded again
         square = decode_square(path, size)
         if entry is not None:
             tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
@@ -81,8 +82,8 @@ def _prepare_one(args: tuple[str, int, str | None, str]) -> tuple[np.ndarray | N
         return None, f"{os.path.basename(path)}: {exc.strerror or exc}", False
 
 
-def prepare(paths: Sequence[str], size: int, cache_dir: Path | None, workers: int = 0,
-            desc: str = "prepare", progress: bool = True) -> Prepared:
+def fill_cache(paths: Sequence[str], size: int, cache_dir: Path | None, workers: int = 0,
+               desc: str = "decode", progress: bool = True) -> DecodedImages:
     """Decode every image once (reusing cache entries) and return them as uint8 squares.
 
     Args:
@@ -101,9 +102,9 @@ def prepare(paths: Sequence[str], size: int, cache_dir: Path | None, workers: in
     if workers > 0 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers, initializer=_one_thread) as pool:
             chunk = max(1, min(8, len(jobs) // (4 * workers)))
-            results = list(tqdm(pool.map(_prepare_one, jobs, chunksize=chunk), **bar))
+            results = list(tqdm(pool.map(_decode_one, jobs, chunksize=chunk), **bar))
     else:
-        results = [_prepare_one(job) for job in tqdm(jobs, **bar)]
+        results = [_decode_one(job) for job in tqdm(jobs, **bar)]
     images = [img for img, _, _ in results]
     failures = {i: err for i, (_, err, _) in enumerate(results) if err is not None}
-    return Prepared(images=images, failures=failures, reused=sum(hit for _, _, hit in results))
+    return DecodedImages(images=images, failures=failures, reused=sum(hit for _, _, hit in results))

@@ -27,8 +27,8 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from covidxr.data.audit import confounding_warnings
-from covidxr.data.cache import default_cache_dir, prepare
+from covidxr.data.cache import default_cache_dir, fill_cache
+from covidxr.data.confounding import confounding_warnings
 from covidxr.data.dataset import DeviceBatches, XrayDataset
 from covidxr.data.manifest import class_names, dataset_root, load_manifest, resolve_data_path, validate_for_training
 from covidxr.data.split import apply_split, check_no_leakage, make_split
@@ -96,7 +96,7 @@ def prepare_rows(table: pd.DataFrame, settings: LoaderSettings,
     Returns:
         ``(readable rows re-indexed from 0, their prepared squares or None with --no-cache, relpath -> reason)``.
     """
-    prepared = prepare(table["path"].tolist(), cache_size(settings.img_size), cache_dir(settings),
+    prepared = fill_cache(table["path"].tolist(), cache_size(settings.img_size), cache_dir(settings),
                        workers=min(settings.workers, 8), desc="prepare images", progress=progress)
     unreadable = {table["relpath"].iloc[i]: reason for i, reason in prepared.failures.items()}
     keep = np.array([i not in prepared.failures for i in range(len(table))], dtype=bool)

@@ -1,4 +1,4 @@
-"""Load a dataset (class-per-folder tree or CSV manifest) into one table with a fixed schema.
+"""Load a dataset (class-per-folder tree or CSV manifest) into one table with a fixed schema; write manifests.
 
 Schema of the returned DataFrame (one row per image):
     path        absolute path of the image file (str)
@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from covidxr.errors import DatasetError
+from covidxr.files import atomic_write_text
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 MANIFEST_NAMES = ("manifest.csv", "metadata.csv")
@@ -134,3 +135,26 @@ def _relative(path: Path, root: Path) -> str:
         return path.resolve().relative_to(root).as_posix()
     except ValueError:
         return path.as_posix()
+
+
+def manifest_path(path: str, folder: Path) -> str:
+    """Return ``path`` relative to ``folder`` (POSIX) when it lies below it, else the absolute path."""
+    absolute = Path(path).resolve()
+    try:
+        return absolute.relative_to(folder.resolve()).as_posix()
+    except ValueError:
+        return str(absolute)
+
+
+def write_manifest(table: pd.DataFrame, out: str | os.PathLike) -> Path:
+    """Write ``table`` as a CSV manifest at ``out`` (atomically), with paths relative to its folder when possible.
+
+    Returns:
+        The manifest's path.
+    """
+    out = Path(out).expanduser()
+    folder = out.parent if str(out.parent) else Path(".")
+    folder.mkdir(parents=True, exist_ok=True)
+    written = table.assign(path=[manifest_path(p, folder) for p in table["path"]])
+    atomic_write_text(out, written.to_csv(index=False))
+    return out

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from covidxr.data.audit import confounding_warnings
+from covidxr.data.confounding import confounding_warnings
 from covidxr.errors import DatasetError
 from covidxr.evaluation.bootstrap import bootstrap_ci
 from covidxr.evaluation.calibration import fit_temperature
