@@ -120,7 +120,7 @@ def test_report_without_external_result_says_so_first(evaluated: dict) -> None:
     assert m["external"] == [] and m["crossval"] is None
     headings = re.findall(r"<h2>(.*?)</h2>", html)
     assert headings[0] == "External validation" and headings.index("Internal test split: metrics") > 0
-    assert html.index(NO_EXTERNAL.split(":")[0]) < html.index("Internal test split")
+    assert html.index(NO_EXTERNAL.split(":")[0]) < html.index("<h2>Internal test split")
     assert "external validation" in html[:html.index("Contents")]  # the headline card: none
 
 

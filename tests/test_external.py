@@ -106,7 +106,7 @@ def test_report_puts_external_and_held_out_sources_before_the_internal_split(eva
                             "Held-out sources (cross-validation by source)"]
     assert internal > 2
     assert html.index("ext-small: balanced accuracy") < html.index("internal test: balanced accuracy")  # cards
-    assert html.index("hospital-b") < html.index("Internal test split")
+    assert html.index("hospital-b") < html.index("<h2>Internal test split")
     assert "No external result" not in html
 
 
