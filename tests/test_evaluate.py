@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from covidxr.checkpoint import load_checkpoint
 from covidxr.evaluation.__main__ import main
 from covidxr.evaluation.analysis import SOURCE_CONFOUNDED
 from covidxr.evaluation.outputs import PLOT_FILES
+from covidxr.evaluation.report_external import NO_EXTERNAL
 from covidxr.html_page import format_value
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,6 +114,16 @@ def test_report_is_self_contained_with_headline_metrics(evaluated: dict) -> None
     assert SOURCE_CONFOUNDED in html  # every covid image of the shared data comes from one source
 
 
+def test_report_without_external_result_says_so_first(evaluated: dict) -> None:
+    m = evaluated["metrics"]
+    html = (evaluated["eval"] / "report.html").read_text()
+    assert m["external"] == [] and m["crossval"] is None
+    headings = re.findall(r"<h2>(.*?)</h2>", html)
+    assert headings[0] == "External validation" and headings.index("Internal test split: metrics") > 0
+    assert html.index(NO_EXTERNAL.split(":")[0]) < html.index("<h2>Internal test split")
+    assert "external validation" in html[:html.index("Contents")]  # the headline card: none
+
+
 def test_checkpoint_carries_temperature_and_evaluation(evaluated: dict) -> None:
     path = evaluated["run"] / "best.pt"
     ckpt = load_checkpoint(path)
@@ -156,7 +168,8 @@ def test_external_folder_leaves_the_checkpoint_alone(evaluated: dict, shared_dat
     out = evaluated["run"] / "eval-ext"
     m = json.loads((out / "metrics.json").read_text())
     pred = pd.read_csv(out / "predictions.csv", keep_default_na=False)
-    assert m["external"] is True and m["split"] == "all" and m["n_images"] == 4 == len(pred)
+    assert m["data_is_external"] is True and m["split"] == "all" and m["n_images"] == 4 == len(pred)
+    assert m["external"] == []  # no --external folder beside it
     assert list(m["unreadable"]) == ["COVID/broken.png"]
     assert set(pred["label"]) == {"covid", "normal"}  # folder names matched case-insensitively
     assert m["metrics"]["per_class"]["pneumonia"]["support"] == 0  # absent class: no crash, undefined values

@@ -5,6 +5,7 @@ Usage::
     python -m covidxr.evaluate --checkpoint runs/r50/best.pt                     # test split of the run's data
     python -m covidxr.evaluate --checkpoint runs/r50/best.pt --split val
     python -m covidxr.evaluate --checkpoint runs/r50/best.pt --data other/ --split all   # external dataset
+    python -m covidxr.evaluate --checkpoint runs/r50/best.pt --external hospital-a/ --external hospital-b/
 
 The run's own data (default: the data it was trained on, split as recorded in ``split.csv`` beside the checkpoint
 or in the checkpoint) is evaluated on its ``test`` split by default. The validation split is predicted as well: a
@@ -14,6 +15,12 @@ on it. The checkpoint then receives ``temperature`` and a compact ``evaluation``
 A dataset whose images are not the run's split is *external*: all its images are evaluated (``--split all``), the
 temperature and thresholds stored in the checkpoint are reused, images that were also in the run's data (same
 path or same bytes) are flagged, and the checkpoint is left untouched.
+
+``--external DIR`` (repeatable) evaluates the run's test split *and* each external folder in one call: the folders
+reuse the temperature and thresholds chosen on the run's validation split, metrics.json lists them under
+``external``, the checkpoint's summary gets their headline, and the report shows them first, before the internal
+test split. The cross-validation by source (``python -m covidxr.crossval``; ``--crossval PATH``, by default
+``crossval/crossval.json`` beside the checkpoint) is reported beside them.
 
 Output folder (default ``eval/`` beside the checkpoint; ``eval-<dataset>/`` for an external dataset):
 ``metrics.json``, ``predictions.csv``, ``report.html`` (self-contained) and the PNG plots. Errors a user can cause
@@ -49,6 +56,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset folder or manifest (default: the run's training data)")
     p.add_argument("--split", choices=SPLITS, help="split to evaluate (default: test of the run's data; all for an "
                    "external dataset)")
+    p.add_argument("--external", action="append", default=[], type=Path, metavar="DIR",
+                   help="external dataset (folder or manifest) from hospitals absent from training, evaluated "
+                        "besides the run's split and reported first (repeatable); never used to fit or choose anything")
+    p.add_argument("--crossval", type=Path, metavar="PATH",
+                   help="crossval.json of python -m covidxr.crossval to report (default: crossval/crossval.json "
+                        "beside the checkpoint, when present)")
     p.add_argument("--out", type=Path, help="output folder (default: eval/ beside the checkpoint; eval-<dataset>/ "
                    "for an external dataset)")
     p.add_argument("-b", "--batch-size", type=int_at_least(1), default=32)
@@ -68,6 +81,11 @@ def _print_summary(result: dict[str, Any]) -> None:
     numbers = ", ".join(f"{k} {format_value(ci.get(k) or result['metrics'].get(k))}" for k in HEADLINE)
     print(f"{result['split']} split of {result['data']}: {result['n_images']} images, {result['n_patients']} "
           f"patients; {numbers}; temperature {result['calibration']['temperature']:.3f}")
+    for ext in result["external"]:
+        ci = (ext["ci"] or {}).get("metrics", {})
+        numbers = ", ".join(f"{k} {format_value(ci.get(k) or ext['metrics'].get(k))}"
+                            for k in ("balanced_accuracy", "roc_auc_macro"))
+        print(f"external {ext['name']}: {ext['n_images']} images, {ext['n_patients']} patients; {numbers}")
     for warning in result["warnings"]:
         print(f"warning: {warning}")
     print(f"report: {Path(result['out']) / 'report.html'}")
@@ -84,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = EvalOptions(checkpoint=args.checkpoint, data=args.data, split=args.split, out=args.out,
                        batch_size=args.batch_size, device=args.device, positive=args.positive,
                        bootstrap=args.bootstrap, seed=args.seed, workers=args.workers,
-                       command=["python", "-m", PROG, *argv])
+                       command=["python", "-m", PROG, *argv], external=list(args.external),
+                       crossval=args.crossval)
     try:
         result = evaluate(opts)
     except CovidxrError as exc:

@@ -105,7 +105,10 @@ def column_baseline(train: pd.DataFrame | None, rows: pd.DataFrame, y: np.ndarra
         column: The metadata column.
 
     Returns:
-        ``{"column", "accuracy", "balanced_accuracy", "roc_auc_macro"}`` or None (no such information).
+        ``{"column", "learned_on", "accuracy", "balanced_accuracy", "roc_auc_macro", "seen_share"}`` or None (no
+        such information). ``seen_share`` is the share of evaluated rows whose value occurs in training: at 0 (a
+        source never seen, as on external data) the baseline predicts the training prior for every image and says
+        nothing.
     """
     if train is None or train.empty or column not in train.columns or column not in rows.columns:
         return None
@@ -119,8 +122,10 @@ def column_baseline(train: pd.DataFrame | None, rows: pd.DataFrame, y: np.ndarra
     probs = np.stack([table.loc[v].to_numpy() if v in table.index else prior.to_numpy()
                       for v in rows[column].astype(str)])
     m = classification_metrics(y, probs, classes)
+    seen = rows[column].astype(str).isin(table.index)
     return {"column": column, "learned_on": f"run's train split ({len(train)} images)",
-            **{k: m[k] for k in ("accuracy", "balanced_accuracy", "roc_auc_macro")}}
+            **{k: m[k] for k in ("accuracy", "balanced_accuracy", "roc_auc_macro")},
+            "seen_share": float(seen.mean())}
 
 
 def source_warnings(table: pd.DataFrame) -> list[str]:

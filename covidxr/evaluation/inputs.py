@@ -43,6 +43,8 @@ class EvalOptions:
     workers: int = 0
     command: list[str] = field(default_factory=list)
     progress: bool = True
+    external: list[Path] = field(default_factory=list)  # external folders evaluated beside the run's split
+    crossval: Path | None = None  # crossval.json to report (default: crossval/crossval.json beside the checkpoint)
 
 
 @dataclass

@@ -21,7 +21,7 @@ import pandas as pd
 from covidxr import __version__
 from covidxr.checkpoint import save_checkpoint
 from covidxr.errors import CheckpointError
-from covidxr.evaluation import plots
+from covidxr.evaluation import heldout, plots
 from covidxr.evaluation.inputs import EvalData, EvalOptions
 from covidxr.evaluation.logits import SplitOutputs
 from covidxr.evaluation.metrics import HEADLINE
@@ -165,6 +165,7 @@ def evaluation_summary(result: dict[str, Any], checkpoint: Path, out: Path) -> d
         "metrics": {**{k: metrics[k] for k in (*HEADLINE, "average_precision_macro", "ece", "brier")},
                     "per_class": metrics["per_class"]},
         "ci": result["ci"], "calibration": result["calibration"], "operating_points": result["operating_points"],
+        "external": [heldout.headline(e) for e in result.get("external") or []],
         "report": os.path.relpath(out / "report.html", base),
         "metrics_json": os.path.relpath(out / "metrics.json", base),
         "checkpoint_sha256": result["checkpoint_sha256"], "created": result["reproducibility"]["created"],

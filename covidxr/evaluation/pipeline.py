@@ -16,8 +16,10 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from covidxr.data.manifest import resolve_data_path
 from covidxr.errors import CovidxrError, DatasetError
 from covidxr.evaluation.analysis import analyse, default_positive, source_warnings, split_warnings
+from covidxr.evaluation.external import evaluate_external, external_names, read_crossval, with_internal_calibration
 from covidxr.evaluation.inputs import EvalData, EvalOptions, load_eval_data, read_checkpoint, run_split_table
 from covidxr.evaluation.logits import SplitOutputs, predict_splits
 from covidxr.evaluation.model_card import model_card
@@ -63,12 +65,21 @@ def assemble(ckpt: dict[str, Any], data: EvalData, pred: SplitOutputs, analysis:
         warnings.append("--bootstrap 0: no confidence intervals")
     return {
         "checkpoint": str(opts.checkpoint), "checkpoint_sha256": sha, "split": data.split,
-        "data": str(data.data_path), "external": not data.own, "n_images": int(len(pred.y)),
+        "data": str(data.data_path), "data_is_external": not data.own, "n_images": int(len(pred.y)),
         "n_patients": int(pred.table["patient_id"].nunique()), "classes": list(ckpt["classes"]),
         **result, "plots": {}, "reproducibility": {}, "warnings": warnings, "explain": read_explain(out),
         "unreadable": dict(data.run.unreadable),
         "model_card": model_card(ckpt, data, pred.table, split_table, result["metrics"], result["ci"]),
+        "external": [], "crossval": None,
     }
+
+
+def external_results(ckpt: dict[str, Any], result: dict[str, Any], split_table: pd.DataFrame | None,
+                     opts: EvalOptions, out: Path) -> list[dict[str, Any]]:
+    """Evaluate every ``--external`` folder with the temperature and thresholds this call chose on validation."""
+    calibrated = with_internal_calibration(ckpt, result)
+    return [evaluate_external(calibrated, Path(folder).expanduser().resolve(), name, opts, split_table, out)
+            for folder, name in zip(opts.external, external_names(opts.external), strict=True)]
 
 
 def write_outputs(out: Path, result: dict[str, Any], pred: SplitOutputs, analysis: dict[str, Any],
@@ -112,11 +123,14 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     sha = file_digest(opts.checkpoint)
     default_positive(ckpt["classes"], opts.positive)  # fail early on a bad --positive or --device
     pick_device(opts.device)
-    stages = _Stages(4, opts.progress)
+    stages = _Stages(5, opts.progress)
     try:
         with stages("load data"):
             data = load_eval_data(ckpt, opts.checkpoint, opts)
             split_table, _ = run_split_table(opts.checkpoint, ckpt)
+            crossval = read_crossval(opts.checkpoint, opts.crossval)
+            for folder in opts.external:
+                resolve_data_path(str(folder))  # a missing --external folder fails before any prediction
             out = Path(opts.out).expanduser().resolve() if opts.out else default_out(opts.checkpoint, data)
             if out.exists() and not out.is_dir():
                 raise CovidxrError(f"--out {out} exists and is not a folder")
@@ -127,6 +141,9 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
         with stages("metrics"):
             analysis = analyse(ckpt, data, pred, split_table, opts)
             result = assemble(ckpt, data, pred, analysis, split_table, opts, sha, out)
+        with stages("external"):
+            result["external"] = external_results(ckpt, result, split_table, opts, out)
+            result["crossval"] = crossval
         with stages("report"):
             result["reproducibility"] = reproducibility(opts, ckpt, data, split_table, sha, stages.timings)
             finish(out, result, ckpt, data, pred, analysis, opts)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
 from typing import Any
 
 from covidxr.evaluation.metrics import HEADLINE
 from covidxr.evaluation.outputs import EXPLAIN_SUMMARY
+from covidxr.evaluation.report_external import crossval_section, external_sections, group_table_html, headline_cards
 from covidxr.html_page import Section, img_html, kv_html, paragraph_html, render_html, table_html
 
 
@@ -33,19 +33,6 @@ def _per_class_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                      "precision": m["precision"], "npv": m["npv"], "f1": m["f1"], "roc_auc": m["roc_auc"],
                      "average_precision": m["average_precision"]})
     return rows
-
-
-def _group_section(title: str, groups: dict[str, Any] | None, classes: Sequence[str]) -> str:
-    """HTML table of ``group_metrics`` output (empty string when None)."""
-    if not groups:
-        return ""
-    rows = [{"group": g, **{k: v[k] for k in ("n", "small", "class_counts", "accuracy", "balanced_accuracy",
-                                              "roc_auc_macro")},
-             **{f"sens_{c}": v["per_class"][c]["sensitivity"] for c in classes}} for g, v in groups.items()]
-    columns = ["group", "n", ("small", "n < 30"), ("class_counts", "images per class"), "accuracy",
-               ("balanced_accuracy", "balanced acc."), ("roc_auc_macro", "macro ROC-AUC"),
-               *[(f"sens_{c}", f"sensitivity {c}") for c in classes]]
-    return table_html(rows, columns, caption=title)
 
 
 def _figure(plots: dict[str, tuple[str, bytes]], name: str, caption: str) -> str:
@@ -90,8 +77,8 @@ def _confounding_html(result: dict[str, Any]) -> str:
     else:
         parts.append(paragraph_html("No metadata-only baseline: the run's split has no source/view information."))
     classes = result["classes"]
-    parts.append(_group_section("Metrics by data source", result["by_source"], classes))
-    parts.append(_group_section("Metrics by view position", result["by_view"], classes))
+    parts.append(group_table_html("Metrics by data source", result["by_source"], classes))
+    parts.append(group_table_html("Metrics by view position", result["by_view"], classes))
     if not result["by_source"] and not result["by_view"]:
         parts.append(paragraph_html("The dataset records no source or view: no breakdown possible."))
     return "\n".join(parts)
@@ -127,15 +114,19 @@ def _model_card_html(card: dict[str, Any], explain: list[dict[str, Any]] | None)
 
 def build_report(result: dict[str, Any], plots: dict[str, tuple[str, bytes]]) -> str:
     """Assemble the self-contained HTML report from the metrics.json content and the rendered plots."""
-    ci = (result["ci"] or {}).get("metrics", {})
-    headline = {k.replace("_", " "): ci.get(k) or result["metrics"].get(k) for k in HEADLINE}
     warnings = "".join(f'<p style="color:#9c1f1f"><strong>Warning:</strong> {html.escape(str(w))}</p>'
                        for w in result["warnings"]) or paragraph_html("No warnings.")
+    label = "External dataset" if result.get("data_is_external") else "Internal"
+    where = "same hospitals as training" if label == "Internal" else result["data"]
+    caption = (f"{label} {result['split']} split ({where}): {result['n_images']} images, "
+               f"{result['n_patients']} patients")
     sections = [
+        *external_sections(result),
+        crossval_section(result.get("crossval"), result["classes"]),
         Section("Warnings", warnings),
-        Section("Metrics", table_html(_metric_rows(result), ["metric", ("value", "value (95% CI)"), "uncalibrated"],
-                                      caption=f"{result['split']} split, {result['n_images']} images, "
-                                              f"{result['n_patients']} patients")
+        Section(f"{label} {result['split']} split: metrics",
+                table_html(_metric_rows(result), ["metric", ("value", "value (95% CI)"), "uncalibrated"],
+                           caption=caption)
                 + table_html(_per_class_rows(result), ["class", "support", "n_predicted", "sensitivity",
                                                        "specificity", "precision", "npv", "f1", "roc_auc",
                                                        "average_precision"], caption="Per class")),
@@ -156,4 +147,5 @@ def build_report(result: dict[str, Any], plots: dict[str, tuple[str, bytes]]) ->
     sections.append(Section("Reproducibility", kv_html(result["reproducibility"])))
     subtitle = (f"{result['model_card']['model']['arch']} · {result['checkpoint']} · {result['split']} split of "
                 f"{result['model_card']['data']['evaluated']['dataset']} · {result['reproducibility']['created']}")
-    return render_html(sections, title="Chest X-ray classifier evaluation", subtitle=subtitle, headline=headline)
+    return render_html(sections, title="Chest X-ray classifier evaluation", subtitle=subtitle,
+                       headline=headline_cards(result))

@@ -194,7 +194,7 @@ def _train(cfg: TrainConfig, resume: dict | None, dist: DistInfo, device: torch.
     if dist.is_main:
         write_run_files(run_dir, cfg, data, dist)
     trainer = build_trainer(cfg, data, dist, device, resume)
-    state = {"history": [], "epoch": 0, "best_auc": -1.0, "best_epoch": 0, "epochs_since_best": 0}
+    state = new_state()
     if resume is not None:
         trainer.optimizer.load_state_dict(resume["optimizer"])
         trainer.scheduler.load_state_dict(resume["scheduler"])
@@ -202,17 +202,30 @@ def _train(cfg: TrainConfig, resume: dict | None, dist: DistInfo, device: torch.
         state = {k: resume[k] for k in state}
         log.info("resuming %s after epoch %d", cfg.resume, state["epoch"])
 
-    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        if cfg.patience and state["epochs_since_best"] >= cfg.patience:
-            log.info("early stop: no better validation macro ROC-AUC for %d epochs", cfg.patience)
-            break
-        run_epoch(trainer, epoch, state, run_dir)
+    fit(trainer, state, run_dir)
     summary = (f"done: best validation macro ROC-AUC {state['best_auc']:.3f} at epoch {state['best_epoch']}; "
                f"run folder {run_dir}")
     if data.unreadable:
         summary += f"; {len(data.unreadable)} unreadable image(s) skipped (unreadable.csv)"
     log.info(summary)
     return run_dir
+
+
+def new_state() -> dict:
+    """The epoch loop's state before the first epoch."""
+    return {"history": [], "epoch": 0, "best_auc": -1.0, "best_epoch": 0, "epochs_since_best": 0}
+
+
+def fit(trainer: Trainer, state: dict, run_dir: Path) -> dict:
+    """Run the epochs after ``state["epoch"]`` up to ``cfg.epochs``, stopping early after ``cfg.patience`` epochs
+    without a better validation macro ROC-AUC; return ``state`` (updated in place)."""
+    cfg = trainer.cfg
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        if cfg.patience and state["epochs_since_best"] >= cfg.patience:
+            log.info("early stop: no better validation macro ROC-AUC for %d epochs", cfg.patience)
+            break
+        run_epoch(trainer, epoch, state, run_dir)
+    return state
 
 
 def _run_folder(cfg: TrainConfig, resuming: bool, dist: DistInfo) -> Path:

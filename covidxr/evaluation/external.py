@@ -1,0 +1,112 @@
+"""``evaluate --external DIR``: every external folder evaluated in the same call as the internal test split, and the
+cross-validation by source (``python -m covidxr.crossval``) read back for the report.
+
+An external folder reuses what the internal evaluation of the same call chose on the run's validation split: the
+temperature and the operating points' thresholds. Nothing is fitted, tuned or chosen on it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from covidxr.errors import CovidxrError, DatasetError, one_line
+from covidxr.evaluation.analysis import analyse, source_warnings, split_warnings
+from covidxr.evaluation.inputs import EvalOptions, load_eval_data
+from covidxr.evaluation.logits import predict_splits
+from covidxr.evaluation.outputs import predictions_frame
+from covidxr.files import atomic_write_bytes
+
+CROSSVAL_JSON = Path("crossval") / "crossval.json"  # beside the checkpoint, where python -m covidxr.crossval writes
+
+
+def with_internal_calibration(ckpt: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint as the internal evaluation leaves it: its temperature and operating points (chosen on val)."""
+    stored = dict(ckpt.get("evaluation") or {})
+    if result.get("operating_points"):
+        stored["operating_points"] = result["operating_points"]
+    return {**ckpt, "temperature": result["calibration"]["temperature"], "evaluation": stored}
+
+
+def external_names(folders: Sequence[Path]) -> list[str]:
+    """A distinct, file-name-safe name per folder (its own name, numbered when two share one)."""
+    names: list[str] = []
+    for folder in folders:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(folder).resolve().name).strip("-") or "external"
+        name, i = base, 2
+        while name in names:
+            name, i = f"{base}-{i}", i + 1
+        names.append(name)
+    return names
+
+
+def evaluate_external(ckpt: dict[str, Any], folder: Path, name: str, opts: EvalOptions,
+                      split_table: pd.DataFrame | None, out: Path) -> dict[str, Any]:
+    """Evaluate one external folder with the calibrated checkpoint and write its predictions CSV into ``out``.
+
+    Args:
+        ckpt: The checkpoint with the internal evaluation's temperature (:func:`with_internal_calibration`).
+        folder: The external dataset (folder or manifest).
+        name: Its name in metrics.json and the report.
+        opts: The evaluation options (bootstrap, seed, device, loaders).
+        split_table: The run's split (the baselines learn on its train rows; overlap with the run is flagged).
+        out: The evaluation folder.
+
+    Returns:
+        The ``metrics.json["external"]`` entry of this folder.
+
+    Raises:
+        CovidxrError: The folder is the run's own data, or has no readable image.
+    """
+    data = load_eval_data(ckpt, opts.checkpoint, replace(opts, data=str(folder), split="all"))
+    if data.own:
+        raise CovidxrError(f"--external {folder}: this is the run's own data, not an external dataset")
+    pred = predict_splits(ckpt, data, opts.device)
+    if len(pred.y) == 0:
+        raise DatasetError(f"--external {folder}: no readable image")
+    analysis = analyse(ckpt, data, pred, split_table, opts)
+    classes = list(ckpt["classes"])
+    predictions = f"predictions-external-{name}.csv"
+    frame = predictions_frame(pred, analysis["_probs"], analysis["_raw"], classes)
+    atomic_write_bytes(out / predictions, frame.to_csv(index=False).encode("utf-8"))
+    metrics = analysis["metrics"]
+    return {
+        "name": name, "data": str(data.data_path), "n_images": int(len(pred.y)),
+        "n_patients": int(pred.table["patient_id"].nunique()),
+        "class_counts": {c: metrics["per_class"][c]["support"] for c in classes},
+        "metrics": metrics, "ci": analysis["ci"], "by_source": analysis["by_source"],
+        "by_view": analysis["by_view"], "baselines": analysis["baselines"],
+        "calibration": {**analysis["calibration"], "measured_on": f"external {name} (all images)"},
+        "operating_points": analysis["operating_points"],
+        "warnings": source_warnings(pred.table) + split_warnings(data, pred, analysis["calibration"]["how"]),
+        "unreadable": dict(data.run.unreadable), "predictions": predictions,
+    }
+
+
+def read_crossval(checkpoint: Path, path: Path | None) -> dict[str, Any] | None:
+    """The crossval.json content: ``path`` when given, else ``crossval/crossval.json`` beside the checkpoint if any.
+
+    Raises:
+        CovidxrError: ``path`` is missing or unreadable.
+    """
+    if path is None:
+        path = checkpoint.parent / CROSSVAL_JSON
+        if not path.is_file():
+            return None
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "crossval.json"
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CovidxrError(f"--crossval {path}: unreadable ({one_line(exc)})") from exc
+    if not isinstance(content, dict) or "folds" not in content:
+        raise CovidxrError(f"--crossval {path}: not a crossval.json (no 'folds'); write one with "
+                           "python -m covidxr.crossval")
+    return {**content, "file": str(path.resolve())}

@@ -1,0 +1,120 @@
+"""The first sections of report.html: external validation (each ``--external`` folder) and the cross-validation by
+source, or a plain statement that the run has none. The internal test split comes after them."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from typing import Any
+
+from covidxr.evaluation.heldout import present_classes, recall_interval, summary_columns, summary_row
+from covidxr.html_page import Section, kv_html, paragraph_html, table_html
+
+NO_EXTERNAL = ("No external result: this run has only been evaluated on data from the hospitals it was trained on. "
+               "How it does elsewhere is unknown; evaluate it with --external DIR on images from other hospitals.")
+SOURCE_BASELINE_NOTE = ("A source-only baseline cannot know a source it never saw: on external data and on a held-out "
+                        "source it predicts the training prior for every image, so it is shown as n/a. The view-only "
+                        "baseline (learned on the training images) is meaningful where the views were seen in "
+                        "training.")
+
+
+def group_table_html(title: str, groups: dict[str, Any] | None, classes: Sequence[str]) -> str:
+    """HTML table of ``group_metrics`` output (empty string when None)."""
+    if not groups:
+        return ""
+    rows = [{"group": g, **{k: v[k] for k in ("n", "small", "class_counts", "accuracy", "balanced_accuracy",
+                                              "roc_auc_macro")},
+             **{f"sens_{c}": v["per_class"][c]["sensitivity"] for c in classes}} for g, v in groups.items()]
+    columns = ["group", "n", ("small", "n < 30"), ("class_counts", "images per class"), "accuracy",
+               ("balanced_accuracy", "balanced acc."), ("roc_auc_macro", "macro ROC-AUC"),
+               *[(f"sens_{c}", f"sensitivity {c}") for c in classes]]
+    return table_html(rows, columns, caption=title)
+
+
+def _warnings_html(warnings: Sequence[str]) -> str:
+    return "".join(f'<p style="color:#9c1f1f"><strong>Warning:</strong> {html.escape(str(w))}</p>' for w in warnings)
+
+
+def _external_detail(ext: dict[str, Any], classes: Sequence[str]) -> str:
+    """Per class, baselines, calibration and sources of one external folder."""
+    ci = (ext["ci"] or {}).get("per_class", {})
+    rows = [{"class": c, "support": m["support"], "n_predicted": m["n_predicted"], "recall": recall_interval(ext, c),
+             "specificity": ci.get(c, {}).get("specificity") or m["specificity"], "precision": m["precision"],
+             "roc_auc": m["roc_auc"]} for c, m in ext["metrics"]["per_class"].items()]
+    cal = ext["calibration"]
+    baselines = [b for b in (ext.get("baselines") or {}).values() if b]
+    parts = [_warnings_html(ext.get("warnings") or []),
+             table_html(rows, ["class", "support", "n_predicted", ("recall", "recall (95% CI)"),
+                               ("specificity", "specificity (95% CI)"), "precision", "roc_auc"],
+                        caption=f"{ext['name']}: per class ({ext['data']})")]
+    if baselines:
+        parts.append(table_html(baselines, ["column", "learned_on", ("seen_share", "share of images with a value "
+                                            "seen in training"), "accuracy", "balanced_accuracy", "roc_auc_macro"],
+                                caption="Metadata-only baselines"))
+    parts.append(kv_html({"temperature (chosen on the run's validation split)": cal["temperature"],
+                          "ECE before / after": f"{cal['ece_before']:.3f} / {cal['ece_after']:.3f}",
+                          "Brier before / after": f"{cal['brier_before']:.3f} / {cal['brier_after']:.3f}",
+                          "measured on": cal["measured_on"]}, caption="Calibration on this folder"))
+    parts.append(group_table_html("Metrics by data source", ext.get("by_source"), classes))
+    return "\n".join(p for p in parts if p)
+
+
+def external_sections(result: dict[str, Any]) -> list[Section]:
+    """The external validation section(s), always first in the report (a statement when there is none)."""
+    classes = result["classes"]
+    externals = result.get("external") or []
+    if not externals:
+        if result.get("data_is_external"):
+            text = (f"The evaluated dataset ({result['data']}) is external to the run: its metrics follow below. "
+                    "For the internal test split and external folders in one report, use --external DIR.")
+        else:
+            text = NO_EXTERNAL
+        return [Section("External validation", paragraph_html(text), anchor="external")]
+    rows = [summary_row(e, classes) for e in externals]
+    intro = paragraph_html("Images from hospitals that appear nowhere in the training data. Nothing was fitted, "
+                           "tuned or chosen on them: the temperature and thresholds come from the run's validation "
+                           "split. Intervals: 95% patient-bootstrap. " + SOURCE_BASELINE_NOTE)
+    sections = [Section("External validation", intro + table_html(rows, summary_columns(classes, "external data"),
+                                                                  caption="External datasets"), anchor="external")]
+    sections += [Section(f"External: {e['name']}", _external_detail(e, classes)) for e in externals]
+    return sections
+
+
+def crossval_section(crossval: dict[str, Any] | None, classes: Sequence[str]) -> Section:
+    """The held-out-source table of ``python -m covidxr.crossval`` (or a sentence saying it was not run)."""
+    title = "Held-out sources (cross-validation by source)"
+    if not crossval:
+        return Section(title, paragraph_html("No cross-validation by source for this run: python -m covidxr.crossval "
+                                             "--by source --data DATA --out RUN/crossval trains without each source "
+                                             "and tests on it."), anchor="crossval")
+    folds = crossval["folds"]
+    intro = (f"Each source with at least {crossval['min_images']} images was left out of training and tested on "
+             f"({crossval['mode']} of {crossval['arch']} at {crossval['img_size']} px, seed {crossval['seed']}; "
+             "a patient-level train/val split of the other sources). Probabilities are uncalibrated. "
+             + SOURCE_BASELINE_NOTE)
+    skipped = crossval.get("skipped_sources") or {}
+    if skipped:
+        intro += f" Too small to hold out: {', '.join(f'{s} ({n})' for s, n in skipped.items())}."
+    notes = [f"{f['name']}: {w}" for f in folds for w in f.get("warnings") or []]
+    return Section(title, paragraph_html(intro) + table_html([summary_row(f, classes) for f in folds],
+                                                             summary_columns(classes, "held-out source"),
+                                                             caption=crossval.get("file") or "crossval.json")
+                   + _warnings_html(notes), anchor="crossval")
+
+
+def headline_cards(result: dict[str, Any]) -> dict[str, Any]:
+    """The cards at the top of the page: external results first, then the internal test split (labelled)."""
+    cards: dict[str, Any] = {}
+    for ext in result.get("external") or []:
+        name = ext["name"] if "external" in ext["name"].lower() else f"external {ext['name']}"
+        ci = (ext["ci"] or {}).get("metrics", {})
+        cards[f"{name}: balanced accuracy"] = ci.get("balanced_accuracy") or ext["metrics"]["balanced_accuracy"]
+        for c in present_classes(ext):
+            cards[f"{name}: recall {c}"] = recall_interval(ext, c)
+    if not result.get("external") and not result.get("data_is_external"):
+        cards["external validation"] = "none"
+    label = "external" if result.get("data_is_external") else "internal"
+    ci = (result["ci"] or {}).get("metrics", {})
+    for name in ("balanced_accuracy", "roc_auc_macro"):
+        cards[f"{label} {result['split']}: {name.replace('_', ' ')}"] = ci.get(name) or result["metrics"].get(name)
+    return cards
