@@ -15,10 +15,10 @@ from pathlib import Path
 
 from covidxr.data.cache import default_cache_dir, fill_cache
 from covidxr.data.manifest import load_manifest, resolve_data_path
-from covidxr.errors import CovidxrError, one_line
+from covidxr.errors import CovidxrError
 from covidxr.preprocess import cache_size
 from covidxr.training.config import image_size, non_negative_int
-from covidxr.utils import OneLineParser, setup_logging
+from covidxr.utils import OneLineParser, cli_error, setup_logging
 
 
 def get_args_parser() -> OneLineParser:
@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         data_path = resolve_data_path(args.data)
         table = load_manifest(data_path)
     except CovidxrError as exc:  # a dataset problem, not a usage error: no "(see --help)"
-        print(f"{parser.prog.removeprefix('python -m ')}: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        return cli_error(parser.prog, exc)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     size = cache_size(args.img_size)
     start = time.perf_counter()

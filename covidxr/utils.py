@@ -15,7 +15,7 @@ import numpy as np
 import scipy.special
 import torch
 
-from covidxr.errors import CovidxrError
+from covidxr.errors import CovidxrError, one_line
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -86,7 +86,19 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         """Print ``message`` on one line and exit with status 2."""
-        self.exit(2, f"{self.prog.removeprefix('python -m ')}: error: {message} (see --help)\n")
+        self.exit(2, f"{command_name(self.prog)}: error: {message} (see --help)\n")
+
+
+def command_name(prog: str) -> str:
+    """``covidxr.NAME`` for a parser's ``prog`` (``python -m covidxr.NAME``)."""
+    return prog.removeprefix("python -m ")
+
+
+def cli_error(prog: str, error: BaseException) -> int:
+    """Print a failure that is not a usage error (bad data, unusable checkpoint) as ``covidxr.NAME: error: ...``
+    on one line of stderr, without the ``--help`` hint, and return the exit status 2."""
+    print(f"{command_name(prog)}: error: {one_line(error)}", file=sys.stderr)
+    return 2
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:

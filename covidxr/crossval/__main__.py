@@ -29,11 +29,11 @@ from pathlib import Path
 
 from covidxr.crossval.folds import MODES, CrossvalConfig, backbone_features, held_out_sources, load_all, train_fold
 from covidxr.crossval.results import fold_result, write_outputs, write_split
-from covidxr.errors import CovidxrError, DatasetError, one_line
+from covidxr.errors import CovidxrError, DatasetError
 from covidxr.html_page import format_value
 from covidxr.models import ARCHS
 from covidxr.training.config import image_size
-from covidxr.utils import OneLineParser, int_at_least, pick_device, setup_logging
+from covidxr.utils import OneLineParser, cli_error, int_at_least, pick_device, setup_logging
 
 PROG = "covidxr.crossval"
 
@@ -114,8 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         content = cross_validate(cfg)
     except CovidxrError as exc:
-        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        return cli_error(PROG, exc)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -25,8 +25,8 @@ from covidxr.data.download import COVID_CHESTXRAY_URL, fetch_covid_chestxray
 from covidxr.data.duplicates import NEAR_DUPLICATE_BITS
 from covidxr.data.manifest import load_manifest, write_manifest
 from covidxr.data.sources import ADAPTERS, Manifest, build_manifest
-from covidxr.errors import CovidxrError, one_line
-from covidxr.utils import OneLineParser
+from covidxr.errors import CovidxrError
+from covidxr.utils import OneLineParser, cli_error
 
 PROG = "covidxr.data"
 
@@ -151,8 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (CovidxrError, OSError) as exc:  # a data problem, not a usage error: no "(see --help)"
-        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        return cli_error(PROG, exc)
 
 
 if __name__ == "__main__":

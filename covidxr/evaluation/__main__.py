@@ -36,12 +36,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from covidxr.errors import CovidxrError, one_line
+from covidxr.errors import CovidxrError
 from covidxr.evaluation.inputs import EvalOptions
 from covidxr.evaluation.metrics import HEADLINE
 from covidxr.evaluation.pipeline import evaluate
 from covidxr.html_page import format_value
-from covidxr.utils import OneLineParser, int_at_least, setup_logging
+from covidxr.utils import OneLineParser, cli_error, int_at_least, setup_logging
 
 PROG = "covidxr.evaluate"
 SPLITS = ("test", "val", "all")
@@ -107,8 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = evaluate(opts)
     except CovidxrError as exc:
-        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        return cli_error(PROG, exc)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

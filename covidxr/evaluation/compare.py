@@ -31,13 +31,13 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from covidxr.errors import CovidxrError, one_line
+from covidxr.errors import CovidxrError
 from covidxr.evaluation.bootstrap import bootstrap_ci, paired_bootstrap_auc
 from covidxr.evaluation.metrics import HEADLINE
 from covidxr.evaluation.results import load_evaluation
 from covidxr.files import atomic_write_bytes, atomic_write_text
 from covidxr.html_page import Section, format_value, paragraph_html, render_html, table_html
-from covidxr.utils import OneLineParser, int_at_least
+from covidxr.utils import OneLineParser, cli_error, int_at_least
 
 PROG = "covidxr.compare"
 ALPHA = 0.05
@@ -294,8 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = compare(args.paths, args.out, args.bootstrap, args.seed)
     except CovidxrError as exc:
-        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        return cli_error(PROG, exc)
     _print_summary(result)
     return 0
 

@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from covidxr.errors import CovidxrError, one_line
+from covidxr.errors import CovidxrError
 from covidxr.explain.cam import CAM_METHODS
 from covidxr.explain.scoring import ROAD_PERCENTILES, markdown_table, score
-from covidxr.utils import OneLineParser, setup_logging
+from covidxr.utils import OneLineParser, cli_error, setup_logging
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = score(args.checkpoint, args.data, args.split, list(dict.fromkeys(args.methods)), args.limit,
                         args.out, args.device, args.batch_size, args.road_percentiles)
     except (CovidxrError, ValueError) as exc:
-        parser.error(one_line(exc))
+        return cli_error(parser.prog, exc)
     print(markdown_table(summary))
     print(f"reports in {args.out}: explain_scores.csv, explain_summary.csv, explain_summary.md, explain_summary.html")
     return 0

@@ -32,13 +32,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from covidxr.errors import CovidxrError, ImageReadError, one_line
+from covidxr.errors import CovidxrError, ImageReadError
 from covidxr.explain.cam import CAM_METHODS, resolve_layer
 from covidxr.explain.display import overlay
 from covidxr.files import atomic_write_bytes, atomic_write_text
 from covidxr.inference.predictor import BACKENDS, Predictor
 from covidxr.io import Xray, load_xray
-from covidxr.utils import OneLineParser, setup_logging
+from covidxr.utils import OneLineParser, cli_error, setup_logging
 
 log = logging.getLogger("covidxr.predict")
 
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         rows, failed = run_predictions(predictor, files, args.out, options)
         write_csv(args.out / "predictions.csv", rows, predictor.classes)
     except (CovidxrError, ValueError, OSError) as exc:
-        parser.error(one_line(exc))
+        return cli_error(parser.prog, exc)
     summary = {"predicted": len(files) - failed, "failed": failed, "csv": str(args.out / "predictions.csv"),
                "backend": predictor.backend}
     log.info("done: %s", json.dumps(summary))

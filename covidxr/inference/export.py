@@ -20,12 +20,12 @@ import sys
 from pathlib import Path
 
 from covidxr.checkpoint import load_checkpoint
-from covidxr.errors import CovidxrError, one_line
+from covidxr.errors import CovidxrError
 from covidxr.files import file_digest
 from covidxr.inference.onnx_backend import EXPORTERS, default_onnx_path, export_bytes, export_metadata, write_onnx
 from covidxr.inference.predictor import load_classifier
 from covidxr.models import read_preprocess
-from covidxr.utils import OneLineParser
+from covidxr.utils import OneLineParser, cli_error
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = export_checkpoint(args.checkpoint, args.out, args.exporter)
     except (CovidxrError, OSError) as exc:
-        parser.error(one_line(exc))
+        return cli_error(parser.prog, exc)
     print(f"exported {args.checkpoint} to {path}")
     return 0
 

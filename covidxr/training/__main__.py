@@ -23,11 +23,11 @@ import sys
 from collections.abc import Sequence
 
 from covidxr.checkpoint import load_checkpoint
-from covidxr.errors import CovidxrError, one_line
+from covidxr.errors import CovidxrError
 from covidxr.training import distributed
 from covidxr.training.config import PROG, config_from_args, get_args_parser
 from covidxr.training.trainer import run
-from covidxr.utils import setup_logging
+from covidxr.utils import cli_error, setup_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,8 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--val-frac plus --test-frac must leave images for training")
         run(cfg, resume)
     except CovidxrError as exc:
-        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        return cli_error(PROG, exc)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; continue with --resume RUN/last.pt", file=sys.stderr)
         return 130
