@@ -79,3 +79,10 @@ def tiny_run(small_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> 
                    "--out", str(out)])
     assert status == 0
     return out
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Browser tests (a Streamlit server and Chromium) count as slow: ``pytest -m "not slow"`` skips them."""
+    for item in items:
+        if item.get_closest_marker("browser") is not None:
+            item.add_marker(pytest.mark.slow)

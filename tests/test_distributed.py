@@ -22,6 +22,8 @@ from covidxr.training import engine
 from covidxr.training.config import TrainConfig
 from covidxr.training.distributed import DistInfo, env_info, gather_epoch
 
+pytestmark = pytest.mark.slow  # torchrun launches
+
 REPO = Path(__file__).resolve().parents[1]
 
 
