@@ -11,6 +11,8 @@ from covidxr.bench import __main__ as bench
 from covidxr.bench.common import Measure
 from covidxr.bench.report import flops_notes, table_row
 
+pytestmark = pytest.mark.slow  # the benchmarks run end to end on real images
+
 
 def table_rows(out: str) -> dict[str, str]:
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| measurement")]

@@ -205,6 +205,7 @@ def test_external_data_has_no_test_split(evaluated: dict, shared_data: Path, tmp
     assert "--split all" in one_line_error(capsys.readouterr().err)
 
 
+@pytest.mark.slow  # a python subprocess per case
 def test_cli_error_exit_status(tmp_path: Path) -> None:
     bogus = tmp_path / "model.pt"
     bogus.write_text("not a checkpoint, just text\n")

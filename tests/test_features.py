@@ -134,6 +134,7 @@ def _run_args(manifest: Path, out: Path, epochs: int) -> list[str]:
             "--patience", "0", "--out", str(out)]
 
 
+@pytest.mark.slow  # three training runs
 def test_device_batches_keep_resume_equal_to_an_uninterrupted_run(small_manifest: Path, tmp_path: Path) -> None:
     table = pd.read_csv(small_manifest, dtype=str, keep_default_na=False)
     first = table.groupby("label")["patient_id"].transform(lambda p: p.isin(p.drop_duplicates().iloc[:7]))

@@ -29,6 +29,7 @@ def evaluated_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return run
 
 
+@pytest.mark.slow  # a Jupyter kernel
 def test_notebook_runs_on_an_evaluated_run(evaluated_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COVIDXR_RUN", str(evaluated_run))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))

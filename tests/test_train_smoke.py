@@ -51,6 +51,7 @@ def _args(manifest: Path, out: Path, epochs: int) -> list[str]:
             "--patience", "0", "--out", str(out)]
 
 
+@pytest.mark.slow  # three training runs
 def test_resume_continues_and_matches_an_uninterrupted_run(small_manifest: Path, tmp_path: Path) -> None:
     assert main(_args(small_manifest, tmp_path / "full", 2)) == 0
     # Interrupted run: stops after epoch 1, then resumes to epoch 2 from last.pt.
