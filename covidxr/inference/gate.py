@@ -9,13 +9,13 @@ Checks, in order; each failed check gives a reason, and any reason refuses the i
    pooled backbone features, fitted on the training split's upright frontal films against the same films rotated
    by 90, 180 and 270 degrees and inverted (1 - x), and real lateral films. Refused when P(frontal) is below
    ``min_frontal``.
-3. Out of distribution (learned): the Mahalanobis distance of the features after PCA whitening, fitted on the
-   training split's films; refused above a high quantile of the validation split's distances.
+3. Out of distribution (learned): the cosine distance of the features to their nearest training films; refused
+   above a high (split-conformal) quantile of the validation split's distances.
 
 The fitted gate travels in the checkpoint as ``ckpt["gate"]`` (:meth:`InputGate.to_dict`): tensors, floats, strings
 and lists only, so ``torch.load(weights_only=True)`` reads it. It is tied to the model weights by their digest: the
 features of other weights mean something else. Without a gate (older checkpoints) only the file checks run and the
-verdict says that the learned checks are unavailable.
+gate's ``unavailable`` says why the learned checks did not run.
 """
 
 from __future__ import annotations
@@ -55,15 +55,18 @@ class GateVerdict:
     Attributes:
         assessable: False when any check refused the image.
         reasons: why it was refused, most basic check first (empty when assessable).
-        warnings: caveats that do not refuse (a small image, learned checks unavailable).
+        checks: the failed checks, one code per reason: ``colour``, ``size``, ``dicom``, the likely view
+            (``rotated``, ``inverted``, ``lateral``) or ``ood``.
+        warnings: caveats that do not refuse (a small image).
         view_probs: view class -> probability, or None without the view check.
         ood_distance: the image's distance from the training films, or None without the check.
         ood_threshold: the distance above which images are refused, or None.
-        learned: whether the learned checks ran.
+        learned: whether the learned checks ran (when not, :attr:`InputGate.unavailable` says why).
     """
 
     assessable: bool
     reasons: tuple[str, ...] = ()
+    checks: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     view_probs: dict[str, float] | None = None
     ood_distance: float | None = None
@@ -87,40 +90,38 @@ class GateVerdict:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict."""
         return {"assessable": self.assessable, "reason": self.reason, "reasons": list(self.reasons),
-                "warnings": list(self.warnings), "view_probs": self.view_probs, "ood_distance": self.ood_distance,
-                "ood_threshold": self.ood_threshold, "learned": self.learned}
+                "checks": list(self.checks), "warnings": list(self.warnings), "view_probs": self.view_probs,
+                "ood_distance": self.ood_distance, "ood_threshold": self.ood_threshold, "learned": self.learned}
 
 
-def file_checks(xray: Xray) -> tuple[list[str], list[str]]:
+def file_checks(xray: Xray) -> tuple[list[tuple[str, str]], list[str]]:
     """The checks that need no model: colour, size and the DICOM header.
 
-    Args:
-        xray: the decoded image.
-
     Returns:
-        ``(reasons to refuse, warnings)``, in plain language without file names (they may go into the audit log).
+        ``([(check code, reason to refuse)], warnings)``, in plain language without file names (they may go into the
+        audit log).
     """
     reasons, warnings = [], []
     if xray.color:
-        reasons.append("a colour image (a photograph or a tinted picture?), not a plain radiograph")
+        reasons.append(("colour", "a colour image (a photograph or a tinted picture?), not a plain radiograph"))
     height, width = xray.pixels.shape[:2]
     if min(height, width) < TINY_SIDE:
-        reasons.append(f"too small ({width} x {height} px; at least {TINY_SIDE} px a side needed)")
+        reasons.append(("size", f"too small ({width} x {height} px; at least {TINY_SIDE} px a side needed)"))
     elif min(height, width) < SMALL_SIDE:
         warnings.append(f"a small image ({width} x {height} px): fine detail is missing and the result is less "
                         "reliable")
     header = xray.header or {}
     modality = str(header.get("Modality", "")).strip().upper()
     if modality and modality not in RADIOGRAPHY:
-        reasons.append(f"the DICOM modality is {modality}, not a plain radiograph (CR/DX)")
+        reasons.append(("dicom", f"the DICOM modality is {modality}, not a plain radiograph (CR/DX)"))
     part = str(header.get("BodyPartExamined", "")).strip().upper()
     if part and part not in CHEST_PARTS:
-        reasons.append(f"the DICOM body part is {part}, not the chest")
+        reasons.append(("dicom", f"the DICOM body part is {part}, not the chest"))
     view = str(header.get("ViewPosition", "")).strip().upper()
     if view in LATERAL_VIEWS:
-        reasons.append(f"the DICOM view position is {view}: a lateral view, not a frontal one (PA/AP)")
+        reasons.append(("dicom", f"the DICOM view position is {view}: a lateral view, not a frontal one (PA/AP)"))
     elif view in OBLIQUE_VIEWS:
-        reasons.append(f"the DICOM view position is {view}: an oblique view, not a frontal one (PA/AP)")
+        reasons.append(("dicom", f"the DICOM view position is {view}: an oblique view, not a frontal one (PA/AP)"))
     return reasons, warnings
 
 
@@ -135,7 +136,7 @@ def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def _array(value: Any, name: str, ndim: int) -> np.ndarray:
-    array = np.asarray(value.numpy() if isinstance(value, torch.Tensor) else value, dtype=np.float64)
+    array = np.asarray(value.float().numpy() if isinstance(value, torch.Tensor) else value, dtype=np.float64)
     if array.ndim != ndim or not np.isfinite(array).all():
         raise CheckpointError(f"gate: {name} must be a finite {ndim}-d array, got shape {array.shape}")
     return array
@@ -200,41 +201,43 @@ class ViewModel:
 
 @dataclass(frozen=True)
 class OodModel:
-    """Mahalanobis distance after PCA whitening: how far features lie from the training films.
+    """How far features lie from the training films: one minus the mean cosine similarity to the ``k`` most similar
+    training films. The features are not centred: their overall direction is what sets CT slices and photographs
+    apart from radiographs (a Mahalanobis distance after PCA whitening missed most CT slices, see the README).
 
     Attributes:
-        mean: ``(F,)`` feature mean of the training films.
-        components: ``(k, F)`` principal axes.
-        variance: ``(k,)`` variance along each axis.
+        reference: ``(N, F)`` unit-length backbone features of (up to a cap of) the training split's films.
+        k: neighbours averaged.
         threshold: distances above this are refused.
-        quantile: the quantile of the validation split's distances that gave the threshold.
+        alpha: the share of validation films allowed above the threshold (a split-conformal quantile).
     """
 
-    mean: np.ndarray
-    components: np.ndarray
-    variance: np.ndarray
+    reference: np.ndarray
+    k: int
     threshold: float
-    quantile: float
+    alpha: float
 
     def distance(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
-        """``(B,)`` distances of ``(B, F)`` backbone features."""
-        z = (_features(features, len(self.mean)) - self.mean) @ self.components.T / np.sqrt(self.variance)
-        return np.sqrt((z * z).sum(axis=1))
+        """``(B,)`` distances in ``[0, 2]`` of ``(B, F)`` backbone features."""
+        x = _features(features, self.reference.shape[1])
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        similarity = x @ self.reference.T
+        k = min(self.k, similarity.shape[1])
+        return 1.0 - np.partition(similarity, -k, axis=1)[:, -k:].mean(axis=1)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mean": _tensor(self.mean), "components": _tensor(self.components),
-                "variance": _tensor(self.variance), "threshold": float(self.threshold),
-                "quantile": float(self.quantile)}
+        return {"kind": "knn-cosine", "reference": torch.tensor(self.reference, dtype=torch.float16), "k": self.k,
+                "threshold": float(self.threshold), "alpha": float(self.alpha)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> OodModel:
-        model = cls(_array(d["mean"], "ood.mean", 1), _array(d["components"], "ood.components", 2),
-                    _array(d["variance"], "ood.variance", 1), float(d["threshold"]), float(d["quantile"]))
-        k = len(model.variance)
-        if model.components.shape != (k, len(model.mean)) or (model.variance <= 0).any() or \
-                not np.isfinite(model.threshold):
-            raise CheckpointError(f"gate: inconsistent out-of-distribution model (components "
-                                  f"{model.components.shape}, {k} variances)")
+        if d.get("kind") != "knn-cosine":
+            raise CheckpointError(f"gate: unknown out-of-distribution check {d.get('kind')!r}")
+        model = cls(_array(d["reference"], "ood.reference", 2), int(d["k"]), float(d["threshold"]),
+                    float(d["alpha"]))
+        if len(model.reference) == 0 or model.k < 1 or not np.isfinite(model.threshold):
+            raise CheckpointError(f"gate: inconsistent out-of-distribution check ({len(model.reference)} reference "
+                                  f"films, k {model.k}, threshold {model.threshold})")
         return model
 
 
@@ -267,7 +270,7 @@ class InputGate:
         Args:
             xray: the decoded image (file checks).
             features: its ``(F,)`` or ``(1, F)`` pooled backbone features (learned checks); None runs the file checks
-                only and says so.
+                only (with a warning when the gate has learned checks).
 
         Returns:
             The verdict.
@@ -280,25 +283,22 @@ class InputGate:
         verdicts = []
         for i, xray in enumerate(xrays):
             reasons, warnings = file_checks(xray)
-            if not self.learned:
-                warnings.append(self.unavailable or NO_GATE)
-            elif features is None:
+            if self.learned and features is None:
                 warnings.append("no backbone features given: the learned checks did not run")
-            if learned is None:
-                verdicts.append(GateVerdict(not reasons, tuple(reasons), tuple(warnings)))
-                continue
-            probs, distance, more = learned[i]
+            probs, distance, more = learned[i] if learned is not None else (None, None, [])
             reasons += more
-            verdicts.append(GateVerdict(not reasons, tuple(reasons), tuple(warnings), probs, distance,
-                                        None if self.ood is None else float(self.ood.threshold), True))
+            verdicts.append(GateVerdict(not reasons, tuple(r for _, r in reasons), tuple(c for c, _ in reasons),
+                                        tuple(warnings), probs, distance,
+                                        None if self.ood is None or learned is None else float(self.ood.threshold),
+                                        learned is not None))
         return verdicts
 
     def learned_checks(self, features: np.ndarray | torch.Tensor) -> list[tuple[dict[str, float] | None,
-                                                                                  float | None, list[str]]]:
+                                                                                  float | None, list[tuple[str, str]]]]:
         """The learned checks alone on ``(B, F)`` backbone features.
 
         Returns:
-            Per image: ``(view probabilities or None, distance or None, reasons to refuse)``.
+            Per image: ``(view probabilities or None, distance or None, [(check code, reason to refuse)])``.
         """
         view_probs = self.view.probs(features) if self.view is not None else None
         distances = self.ood.distance(features) if self.ood is not None else None
@@ -310,12 +310,12 @@ class InputGate:
                 probs = dict(zip(self.view.classes, map(float, view_probs[i]), strict=True))
                 if probs[FRONTAL] < self.view.min_frontal:
                     likely = max((c for c in probs if c != FRONTAL), key=probs.get)
-                    reasons.append(f"{VIEW_REASONS.get(likely, f'looks {likely}')} "
-                                   f"(P(frontal) = {probs[FRONTAL]:.2f})")
+                    reasons.append((likely, f"{VIEW_REASONS.get(likely, f'looks {likely}')} "
+                                            f"(P(frontal) = {probs[FRONTAL]:.2f})"))
             distance = None if distances is None else float(distances[i])
             if distance is not None and distance > self.ood.threshold:
-                reasons.append(f"unlike the films the model was trained on (feature distance {distance:.1f} > "
-                               f"{self.ood.threshold:.1f})")
+                reasons.append(("ood", f"unlike the films the model was trained on (feature distance {distance:.3f} > "
+                                       f"{self.ood.threshold:.3f})"))
             out.append((probs, distance, reasons))
         return out
 
@@ -350,8 +350,9 @@ class InputGate:
                                   f"({GATE_VERSION})")
         view = ViewModel.from_dict(d["view"]) if d.get("view") else None
         ood = OodModel.from_dict(d["ood"]) if d.get("ood") else None
-        if view is not None and ood is not None and len(view.mean) != len(ood.mean):
-            raise CheckpointError(f"gate: view ({len(view.mean)}) and ood ({len(ood.mean)}) feature sizes differ")
+        if view is not None and ood is not None and len(view.mean) != ood.reference.shape[1]:
+            raise CheckpointError(f"gate: view ({len(view.mean)}) and ood ({ood.reference.shape[1]}) feature sizes "
+                                  "differ")
         fitted = str(d.get("weights_sha256", ""))
         unavailable = None
         if weights is not None and fitted != weights:

@@ -1,14 +1,15 @@
 """Fit the input gate (:mod:`covidxr.inference.gate`) of a trained checkpoint, and ``python -m covidxr.gate``.
 
     python -m covidxr.gate fit --checkpoint RUN/best.pt [--data PATH] [--laterals FOLDER] [--seed 0]
-        [--components 64] [--quantile 0.99] [--device auto] [--batch-size 32] [--out FILE]
+        [--neighbours 5] [--alpha 0.01] [--device auto] [--batch-size 32] [--out FILE]
 
 The run's own split is reused (``split.csv`` beside the checkpoint, else the checkpoint's record). The view check is
 fitted on the training split's films, upright (frontal), rotated by 90, 180 and 270 degrees (rotated) and inverted
 (inverted), and on the lateral films of a seeded half of the lateral patients (lateral). The out-of-distribution check
-is fitted on the training split's upright films; its threshold is the ``--quantile`` of the validation split's
-distances. The validation split's rotated and inverted copies and the other lateral patients then measure the gate
-(``gate.info["validation"]``). Nothing else is read: an external test set never shapes the gate.
+keeps the training split's upright films as reference; its threshold is a split-conformal quantile of the validation
+split's distances (``--alpha``: the share of validation films above it). The validation split's rotated and
+inverted copies and the other lateral patients then measure the gate (``gate.info["validation"]``). Nothing else is
+read: an external test set never shapes the gate.
 
 Laterals come from ``--laterals FOLDER`` (default: ``notcxr/lateral`` beside the data or one folder up); a
 ``metadata.csv`` with ``path`` and ``patient_id`` in that folder or its parent groups them by patient. Without
@@ -21,27 +22,26 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from covidxr.checkpoint import load_checkpoint, save_checkpoint
-from covidxr.data.cache import default_cache_dir, prepare
-from covidxr.data.manifest import load_manifest, resolve_data_path
-from covidxr.data.split import apply_split
+from covidxr.data.loaders import LoaderSettings, RunData, load_run_data
+from covidxr.data.manifest import resolve_data_path
 from covidxr.errors import CovidxrError, DatasetError, one_line
-from covidxr.files import file_digest
 from covidxr.inference.gate import FRONTAL, InputGate, OodModel, ViewModel, weights_sha256
+from covidxr.inference.gate_data import GateImages, default_laterals, gate_images, run_split
 from covidxr.models import XrayClassifier, model_from_checkpoint
-from covidxr.preprocess import cache_size, eval_transform
+from covidxr.preprocess import eval_transform
 from covidxr.utils import OneLineParser, pick_device, setup_logging
 
 log = logging.getLogger("covidxr.gate")
@@ -54,8 +54,9 @@ class GateOptions:
     """How a gate is fitted.
 
     Attributes:
-        components: PCA components of the out-of-distribution check (fewer when there are fewer films).
-        quantile: quantile of the validation split's distances that becomes the threshold.
+        neighbours: nearest training films averaged by the out-of-distribution check.
+        alpha: share of validation films allowed above its threshold.
+        max_reference: most training films it keeps (stored in the checkpoint in float16).
         C: inverse regularisation strength of the view model (on standardised features).
         min_frontal: refuse images whose P(frontal) is below this.
         seed: which half of the lateral patients is fitted on.
@@ -63,24 +64,14 @@ class GateOptions:
         progress: show progress bars.
     """
 
-    components: int = 64
-    quantile: float = 0.99
+    neighbours: int = 5
+    alpha: float = 0.01
+    max_reference: int = 4096
     C: float = 0.05
     min_frontal: float = 0.5
     seed: int = 0
     batch_size: int = 32
     progress: bool = True
-
-
-@dataclass
-class GateImages:
-    """Letterboxed uint8 ``(S', S')`` squares (at :func:`covidxr.preprocess.cache_size`) the gate is fitted on."""
-
-    train: list[np.ndarray]
-    val: list[np.ndarray]
-    lateral_fit: list[np.ndarray] = field(default_factory=list)
-    lateral_holdout: list[np.ndarray] = field(default_factory=list)
-    info: dict = field(default_factory=dict)  # where they came from, stored in the gate's info
 
 
 def invert_content(squares: torch.Tensor) -> torch.Tensor:
@@ -172,27 +163,35 @@ def fit_view(features: dict[str, np.ndarray], C: float, min_frontal: float, seed
     return ViewModel(tuple(classes), mean, scale, coef, intercept, min_frontal)
 
 
-def fit_ood(train: np.ndarray, val: np.ndarray, components: int, quantile: float) -> OodModel:
-    """PCA whitening of the training films' features; the threshold is a quantile of the validation distances.
+def fit_ood(train: np.ndarray, val: np.ndarray, k: int = 5, alpha: float = 0.01, max_reference: int = 4096,
+            seed: int = 0) -> OodModel:
+    """The nearest-films distance with its threshold set on the validation films.
+
+    The threshold is the split-conformal quantile of the validation distances, the ceil((n + 1)(1 - alpha))-th smallest
+    of n: a new film from the same distribution passes with probability at least 1 - alpha (for fewer than
+    2 / alpha - 1 validation films, the largest validation distance).
 
     Args:
-        train: ``(N, F)`` features of the training split's upright films.
+        train: ``(N, F)`` features of the training split's upright films, the reference (a seeded random subset of
+            ``max_reference`` when there are more).
         val: ``(M, F)`` features of the validation split's upright films (the training films' own distances are
             optimistically small).
-        components: principal components kept (at most N - 1 and F).
-        quantile: in (0, 1].
+        k: neighbours averaged.
+        alpha: share of validation films allowed above the threshold, in (0, 1).
+        max_reference: most training films kept as reference (the checkpoint stores them, in float16).
+        seed: picks the subset.
     """
-    from sklearn.decomposition import PCA
-
-    k = min(components, len(train) - 1, train.shape[1])
-    if k < 1 or len(val) == 0:
+    if len(train) == 0 or len(val) == 0:
         raise DatasetError(f"the out-of-distribution check needs training and validation films, got {len(train)} "
                            f"and {len(val)}")
-    pca = PCA(n_components=k, svd_solver="full").fit(train.astype(np.float64))
-    keep = pca.explained_variance_ > 1e-12 * pca.explained_variance_[0]
-    model = OodModel(pca.mean_, pca.components_[keep], pca.explained_variance_[keep], np.inf, quantile)
-    threshold = float(np.quantile(model.distance(val), quantile))
-    return OodModel(model.mean, model.components, model.variance, threshold, quantile)
+    if len(train) > max_reference:
+        train = train[np.sort(np.random.default_rng(seed).choice(len(train), max_reference, replace=False))]
+    reference = train / np.maximum(np.linalg.norm(train, axis=1, keepdims=True), 1e-12)
+    # Rounded as stored, so the threshold is measured with the reference the predictor will use.
+    reference = reference.astype(np.float16).astype(np.float64)
+    distances = np.sort(OodModel(reference, k, np.inf, alpha).distance(val))
+    rank = min(len(distances), math.ceil((len(distances) + 1) * (1 - alpha)))
+    return OodModel(reference, k, float(distances[rank - 1]), alpha)
 
 
 def fit_gate(model: XrayClassifier, images: GateImages, img_size: int, opts: GateOptions,
@@ -217,7 +216,7 @@ def fit_gate(model: XrayClassifier, images: GateImages, img_size: int, opts: Gat
              "inverted": train["inverted"], "lateral": feats(images.lateral_fit, "upright", "lateral")}
     view = fit_view(views, opts.C, opts.min_frontal, opts.seed)
     val = {name: feats(images.val, name, "val") for name in VARIANTS}
-    ood = fit_ood(train["upright"], val["upright"], opts.components, opts.quantile)
+    ood = fit_ood(train["upright"], val["upright"], opts.neighbours, opts.alpha, opts.max_reference, opts.seed)
     gate = InputGate(view, ood, weights, unavailable=None)
     measured = {"val_upright_passed": float(1 - gate.refused(val["upright"]).mean()),
                 "val_rotated_refused": float(np.mean([gate.refused(val[n]).mean() for n in ROTATIONS])),
@@ -227,109 +226,25 @@ def fit_gate(model: XrayClassifier, images: GateImages, img_size: int, opts: Gat
         measured["lateral_holdout_refused"] = float(gate.refused(holdout).mean())
     gate.info = {**images.info, "n_train": len(images.train), "n_val": len(images.val),
                  "n_lateral_fit": len(images.lateral_fit), "n_lateral_holdout": len(images.lateral_holdout),
-                 "components": len(ood.variance), "quantile": opts.quantile, "C": opts.C, "seed": opts.seed,
-                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - start, 1),
-                 "validation": measured}
+                 "n_reference": len(ood.reference), "neighbours": opts.neighbours, "alpha": opts.alpha, "C": opts.C,
+                 "seed": opts.seed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 "seconds": round(time.perf_counter() - start, 1), "validation": measured}
     return gate
 
 
-# --------------------------------------------------------------------------------------------------- the data
-
-
-def run_split(checkpoint: Path, ckpt: dict) -> pd.DataFrame:
-    """The run's split (``split.csv`` beside the checkpoint, else the checkpoint's record), relpath-keyed."""
-    split_csv = checkpoint.parent / "split.csv"
-    if split_csv.is_file():
-        return pd.read_csv(split_csv, dtype=str, keep_default_na=False)
-    recorded = ckpt.get("split")
-    if isinstance(recorded, dict) and {"relpath", "split"} <= set(recorded):
-        return pd.DataFrame(recorded).astype(str)
-    raise DatasetError(f"{checkpoint}: the run recorded no split (no split.csv beside it, none in the checkpoint)")
-
-
-def default_laterals(data_path: Path) -> Path | None:
-    """``notcxr/lateral`` beside the data (or one folder up), or None."""
-    root = data_path if data_path.is_dir() else data_path.parent
-    for candidate in (root / "notcxr" / "lateral", root.parent / "notcxr" / "lateral"):
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
-def lateral_table(folder: Path, seed: int) -> pd.DataFrame:
-    """The lateral films of ``folder`` with their patient and role: ``fit`` (a seeded half of the patients) or
-    ``holdout``.
-
-    Patients come from a ``metadata.csv`` (``path``, ``patient_id``) in the folder or its parent; a file without a row
-    is its own patient.
-    """
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
-                   and p.name != "metadata.csv")
-    patients = {}
-    for meta in (folder / "metadata.csv", folder.parent / "metadata.csv"):
-        if meta.is_file():
-            table = pd.read_csv(meta, dtype=str, keep_default_na=False)
-            if {"path", "patient_id"} <= set(table.columns):
-                patients |= {os.path.realpath(meta.parent / p): pid for p, pid in
-                             zip(table["path"], table["patient_id"], strict=True)}
-    table = pd.DataFrame({"path": [str(f) for f in files], "name": [f.name for f in files],
-                          "patient_id": [patients.get(os.path.realpath(f), f"file:{f.name}") for f in files]})
-    order = np.random.default_rng(seed).permutation(sorted(table["patient_id"].unique()))
-    fit = set(order[: len(order) // 2])
-    return table.assign(role=np.where(table["patient_id"].isin(fit), "fit", "holdout"))
-
-
-def _squares(paths: list[str], img_size: int, desc: str, progress: bool) -> tuple[list[np.ndarray], list[int]]:
-    """Prepared squares of ``paths`` (through the shared cache) and the positions that could be read."""
-    prepared = prepare(paths, cache_size(img_size), default_cache_dir(), desc=desc, progress=progress)
-    for reason in list(prepared.failures.values())[:3]:
-        log.warning("gate: skipped unreadable %s", reason)
-    ok = [i for i in range(len(paths)) if i not in prepared.failures]
-    return [prepared.images[i] for i in ok], ok
-
-
-def gate_images(checkpoint: Path, ckpt: dict, data: str | None, laterals: Path | None, img_size: int,
-                opts: GateOptions) -> GateImages:
-    """The run's training and validation films and the lateral films, prepared.
+def fit_checkpoint(checkpoint: str | os.PathLike, opts: GateOptions | None = None, device: str = "auto",
+                   data: str | None = None, laterals: str | os.PathLike | None = None, run: RunData | None = None,
+                   out: str | os.PathLike | None = None) -> InputGate:
+    """Fit the gate of a checkpoint on its run's split and store it in ``ckpt["gate"]``, atomically.
 
     Args:
-        checkpoint: the checkpoint file.
-        ckpt: the loaded checkpoint.
+        checkpoint: the checkpoint file (``RUN/best.pt``).
+        opts: fitting options.
+        device: where the backbone runs.
         data: the run's dataset (default: the one it was trained on).
-        laterals: folder of lateral films (default: :func:`default_laterals`; none found: no lateral class).
-        img_size: the network input side.
-        opts: fitting options (seed, progress).
-    """
-    config = ckpt.get("config") or {}
-    data_path = resolve_data_path(data or config.get("data") or (ckpt.get("data") or {}).get("root"))
-    table = apply_split(load_manifest(data_path), run_split(checkpoint, ckpt))
-    train, _ = _squares(table.loc[table["split"] == "train", "path"].tolist(), img_size, "gate: train films",
-                        opts.progress)
-    val, _ = _squares(table.loc[table["split"] == "val", "path"].tolist(), img_size, "gate: val films", opts.progress)
-    images = GateImages(train, val, info={"data": str(data_path)})
-    folder = laterals if laterals is not None else default_laterals(data_path)
-    if folder is None:
-        log.warning("gate: no lateral films found (pass --laterals FOLDER): the view check learns rotated and "
-                    "inverted films only")
-        return images
-    if not folder.is_dir():
-        raise DatasetError(f"--laterals {folder}: not a folder")
-    lateral = lateral_table(folder, opts.seed)
-    for role in ("fit", "holdout"):
-        rows = lateral[lateral["role"] == role]
-        squares, ok = _squares(rows["path"].tolist(), img_size, f"gate: lateral {role}", opts.progress)
-        setattr(images, f"lateral_{role}", squares)
-        images.info[f"lateral_{role}"] = [rows["name"].iloc[i] for i in ok]
-        if role == "fit":
-            images.info["lateral_fit_sha256"] = [file_digest(rows["path"].iloc[i]) for i in ok]
-    images.info["lateral_folder"] = str(folder)
-    return images
-
-
-def fit_checkpoint(checkpoint: str | os.PathLike, data: str | None = None, laterals: str | os.PathLike | None = None,
-                   opts: GateOptions | None = None, device: str = "auto", out: str | os.PathLike | None = None
-                   ) -> InputGate:
-    """Fit the gate of a checkpoint and store it in ``ckpt["gate"]``, atomically (in ``out`` when given).
+        laterals: folder of lateral films (default: :func:`default_laterals`).
+        run: the run's data already loaded with its split (training passes its own); None loads it.
+        out: write the checkpoint with its gate here instead.
 
     Raises:
         CheckpointError: an unusable checkpoint.
@@ -340,7 +255,12 @@ def fit_checkpoint(checkpoint: str | os.PathLike, data: str | None = None, later
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, str(path)).to(pick_device(device))
     img_size = int(ckpt["preprocess"]["img_size"])
-    images = gate_images(path, ckpt, data, None if laterals is None else Path(laterals), img_size, opts)
+    config = ckpt.get("config") or {}
+    settings = LoaderSettings.from_dict({**config, "data": data or config.get("data"), "img_size": img_size})
+    if run is None:
+        run = load_run_data(settings, run_split(path, ckpt))
+    folder = Path(laterals) if laterals is not None else default_laterals(resolve_data_path(settings.data))
+    images = gate_images(run, settings, folder, opts.seed)
     gate = fit_gate(model, images, img_size, opts, weights_sha256(ckpt["model"]))
     save_checkpoint(out or path, {**ckpt, "gate": gate.to_dict()})
     return gate
@@ -359,9 +279,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     fit.add_argument("--data", help="the run's dataset (default: the one it was trained on)")
     fit.add_argument("--laterals", type=Path, help="folder of lateral chest films (default: notcxr/lateral beside "
                      "the data or one folder up)")
-    fit.add_argument("--components", type=int, default=64, help="PCA components (default: %(default)s)")
-    fit.add_argument("--quantile", type=float, default=0.99,
-                     help="quantile of the validation distances used as threshold (default: %(default)s)")
+    fit.add_argument("--neighbours", type=int, default=GateOptions.neighbours,
+                     help="nearest training films the out-of-distribution check averages (default: %(default)s)")
+    fit.add_argument("--alpha", type=float, default=GateOptions.alpha,
+                     help="share of validation films allowed above its threshold (default: %(default)s)")
     fit.add_argument("--C", type=float, default=GateOptions.C, dest="C",
                      help="inverse regularisation of the view model (default: %(default)s)")
     fit.add_argument("--seed", type=int, default=0, help="picks the lateral patients fitted on (default: 0)")
@@ -375,12 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; 0 on success, 2 on usage or data errors (one line on stderr)."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if not (0 < args.quantile <= 1) or args.components < 1 or args.C <= 0 or args.batch_size < 1:
-        parser.error("--quantile must be in (0, 1] and --components, --C and --batch-size positive")
+    if not (0 < args.alpha < 1) or args.neighbours < 1 or args.C <= 0 or args.batch_size < 1:
+        parser.error("--alpha must be in (0, 1) and --neighbours, --C and --batch-size positive")
     setup_logging()
-    opts = GateOptions(args.components, args.quantile, args.C, seed=args.seed, batch_size=args.batch_size)
+    opts = GateOptions(args.neighbours, args.alpha, C=args.C, seed=args.seed, batch_size=args.batch_size)
     try:
-        gate = fit_checkpoint(args.checkpoint, args.data, args.laterals, opts, args.device, args.out)
+        gate = fit_checkpoint(args.checkpoint, opts, args.device, args.data, args.laterals, out=args.out)
     except (CovidxrError, OSError) as exc:
         print(f"covidxr.gate: error: {one_line(exc)}", file=sys.stderr)
         return 2
