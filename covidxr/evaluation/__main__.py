@@ -5,6 +5,7 @@ Usage::
     python -m covidxr.evaluate --checkpoint runs/r50/best.pt                     # test split of the run's data
     python -m covidxr.evaluate --checkpoint runs/r50/best.pt --split val
     python -m covidxr.evaluate --checkpoint runs/r50/best.pt --data other/ --split all   # external dataset
+    python -m covidxr.evaluate --checkpoint runs/r50/best.pt --gate-variants --gate-check notcxr/   # input gate
 
 The run's own data (default: the data it was trained on, split as recorded in ``split.csv`` beside the checkpoint
 or in the checkpoint) is evaluated on its ``test`` split by default. The validation split is predicted as well: a
@@ -18,6 +19,10 @@ path or same bytes) are flagged, and the checkpoint is left untouched.
 Output folder (default ``eval/`` beside the checkpoint; ``eval-<dataset>/`` for an external dataset):
 ``metrics.json``, ``predictions.csv``, ``report.html`` (self-contained) and the PNG plots. Errors a user can cause
 print one line ``covidxr.evaluate: error: ...`` and exit with status 2.
+
+The input gate (:mod:`covidxr.evaluation.gate_report`) is run on the evaluated images: its refusal rate per source is
+in ``metrics.json["gate"]`` and the report. ``--gate-variants`` adds rotated and inverted copies of the evaluated
+images, ``--gate-check FOLDER`` (repeatable) an unlabelled folder of images it should refuse, counted per sub-folder.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from covidxr.errors import CovidxrError, one_line
+from covidxr.evaluation.gate_report import gate_summary
 from covidxr.evaluation.inputs import EvalOptions
 from covidxr.evaluation.metrics import HEADLINE
 from covidxr.evaluation.pipeline import evaluate
@@ -59,6 +65,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("-j", "--workers", type=int_at_least(0), default=min(2, os.cpu_count() or 1),
                    help="image decoding and loading processes")
+    p.add_argument("--gate-check", action="append", type=Path, default=[], metavar="FOLDER",
+                   help="report the input gate's refusal rate on this unlabelled folder, per sub-folder (repeatable; "
+                        "e.g. images that are not frontal chest radiographs)")
+    p.add_argument("--gate-variants", action="store_true",
+                   help="also report the gate's refusal rate of rotated (90/180/270) and inverted copies of the "
+                        "evaluated images")
     return p
 
 
@@ -68,6 +80,8 @@ def _print_summary(result: dict[str, Any]) -> None:
     numbers = ", ".join(f"{k} {format_value(ci.get(k) or result['metrics'].get(k))}" for k in HEADLINE)
     print(f"{result['split']} split of {result['data']}: {result['n_images']} images, {result['n_patients']} "
           f"patients; {numbers}; temperature {result['calibration']['temperature']:.3f}")
+    if result.get("gate"):
+        print(gate_summary(result["gate"]))
     for warning in result["warnings"]:
         print(f"warning: {warning}")
     print(f"report: {Path(result['out']) / 'report.html'}")
@@ -84,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = EvalOptions(checkpoint=args.checkpoint, data=args.data, split=args.split, out=args.out,
                        batch_size=args.batch_size, device=args.device, positive=args.positive,
                        bootstrap=args.bootstrap, seed=args.seed, workers=args.workers,
-                       command=["python", "-m", PROG, *argv])
+                       command=["python", "-m", PROG, *argv], gate_check=args.gate_check,
+                       gate_variants=args.gate_variants)
     try:
         result = evaluate(opts)
     except CovidxrError as exc:

@@ -43,6 +43,8 @@ class EvalOptions:
     workers: int = 0
     command: list[str] = field(default_factory=list)
     progress: bool = True
+    gate_check: list[Path] = field(default_factory=list)  # unlabelled folders whose refusal rate is reported
+    gate_variants: bool = False  # also report the refusal rate of rotated and inverted copies of the evaluated images
 
 
 @dataclass

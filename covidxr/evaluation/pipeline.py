@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from covidxr.errors import CovidxrError, DatasetError
 from covidxr.evaluation.analysis import analyse, default_positive, source_warnings, split_warnings
+from covidxr.evaluation.gate_report import gate_report
 from covidxr.evaluation.inputs import EvalData, EvalOptions, load_eval_data, read_checkpoint, run_split_table
 from covidxr.evaluation.logits import SplitOutputs, predict_splits
 from covidxr.evaluation.model_card import model_card
@@ -112,7 +113,10 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     sha = file_digest(opts.checkpoint)
     default_positive(ckpt["classes"], opts.positive)  # fail early on a bad --positive or --device
     pick_device(opts.device)
-    stages = _Stages(4, opts.progress)
+    for folder in opts.gate_check:
+        if not Path(folder).is_dir():
+            raise CovidxrError(f"--gate-check {folder}: not a folder")
+    stages = _Stages(5, opts.progress)
     try:
         with stages("load data"):
             data = load_eval_data(ckpt, opts.checkpoint, opts)
@@ -127,6 +131,9 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
         with stages("metrics"):
             analysis = analyse(ckpt, data, pred, split_table, opts)
             result = assemble(ckpt, data, pred, analysis, split_table, opts, sha, out)
+        with stages("input gate"):
+            result["gate"] = gate_report(opts.checkpoint, pred.table, opts.gate_check, opts.gate_variants,
+                                         opts.device, opts.batch_size, opts.progress)
         with stages("report"):
             result["reproducibility"] = reproducibility(opts, ckpt, data, split_table, sha, stages.timings)
             finish(out, result, ckpt, data, pred, analysis, opts)

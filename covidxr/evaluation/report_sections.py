@@ -6,6 +6,7 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
+from covidxr.evaluation.gate_report import gate_html
 from covidxr.evaluation.metrics import HEADLINE
 from covidxr.evaluation.outputs import EXPLAIN_SUMMARY
 from covidxr.html_page import Section, img_html, kv_html, paragraph_html, render_html, table_html
@@ -146,6 +147,7 @@ def build_report(result: dict[str, Any], plots: dict[str, tuple[str, bytes]]) ->
         Section("Calibration", _calibration_html(result, plots)),
         Section("Operating points", _operating_html(result["operating_points"])),
         Section("Confounding checks", _confounding_html(result)),
+        Section("Input gate", gate_html(result.get("gate"))),
         Section("Training", _figure(plots, "history", "Training curves (history.csv)")
                 or paragraph_html("No training history recorded.")),
         Section("Model card", _model_card_html(result["model_card"], result["explain"])),
