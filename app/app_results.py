@@ -1,4 +1,5 @@
-"""One uploaded file on the page: read it, warn about unsuitable input, predict, explain, offer downloads.
+"""One uploaded file on the page: read it, predict, explain, offer downloads; "not assessed" when the input gate
+(``covidxr.inference.gate``) refuses it, with the model's output only behind an explicit toggle.
 
 :func:`render_upload` is the single code path for every uploaded file (browser uploads and AppTest uploads alike).
 Reading, preprocessing, prediction and Grad-CAM are the package's (``covidxr.io``, ``covidxr.inference.predictor``,
@@ -33,6 +34,7 @@ from covidxr.inference.prediction_log import (
 from covidxr.io import MAX_FILE_BYTES, Xray, load_xray
 
 if TYPE_CHECKING:  # torch and friends load on first use, so the page shows its first lines at once
+    from covidxr.inference.gate import GateVerdict
     from covidxr.inference.predictor import Prediction, Predictor
 
 log = logging.getLogger("covidxr.app")
@@ -41,12 +43,7 @@ INTENDED_USE = ("Research and education only. This is not a medical device and m
                 "triage or any clinical decision.")
 DISPLAY_MAX_SIDE = 1024
 DOWNLOAD_MAX_SIDE = 2048
-MIN_SIDE = 256
-CHEST_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "CHEST_LUNG", "CHESTWALL"})
-LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "L", "R", "LEFT LATERAL", "RIGHT LATERAL"})
-OBLIQUE_VIEWS = frozenset({"RAO", "LAO", "RPO", "LPO", "RLO", "LLO", "OBL", "OBLIQUE"})
 SLOW_ON_CPU = frozenset({"scorecam"})
-RADIOGRAPHY = frozenset({"CR", "DX", "DR", "RG"})
 CAM_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "hirescam": "HiResCAM", "xgradcam": "XGrad-CAM",
               "layercam": "LayerCAM", "eigencam": "Eigen-CAM", "scorecam": "Score-CAM (slow)"}
 
@@ -98,38 +95,11 @@ class FileResult:
     warnings: tuple[str, ...]
 
 
-def input_warnings(xray: Xray) -> list[str]:
-    """Signs that an image is not a frontal chest radiograph the model was made for.
-
-    Args:
-        xray: the decoded image.
-
-    Returns:
-        Plain-language warnings (no file names, so they may go into the audit log).
-    """
-    warnings = []
-    if xray.color:
-        warnings.append("This is a colour image (a photograph or a tinted picture?), not a plain radiograph. "
-                        "The model was trained on greyscale chest X-rays.")
-    height, width = xray.pixels.shape[:2]
-    if min(height, width) < MIN_SIDE:
-        warnings.append(f"The image is very small ({width} x {height} pixels); fine detail is missing "
-                        "and the result is less reliable.")
-    header = xray.header or {}
-    view = str(header.get("ViewPosition", "")).strip().upper()
-    if view in LATERAL_VIEWS:
-        warnings.append(f"The DICOM header says this is a lateral view ({view}); the model was trained on "
-                        "frontal (PA/AP) views.")
-    elif view in OBLIQUE_VIEWS:
-        warnings.append(f"The DICOM header says this is an oblique view ({view}); the model was trained on "
-                        "frontal (PA/AP) views.")
-    part = str(header.get("BodyPartExamined", "")).strip().upper()
-    if part and part not in CHEST_PARTS:
-        warnings.append(f"The DICOM header says the body part is {part}, not the chest.")
-    modality = str(header.get("Modality", "")).strip().upper()
-    if modality and modality not in RADIOGRAPHY:
-        warnings.append(f"The DICOM modality is {modality}; the model was trained on plain radiographs (CR/DX).")
-    return warnings
+def input_warnings(verdict: GateVerdict) -> list[str]:
+    """The input gate's verdict as page and audit messages: why it refused the image, and caveats that do not refuse
+    (no file names, so they may go into the audit log)."""
+    return [f"Not assessed: {reason}." for reason in verdict.reasons] + [w[:1].upper() + w[1:] + "."
+                                                                          for w in verdict.warnings]
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
@@ -181,7 +151,7 @@ def _audit(ctx: Context, xray: Xray, image_sha: str, prediction: Prediction, war
         ctx.audit_errors.append(str(exc))
 
 
-def _predict(upload: Upload, xray: Xray, cam: str | None, cam_class: str | None, warnings: list[str],
+def _predict(upload: Upload, xray: Xray, cam: str | None, cam_class: str | None,
              ctx: Context) -> tuple[Prediction, str]:
     """Predict (and explain) once per upload, method and class in this session; audit each new prediction.
 
@@ -196,7 +166,7 @@ def _predict(upload: Upload, xray: Xray, cam: str | None, cam_class: str | None,
         with st.spinner(f"Analysing {upload.name}..."):
             prediction = ctx.predictor.predict(xray, cam=cam, cam_class=cam_class, name=upload.name)
         ctx.store[key] = prediction
-        _audit(ctx, xray, ctx.store[sha_key], prediction, warnings)
+        _audit(ctx, xray, ctx.store[sha_key], prediction, input_warnings(prediction.gate))
     return ctx.store[key], ctx.store[sha_key]
 
 
@@ -233,6 +203,19 @@ def _controls(upload: Upload, classes: list[str], methods: list[str | None]) -> 
                                   help="Show which regions pushed the model towards this class.")
     alpha = st.slider("Heat-map opacity", 0.0, 1.0, 0.4, 0.05, key=f"{upload.key}:alpha")
     return cam, cam_class, alpha
+
+
+def _gate(upload: Upload, verdict: GateVerdict, predictor: Predictor) -> bool:
+    """"Not assessed: REASON" for an image the input gate refused; whether to show the model's output (always for an
+    assessed image; for a refused one only when the user asks for it)."""
+    if not verdict.learned:
+        st.caption(f"Input gate: {predictor.gate.unavailable}.")
+    if verdict.assessable:
+        return True
+    st.error(f"**Not assessed:** {verdict.reason}.", icon=":material/block:")
+    st.caption("The input gate found that this is not an assessable frontal chest radiograph, the only kind of "
+               "image the model was made for, so its output is not a result.")
+    return st.toggle("Show the model's output anyway", key=f"{upload.key}:anyway")
 
 
 def _headline(prediction: Prediction) -> None:
@@ -328,20 +311,25 @@ def _render(upload: Upload, ctx: Context) -> FileResult | None:
     if isinstance(xray, str):
         st.error(xray)
         return None
-    warnings = input_warnings(xray)
-    for warning in warnings:
-        st.warning(warning, icon=":material/warning:")
     classes = list(ctx.predictor.classes)
+    notices = st.container()
     summary_left, summary_right = st.columns(2, gap="large")
     image_col, cam_col = st.columns(2, gap="large")
     with cam_col:
         overlay_slot = st.container()
         cam, cam_class, alpha = _controls(upload, classes, cam_choices(ctx.predictor))
-    prediction, image_sha = _predict(upload, xray, cam, cam_class, warnings, ctx)
+    prediction, image_sha = _predict(upload, xray, cam, cam_class, ctx)
+    verdict = prediction.gate
+    warnings = input_warnings(verdict)
+    for warning in verdict.warnings:
+        notices.warning(warning[:1].upper() + warning[1:] + ".", icon=":material/warning:")
     with summary_left:
-        _headline(prediction)
-    with summary_right:
-        _probabilities(prediction, classes)
+        shown = _gate(upload, verdict, ctx.predictor)
+        if shown:
+            _headline(prediction)
+    if shown:
+        with summary_right:
+            _probabilities(prediction, classes)
     with image_col:
         height, width = xray.pixels.shape
         caption = "Image as read" + (" (DICOM, windowed by the reader)" if xray.format == "DICOM" else "")
@@ -349,7 +337,10 @@ def _render(upload: Upload, ctx: Context) -> FileResult | None:
                  width="stretch")
         _header_table(xray)
     with overlay_slot:
-        _explanation(xray, prediction, alpha)
+        if shown:
+            _explanation(xray, prediction, alpha)
+        else:
+            st.info("No explanation: the image was not assessed.")
     result = result_dict(upload, xray, image_sha, prediction, warnings, ctx.predictor)
     _downloads(upload, xray, prediction, result, alpha)
     return FileResult(upload.name, image_sha, prediction, tuple(warnings))
@@ -392,7 +383,9 @@ def results_csv(results: list[FileResult], classes: list[str]) -> bytes:
     rows = []
     for result in results:
         prediction = result.prediction
-        row = {"file": result.name, "predicted_class": prediction.label, "confidence": prediction.confidence}
+        row = {"file": result.name, "predicted_class": prediction.label if prediction.assessable else "",
+               "gate": prediction.gate.status, "gate_reason": prediction.gate.reason,
+               "confidence": prediction.confidence}
         row |= {f"p_{c}": prediction.probs.get(c) for c in classes}
         row |= {"cam_method": prediction.cam_method, "cam_class": prediction.cam_class,
                 "warnings": " | ".join(result.warnings), "image_sha256": result.image_sha256}

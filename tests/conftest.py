@@ -70,12 +70,13 @@ def small_manifest(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="session")
 def tiny_run(small_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A resnet18 (random init) trained for one epoch at 64 px on the small manifest: a real run folder."""
+    """A resnet18 (random init) trained for one epoch at 64 px on the small manifest: a real run folder (without a
+    fitted input gate: a gate of such a model would refuse real films at random; tests/test_gate.py fits its own)."""
     from covidxr.training.__main__ import main
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     status = main(["--data", str(small_manifest), "--arch", "resnet18", "--weights", "none", "--img-size", "64",
-                   "--epochs", "1", "--batch-size", "8", "--workers", "0", "--freeze-epochs", "0",
+                   "--epochs", "1", "--batch-size", "8", "--workers", "0", "--freeze-epochs", "0", "--no-gate",
                    "--out", str(out)])
     assert status == 0
     return out

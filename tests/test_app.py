@@ -196,8 +196,8 @@ def test_dicom_header_without_patient_data(with_model: Path, shared_dicom_dir: P
     assert len(read_records(with_model)) == len(paths)
 
 
-def test_warnings_for_unsuitable_input(with_model: Path) -> None:
-    """A small colour picture gets the colour and the size warnings."""
+def test_unsuitable_input_is_not_assessed(with_model: Path) -> None:
+    """A small colour picture is not assessed (colour, size); its output is shown only when asked for."""
     import io
 
     from PIL import Image
@@ -208,10 +208,14 @@ def test_warnings_for_unsuitable_input(with_model: Path) -> None:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
     at = upload(run_app(), [("photo.png", buffer.getvalue())])
-    warnings = " ".join(w.value for w in at.warning)
-    assert "colour image" in warnings and "very small" in warnings
+    refusal = " ".join(e.value for e in at.error)
+    assert refusal.startswith("**Not assessed:**") and "colour image" in refusal and "too small" in refusal
+    assert not [m for m in at.markdown if m.value.startswith("### Model output")]
+    assert any("only the file checks ran" in c.value for c in at.caption)
     record = read_records(with_model)[0]
-    assert any("colour" in w for w in record["warnings"])
+    assert any(w.startswith("Not assessed: a colour image") for w in record["warnings"])
+    at.toggle[0].set_value(True).run()
+    assert len([m for m in at.markdown if m.value.startswith("### Model output")]) == 1
 
 
 def test_model_view_not_evaluated_then_evaluated(app_env: Path, tiny_run: Path, tmp_path: Path,

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "covidxr"
 MAX_LINES = 400
 # Thin modules that only keep documented commands (python -m covidxr.NAME) working: they import a stage's CLI.
-SHIMS = {"covidxr.train", "covidxr.evaluate", "covidxr.compare", "covidxr.predict", "covidxr.export"}
+SHIMS = {"covidxr.train", "covidxr.evaluate", "covidxr.compare", "covidxr.predict", "covidxr.export", "covidxr.gate"}
 # What the app may use: the predictor and prediction log, the explanations, the reader, the saved-evaluation reader.
 APP_ALLOWED = ("covidxr.inference", "covidxr.explain", "covidxr.io", "covidxr.errors", "covidxr.evaluation.results",
                "covidxr.lungs")

@@ -170,8 +170,8 @@ def test_cli_predicts_good_files_and_reports_bad_ones(tiny_run: Path, shared_dat
     captured = capsys.readouterr()
     assert status == 1
     table = pd.read_csv(out / "predictions.csv", keep_default_na=False)
-    assert list(table.columns) == ["path", "predicted", "prob_covid", "prob_normal", "prob_pneumonia", "cam_class",
-                                   "overlay", "note", "error"]
+    assert list(table.columns) == ["path", "predicted", "gate", "gate_reason", "prob_covid", "prob_normal",
+                                   "prob_pneumonia", "cam_class", "overlay", "note", "error"]
     assert len(table) == len(good) + len(bad) + len(dicoms)
     failed = table[table["error"] != ""]
     assert sorted(failed["path"]) == sorted(map(str, bad))
@@ -180,6 +180,7 @@ def test_cli_predicts_good_files_and_reports_bad_ones(tiny_run: Path, shared_dat
     assert "empty" in failed.set_index("path").loc[str(bad[2]), "error"]
     ok = table[table["error"] == ""]
     assert sorted(ok["path"]) == sorted(map(str, good + dicoms))
+    assert set(ok["gate"]) == {"assessed"} and set(ok["gate_reason"]) == {""}  # file checks only: no fitted gate
     probs = ok[["prob_covid", "prob_normal", "prob_pneumonia"]].astype(float)
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4) and set(ok["predicted"]) <= {"covid", "normal", "pneumonia"}
     for row in ok.itertuples():

@@ -6,6 +6,7 @@ Usage::
     python -m covidxr.evaluate --checkpoint runs/r50/best.pt --split val
     python -m covidxr.evaluate --checkpoint runs/r50/best.pt --data other/ --split all   # external dataset
     python -m covidxr.evaluate --checkpoint runs/r50/best.pt --external hospital-a/ --external hospital-b/
+    python -m covidxr.evaluate --checkpoint runs/r50/best.pt --gate-variants --gate-check notcxr/   # input gate
 
 The run's own data (default: the data it was trained on, split as recorded in ``split.csv`` beside the checkpoint
 or in the checkpoint) is evaluated on its ``test`` split by default. The validation split is predicted as well: a
@@ -25,6 +26,10 @@ test split. The cross-validation by source (``python -m covidxr.crossval``; ``--
 Output folder (default ``eval/`` beside the checkpoint; ``eval-<dataset>/`` for an external dataset):
 ``metrics.json``, ``predictions.csv``, ``report.html`` (self-contained) and the PNG plots. Errors a user can cause
 print one line ``covidxr.evaluate: error: ...`` and exit with status 2.
+
+The input gate (:mod:`covidxr.evaluation.gate_report`) is run on the evaluated images: its refusal rate per source is
+in ``metrics.json["gate"]`` and the report. ``--gate-variants`` adds rotated and inverted copies of the evaluated
+images, ``--gate-check FOLDER`` (repeatable) an unlabelled folder of images it should refuse, counted per sub-folder.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from covidxr.errors import CovidxrError
+from covidxr.evaluation.gate_report import gate_summary
 from covidxr.evaluation.inputs import EvalOptions
 from covidxr.evaluation.metrics import HEADLINE
 from covidxr.evaluation.pipeline import evaluate
@@ -72,6 +78,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("-j", "--workers", type=int_at_least(0), default=min(2, os.cpu_count() or 1),
                    help="image decoding and loading processes")
+    p.add_argument("--gate-check", action="append", type=Path, default=[], metavar="FOLDER",
+                   help="report the input gate's refusal rate on this unlabelled folder, per sub-folder (repeatable; "
+                        "e.g. images that are not frontal chest radiographs)")
+    p.add_argument("--gate-variants", action="store_true",
+                   help="also report the gate's refusal rate of rotated (90/180/270) and inverted copies of the "
+                        "evaluated images")
     return p
 
 
@@ -86,6 +98,8 @@ def _print_summary(result: dict[str, Any]) -> None:
         numbers = ", ".join(f"{k} {format_value(ci.get(k) or ext['metrics'].get(k))}"
                             for k in ("balanced_accuracy", "roc_auc_macro"))
         print(f"external {ext['name']}: {ext['n_images']} images, {ext['n_patients']} patients; {numbers}")
+    if result.get("gate"):
+        print(gate_summary(result["gate"]))
     for warning in result["warnings"]:
         print(f"warning: {warning}")
     print(f"report: {Path(result['out']) / 'report.html'}")
@@ -103,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        batch_size=args.batch_size, device=args.device, positive=args.positive,
                        bootstrap=args.bootstrap, seed=args.seed, workers=args.workers,
                        command=["python", "-m", PROG, *argv], external=list(args.external),
-                       crossval=args.crossval)
+                       crossval=args.crossval, gate_check=args.gate_check, gate_variants=args.gate_variants)
     try:
         result = evaluate(opts)
     except CovidxrError as exc:

@@ -45,6 +45,8 @@ class EvalOptions:
     progress: bool = True
     external: list[Path] = field(default_factory=list)  # external folders evaluated beside the run's split
     crossval: Path | None = None  # crossval.json to report (default: crossval/crossval.json beside the checkpoint)
+    gate_check: list[Path] = field(default_factory=list)  # unlabelled folders whose refusal rate is reported
+    gate_variants: bool = False  # also report the refusal rate of rotated and inverted copies of the evaluated images
 
 
 @dataclass

@@ -20,6 +20,7 @@ from covidxr.data.manifest import resolve_data_path
 from covidxr.errors import CovidxrError, DatasetError
 from covidxr.evaluation.analysis import analyse, default_positive, source_warnings, split_warnings
 from covidxr.evaluation.external import evaluate_external, external_names, read_crossval, with_internal_calibration
+from covidxr.evaluation.gate_report import gate_report
 from covidxr.evaluation.inputs import EvalData, EvalOptions, load_eval_data, read_checkpoint, run_split_table
 from covidxr.evaluation.logits import SplitOutputs, predict_splits
 from covidxr.evaluation.model_card import model_card
@@ -123,7 +124,10 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     sha = file_digest(opts.checkpoint)
     default_positive(ckpt["classes"], opts.positive)  # fail early on a bad --positive or --device
     pick_device(opts.device)
-    stages = _Stages(5, opts.progress)
+    for folder in opts.gate_check:
+        if not Path(folder).is_dir():
+            raise CovidxrError(f"--gate-check {folder}: not a folder")
+    stages = _Stages(6, opts.progress)
     try:
         with stages("load data"):
             data = load_eval_data(ckpt, opts.checkpoint, opts)
@@ -144,6 +148,9 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
         with stages("external"):
             result["external"] = external_results(ckpt, result, split_table, opts, out)
             result["crossval"] = crossval
+        with stages("input gate"):
+            result["gate"] = gate_report(opts.checkpoint, pred.table, opts.gate_check, opts.gate_variants,
+                                         opts.device, opts.batch_size, opts.progress)
         with stages("report"):
             result["reproducibility"] = reproducibility(opts, ckpt, data, split_table, sha, stages.timings)
             finish(out, result, ckpt, data, pred, analysis, opts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from covidxr.evaluation.gate_report import gate_html
 from covidxr.evaluation.metrics import HEADLINE
 from covidxr.evaluation.outputs import EXPLAIN_SUMMARY
 from covidxr.evaluation.report_external import crossval_section, external_sections, group_table_html, headline_cards
@@ -137,6 +138,7 @@ def build_report(result: dict[str, Any], plots: dict[str, tuple[str, bytes]]) ->
         Section("Calibration", _calibration_html(result, plots)),
         Section("Operating points", _operating_html(result["operating_points"])),
         Section("Confounding checks", _confounding_html(result)),
+        Section("Input gate", gate_html(result.get("gate"))),
         Section("Training", _figure(plots, "history", "Training curves (history.csv)")
                 or paragraph_html("No training history recorded.")),
         Section("Model card", _model_card_html(result["model_card"], result["explain"])),

@@ -5,8 +5,11 @@ Command line::
     python -m covidxr.predict --checkpoint RUN/best.pt IMAGE_OR_FOLDER... [--cam METHOD|none] [--cam-class CLASS]
         [--out DIR] [--device auto|cpu|cuda] [--batch-size N] [--backend auto|torch|onnx]
 
-prints ``FILE: CLASS PROBABILITY`` per image, writes ``DIR/predictions.csv`` (path, predicted, one ``prob_CLASS``
-column per class, cam_class, overlay, note, error) and, unless ``--cam none``, one overlay PNG per image in DIR.
+prints ``FILE: CLASS PROBABILITY`` per image, or ``FILE: not assessed: REASON`` when the input gate refuses it (not an
+assessable frontal chest radiograph, see :mod:`covidxr.inference.gate`), writes ``DIR/predictions.csv`` (path,
+predicted (empty for a refused image), gate (``assessed`` / ``not assessed``), gate_reason, one ``prob_CLASS`` column
+per class (the model's output, also for refused images), cam_class, overlay, note, error) and, unless ``--cam none``,
+one overlay PNG per assessed image in DIR.
 Folders are searched recursively for image files (:data:`SEARCHED_SUFFIXES`, and files without a suffix, which is
 how DICOM files often come); hidden files are skipped. Files named on the command line are always tried.
 Unreadable files get their own error line on stderr and a row with their error in the CSV; the other files are
@@ -158,22 +161,28 @@ def run_predictions(predictor: Predictor, files: Sequence[Path], out: Path,
         results = predictor.predict_batch([x for _, x in batch], cam=options.cam, names=[str(f) for f, _ in batch],
                                           cam_class=options.cam_class, cam_layer=options.cam_layer)
         for (file, xray), result in zip(batch, results, strict=True):
-            row = {"path": str(file), "predicted": result.label, "cam_class": result.cam_class or "",
-                   "note": result.note or "", "overlay": "", "error": ""}
+            gate = result.gate
+            row = {"path": str(file), "predicted": result.label if result.assessable else "", "gate": gate.status,
+                   "gate_reason": gate.reason, "cam_class": result.cam_class or "", "note": result.note or "",
+                   "overlay": "", "error": ""}
             row |= {f"prob_{c}": f"{p:.6f}" for c, p in result.probs.items()}
+            rows.append(row)
+            if not result.assessable:
+                print(f"{file}: {gate.headline()}")
+                continue
             if options.cam is not None:
                 name = _overlay_name(file, options.cam, used)
                 picture = overlay(xray.pixels, result.heatmap, options.alpha, options.max_side)
                 atomic_write_bytes(out / name, _png_bytes(picture))
                 row["overlay"] = name
-            rows.append(row)
             print(f"{file}: {result.label} {result.confidence:.3f}" + (f" ({result.note})" if result.note else ""))
     return rows, failed
 
 
 def write_csv(path: Path, rows: list[dict], classes: list[str]) -> None:
     """Write ``predictions.csv`` atomically: one row per file, one probability column per class."""
-    fields = ["path", "predicted", *[f"prob_{c}" for c in classes], "cam_class", "overlay", "note", "error"]
+    fields = ["path", "predicted", "gate", "gate_reason", *[f"prob_{c}" for c in classes], "cam_class", "overlay",
+              "note", "error"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -207,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         if options.cam_layer is not None:
             resolve_layer(predictor.model, options.cam_layer)
         args.out.mkdir(parents=True, exist_ok=True)
+        if not predictor.gate.learned:
+            log.warning("input gate: %s", predictor.gate.unavailable)
         rows, failed = run_predictions(predictor, files, args.out, options)
         write_csv(args.out / "predictions.csv", rows, predictor.classes)
     except (CovidxrError, ValueError, OSError) as exc:

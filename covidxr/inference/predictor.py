@@ -19,6 +19,11 @@ Backends (plain predictions only; Grad-CAM always runs in torch, see :mod:`covid
   beside the checkpoint; torch otherwise. ``"auto"`` never exports by itself (no surprise writes into a run folder,
   no export delay when an app starts).
 
+Every prediction carries the input gate's verdict (:mod:`covidxr.inference.gate`): is the image an assessable frontal
+chest radiograph, and if not, why. The gate's learned checks read the pooled backbone features of the same forward
+pass (captured at the head's input), so they need torch: with a fitted gate, ``"auto"`` uses torch, and ``"onnx"``
+adds a torch backbone pass for the gate.
+
 A :class:`Predictor` may be shared between threads: model calls are serialised by an internal lock (CAM hooks
 must not see another thread's forward pass).
 
@@ -27,10 +32,11 @@ The command line, ``python -m covidxr.predict``, is :mod:`covidxr.inference.__ma
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +47,7 @@ from covidxr.checkpoint import load_checkpoint, read_temperature
 from covidxr.explain.cam import CAM_METHODS, compute_cam
 from covidxr.explain.display import heatmap_on_image
 from covidxr.files import file_digest
+from covidxr.inference.gate import GateVerdict, InputGate
 from covidxr.inference.onnx_backend import (
     OnnxRunner,
     default_onnx_path,
@@ -75,6 +82,8 @@ class Prediction:
         cam_class: the class explained, or None.
         note: why there is no heatmap although one was asked for, e.g. ``"no explanation available (constant
             heatmap)"``; None otherwise.
+        gate: the input gate's verdict; a refused image is "not assessed: REASON", and its probabilities are the
+            model's output on an input it was not made for.
     """
 
     name: str
@@ -85,12 +94,19 @@ class Prediction:
     cam_method: str | None = None
     cam_class: str | None = None
     note: str | None = None
+    gate: GateVerdict | None = None
+
+    @property
+    def assessable(self) -> bool:
+        """False when the input gate refused the image."""
+        return self.gate is None or self.gate.assessable
 
     def to_dict(self) -> dict:
         """Return a JSON-friendly dict of everything but the heatmap."""
         return {"name": self.name, "label": self.label, "confidence": float(self.confidence),
                 "probs": {k: float(v) for k, v in self.probs.items()}, "cam_method": self.cam_method,
-                "cam_class": self.cam_class, "note": self.note}
+                "cam_class": self.cam_class, "note": self.note,
+                "gate": None if self.gate is None else self.gate.to_dict()}
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -124,6 +140,25 @@ def _data_summary(ckpt: dict) -> dict:
         if "patient_id" in split:
             summary["patients"] = len(set(split["patient_id"]))
     return summary
+
+
+@contextlib.contextmanager
+def head_input(model: XrayClassifier) -> Iterator[list[torch.Tensor]]:
+    """Capture the pooled backbone features of the next forward pass (the head's input), on the CPU.
+
+    Only the first call is kept: Score-CAM runs further passes on masked inputs.
+    """
+    seen: list[torch.Tensor] = []
+
+    def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if not seen:
+            seen.append(args[0].detach().float().cpu())
+
+    handle = model.head.register_forward_pre_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def _as_pixels(image: np.ndarray | Xray) -> np.ndarray:
@@ -164,11 +199,12 @@ class Predictor:
         model: the torch model (eval mode, no parameter requires grad).
         device: the torch device.
         backend: what plain predictions use, ``"torch"`` or ``"onnx"``.
+        gate: the input gate (file checks only when the checkpoint has no fitted gate).
     """
 
     def __init__(self, model: XrayClassifier, classes: list[str], preprocess: Preprocess, temperature: float,
                  checkpoint_path: Path, checkpoint_sha256: str, metrics: dict | None, info: dict,
-                 device: torch.device, runner: OnnxRunner | None = None) -> None:
+                 device: torch.device, runner: OnnxRunner | None = None, gate: InputGate | None = None) -> None:
         self.model = model
         self.arch: str = model.arch
         self.classes = list(classes)
@@ -180,6 +216,7 @@ class Predictor:
         self.info = info
         self.device = device
         self.runner = runner
+        self.gate = gate if gate is not None else InputGate()
         self._lock = threading.RLock()
 
     @property
@@ -215,22 +252,21 @@ class Predictor:
         torch_device = pick_device(device)
         model.to(torch_device)
         sha = file_digest(path)
+        gate = InputGate.from_checkpoint(ckpt, str(path))
         info = {"arch": model.arch, "classes": classes, "img_size": preprocess.img_size, "epoch": ckpt.get("epoch"),
                 "best_epoch": ckpt.get("best_epoch"), "best_auc": ckpt.get("best_auc"), "temperature": temperature,
                 "created": ckpt.get("created"), "versions": ckpt.get("versions") or {},
-                "data": _data_summary(ckpt), "config": ckpt.get("config") or {}}
+                "data": _data_summary(ckpt), "config": ckpt.get("config") or {},
+                "gate": {"learned": gate.learned, "unavailable": gate.unavailable, **gate.info}}
         predictor = cls(model, classes, preprocess, temperature, path, sha, ckpt.get("evaluation"), info,
-                        torch_device)
+                        torch_device, gate=gate)
         predictor.runner = predictor._open_runner(backend)
         return predictor
 
     def _open_runner(self, backend: str) -> OnnxRunner | None:
-        """Return the ONNX Runtime runner the backend choice asks for (None: use torch).
-
-        Returns:
-            The runner or None.
-        """
-        if backend == "torch" or (backend == "auto" and (self.device.type != "cpu" or not onnxruntime_available())):
+        """Return the ONNX Runtime runner the backend choice asks for (None: use torch)."""
+        if backend == "torch" or (backend == "auto" and (self.device.type != "cpu" or not onnxruntime_available()
+                                                         or self.gate.learned)):
             return None
         target = default_onnx_path(self.checkpoint_path)
         runner = fresh_runner(target, self.checkpoint_sha256)
@@ -244,13 +280,7 @@ class Predictor:
         return OnnxRunner(data)
 
     def class_index(self, cls: str | int) -> int:
-        """Return the output index of a class given by name or index.
-
-        Args:
-            cls: a class name, or an index (``int`` or a string of digits).
-
-        Returns:
-            The index.
+        """Return the output index of a class given by name or index (``int`` or a string of digits).
 
         Raises:
             ValueError: for an unknown class.
@@ -317,15 +347,18 @@ class Predictor:
         notes: list[str | None] = [None] * len(images)
         explained: list[int | None] = [None] * len(images)
         if method is None:
-            logits = self._logits(inputs)
+            logits, features = self._logits(inputs)
         else:
-            with self._lock:
+            with self._lock, head_input(self.model) as seen:
                 out = compute_cam(self.model, inputs, method, None if target is None else [target] * len(images),
                                   layer=cam_layer)
-            logits = out.logits.numpy()
+            logits, features = out.logits.numpy(), seen[0].numpy()
             explained = list(out.targets)
             for i, image in enumerate(pixels):
                 heatmaps[i], notes[i] = heatmap_on_image(out.maps[i], *image.shape)
+        xrays = [img if isinstance(img, Xray) else Xray(p, "array", False, {}, name)
+                 for img, p, name in zip(images, pixels, labels, strict=True)]
+        verdicts = self.gate.check_batch(xrays, features if self.gate.learned else None)
         probs = softmax(logits, self.temperature)
         results = []
         for i in range(len(images)):
@@ -334,16 +367,22 @@ class Predictor:
                 name=labels[i], probs={c: float(p) for c, p in zip(self.classes, probs[i], strict=True)},
                 label=self.classes[best], confidence=float(probs[i][best]), heatmap=heatmaps[i],
                 cam_method=method, cam_class=None if explained[i] is None else self.classes[explained[i]],
-                note=notes[i]))
+                note=notes[i], gate=verdicts[i]))
         return results
 
-    def _logits(self, inputs: torch.Tensor) -> np.ndarray:
-        """Logits of a batch without explanation: ONNX Runtime when selected, else torch in inference mode.
+    def _logits(self, inputs: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits of a batch without explanation (ONNX Runtime when selected, else torch in inference mode), and the
+        pooled backbone features when the gate needs them.
 
         Returns:
-            ``(B, C)`` float32 logits.
+            ``(B, C)`` float32 logits and ``(B, F)`` features or None.
         """
+        features = None
         if self.runner is not None:
-            return self.runner.logits(inputs)
-        with self._lock, torch.inference_mode():
-            return self.model(inputs.to(self.device)).float().cpu().numpy()
+            if self.gate.learned:
+                with self._lock, torch.inference_mode():
+                    features = self.model.features(inputs.to(self.device)).float().cpu().numpy()
+            return self.runner.logits(inputs), features
+        with self._lock, torch.inference_mode(), head_input(self.model) as seen:
+            logits = self.model(inputs.to(self.device)).float().cpu().numpy()
+        return logits, seen[0].numpy()

@@ -54,6 +54,9 @@ class TrainConfig:
     seed: int = 0
     out: str | None = None  # run folder; default runs/<arch>-<time>
     resume: str | None = None
+    # input gate (covidxr.inference.gate), fitted for best.pt when the run ends
+    gate: bool = True
+    gate_laterals: str | None = None  # lateral films; default notcxr/lateral beside the data or one folder up
 
     def to_dict(self) -> dict:
         """Return a JSON-friendly dict."""
@@ -163,6 +166,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--out", help="run folder (default: runs/<arch>-<date>-<time>)")
     g.add_argument("--resume", help="continue from a run's last.pt")
+    g = p.add_argument_group("input gate")
+    g.add_argument("--gate", action=argparse.BooleanOptionalAction, default=d.gate,
+                   help="when the run ends, fit the input gate of best.pt on the run's own split, as python -m "
+                        "covidxr.gate fit does (default: on; --no-gate to skip)")
+    g.add_argument("--gate-laterals", metavar="FOLDER",
+                   help="lateral chest films for the gate's view check (default: notcxr/lateral beside the data "
+                        "or one folder up)")
     return p
 
 

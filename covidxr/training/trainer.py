@@ -32,8 +32,9 @@ from covidxr.data.loaders import (
     split_sampler,
     use_device_cache,
 )
-from covidxr.errors import DatasetError
+from covidxr.errors import CovidxrError, DatasetError, one_line
 from covidxr.files import remove_stale_temporaries
+from covidxr.inference.gate_fit import fit_checkpoint
 from covidxr.models import XrayClassifier, build_model, model_from_checkpoint
 from covidxr.training import distributed, engine
 from covidxr.training import head_features as features
@@ -208,6 +209,8 @@ def _train(cfg: TrainConfig, resume: dict | None, dist: DistInfo, device: torch.
     if data.unreadable:
         summary += f"; {len(data.unreadable)} unreadable image(s) skipped (unreadable.csv)"
     log.info(summary)
+    if dist.is_main and cfg.gate and (run_dir / "best.pt").is_file():
+        fit_run_gate(run_dir / "best.pt", cfg, data)
     return run_dir
 
 
@@ -226,6 +229,16 @@ def fit(trainer: Trainer, state: dict, run_dir: Path) -> dict:
             break
         run_epoch(trainer, epoch, state, run_dir)
     return state
+def fit_run_gate(best: Path, cfg: TrainConfig, data: RunData) -> None:
+    """Fit the input gate of ``best`` on the run's own split (a failure is logged: the trained run stays usable)."""
+    try:
+        gate = fit_checkpoint(best, device=cfg.device, data=cfg.data, laterals=cfg.gate_laterals, run=data)
+    except CovidxrError as exc:
+        log.warning("input gate not fitted (%s); fit it later with python -m covidxr.gate fit --checkpoint %s",
+                    one_line(exc), best)
+        return
+    log.info("input gate fitted and stored in %s: %s", best,
+             ", ".join(f"{k} {v:.1%}" for k, v in gate.info["validation"].items()))
 
 
 def _run_folder(cfg: TrainConfig, resuming: bool, dist: DistInfo) -> Path:

@@ -1,0 +1,266 @@
+"""The input gate: file checks, the learned checks on synthetic features, the checkpoint round trip, and (slow) real
+films with a small pretrained model: rotated, inverted, lateral, CT and colour images refused, frontal films passed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from covidxr.checkpoint import load_checkpoint, save_checkpoint
+from covidxr.errors import CheckpointError
+from covidxr.inference.gate import FRONTAL, NO_GATE, TINY_SIDE, InputGate, file_checks, weights_sha256
+from covidxr.inference.gate_data import lateral_table
+from covidxr.inference.gate_fit import fit_ood, fit_view, invert_content, main, variant
+from covidxr.io import Xray
+
+FEATURES = 16
+
+
+def xray(side: int = 512, color: bool = False, header: dict | None = None, fmt: str = "PNG") -> Xray:
+    return Xray(np.full((side, side + 10), 0.5, np.float32), fmt, color, header or {}, "x")
+
+
+@pytest.mark.parametrize(("image", "check", "expected"), [
+    (xray(color=True), "colour", "colour image"),
+    (xray(side=TINY_SIDE - 1), "size", "too small"),
+    (xray(header={"Modality": "CT"}, fmt="DICOM"), "dicom", "modality is CT"),
+    (xray(header={"Modality": "DX", "BodyPartExamined": "KNEE"}, fmt="DICOM"), "dicom", "body part is KNEE"),
+    (xray(header={"Modality": "CR", "ViewPosition": "LL"}, fmt="DICOM"), "dicom", "lateral view"),
+    (xray(header={"ViewPosition": "RAO"}, fmt="DICOM"), "dicom", "oblique view"),
+])
+def test_file_checks_refuse(image: Xray, check: str, expected: str) -> None:
+    reasons, _ = file_checks(image)
+    assert len(reasons) == 1 and reasons[0][0] == check and expected in reasons[0][1]
+    verdict = InputGate().check(image)
+    assert not verdict.assessable and verdict.headline() == f"not assessed: {reasons[0][1]}"
+    assert verdict.checks == (check,) and verdict.status == "not assessed" and not verdict.learned
+
+
+def test_file_checks_pass_a_frontal_film_and_warn_on_small_ones() -> None:
+    header = {"Modality": "CR", "BodyPartExamined": "CHEST", "ViewPosition": "PA"}
+    assert file_checks(xray(header=header, fmt="DICOM")) == ([], [])
+    reasons, warnings = file_checks(xray(side=200))
+    assert reasons == [] and "small image" in warnings[0]
+    reasons, _ = file_checks(xray(side=64, color=True, header={"Modality": "MR"}))
+    assert len(reasons) == 3
+
+
+def clusters(n: int, seed: int) -> dict[str, np.ndarray]:
+    """Four well-separated Gaussian clusters in FEATURES dimensions, one per view class."""
+    rng = np.random.default_rng(seed)
+    centres = {c: 6.0 * np.eye(FEATURES)[i] for i, c in enumerate((FRONTAL, "rotated", "inverted", "lateral"))}
+    return {c: centre + rng.normal(size=(n, FEATURES)) for c, centre in centres.items()}
+
+
+@pytest.fixture(scope="module")
+def fitted() -> InputGate:
+    train, val = clusters(200, 0), clusters(100, 1)
+    view = fit_view(train, C=1.0, min_frontal=0.5, seed=0)
+    ood = fit_ood(train[FRONTAL], val[FRONTAL], k=5, alpha=0.01)
+    return InputGate(view, ood, "digest", {"n_train": 200}, unavailable=None)
+
+
+def test_learned_checks_on_synthetic_clusters(fitted: InputGate) -> None:
+    test = clusters(100, 2)
+    assert fitted.refused(test[FRONTAL]).mean() <= 0.05
+    for name in ("rotated", "inverted", "lateral"):
+        assert fitted.refused(test[name]).all()
+    far = test[FRONTAL] + 25.0 * np.eye(FEATURES)[-1]  # frontal-looking, far from the training films
+    assert fitted.refused(far).all()
+    verdicts = fitted.check_batch([xray(), xray()], np.stack([test[FRONTAL][0], test["lateral"][0]]))
+    assert verdicts[0].learned and set(verdicts[0].view_probs) == {FRONTAL, "rotated", "inverted", "lateral"}
+    assert verdicts[0].ood_threshold == pytest.approx(fitted.ood.threshold)
+    assert not verdicts[1].assessable and "lateral view" in verdicts[1].reason and verdicts[1].checks[0] == "lateral"
+    assert verdicts[1].to_dict()["assessable"] is False
+    with pytest.raises(ValueError, match="backbone features"):
+        fitted.check(xray(), np.zeros(FEATURES + 1))
+
+
+def test_two_view_classes_keep_one_row_per_class() -> None:
+    train = clusters(50, 0)
+    view = fit_view({FRONTAL: train[FRONTAL], "rotated": train["rotated"]}, C=1.0, min_frontal=0.5, seed=0)
+    probs = view.probs(np.stack([train[FRONTAL][0], train["rotated"][0]]))
+    assert view.classes == (FRONTAL, "rotated") and probs.shape == (2, 2)
+    assert probs[0, 0] > 0.5 > probs[1, 0]
+
+
+def tiny_checkpoint(gate: InputGate | None = None) -> dict:
+    model = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "n": torch.tensor(3)}
+    ckpt = {"arch": "x", "classes": ["a", "b"], "preprocess": {"img_size": 32}, "model": model}
+    if gate is not None:
+        ckpt["gate"] = InputGate(gate.view, gate.ood, weights_sha256(model), gate.info, None).to_dict()
+    return ckpt
+
+
+def test_gate_round_trip_through_a_checkpoint(fitted: InputGate, tmp_path: Path) -> None:
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, tiny_checkpoint(fitted))
+    ckpt = torch.load(path, weights_only=True)  # plain tensors, floats, strings and lists only
+    loaded = InputGate.from_checkpoint(ckpt, str(path))
+    assert loaded.learned and loaded.info == {"n_train": 200}
+    features = clusters(20, 3)["rotated"]
+    np.testing.assert_allclose(loaded.view.probs(features), fitted.view.probs(features), atol=1e-5)
+    np.testing.assert_allclose(loaded.ood.distance(features), fitted.ood.distance(features), rtol=1e-4)
+    assert loaded.ood.threshold == fitted.ood.threshold and loaded.view.classes == fitted.view.classes
+
+    ckpt["model"]["w"] = ckpt["model"]["w"] + 1  # other weights: the learned checks switch off, with the reason
+    other = InputGate.from_checkpoint(ckpt)
+    verdict = other.check(xray(), features[0])
+    assert not other.learned and verdict.assessable and not verdict.learned
+    assert "other model weights" in other.unavailable
+
+    ckpt["gate"]["ood"]["reference"] = torch.zeros(3, 5)
+    with pytest.raises(CheckpointError, match="feature sizes differ"):
+        InputGate.from_checkpoint(ckpt, "best.pt")
+    with pytest.raises(CheckpointError, match="not a covidxr gate"):
+        InputGate.from_checkpoint({**ckpt, "gate": {"view": None}}, "best.pt")
+
+
+def test_checkpoint_without_gate_runs_the_file_checks_only(tmp_path: Path) -> None:
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, tiny_checkpoint())
+    gate = InputGate.from_checkpoint(load_checkpoint(path))
+    assert not gate.learned and gate.unavailable == NO_GATE
+    verdict = gate.check(xray(), np.zeros(FEATURES))
+    assert verdict.assessable and verdict.warnings == () and verdict.view_probs is None and not verdict.learned
+    assert gate.check(xray(color=True)).reasons[0].startswith("a colour image")
+    with pytest.raises(ValueError, match="nothing to store"):
+        gate.to_dict()
+
+
+def test_variants_keep_the_letterbox_padding_black() -> None:
+    square = torch.zeros(1, 1, 8, 8)
+    square[0, 0, 2:6] = 0.25  # a wide film: padding above and below
+    square[0, 0, 2, 0] = 0.0  # a black pixel inside the film is inverted with it
+    inverted = invert_content(square)[0, 0]
+    assert (inverted[:2] == 0).all() and (inverted[6:] == 0).all()
+    assert inverted[2, 0] == 1.0 and (inverted[3:6] == 0.75).all()
+    tall = square.transpose(-1, -2)
+    assert torch.equal(invert_content(tall), inverted.T[None, None])
+    assert torch.equal(invert_content(torch.zeros(1, 1, 4, 4)), torch.ones(1, 1, 4, 4))
+    assert torch.equal(variant(square, "rot180"), square.flip(-1).flip(-2))
+    assert torch.equal(variant(square, "upright"), square)
+
+
+def test_lateral_patients_split_in_halves(tmp_path: Path) -> None:
+    folder = tmp_path / "notcxr" / "lateral"
+    folder.mkdir(parents=True)
+    rows = []
+    for i in range(10):
+        for k in range(1 + i % 2):
+            (folder / f"p{i}_{k}.jpg").write_bytes(b"x")
+            rows.append({"path": f"lateral/p{i}_{k}.jpg", "patient_id": f"p{i}"})
+    (folder / "extra.jpg").write_bytes(b"x")  # no metadata row: its own patient
+    pd.DataFrame(rows).to_csv(tmp_path / "notcxr" / "metadata.csv", index=False)
+    table = lateral_table(folder, seed=0)
+    assert len(table) == 16 and table.groupby("patient_id")["role"].nunique().max() == 1
+    assert table.drop_duplicates("patient_id")["role"].value_counts().to_dict() == {"holdout": 6, "fit": 5}
+    assert table.equals(lateral_table(folder, seed=0)) and not table.equals(lateral_table(folder, seed=1))
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fit", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert capsys.readouterr().err.strip().endswith("checkpoint not found")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--checkpoint", "x.pt", "--alpha", "2"])
+    assert exit_info.value.code == 2
+
+
+# ------------------------------------------------------------------------------------------ real films (slow)
+
+REAL_SIZE = 96  # network input side: small enough for a quick CPU test, large enough to tell the views apart
+
+
+def colour_photo(seed: int) -> np.ndarray:
+    """A synthetic colour 'photograph': sky over ground, coloured blobs, texture noise; (H, W, 3) uint8."""
+    rng = np.random.default_rng(seed)
+    h, w = 240, 320
+    t = np.linspace(0, 1, h)[:, None, None]
+    img = (1 - t) * rng.uniform(0, 1, 3) * [0.4, 0.6, 1.0] + t * rng.uniform(0.4, 1, 3) * [0.6, 0.8, 0.4]
+    img = np.broadcast_to(img, (h, w, 3)).copy()
+    for _ in range(6):
+        y, x, r = rng.integers(0, h), rng.integers(0, w), rng.integers(10, 60)
+        img[max(0, y - r):y + r, max(0, x - r):x + r] = rng.uniform(0, 1, 3)
+    return (np.clip(img + rng.normal(0, 0.05, img.shape), 0, 1) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def gate_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ImageNet EfficientNet-Lite0 (no training: the gate needs only its backbone) as a run of real films split
+    by patient, with its gate fitted by ``python -m covidxr.gate fit``."""
+    from conftest import write_subset_manifest
+
+    from covidxr.data.manifest import load_manifest
+    from covidxr.data.split import make_split, save_split
+    from covidxr.models import build_model, preprocess_for
+
+    run = tmp_path_factory.mktemp("gate-run")
+    manifest = write_subset_manifest(shared_data, run / "manifest.csv", per_class=45)
+    table = make_split(load_manifest(manifest), (0.5, 0.3, 0.2), seed=0)
+    save_split(table, run / "split.csv")
+    model = build_model("efficientnet_lite0", 3, "imagenet")
+    save_checkpoint(run / "best.pt", {
+        "arch": model.arch, "classes": ["covid", "normal", "pneumonia"],
+        "preprocess": preprocess_for(model, REAL_SIZE).to_dict(), "model": model.state_dict(),
+        "config": {"data": str(manifest), "img_size": REAL_SIZE, "workers": 0}})
+    laterals = shared_data.parent / "notcxr" / "lateral"
+    assert main(["fit", "--checkpoint", str(run / "best.pt"), "--laterals", str(laterals), "--device", "cpu"]) == 0
+    return run
+
+
+@pytest.mark.slow
+def test_real_films_pass_and_other_images_are_refused(gate_run: Path, shared_data: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    from covidxr.data.manifest import load_manifest
+    from covidxr.data.split import apply_split
+    from covidxr.evaluation.gate_report import TRANSFORMS, gate_report
+    from covidxr.inference.__main__ import main as predict
+    from covidxr.inference.predictor import Predictor
+
+    ckpt = load_checkpoint(gate_run / "best.pt")
+    info = ckpt["gate"]["info"]
+    assert info["n_lateral_fit"] > 0 and info["n_lateral_holdout"] > 0 and info["n_val"] > 0
+    predictor = Predictor.from_checkpoint(gate_run / "best.pt", device="cpu", backend="torch")
+    assert predictor.gate.learned and predictor.info["gate"]["learned"]
+    table = apply_split(load_manifest(gate_run / "manifest.csv"), gate_run / "split.csv")
+    rows = table[table["split"] == "test"]
+    notcxr = shared_data.parent / "notcxr"
+    report = gate_report(gate_run / "best.pt", rows, [notcxr], variants=True, device="cpu", progress=False)
+    # An ImageNet backbone at 96 px tells the views apart less well than a trained model at 224 (README: the gate of
+    # a trained run passes 96% of its test films): simulated over six splits, 84-97% of untouched films passed,
+    # 93-100% of inverted and all rotated, lateral and CT images were refused.
+    assert report["learned"] and report["evaluated"]["n"] == len(rows) >= 25
+    assert report["evaluated"]["rate"] <= 0.25, report["refused_files"]
+    for name in TRANSFORMS:
+        assert report["variants"][name]["rate"] >= 0.85, (name, report["variants"][name])
+    groups = report["folders"][str(notcxr)]
+    assert groups["lateral (not fitted on)"]["n"] == info["n_lateral_holdout"]
+    for name in ("lateral", "lateral (not fitted on)", "ct"):
+        assert groups[name]["rate"] >= 0.9, (name, groups[name])
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for seed in range(3):
+        Image.fromarray(colour_photo(seed)).save(photos / f"photo{seed}.jpg")
+    film = rows["path"].iloc[0]
+    upright = Image.open(film)
+    upright.save(photos / "upright.png")
+    upright.rotate(90, expand=True).save(photos / "sideways.png")
+    assert predict(["--checkpoint", str(gate_run / "best.pt"), str(photos), "--out", str(tmp_path / "out"),
+                    "--cam", "none", "--backend", "torch"]) == 0
+    out = capsys.readouterr().out
+    csv = pd.read_csv(tmp_path / "out" / "predictions.csv", keep_default_na=False).set_index("path")
+    for seed in range(3):
+        assert f"photo{seed}.jpg: not assessed: a colour image" in out
+    assert f"{photos / 'sideways.png'}: not assessed: looks rotated" in out
+    assert csv.loc[str(photos / "sideways.png"), "gate"] == "not assessed"
+    assert csv.loc[str(photos / "sideways.png"), "predicted"] == ""
+    assert float(csv.loc[str(photos / "sideways.png"), "prob_covid"]) >= 0.0  # the output is still recorded
+    if csv.loc[str(photos / "upright.png"), "gate"] == "assessed":  # the OOD check may refuse a single film
+        assert csv.loc[str(photos / "upright.png"), "predicted"] in predictor.classes
