@@ -22,6 +22,7 @@ from covidxr.evaluation.analysis import analyse, default_positive, source_warnin
 from covidxr.evaluation.external import evaluate_external, external_names, read_crossval, with_internal_calibration
 from covidxr.evaluation.inputs import EvalData, EvalOptions, load_eval_data, read_checkpoint, run_split_table
 from covidxr.evaluation.logits import SplitOutputs, predict_splits
+from covidxr.evaluation.lung_share import lung_share_summary
 from covidxr.evaluation.model_card import model_card
 from covidxr.evaluation.outputs import (
     default_out,
@@ -71,6 +72,7 @@ def assemble(ckpt: dict[str, Any], data: EvalData, pred: SplitOutputs, analysis:
         "unreadable": dict(data.run.unreadable),
         "model_card": model_card(ckpt, data, pred.table, split_table, result["metrics"], result["ci"]),
         "external": [], "crossval": None,
+        "lung_share": lung_share_summary(opts.checkpoint, pred.table, opts.lung_share_limit, opts.device, opts.seed),
     }
 
 

@@ -51,8 +51,10 @@ from covidxr.inference.onnx_backend import (
     write_onnx,
 )
 from covidxr.io import Xray
+from covidxr.lungs import cam_share_in_lungs
+from covidxr.model_input import PLAIN, InputPipeline, pipeline_from_checkpoint
 from covidxr.models import XrayClassifier, model_from_checkpoint, read_preprocess
-from covidxr.preprocess import Preprocess, network_input
+from covidxr.preprocess import Preprocess
 from covidxr.utils import pick_device, softmax
 
 log = logging.getLogger("covidxr.predict")
@@ -75,6 +77,8 @@ class Prediction:
         cam_class: the class explained, or None.
         note: why there is no heatmap although one was asked for, e.g. ``"no explanation available (constant
             heatmap)"``; None otherwise.
+        lung_share: share of the heatmap's mass inside the lungs, when the checkpoint crops to the lungs (its lung
+            model gives the mask); None otherwise.
     """
 
     name: str
@@ -85,12 +89,14 @@ class Prediction:
     cam_method: str | None = None
     cam_class: str | None = None
     note: str | None = None
+    lung_share: float | None = None
 
     def to_dict(self) -> dict:
         """Return a JSON-friendly dict of everything but the heatmap."""
-        return {"name": self.name, "label": self.label, "confidence": float(self.confidence),
-                "probs": {k: float(v) for k, v in self.probs.items()}, "cam_method": self.cam_method,
-                "cam_class": self.cam_class, "note": self.note}
+        out = {"name": self.name, "label": self.label, "confidence": float(self.confidence),
+               "probs": {k: float(v) for k, v in self.probs.items()}, "cam_method": self.cam_method,
+               "cam_class": self.cam_class, "note": self.note}
+        return out if self.lung_share is None else {**out, "lung_share": self.lung_share}
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -168,7 +174,7 @@ class Predictor:
 
     def __init__(self, model: XrayClassifier, classes: list[str], preprocess: Preprocess, temperature: float,
                  checkpoint_path: Path, checkpoint_sha256: str, metrics: dict | None, info: dict,
-                 device: torch.device, runner: OnnxRunner | None = None) -> None:
+                 device: torch.device, runner: OnnxRunner | None = None, pipeline: InputPipeline = PLAIN) -> None:
         self.model = model
         self.arch: str = model.arch
         self.classes = list(classes)
@@ -180,6 +186,7 @@ class Predictor:
         self.info = info
         self.device = device
         self.runner = runner
+        self.pipeline = pipeline  # lung crop and equalisation of the preprocessing record
         self._lock = threading.RLock()
 
     @property
@@ -211,6 +218,7 @@ class Predictor:
         model = load_classifier(ckpt, str(path))
         classes = list(ckpt["classes"])
         preprocess = read_preprocess(ckpt, str(path))
+        pipeline = pipeline_from_checkpoint(ckpt, preprocess, str(path))
         temperature = read_temperature(ckpt, str(path))
         torch_device = pick_device(device)
         model.to(torch_device)
@@ -220,7 +228,7 @@ class Predictor:
                 "created": ckpt.get("created"), "versions": ckpt.get("versions") or {},
                 "data": _data_summary(ckpt), "config": ckpt.get("config") or {}}
         predictor = cls(model, classes, preprocess, temperature, path, sha, ckpt.get("evaluation"), info,
-                        torch_device)
+                        torch_device, pipeline=pipeline)
         predictor.runner = predictor._open_runner(backend)
         return predictor
 
@@ -312,8 +320,10 @@ class Predictor:
         pixels = [_as_pixels(image) for image in images]
         labels = [(names[i] if names is not None and names[i] else getattr(img, "name", "")) or ""
                   for i, img in enumerate(images)]
-        inputs = torch.stack([network_input(p, self.preprocess.img_size) for p in pixels])
+        prepared = [self.pipeline.network_input(p, self.preprocess.img_size) for p in pixels]
+        inputs = torch.stack([x for x, _ in prepared])
         heatmaps: list[np.ndarray | None] = [None] * len(images)
+        shares: list[float | None] = [None] * len(images)
         notes: list[str | None] = [None] * len(images)
         explained: list[int | None] = [None] * len(images)
         if method is None:
@@ -324,8 +334,12 @@ class Predictor:
                                   layer=cam_layer)
             logits = out.logits.numpy()
             explained = list(out.targets)
-            for i, image in enumerate(pixels):
-                heatmaps[i], notes[i] = heatmap_on_image(out.maps[i], *image.shape)
+            for i, (image, (_, prep)) in enumerate(zip(pixels, prepared, strict=True)):
+                seen = image[prep.box.slices] if prep.box is not None else image  # what the network saw
+                heat, notes[i] = heatmap_on_image(out.maps[i], *seen.shape)
+                heatmaps[i] = self.pipeline.uncrop(heat, prep, *image.shape)
+                if heatmaps[i] is not None and prep.mask is not None:
+                    shares[i] = cam_share_in_lungs(heatmaps[i], prep.mask)
         probs = softmax(logits, self.temperature)
         results = []
         for i in range(len(images)):
@@ -334,7 +348,7 @@ class Predictor:
                 name=labels[i], probs={c: float(p) for c, p in zip(self.classes, probs[i], strict=True)},
                 label=self.classes[best], confidence=float(probs[i][best]), heatmap=heatmaps[i],
                 cam_method=method, cam_class=None if explained[i] is None else self.classes[explained[i]],
-                note=notes[i]))
+                note=notes[i], lung_share=shares[i]))
         return results
 
     def _logits(self, inputs: torch.Tensor) -> np.ndarray:
