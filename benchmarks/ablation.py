@@ -111,7 +111,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--recipe", default="", help="flags of the chosen recipe (chosen on validation, not external)")
     p.add_argument("--only", nargs="+", help="rows to run now (default: all); the table shows all measured rows")
-    p.add_argument("--eval-flags", default="--lung-share-limit 100 --bootstrap 200",
+    p.add_argument("--eval-flags", default="--lung-share-limit 40 --bootstrap 100",
                    help="extra flags of python -m covidxr.evaluate")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" /
                    f"ablation-{time.strftime('%Y-%m-%d')}.md")
