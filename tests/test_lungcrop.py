@@ -164,3 +164,12 @@ def test_lung_share_skipped_without_a_lung_model(tiny_run: Path, small_manifest:
     table = pd.read_csv(small_manifest).head(2)
     share = lung_share_summary(tiny_run / "best.pt", table, 2, device="cpu")
     assert share["mean"] is None and share["n"] == 0 and "no lung model at" in share["note"]
+
+
+def test_explain_score_reports_the_lung_share(crop_run: Path, small_manifest: Path, tmp_path: Path) -> None:
+    from covidxr.explain.scoring import score
+
+    summary = score(crop_run / "best.pt", str(small_manifest), "all", ["gradcam"], 2, tmp_path, device="cpu",
+                    batch_size=2, percentiles=[50])
+    assert list(summary.columns).index("lung_share") < list(summary.columns).index("border_share")
+    assert 0.0 <= float(summary.loc[0, "lung_share"]) <= 1.0
