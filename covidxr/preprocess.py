@@ -1,9 +1,10 @@
 """The one preprocessing definition: geometry (letterbox to a square), augmentations, and its record.
 
-Pipeline: ``covidxr.io.load_xray`` gives an (H, W) float image in [0, 1]; :func:`letterbox` pads it to a
-square with black borders (nothing of the chest is cropped) and resizes it; the model itself repeats the
-grey channel and normalises with the mean/std of its pretrained weights (see ``covidxr.models``), so the
-tensors handled here are always (1, S, S) floats in [0, 1].
+Pipeline: ``covidxr.io.load_xray`` gives an (H, W) float image in [0, 1]; optionally it is cropped to the lungs
+and its intensities equalised (the record's ``lung_crop`` and ``equalize``; the whole chain is
+``covidxr.model_input.prepare``); :func:`letterbox` pads it to a square with black borders (nothing of the chest is
+cropped) and resizes it; the model itself repeats the grey channel and normalises with the mean/std of its
+pretrained weights (see ``covidxr.models``), so the tensors handled here are always (1, S, S) floats in [0, 1].
 """
 
 from __future__ import annotations
@@ -11,12 +12,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
+
+EQUALIZE = ("none", "hist", "clahe")
+CLAHE_CLIP = 2.0  # OpenCV's contrast limit per tile (its default is 40, which amplifies noise on radiographs)
+CLAHE_TILES = (8, 8)
+LUNG_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -28,12 +36,18 @@ class Preprocess:
         mean: per-channel normalisation mean of the pretrained weights (applied inside the model).
         std: per-channel normalisation std of the pretrained weights (applied inside the model).
         geometry: how the image is made square; only "letterbox" (pad, then resize) exists.
+        lung_crop: crop each image to its lung box first (the lung model travels in the checkpoint).
+        lung_margin: margin added around the lung box, as a share of the image's height and width.
+        equalize: intensity equalisation after the crop: "none", "hist" (histogram) or "clahe".
     """
 
     img_size: int = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     geometry: str = "letterbox"
+    lung_crop: bool = False
+    lung_margin: float = LUNG_MARGIN
+    equalize: str = "none"
 
     def to_dict(self) -> dict:
         """Return a JSON/checkpoint-friendly dict."""
@@ -41,12 +55,36 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
-        """Rebuild from :meth:`to_dict` output, ignoring unknown keys."""
-        known = {k: d[k] for k in ("img_size", "mean", "std", "geometry") if k in d}
+        """Rebuild from :meth:`to_dict` output, ignoring unknown keys (records older than lung_crop/equalize read
+        as without them)."""
+        names = ("img_size", "mean", "std", "geometry", "lung_crop", "lung_margin", "equalize")
+        known = {k: d[k] for k in names if k in d}
         for key in ("mean", "std"):
             if key in known:
                 known[key] = tuple(float(v) for v in known[key])
+        if "lung_crop" in known:
+            known["lung_crop"] = bool(known["lung_crop"])
+        if "lung_margin" in known:
+            known["lung_margin"] = float(known["lung_margin"])
         return cls(**known)
+
+
+def equalize(image: np.ndarray, method: str) -> np.ndarray:
+    """Return an (H, W) float image in [0, 1] with its intensities equalised by ``method`` (see :data:`EQUALIZE`).
+
+    Both methods work on 8 bits (as the libraries do): "hist" is torchvision's histogram equalisation, "clahe"
+    OpenCV's contrast-limited adaptive one (clip :data:`CLAHE_CLIP`, :data:`CLAHE_TILES` tiles).
+    """
+    if method == "none":
+        return image
+    if method not in EQUALIZE:
+        raise ValueError(f"unknown equalisation {method!r}; choose one of {', '.join(EQUALIZE)}")
+    grey = np.clip(np.round(np.asarray(image, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+    if method == "hist":
+        out = TF.equalize(torch.from_numpy(grey)[None])[0].numpy()
+    else:
+        out = cv2.createCLAHE(clipLimit=CLAHE_CLIP, tileGridSize=CLAHE_TILES).apply(grey)
+    return out.astype(np.float32) / 255.0
 
 
 def cache_size(img_size: int) -> int:

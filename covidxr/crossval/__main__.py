@@ -31,8 +31,9 @@ from covidxr.crossval.folds import MODES, CrossvalConfig, backbone_features, hel
 from covidxr.crossval.results import fold_result, write_outputs, write_split
 from covidxr.errors import CovidxrError, DatasetError
 from covidxr.html_page import format_value
+from covidxr.model_input import require_lung_model
 from covidxr.models import ARCHS
-from covidxr.training.config import image_size
+from covidxr.training.config import add_input_args, image_size
 from covidxr.utils import OneLineParser, cli_error, int_at_least, pick_device, setup_logging
 
 PROG = "covidxr.crossval"
@@ -62,6 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=d.device)
     p.add_argument("-j", "--workers", type=int_at_least(0), default=min(2, os.cpu_count() or 1))
     p.add_argument("--cache-dir", help="prepared cache folder (default: $COVIDXR_CACHE or ~/.cache/covidxr/prepared)")
+    add_input_args(p)
     return p
 
 
@@ -89,7 +91,8 @@ def cross_validate(cfg: CrossvalConfig) -> dict:
                       "seconds": round(time.perf_counter() - fold_start, 1)})
     content = {"by": cfg.by, "data": str(cfg.data), "mode": cfg.mode, "arch": cfg.arch, "weights": cfg.weights,
                "img_size": cfg.img_size, "min_images": cfg.min_images, "val_frac": cfg.val_frac, "epochs": cfg.epochs,
-               "seed": cfg.seed, "bootstrap": cfg.bootstrap, "classes": data.classes,
+               "seed": cfg.seed, "bootstrap": cfg.bootstrap, "classes": data.classes, "lung_crop": cfg.lung_crop,
+               "lung_margin": cfg.lung_margin, "equalize": cfg.equalize,
                "n_images": int(len(data.table)), "unreadable": data.unreadable, "skipped_sources": skipped,
                "folds": folds, "command": cfg.command, "command_line": shlex.join(cfg.command),
                "device": str(device), "seconds": round(time.perf_counter() - start, 1),
@@ -110,8 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = CrossvalConfig(data=args.data, out=out.expanduser().resolve(), by=args.by, mode=args.mode, arch=args.arch,
                          weights=args.weights, img_size=args.img_size, min_images=args.min_images, epochs=args.epochs,
                          batch_size=args.batch_size, seed=args.seed, bootstrap=args.bootstrap, device=args.device,
-                         workers=args.workers, cache_dir=args.cache_dir, command=["python", "-m", PROG, *argv])
+                         workers=args.workers, cache_dir=args.cache_dir, lung_crop=args.lung_crop,
+                         lung_margin=args.lung_margin, equalize=args.equalize, lung_model=args.lung_model,
+                         command=["python", "-m", PROG, *argv])
     try:
+        if cfg.lung_crop:
+            require_lung_model(cfg.lung_model)
         content = cross_validate(cfg)
     except CovidxrError as exc:
         return cli_error(PROG, exc)

@@ -21,11 +21,13 @@ from torch.utils.data import BatchSampler, SequentialSampler
 
 from covidxr.batches import predict_loader
 from covidxr.checkpoint import load_checkpoint
-from covidxr.data.loaders import LoaderSettings, RunData, make_loaders, prepare_rows
+from covidxr.data.loaders import LoaderSettings, RunData, input_pipeline, make_loaders, prepare_rows
 from covidxr.data.manifest import class_names, dataset_root, load_manifest, resolve_data_path, validate_for_training
 from covidxr.data.split import check_no_leakage, make_split
 from covidxr.errors import DatasetError
+from covidxr.model_input import InputPipeline
 from covidxr.models import build_model, model_from_checkpoint
+from covidxr.preprocess import LUNG_MARGIN
 from covidxr.training import distributed
 from covidxr.training import head_features as features
 from covidxr.training.config import TrainConfig
@@ -57,6 +59,10 @@ class CrossvalConfig:
     device: str = "auto"
     workers: int = 2
     cache_dir: str | None = None
+    lung_crop: bool = False  # crop to the lungs before the letterbox (python -m covidxr.train --lung-crop)
+    lung_margin: float = LUNG_MARGIN
+    equalize: str = "none"  # none | hist | clahe
+    lung_model: str | None = None
     command: list[str] = field(default_factory=list)
 
     def train_config(self, held_out: str, fold_dir: Path) -> TrainConfig:
@@ -64,7 +70,9 @@ class CrossvalConfig:
         return TrainConfig(data=self.data, val_frac=self.val_frac, test_frac=0.0, holdout_source=[held_out],
                            cache_dir=self.cache_dir, arch=self.arch, weights=self.weights, img_size=self.img_size,
                            epochs=self.epochs, batch_size=self.batch_size, linear_probe=self.mode == "probe",
-                           device=self.device, workers=self.workers, seed=self.seed, out=str(fold_dir))
+                           device=self.device, workers=self.workers, seed=self.seed, out=str(fold_dir),
+                           lung_crop=self.lung_crop, lung_margin=self.lung_margin, equalize=self.equalize,
+                           lung_model=self.lung_model)
 
 
 @dataclass
@@ -78,6 +86,7 @@ class AllData:
     classes: list[str]
     root: Path
     settings: LoaderSettings
+    pipeline: InputPipeline  # lung crop and equalisation that prepared ``images``
 
 
 def fold_name(source: str) -> str:
@@ -88,14 +97,16 @@ def fold_name(source: str) -> str:
 def load_all(cfg: CrossvalConfig) -> AllData:
     """Read the manifest and decode (or read from the cache) every image once."""
     settings = LoaderSettings(data=cfg.data, cache_dir=cfg.cache_dir, img_size=cfg.img_size,
-                              batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed)
+                              batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed, lung_crop=cfg.lung_crop,
+                              lung_margin=cfg.lung_margin, equalize=cfg.equalize, lung_model=cfg.lung_model)
     path = resolve_data_path(cfg.data)
     manifest = load_manifest(path)
     validate_for_training(manifest, str(path))
     if cfg.by not in manifest.columns or (manifest[cfg.by].astype(str).str.strip() == "").all():
         raise DatasetError(f"{path}: no {cfg.by!r} column to hold out by")
-    table, images, unreadable = prepare_rows(manifest, settings)
-    return AllData(manifest, table, images, unreadable, class_names(manifest), dataset_root(path), settings)
+    pipeline = input_pipeline(settings)
+    table, images, unreadable = prepare_rows(manifest, settings, pipeline=pipeline)
+    return AllData(manifest, table, images, unreadable, class_names(manifest), dataset_root(path), settings, pipeline)
 
 
 def held_out_sources(data: AllData, min_images: int) -> tuple[list[str], dict[str, int]]:
@@ -123,7 +134,8 @@ def backbone_features(data: AllData, cfg: CrossvalConfig, device: torch.device) 
     """The ImageNet backbone's features of every readable image (eval mode, evaluation preprocessing), once."""
     seed_everything(cfg.seed)
     model = build_model(cfg.arch, len(data.classes), cfg.weights).to(device)
-    everything = RunData(data.table.assign(split="test"), data.classes, data.root, data.images, data.unreadable)
+    everything = RunData(data.table.assign(split="test"), data.classes, data.root, data.images, data.unreadable,
+                         data.pipeline)
     loader = make_loaders(everything, data.settings, device, cfg.seed)["test"]
     amp = autocast(device, amp_dtype(device))
     feats, targets, indices = features.extract_features(model, loader, device, amp)
@@ -134,7 +146,7 @@ def _fold_data(data: AllData, split: pd.DataFrame) -> RunData:
     """The fold as a training run sees it (rows in ``data.table`` order, so image i is row i)."""
     if not split["relpath"].equals(data.table["relpath"]):
         raise DatasetError("fold rows are not in the dataset's order")
-    return RunData(split, data.classes, data.root, data.images, data.unreadable)
+    return RunData(split, data.classes, data.root, data.images, data.unreadable, data.pipeline)
 
 
 def _rows(feature_set: features.FeatureSet, mask: np.ndarray) -> features.FeatureSet:
@@ -182,7 +194,7 @@ def finetune_fold(data: AllData, split: pd.DataFrame, cfg: CrossvalConfig, held_
     model = model_from_checkpoint(ckpt, str(fold_dir / "best.pt")).to(device).eval()
     test = (split["split"] == "test").to_numpy()
     images = [img for img, keep in zip(data.images, test, strict=True) if keep] if data.images is not None else None
-    rows = RunData(split[test].reset_index(drop=True), data.classes, data.root, images, {})
+    rows = RunData(split[test].reset_index(drop=True), data.classes, data.root, images, {}, data.pipeline)
     loader = make_loaders(rows, data.settings, device, cfg.seed)["test"]
     out = predict_loader(model, loader, device, autocast(device, amp_dtype(device)), desc="predict held-out")
     logits = np.empty_like(out.logits)

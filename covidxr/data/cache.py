@@ -1,7 +1,9 @@
-"""Decode once: every source image is read by the shared reader and stored letterboxed as uint8 .npy.
+"""Decode once: every source image is read by the shared reader, prepared by the run's input pipeline (lung crop and
+equalisation when asked, then letterbox; ``covidxr.model_input``) and stored as uint8 .npy.
 
-Entries are keyed by the source file's absolute path, size and modification time, the cache side and the
-reader's version, so a changed file or a changed reader is decoded again. :func:`fill_cache` decodes what is
+Entries are keyed by the source file's absolute path, size and modification time, the cache side, the reader's
+version and the pipeline's variant (``InputPipeline.key``: the lung model's digest, margin and equalisation), so a
+changed file, reader or variant is decoded again and variants never mix. :func:`fill_cache` decodes what is
 missing (in several processes) and returns every image. The default folder is
 ``$COVIDXR_CACHE`` or ``~/.cache/covidxr/prepared``.
 """
@@ -21,7 +23,7 @@ from tqdm.auto import tqdm
 
 from covidxr.errors import ImageReadError
 from covidxr.io import load_xray
-from covidxr.preprocess import letterbox
+from covidxr.model_input import PLAIN, InputPipeline
 
 # Bump when load_xray or letterbox change what they produce: every cache entry is then decoded again.
 READER_VERSION = "1"
@@ -32,18 +34,20 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("COVIDXR_CACHE") or Path.home() / ".cache" / "covidxr" / "prepared")
 
 
-def cache_key(path: str | os.PathLike, size: int, version: str | None = None) -> str:
-    """Return the cache entry name for ``path`` at side ``size`` (``version``: default READER_VERSION)."""
+def cache_key(path: str | os.PathLike, size: int, version: str | None = None, variant: str = "") -> str:
+    """Return the cache entry name for ``path`` at side ``size`` (``version``: default READER_VERSION; ``variant``:
+    the pipeline's ``InputPipeline.key``, "" for the plain letterbox, which keeps the entries made before variants)."""
     stat = os.stat(path)
     version = READER_VERSION if version is None else version
     ident = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{size}|{version}"
+    if variant:
+        ident += f"|{variant}"
     return hashlib.sha1(ident.encode()).hexdigest()
 
 
-def decode_square(path: str | os.PathLike, size: int) -> np.ndarray:
-    """Read ``path`` with the shared reader and return it letterboxed to (size, size) uint8."""
-    pixels = load_xray(path).pixels
-    return letterbox(pixels, size)[0].mul(255).round().to(torch.uint8).numpy()
+def decode_square(path: str | os.PathLike, size: int, pipeline: InputPipeline = PLAIN) -> np.ndarray:
+    """Read ``path`` with the shared reader and return it prepared by ``pipeline`` as a (size, size) uint8 square."""
+    return pipeline.prepare(load_xray(path).pixels, size).square
 
 
 @dataclass
@@ -55,21 +59,28 @@ class DecodedImages:
     reused: int = 0  # entries read from the cache rather than decoded
 
 
-def _one_thread() -> None:
+_PIPELINE: InputPipeline = PLAIN  # the pipeline of this process's jobs (set once per decoding process)
+
+
+def _start_worker(pipeline: InputPipeline) -> None:
+    global _PIPELINE
+    _PIPELINE = pipeline
     # Decoding processes already use every core; torch threads inside each would only contend.
     torch.set_num_threads(1)
 
 
-def _decode_one(args: tuple[str, int, str | None, str]) -> tuple[np.ndarray | None, str | None, bool]:
+def _decode_one(args: tuple[str, int, str | None, str],
+                pipeline: InputPipeline | None = None) -> tuple[np.ndarray | None, str | None, bool]:
     path, size, cache_dir, version = args
+    pipeline = _PIPELINE if pipeline is None else pipeline  # decoding processes get theirs once, at start
     try:
-        entry = Path(cache_dir) / f"{cache_key(path, size, version)}.npy" if cache_dir else None
+        entry = Path(cache_dir) / f"{cache_key(path, size, version, pipeline.key)}.npy" if cache_dir else None
         if entry is not None and entry.is_file():
             try:
                 return np.load(entry), None, True
             except (OSError, ValueError):
                 pass  # a damaged entry is decoded again
-        square = decode_square(path, size)
+        square = decode_square(path, size, pipeline)
         if entry is not None:
             tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
             with open(tmp, "wb") as fh:
@@ -83,12 +94,13 @@ def _decode_one(args: tuple[str, int, str | None, str]) -> tuple[np.ndarray | No
 
 
 def fill_cache(paths: Sequence[str], size: int, cache_dir: Path | None, workers: int = 0,
-               desc: str = "decode", progress: bool = True) -> DecodedImages:
-    """Decode every image once (reusing cache entries) and return them as uint8 squares.
+               desc: str = "decode", progress: bool = True, pipeline: InputPipeline = PLAIN) -> DecodedImages:
+    """Decode every image once (reusing cache entries) and return them as uint8 squares prepared by ``pipeline``.
 
     Args:
         paths: image files.
         size: side of the stored square.
+        pipeline: lung crop and equalisation before the letterbox (default: the plain letterbox).
         cache_dir: where entries are kept; None decodes without storing.
         workers: processes to decode with (0: in this process).
         desc: label of the progress bar.
@@ -100,11 +112,11 @@ def fill_cache(paths: Sequence[str], size: int, cache_dir: Path | None, workers:
     jobs = [(str(p), size, str(cache_dir) if cache_dir else None, READER_VERSION) for p in paths]
     bar = {"total": len(jobs), "desc": desc, "dynamic_ncols": True, **({} if progress else {"disable": True})}
     if workers > 0 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_one_thread) as pool:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_start_worker, initargs=(pipeline,)) as pool:
             chunk = max(1, min(8, len(jobs) // (4 * workers)))
             results = list(tqdm(pool.map(_decode_one, jobs, chunksize=chunk), **bar))
     else:
-        results = [_decode_one(job) for job in tqdm(jobs, **bar)]
+        results = [_decode_one(job, pipeline) for job in tqdm(jobs, **bar)]
     images = [img for img, _, _ in results]
     failures = {i: err for i, (_, err, _) in enumerate(results) if err is not None}
     return DecodedImages(images=images, failures=failures, reused=sum(hit for _, _, hit in results))

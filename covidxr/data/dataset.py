@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import Dataset
 
 from covidxr.io import load_xray
-from covidxr.preprocess import augment_batch, eval_transform, letterbox
+from covidxr.model_input import PLAIN, InputPipeline
+from covidxr.preprocess import augment_batch, eval_transform
 
 
 class XrayDataset(Dataset):
@@ -27,17 +28,20 @@ class XrayDataset(Dataset):
             (B, 1, base_size, base_size) batch to a batch of them.
         images: optional prepared uint8 (base_size, base_size) arrays, aligned with ``paths``; when given,
             files are not read again.
+        pipeline: how files are prepared when ``images`` is not given (lung crop, equalisation, letterbox; the
+            same that prepared ``images``).
     """
 
     def __init__(self, paths: Sequence[str], targets: Sequence[int], base_size: int,
                  transform: Callable[[torch.Tensor], torch.Tensor],
-                 images: Sequence[np.ndarray] | None = None) -> None:
+                 images: Sequence[np.ndarray] | None = None, pipeline: InputPipeline = PLAIN) -> None:
         if images is not None and len(images) != len(paths):
             raise ValueError("images must align with paths")
         self.paths = list(paths)
         self.targets = torch.as_tensor(list(targets), dtype=torch.long)
         self.base_size = base_size
         self.transform = transform
+        self.pipeline = pipeline
         # One contiguous uint8 tensor: cheap to share with loader workers and to index.
         self.images = torch.from_numpy(np.stack(images)) if images is not None and len(images) else None
 
@@ -48,7 +52,8 @@ class XrayDataset(Dataset):
         if self.images is not None:
             square = self.images[index].unsqueeze(0).float().div_(255.0)
         else:
-            square = letterbox(load_xray(self.paths[index]).pixels, self.base_size)
+            prepared = self.pipeline.prepare(load_xray(self.paths[index]).pixels, self.base_size)
+            square = torch.from_numpy(prepared.square).float().div_(255.0)[None]
         return self.transform(square), self.targets[index], index
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:

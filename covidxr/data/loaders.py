@@ -33,7 +33,8 @@ from covidxr.data.dataset import DeviceBatches, XrayDataset
 from covidxr.data.manifest import class_names, dataset_root, load_manifest, resolve_data_path, validate_for_training
 from covidxr.data.split import apply_split, check_no_leakage, make_split
 from covidxr.errors import DatasetError
-from covidxr.preprocess import cache_size, eval_transform, train_transform
+from covidxr.model_input import InputPipeline, lung_pipeline
+from covidxr.preprocess import LUNG_MARGIN, cache_size, eval_transform, train_transform
 
 log = logging.getLogger("covidxr.data.loaders")
 
@@ -63,6 +64,12 @@ class LoaderSettings:
     workers: int = min(4, os.cpu_count() or 1)
     gpu_cache: str = "auto"  # keep the prepared squares on the GPU and augment there: auto | on | off
     seed: int = 0
+    lung_crop: bool = False  # crop every image to its lungs before the letterbox
+    lung_margin: float = LUNG_MARGIN
+    equalize: str = "none"  # none | hist | clahe, after the crop
+    lung_model: str | None = None  # lung model file for a lung crop; default $COVIDXR_HOME/lungs/lung-seg.pt
+    # The lung model itself (a checkpoint's "lung_model" entry), when it comes from a checkpoint rather than a file.
+    lung_entry: dict | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_dict(cls, d: dict) -> LoaderSettings:
@@ -80,6 +87,19 @@ class RunData:
     root: Path
     images: list[np.ndarray] | None  # prepared squares aligned with table rows, or None without the cache
     unreadable: dict[str, str]  # relpath -> reason
+    pipeline: InputPipeline = field(default_factory=InputPipeline)  # how the squares were prepared
+
+
+def input_pipeline(settings: LoaderSettings) -> InputPipeline:
+    """The settings' lung crop and equalisation, with the lung model from ``lung_entry`` or else its file.
+
+    Raises:
+        CheckpointError: a lung crop without a lung model ("no lung model at PATH: run python -m covidxr.lungs
+            train").
+    """
+    if settings.lung_crop and settings.lung_entry is None:
+        return lung_pipeline(True, settings.lung_margin, settings.equalize, settings.lung_model)
+    return InputPipeline(settings.lung_crop, settings.lung_margin, settings.equalize, settings.lung_entry)
 
 
 def cache_dir(settings: LoaderSettings) -> Path | None:
@@ -89,15 +109,18 @@ def cache_dir(settings: LoaderSettings) -> Path | None:
     return Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
 
 
-def prepare_rows(table: pd.DataFrame, settings: LoaderSettings,
-                 progress: bool = True) -> tuple[pd.DataFrame, list[np.ndarray] | None, dict[str, str]]:
+def prepare_rows(table: pd.DataFrame, settings: LoaderSettings, progress: bool = True,
+                 pipeline: InputPipeline | None = None) -> tuple[pd.DataFrame, list[np.ndarray] | None, dict[str, str]]:
     """Decode (or read from the cache) every row's image; return the readable rows, their squares and the rest.
+
+    ``pipeline`` (default: :func:`input_pipeline` of ``settings``) prepares each image.
 
     Returns:
         ``(readable rows re-indexed from 0, their prepared squares or None with --no-cache, relpath -> reason)``.
     """
+    pipeline = input_pipeline(settings) if pipeline is None else pipeline
     prepared = fill_cache(table["path"].tolist(), cache_size(settings.img_size), cache_dir(settings),
-                       workers=min(settings.workers, 8), desc="prepare images", progress=progress)
+                       workers=min(settings.workers, 8), desc="prepare images", progress=progress, pipeline=pipeline)
     unreadable = {table["relpath"].iloc[i]: reason for i, reason in prepared.failures.items()}
     keep = np.array([i not in prepared.failures for i in range(len(table))], dtype=bool)
     images = [img for img, ok in zip(prepared.images, keep, strict=True) if ok] if settings.cache else None
@@ -121,14 +144,15 @@ def load_run_data(settings: LoaderSettings, split: Path | pd.DataFrame | None = 
         table = make_split(table, fractions, settings.seed, settings.holdout_source)
     check_no_leakage(table)
     classes = class_names(table)
-    table, images, unreadable = prepare_rows(table, settings)
+    pipeline = input_pipeline(settings)
+    table, images, unreadable = prepare_rows(table, settings, pipeline=pipeline)
     if unreadable and settings.strict:
         first = next(iter(unreadable.values()))
         raise DatasetError(f"{len(unreadable)} unreadable image(s) and --strict given, e.g. {first}")
     for name in ("train", "val"):
         if (table["split"] == name).sum() == 0:
             raise DatasetError(f"the {name} split is empty: the dataset is too small for the requested fractions")
-    return RunData(table, classes, dataset_root(data_path), images, unreadable)
+    return RunData(table, classes, dataset_root(data_path), images, unreadable, pipeline)
 
 
 def exclude_rows(table: pd.DataFrame, sources: list[str], where: list[str]) -> pd.DataFrame:
@@ -237,7 +261,7 @@ def make_loaders(data: RunData, settings: LoaderSettings, device: torch.device, 
             continue
         transform = train_transform(settings.img_size) if train else eval_transform(settings.img_size)
         ds = XrayDataset(sub["path"].tolist(), targets, cache_size(settings.img_size), transform,
-                         [data.images[i] for i in rows] if data.images is not None else None)
+                         [data.images[i] for i in rows] if data.images is not None else None, data.pipeline)
         loaders[split] = DataLoader(ds, batch_sampler=batches, num_workers=settings.workers,
                                     pin_memory=device.type == "cuda", persistent_workers=False,
                                     generator=torch.Generator().manual_seed(rank_seed))

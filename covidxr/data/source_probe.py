@@ -26,14 +26,16 @@ from sklearn.preprocessing import StandardScaler
 from covidxr.checkpoint import load_checkpoint
 from covidxr.data.cache import fill_cache
 from covidxr.data.confounding import source_column
+from covidxr.model_input import PLAIN, InputPipeline, pipeline_from_checkpoint
 from covidxr.models import model_from_checkpoint
 from covidxr.preprocess import Preprocess
 
 
 def _features(model: Any, paths: Sequence[str], img_size: int, cache_dir: Path | None, batch_size: int,
-              workers: int) -> tuple[np.ndarray, np.ndarray]:
+              workers: int, pipeline: InputPipeline = PLAIN) -> tuple[np.ndarray, np.ndarray]:
     """Return pooled features of the readable images and a mask of which paths were readable."""
-    decoded = fill_cache(list(paths), img_size, cache_dir, workers=workers, desc="probe features")
+    decoded = fill_cache(list(paths), img_size, cache_dir, workers=workers, desc="probe features",
+                         pipeline=pipeline)
     ok = np.array([img is not None for img in decoded.images], dtype=bool)
     squares = [img for img in decoded.images if img is not None]
     chunks = []
@@ -109,9 +111,11 @@ def source_probe(table: pd.DataFrame, checkpoint: str | os.PathLike, folds: int 
     """
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, str(checkpoint)).eval()
-    img_size = Preprocess.from_dict(ckpt["preprocess"]).img_size
+    pre = Preprocess.from_dict(ckpt["preprocess"])
+    img_size = pre.img_size
     with torch.inference_mode():
-        feats, ok = _features(model, table["path"].tolist(), img_size, cache_dir, batch_size, workers)
+        feats, ok = _features(model, table["path"].tolist(), img_size, cache_dir, batch_size, workers,
+                              pipeline_from_checkpoint(ckpt, pre, str(checkpoint)))
     readable = table[ok].reset_index(drop=True)
     sources = source_column(readable)
     result: dict[str, Any] = {

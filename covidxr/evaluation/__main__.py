@@ -70,6 +70,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "beside the checkpoint, when present)")
     p.add_argument("--out", type=Path, help="output folder (default: eval/ beside the checkpoint; eval-<dataset>/ "
                    "for an external dataset)")
+    p.add_argument("--lung-share-limit", type=int_at_least(0), default=200, metavar="N",
+                   help="mean share of the Grad-CAM mass (predicted class) inside the lungs over at most N images "
+                        "of the test split and of each --external folder (0: skip; needs a lung model)")
     p.add_argument("-b", "--batch-size", type=int_at_least(1), default=32)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--positive", help="positive class of the operating points (default: the class named like covid)")
@@ -87,17 +90,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def lung_share_text(share: dict[str, Any] | None) -> str:
+    """One phrase for metrics.json's ``lung_share``."""
+    if not share or share.get("mean") is None:
+        return f"Grad-CAM lung share {(share or {}).get('note', 'not measured')}"
+    return f"Grad-CAM mass inside the lungs {share['mean']:.3f} (median {share['median']:.3f}, n {share['n']})"
+
+
 def _print_summary(result: dict[str, Any]) -> None:
     """Print the headline numbers, the warnings and where the report is."""
     ci = (result["ci"] or {}).get("metrics", {})
     numbers = ", ".join(f"{k} {format_value(ci.get(k) or result['metrics'].get(k))}" for k in HEADLINE)
     print(f"{result['split']} split of {result['data']}: {result['n_images']} images, {result['n_patients']} "
-          f"patients; {numbers}; temperature {result['calibration']['temperature']:.3f}")
+          f"patients; {numbers}; temperature {result['calibration']['temperature']:.3f}; "
+          f"{lung_share_text(result.get('lung_share'))}")
     for ext in result["external"]:
         ci = (ext["ci"] or {}).get("metrics", {})
         numbers = ", ".join(f"{k} {format_value(ci.get(k) or ext['metrics'].get(k))}"
                             for k in ("balanced_accuracy", "roc_auc_macro"))
-        print(f"external {ext['name']}: {ext['n_images']} images, {ext['n_patients']} patients; {numbers}")
+        print(f"external {ext['name']}: {ext['n_images']} images, {ext['n_patients']} patients; {numbers}; "
+              f"{lung_share_text(ext.get('lung_share'))}")
     if result.get("gate"):
         print(gate_summary(result["gate"]))
     for warning in result["warnings"]:
@@ -117,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        batch_size=args.batch_size, device=args.device, positive=args.positive,
                        bootstrap=args.bootstrap, seed=args.seed, workers=args.workers,
                        command=["python", "-m", PROG, *argv], external=list(args.external),
-                       crossval=args.crossval, gate_check=args.gate_check, gate_variants=args.gate_variants)
+                       crossval=args.crossval, gate_check=args.gate_check, gate_variants=args.gate_variants,
+                       lung_share_limit=args.lung_share_limit)
     try:
         result = evaluate(opts)
     except CovidxrError as exc:

@@ -20,6 +20,7 @@ from covidxr.errors import CovidxrError, DatasetError, one_line
 from covidxr.evaluation.analysis import analyse, source_warnings, split_warnings
 from covidxr.evaluation.inputs import EvalOptions, load_eval_data
 from covidxr.evaluation.logits import predict_splits
+from covidxr.evaluation.lung_share import lung_share_summary
 from covidxr.evaluation.outputs import predictions_frame
 from covidxr.files import atomic_write_bytes
 
@@ -86,6 +87,7 @@ def evaluate_external(ckpt: dict[str, Any], folder: Path, name: str, opts: EvalO
         "operating_points": analysis["operating_points"],
         "warnings": source_warnings(pred.table) + split_warnings(data, pred, analysis["calibration"]["how"]),
         "unreadable": dict(data.run.unreadable), "predictions": predictions,
+        "lung_share": lung_share_summary(opts.checkpoint, pred.table, opts.lung_share_limit, opts.device, opts.seed),
     }
 
 

@@ -19,10 +19,12 @@ import numpy as np
 import pandas as pd
 
 from covidxr.checkpoint import load_checkpoint
-from covidxr.data.loaders import LoaderSettings, RunData, load_run_data, prepare_rows
+from covidxr.data.loaders import LoaderSettings, RunData, input_pipeline, load_run_data, prepare_rows
 from covidxr.data.manifest import MANIFEST_NAMES, dataset_root, load_manifest, resolve_data_path
 from covidxr.errors import CheckpointError, CovidxrError, DatasetError
 from covidxr.files import file_digest, text_digest
+from covidxr.model_input import pipeline_from_checkpoint
+from covidxr.preprocess import Preprocess
 
 EXTERNAL = "external"
 
@@ -47,6 +49,7 @@ class EvalOptions:
     crossval: Path | None = None  # crossval.json to report (default: crossval/crossval.json beside the checkpoint)
     gate_check: list[Path] = field(default_factory=list)  # unlabelled folders whose refusal rate is reported
     gate_variants: bool = False  # also report the refusal rate of rotated and inverted copies of the evaluated images
+    lung_share_limit: int = 200  # Grad-CAM lung share over at most this many images per split (0: skip)
 
 
 @dataclass
@@ -117,10 +120,14 @@ def is_run_data(table: pd.DataFrame, split: pd.DataFrame | None) -> bool:
 
 
 def eval_settings(ckpt: dict[str, Any], opts: EvalOptions, data_path: Path) -> LoaderSettings:
-    """The run's data and loader settings with this evaluation's data, image size, batch size and workers."""
+    """The run's data and loader settings with this evaluation's data, image size, batch size and workers; the lung
+    crop and equalisation come from the checkpoint's preprocessing record, the lung model from the checkpoint."""
     settings = LoaderSettings.from_dict(ckpt.get("config") or {})
-    return replace(settings, data=str(data_path), img_size=int(ckpt["preprocess"]["img_size"]),
-                   batch_size=opts.batch_size, workers=opts.workers)
+    pre = Preprocess.from_dict(ckpt["preprocess"])
+    pipeline = pipeline_from_checkpoint(ckpt, pre)
+    return replace(settings, data=str(data_path), img_size=int(pre.img_size), batch_size=opts.batch_size,
+                   workers=opts.workers, lung_crop=pipeline.lung_crop, lung_margin=pipeline.lung_margin,
+                   equalize=pipeline.equalize, lung_entry=pipeline.lung_entry)
 
 
 def loader_roles(run_split: pd.Series, split: str, own: bool) -> pd.Series:
@@ -237,8 +244,9 @@ def load_external_data(ckpt: dict[str, Any], settings: LoaderSettings, table: pd
                                f"{split!r} rows in a split column (use --split all)")
         table = table[table["split"] == split]
     table = table.assign(split=EXTERNAL).reset_index(drop=True)
-    table, images, unreadable = prepare_rows(table, settings)
-    return RunData(table, list(ckpt["classes"]), dataset_root(Path(settings.data)), images, unreadable)
+    pipeline = input_pipeline(settings)
+    table, images, unreadable = prepare_rows(table, settings, pipeline=pipeline)
+    return RunData(table, list(ckpt["classes"]), dataset_root(Path(settings.data)), images, unreadable, pipeline)
 
 
 def load_eval_data(ckpt: dict[str, Any], checkpoint: Path, opts: EvalOptions) -> EvalData:

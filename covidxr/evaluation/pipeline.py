@@ -23,6 +23,7 @@ from covidxr.evaluation.external import evaluate_external, external_names, read_
 from covidxr.evaluation.gate_report import gate_report
 from covidxr.evaluation.inputs import EvalData, EvalOptions, load_eval_data, read_checkpoint, run_split_table
 from covidxr.evaluation.logits import SplitOutputs, predict_splits
+from covidxr.evaluation.lung_share import lung_share_summary
 from covidxr.evaluation.model_card import model_card
 from covidxr.evaluation.outputs import (
     default_out,
@@ -72,6 +73,7 @@ def assemble(ckpt: dict[str, Any], data: EvalData, pred: SplitOutputs, analysis:
         "unreadable": dict(data.run.unreadable),
         "model_card": model_card(ckpt, data, pred.table, split_table, result["metrics"], result["ci"]),
         "external": [], "crossval": None,
+        "lung_share": lung_share_summary(opts.checkpoint, pred.table, opts.lung_share_limit, opts.device, opts.seed),
     }
 
 

@@ -35,6 +35,17 @@ def _warnings_html(warnings: Sequence[str]) -> str:
     return "".join(f'<p style="color:#9c1f1f"><strong>Warning:</strong> {html.escape(str(w))}</p>' for w in warnings)
 
 
+def lung_share_html(share: dict[str, Any] | None) -> str:
+    """The Grad-CAM lung share of one split (metrics.json's ``lung_share``), or why it was not measured."""
+    if not share:
+        return ""
+    if share.get("mean") is None:
+        return paragraph_html(f"Grad-CAM mass inside the lungs: not measured ({share.get('note', '')}).")
+    return kv_html({"mean": share["mean"], "median": share["median"], "images": share["n"],
+                    "heatmap": share["method"], "lung mask": share.get("lung_model", "")},
+                   caption="Share of the Grad-CAM mass inside the lungs (1.0: all on the lungs)")
+
+
 def _external_detail(ext: dict[str, Any], classes: Sequence[str]) -> str:
     """Per class, baselines, calibration and sources of one external folder."""
     ci = (ext["ci"] or {}).get("per_class", {})
@@ -56,6 +67,7 @@ def _external_detail(ext: dict[str, Any], classes: Sequence[str]) -> str:
                           "Brier before / after": f"{cal['brier_before']:.3f} / {cal['brier_after']:.3f}",
                           "measured on": cal["measured_on"]}, caption="Calibration on this folder"))
     parts.append(group_table_html("Metrics by data source", ext.get("by_source"), classes))
+    parts.append(lung_share_html(ext.get("lung_share")))
     return "\n".join(p for p in parts if p)
 
 

@@ -15,6 +15,9 @@ explained class:
   original image on each side, where burned-in text, markers and collimation edges sit. The band covers 43.75% of the
   image, so a uniform heatmap scores 0.4375. An image whose heatmap has more than half of its mass there
   (``outside_center``) is listed: its explanation points mostly outside the central chest area.
+* ``lung_share``: the share of heatmap mass inside the lung mask (``covidxr.lungs.cam_share_in_lungs``), the primary
+  check that the model looks at the lungs; the mask comes from the checkpoint's lung model (a lung-cropping run) or
+  the installed one (NaN when none is installed).
 
 The run's model is loaded from the checkpoint alone (:func:`covidxr.models.model_from_checkpoint`, with the
 checkpoint's preprocessing and temperature), in torch: scoring needs no :class:`~covidxr.inference.predictor.Predictor`.
@@ -39,14 +42,15 @@ from torch import nn
 from covidxr.checkpoint import load_checkpoint, read_temperature
 from covidxr.data.manifest import load_manifest, resolve_data_path
 from covidxr.data.split import apply_split
-from covidxr.errors import DatasetError, ImageReadError
+from covidxr.errors import CheckpointError, DatasetError, ImageReadError
 from covidxr.explain.cam import compute_cam, preserved_state
 from covidxr.explain.display import heatmap_on_image
 from covidxr.files import atomic_write_text
 from covidxr.html_page import Section, paragraph_html, render_html, table_html
 from covidxr.io import load_xray
+from covidxr.lungs import LungModel, cam_share_in_lungs, load_lung_model
+from covidxr.model_input import InputPipeline, pipeline_from_checkpoint
 from covidxr.models import XrayClassifier, model_from_checkpoint, read_preprocess
-from covidxr.preprocess import network_input
 from covidxr.utils import pick_device, softmax
 
 log = logging.getLogger("covidxr.explain")
@@ -70,12 +74,16 @@ class ScoredModel:
         classes: class names, in the model's output order.
         img_size: the network input side ``S``.
         temperature: probability temperature (1.0: uncalibrated).
+        pipeline: the checkpoint's lung crop and equalisation.
+        lungs: the lung model that gives the masks of ``lung_share`` (None: not installed).
     """
 
     model: XrayClassifier
     classes: list[str]
     img_size: int
     temperature: float
+    pipeline: InputPipeline
+    lungs: LungModel | None
 
 
 def load_scored_model(ckpt: dict, source: str, device: str = "auto") -> ScoredModel:
@@ -86,8 +94,16 @@ def load_scored_model(ckpt: dict, source: str, device: str = "auto") -> ScoredMo
         CovidxrError: the device is not available.
     """
     model = model_from_checkpoint(ckpt, source).to(pick_device(device)).eval()
-    return ScoredModel(model=model, classes=list(ckpt["classes"]), img_size=read_preprocess(ckpt, source).img_size,
-                       temperature=read_temperature(ckpt, source))
+    pre = read_preprocess(ckpt, source)
+    pipeline = pipeline_from_checkpoint(ckpt, pre, source)
+    lungs = pipeline.lungs
+    if lungs is None:
+        try:
+            lungs = load_lung_model()
+        except CheckpointError as exc:
+            log.warning("lung_share not measured: %s", exc)
+    return ScoredModel(model=model, classes=list(ckpt["classes"]), img_size=pre.img_size,
+                       temperature=read_temperature(ckpt, source), pipeline=pipeline, lungs=lungs)
 
 
 def border_share(heatmap: np.ndarray, fraction: float = BORDER_FRACTION) -> float:
@@ -214,7 +230,10 @@ def _score_batch(run: ScoredModel, rows: pd.DataFrame, methods: Sequence[str],
             results.append({"relpath": row.relpath, "label": row.label, "error": str(exc)})
     if not kept:
         return results
-    inputs = torch.stack([network_input(p, run.img_size) for p in pixels])
+    prepared = [run.pipeline.network_input(p, run.img_size) for p in pixels]
+    inputs = torch.stack([x for x, _ in prepared])
+    masks = [prep.mask if prep.mask is not None else run.lungs.mask(image) if run.lungs is not None else None
+             for image, (_, prep) in zip(pixels, prepared, strict=True)]
     for method in methods:
         start = time.perf_counter()
         out = compute_cam(run.model, inputs, method)
@@ -222,12 +241,16 @@ def _score_batch(run: ScoredModel, rows: pd.DataFrame, methods: Sequence[str],
         scores = faithfulness(run.model, inputs, out.maps, out.targets, percentiles)
         probs = softmax(out.logits.numpy(), run.temperature)
         for i, (row, image) in enumerate(zip(kept, pixels, strict=True)):
-            heat, note = heatmap_on_image(out.maps[i], *image.shape)
+            prep = prepared[i][1]
+            seen = image[prep.box.slices] if prep.box is not None else image
+            heat, note = heatmap_on_image(out.maps[i], *seen.shape)
+            heat = run.pipeline.uncrop(heat, prep, *image.shape)
             share = border_share(heat) if heat is not None else float("nan")
+            lungs = cam_share_in_lungs(heat, masks[i]) if heat is not None and masks[i] is not None else float("nan")
             item = {"relpath": row.relpath, "label": row.label, "method": method,
                     "predicted": run.classes[int(np.argmax(probs[i]))],
                     "cam_class": run.classes[out.targets[i]], "confidence": float(probs[i].max()),
-                    "border_share": share, "outside_center": bool(share > OUTSIDE_CENTER_SHARE),
+                    "lung_share": lungs, "border_share": share, "outside_center": bool(share > OUTSIDE_CENTER_SHARE),
                     "ms_per_image": 1000.0 * seconds, "note": note or "", "error": ""}
             item |= {k: (float(v[i]) if heat is not None else float("nan")) for k, v in scores.items()}
             results.append(item)
@@ -250,7 +273,8 @@ def summarise(scores: pd.DataFrame) -> pd.DataFrame:
         explained = group[group["note"] == ""]
         row = {"method": method, "images": len(group), "explained": len(explained)}
         row |= {c: float(explained[c].mean()) for c in metric_columns}
-        row |= {"border_share": float(explained["border_share"].mean()),
+        row |= {"lung_share": float(explained["lung_share"].mean()),
+                "border_share": float(explained["border_share"].mean()),
                 "outside_center": int(explained["outside_center"].sum()),
                 "ms_per_image": float(group["ms_per_image"].mean())}
         rows.append(row)
@@ -274,7 +298,8 @@ _SCORE_LEGEND = (
     "cam_mult_change: change in the class probability when the image is multiplied by the heatmap (higher is "
     "better). road_morf_P / road_lerf_P: change in probability after replacing the P% most / least relevant pixels "
     "by ROAD's noisy linear imputation (MoRF: lower is better; LeRF: higher is better). road_combined: mean of "
-    "(LeRF - MoRF) / 2 over the percentiles (higher is better). border_share: share of heatmap mass in the outer "
+    "(LeRF - MoRF) / 2 over the percentiles (higher is better). lung_share: share of heatmap mass inside the lung "
+    "mask (higher is better; n/a without a lung model). border_share (secondary): share of heatmap mass in the outer "
     f"{BORDER_FRACTION:.1%} band of each side of the image, where burned-in text and markers sit (a uniform "
     "heatmap gives 0.4375). outside_center: images with more than half of the heatmap mass in that band."
 )
@@ -340,8 +365,8 @@ def score(checkpoint: Path, data: str | None, split: str, methods: Sequence[str]
         results += _score_batch(run, table.iloc[start : start + batch_size], methods, percentiles)
     columns = ["relpath", "label", "method", "predicted", "cam_class", "confidence", "cam_mult_change",
                *[f"road_{kind}_{p}" for p in percentiles for kind in ("morf", "lerf")],
-               *(["road_combined"] if percentiles else []), "border_share", "outside_center", "ms_per_image",
-               "note", "error"]
+               *(["road_combined"] if percentiles else []), "lung_share", "border_share", "outside_center",
+               "ms_per_image", "note", "error"]
     scores = pd.DataFrame(results).reindex(columns=columns)
     scores[["note", "error", "method"]] = scores[["note", "error", "method"]].fillna("")
     scores["outside_center"] = scores["outside_center"].fillna(False).astype(bool)

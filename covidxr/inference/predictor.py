@@ -15,9 +15,8 @@ Backends (plain predictions only; Grad-CAM always runs in torch, see :mod:`covid
   it was made from this very checkpoint (its SHA-256 is recorded in the ONNX metadata). Otherwise the model is
   exported on first use: written beside the checkpoint (atomically) when that folder is writable, else kept in
   memory. ``python -m covidxr.export`` makes the file ahead of time.
-* ``"auto"`` (default): ONNX Runtime when the device is the CPU, onnxruntime is installed and a fresh export exists
-  beside the checkpoint; torch otherwise. ``"auto"`` never exports by itself (no surprise writes into a run folder,
-  no export delay when an app starts).
+* ``"auto"`` (default): ONNX Runtime on the CPU when onnxruntime is installed and a fresh export exists beside the
+  checkpoint; torch otherwise. ``"auto"`` never exports by itself (no surprise writes, no export delay at start-up).
 
 Every prediction carries the input gate's verdict (:mod:`covidxr.inference.gate`): is the image an assessable frontal
 chest radiograph, and if not, why. The gate's learned checks read the pooled backbone features of the same forward
@@ -25,9 +24,8 @@ pass (captured at the head's input), so they need torch: with a fitted gate, ``"
 adds a torch backbone pass for the gate.
 
 A :class:`Predictor` may be shared between threads: model calls are serialised by an internal lock (CAM hooks
-must not see another thread's forward pass).
-
-The command line, ``python -m covidxr.predict``, is :mod:`covidxr.inference.__main__`.
+must not see another thread's forward pass). The command line, ``python -m covidxr.predict``, is
+:mod:`covidxr.inference.__main__`.
 """
 
 from __future__ import annotations
@@ -58,8 +56,10 @@ from covidxr.inference.onnx_backend import (
     write_onnx,
 )
 from covidxr.io import Xray
+from covidxr.lungs import cam_share_in_lungs
+from covidxr.model_input import PLAIN, InputPipeline, pipeline_from_checkpoint
 from covidxr.models import XrayClassifier, model_from_checkpoint, read_preprocess
-from covidxr.preprocess import Preprocess, network_input
+from covidxr.preprocess import Preprocess
 from covidxr.utils import pick_device, softmax
 
 log = logging.getLogger("covidxr.predict")
@@ -84,6 +84,8 @@ class Prediction:
             heatmap)"``; None otherwise.
         gate: the input gate's verdict; a refused image is "not assessed: REASON", and its probabilities are the
             model's output on an input it was not made for.
+        lung_share: share of the heatmap's mass inside the lungs, when the checkpoint crops to the lungs (its lung
+            model gives the mask); None otherwise.
     """
 
     name: str
@@ -95,6 +97,7 @@ class Prediction:
     cam_class: str | None = None
     note: str | None = None
     gate: GateVerdict | None = None
+    lung_share: float | None = None
 
     @property
     def assessable(self) -> bool:
@@ -103,10 +106,11 @@ class Prediction:
 
     def to_dict(self) -> dict:
         """Return a JSON-friendly dict of everything but the heatmap."""
-        return {"name": self.name, "label": self.label, "confidence": float(self.confidence),
-                "probs": {k: float(v) for k, v in self.probs.items()}, "cam_method": self.cam_method,
-                "cam_class": self.cam_class, "note": self.note,
-                "gate": None if self.gate is None else self.gate.to_dict()}
+        out = {"name": self.name, "label": self.label, "confidence": float(self.confidence),
+               "probs": {k: float(v) for k, v in self.probs.items()}, "cam_method": self.cam_method,
+               "cam_class": self.cam_class, "note": self.note,
+               "gate": None if self.gate is None else self.gate.to_dict()}
+        return out if self.lung_share is None else {**out, "lung_share": self.lung_share}
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -204,7 +208,8 @@ class Predictor:
 
     def __init__(self, model: XrayClassifier, classes: list[str], preprocess: Preprocess, temperature: float,
                  checkpoint_path: Path, checkpoint_sha256: str, metrics: dict | None, info: dict,
-                 device: torch.device, runner: OnnxRunner | None = None, gate: InputGate | None = None) -> None:
+                 device: torch.device, runner: OnnxRunner | None = None, gate: InputGate | None = None,
+                 pipeline: InputPipeline = PLAIN) -> None:
         self.model = model
         self.arch: str = model.arch
         self.classes = list(classes)
@@ -217,6 +222,7 @@ class Predictor:
         self.device = device
         self.runner = runner
         self.gate = gate if gate is not None else InputGate()
+        self.pipeline = pipeline  # lung crop and equalisation of the preprocessing record
         self._lock = threading.RLock()
 
     @property
@@ -248,6 +254,7 @@ class Predictor:
         model = load_classifier(ckpt, str(path))
         classes = list(ckpt["classes"])
         preprocess = read_preprocess(ckpt, str(path))
+        pipeline = pipeline_from_checkpoint(ckpt, preprocess, str(path))
         temperature = read_temperature(ckpt, str(path))
         torch_device = pick_device(device)
         model.to(torch_device)
@@ -259,7 +266,7 @@ class Predictor:
                 "data": _data_summary(ckpt), "config": ckpt.get("config") or {},
                 "gate": {"learned": gate.learned, "unavailable": gate.unavailable, **gate.info}}
         predictor = cls(model, classes, preprocess, temperature, path, sha, ckpt.get("evaluation"), info,
-                        torch_device, gate=gate)
+                        torch_device, gate=gate, pipeline=pipeline)
         predictor.runner = predictor._open_runner(backend)
         return predictor
 
@@ -342,8 +349,10 @@ class Predictor:
         pixels = [_as_pixels(image) for image in images]
         labels = [(names[i] if names is not None and names[i] else getattr(img, "name", "")) or ""
                   for i, img in enumerate(images)]
-        inputs = torch.stack([network_input(p, self.preprocess.img_size) for p in pixels])
+        prepared = [self.pipeline.network_input(p, self.preprocess.img_size) for p in pixels]
+        inputs = torch.stack([x for x, _ in prepared])
         heatmaps: list[np.ndarray | None] = [None] * len(images)
+        shares: list[float | None] = [None] * len(images)
         notes: list[str | None] = [None] * len(images)
         explained: list[int | None] = [None] * len(images)
         if method is None:
@@ -354,8 +363,12 @@ class Predictor:
                                   layer=cam_layer)
             logits, features = out.logits.numpy(), seen[0].numpy()
             explained = list(out.targets)
-            for i, image in enumerate(pixels):
-                heatmaps[i], notes[i] = heatmap_on_image(out.maps[i], *image.shape)
+            for i, (image, (_, prep)) in enumerate(zip(pixels, prepared, strict=True)):
+                seen = image[prep.box.slices] if prep.box is not None else image  # what the network saw
+                heat, notes[i] = heatmap_on_image(out.maps[i], *seen.shape)
+                heatmaps[i] = self.pipeline.uncrop(heat, prep, *image.shape)
+                if heatmaps[i] is not None and prep.mask is not None:
+                    shares[i] = cam_share_in_lungs(heatmaps[i], prep.mask)
         xrays = [img if isinstance(img, Xray) else Xray(p, "array", False, {}, name)
                  for img, p, name in zip(images, pixels, labels, strict=True)]
         verdicts = self.gate.check_batch(xrays, features if self.gate.learned else None)
@@ -367,7 +380,7 @@ class Predictor:
                 name=labels[i], probs={c: float(p) for c, p in zip(self.classes, probs[i], strict=True)},
                 label=self.classes[best], confidence=float(probs[i][best]), heatmap=heatmaps[i],
                 cam_method=method, cam_class=None if explained[i] is None else self.classes[explained[i]],
-                note=notes[i], gate=verdicts[i]))
+                note=notes[i], gate=verdicts[i], lung_share=shares[i]))
         return results
 
     def _logits(self, inputs: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:

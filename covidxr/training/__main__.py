@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 from covidxr.checkpoint import load_checkpoint
 from covidxr.errors import CovidxrError
+from covidxr.model_input import require_lung_model
 from covidxr.training import distributed
 from covidxr.training.config import PROG, config_from_args, get_args_parser
 from covidxr.training.trainer import run
@@ -42,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args, resume["config"] if resume is not None else None)
         if cfg.val_frac + cfg.test_frac >= 1:
             parser.error("--val-frac plus --test-frac must leave images for training")
+        if cfg.lung_crop and resume is None:
+            require_lung_model(cfg.lung_model)
         run(cfg, resume)
     except CovidxrError as exc:
         return cli_error(PROG, exc)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from covidxr.data.loaders import LoaderSettings
 from covidxr.models import ARCHS
+from covidxr.preprocess import EQUALIZE, LUNG_MARGIN
 from covidxr.utils import OneLineParser, int_at_least
 
 PROG = "covidxr.train"
@@ -28,6 +29,10 @@ class TrainConfig:
     cache: bool = True  # decode each image once into the prepared cache
     cache_dir: str | None = None
     strict: bool = False  # unreadable images are fatal instead of skipped
+    lung_crop: bool = False  # crop every image to its lungs (the lung model then travels in the checkpoint)
+    lung_margin: float = LUNG_MARGIN
+    equalize: str = "none"  # none | hist | clahe, after the crop
+    lung_model: str | None = None  # default $COVIDXR_HOME/lungs/lung-seg.pt
     # model
     arch: str = "resnet50"
     weights: str = "imagenet"  # imagenet | none | PATH
@@ -70,7 +75,8 @@ class TrainConfig:
 
     def loader_settings(self) -> LoaderSettings:
         """The settings that decide the run's data and loaders."""
-        return LoaderSettings(**{f.name: getattr(self, f.name) for f in fields(LoaderSettings)})
+        own = {f.name for f in fields(self)}
+        return LoaderSettings(**{f.name: getattr(self, f.name) for f in fields(LoaderSettings) if f.name in own})
 
 
 def non_negative_int(text: str) -> int:
@@ -103,6 +109,27 @@ def image_size(text: str) -> int:
     return value
 
 
+def _margin(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 0.5:
+        raise argparse.ArgumentTypeError(f"must be in [0, 0.5], got {text}")
+    return value
+
+
+def add_input_args(p: argparse.ArgumentParser, lung_margin: float = LUNG_MARGIN) -> None:
+    """Add --lung-crop, --lung-margin, --lung-model and --equalize (training and cross-validation share them)."""
+    g = p.add_argument_group("input preprocessing (recorded in the checkpoint; prediction does the same)")
+    g.add_argument("--lung-crop", action="store_true",
+                   help="crop each image to its lungs before the letterbox (needs the lung model: python -m "
+                        "covidxr.lungs train; it is then stored in the checkpoint)")
+    g.add_argument("--lung-margin", type=_margin, default=lung_margin,
+                   help="margin around the lung box, as a share of the image's height and width")
+    g.add_argument("--lung-model", metavar="PATH",
+                   help="lung model file (default: $COVIDXR_HOME/lungs/lung-seg.pt, ~/.cache/covidxr/...)")
+    g.add_argument("--equalize", choices=EQUALIZE, default="none",
+                   help="intensity equalisation after the crop: histogram (hist) or CLAHE")
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Return the ``python -m covidxr.train`` parser (reusable by tests and other entry points)."""
     d = TrainConfig()
@@ -125,6 +152,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="decode each image once into the prepared cache (default: on)")
     g.add_argument("--cache-dir", help="prepared cache folder (default: $COVIDXR_CACHE or ~/.cache/covidxr/prepared)")
     g.add_argument("--strict", action="store_true", help="stop on unreadable images instead of skipping them")
+    add_input_args(p, d.lung_margin)
     g = p.add_argument_group("model")
     g.add_argument("--arch", default=d.arch, help=f"architecture, e.g. {', '.join(ARCHS)}")
     g.add_argument("--weights", default=d.weights, help="imagenet, none, or a path to a weights file")

@@ -29,7 +29,7 @@ def checkpoint_dict(model: XrayClassifier, cfg: TrainConfig, data: RunData, stat
     ckpt = {
         "arch": model.arch,
         "classes": list(data.classes),
-        "preprocess": preprocess_for(model, cfg.img_size).to_dict(),
+        "preprocess": data.pipeline.record(preprocess_for(model, cfg.img_size)).to_dict(),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "config": cfg.to_dict(),
         "split": {c: data.table[c].astype(str).tolist() for c in ("relpath", "label", "patient_id", "split")},
@@ -41,6 +41,7 @@ def checkpoint_dict(model: XrayClassifier, cfg: TrainConfig, data: RunData, stat
         "epochs_since_best": state["epochs_since_best"],
         "versions": library_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **data.pipeline.checkpoint_entries(),  # the lung model, with a lung crop
     }
     if full:
         ckpt |= {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

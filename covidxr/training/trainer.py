@@ -63,13 +63,16 @@ def run(cfg: TrainConfig, resume: dict | None = None) -> Path:
         distributed.cleanup(dist)
 
 
-def shared_run_data(cfg: TrainConfig, run_dir: Path, resuming: bool, dist: DistInfo) -> RunData:
+def shared_run_data(cfg: TrainConfig, run_dir: Path, resuming: bool, dist: DistInfo,
+                    lung_entry: dict | None = None) -> RunData:
     """Load the run's data (reloading its split when resuming); refuse unusable data early.
+
+    ``lung_entry`` is the lung model of the checkpoint being resumed (a lung crop then keeps using it).
 
     Under ``torchrun`` rank 0 does this alone (splitting hashes every file; preparing fills the cache) while
     the others wait; they then receive its table and read the prepared squares from the cache.
     """
-    settings = cfg.loader_settings()
+    settings = replace(cfg.loader_settings(), lung_entry=lung_entry)
     split_csv = run_dir / "split.csv"
     data = load_run_data(settings, split_csv if resuming and split_csv.is_file() else None) if dist.is_main else None
     if not dist.enabled:
@@ -79,7 +82,7 @@ def shared_run_data(cfg: TrainConfig, run_dir: Path, resuming: bool, dist: DistI
         return data
     if not cfg.cache:
         return shared
-    _, images, unreadable = prepare_rows(shared.table, settings, progress=False)
+    _, images, unreadable = prepare_rows(shared.table, settings, progress=False, pipeline=shared.pipeline)
     if unreadable:
         raise DatasetError(f"rank {dist.rank}: {len(unreadable)} image(s) unreadable here that rank 0 read, "
                            f"e.g. {next(iter(unreadable.values()))}")
@@ -189,7 +192,8 @@ def _train(cfg: TrainConfig, resume: dict | None, dist: DistInfo, device: torch.
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    data = shared_run_data(cfg, run_dir, resuming=resume is not None, dist=dist)
+    data = shared_run_data(cfg, run_dir, resuming=resume is not None, dist=dist,
+                           lung_entry=None if resume is None else resume.get("lung_model"))
     if resume is not None and resume["classes"] != data.classes:
         raise DatasetError(f"dataset classes {data.classes} differ from the checkpoint's {resume['classes']}")
     if dist.is_main:

@@ -1,0 +1,83 @@
+"""How much of the model's attention falls on the lungs: the mean share of the Grad-CAM mass (of the predicted class)
+inside the lung mask, over up to ``--lung-share-limit`` images of a split, for metrics.json's ``"lung_share"``.
+
+The heatmap is the predictor's (on the original image; for a lung-cropping checkpoint the crop is undone and its own
+lung model gives the mask). A checkpoint without a lung crop is measured with the installed lung model
+(``covidxr.lungs.load_lung_model``); without one the measurement is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from covidxr.errors import CheckpointError, ImageReadError, one_line
+from covidxr.inference.predictor import Predictor
+from covidxr.io import load_xray
+from covidxr.lungs import LungModel, cam_share_in_lungs, load_lung_model
+
+log = logging.getLogger("covidxr.evaluate")
+
+METHOD = "gradcam of the predicted class"
+BATCH = 8
+
+
+def pick_rows(table: pd.DataFrame, limit: int, seed: int = 0) -> list[str]:
+    """Up to ``limit`` image paths of ``table`` (all of them when fewer), a seeded random choice."""
+    if len(table) > limit:
+        table = table.sample(n=limit, random_state=seed)
+    return table["path"].astype(str).tolist()
+
+
+def lung_model_for(predictor: Predictor) -> tuple[LungModel | None, str]:
+    """The lung model that masks the images (the checkpoint's, else the installed one) and where it came from."""
+    if predictor.pipeline.lungs is not None:
+        return predictor.pipeline.lungs, "the checkpoint's lung model"
+    try:
+        return load_lung_model(), "the installed lung model"
+    except CheckpointError as exc:
+        return None, one_line(exc)
+
+
+def lung_shares(predictor: Predictor, lungs: LungModel, paths: Sequence[str]) -> list[float]:
+    """Share of the Grad-CAM mass inside the lungs, per readable image with a heatmap."""
+    shares = []
+    for start in range(0, len(paths), BATCH):
+        pixels = []
+        for path in paths[start : start + BATCH]:
+            try:
+                pixels.append(load_xray(path).pixels)
+            except ImageReadError:
+                continue
+        for image, pred in zip(pixels, predictor.predict_batch(pixels, cam="gradcam"), strict=True):
+            if pred.heatmap is None:
+                continue
+            share = pred.lung_share if pred.lung_share is not None else cam_share_in_lungs(pred.heatmap,
+                                                                                          lungs.mask(image))
+            if np.isfinite(share):
+                shares.append(float(share))
+    return shares
+
+
+def lung_share_summary(checkpoint: Path, table: pd.DataFrame, limit: int, device: str = "auto",
+                       seed: int = 0) -> dict[str, Any]:
+    """metrics.json's ``"lung_share"``: ``mean``, ``median``, ``n``, ``method`` (and ``lung_model``), or with ``note``
+    (and None values) when it was skipped (``limit`` 0, or no lung model installed)."""
+    empty = {"mean": None, "median": None, "n": 0, "method": METHOD}
+    if limit <= 0:
+        return {**empty, "note": "skipped (--lung-share-limit 0)"}
+    predictor = Predictor.from_checkpoint(checkpoint, device=device, backend="torch")
+    lungs, origin = lung_model_for(predictor)
+    if lungs is None:
+        log.warning("lung share skipped: %s", origin)
+        return {**empty, "note": f"skipped: {origin}"}
+    shares = lung_shares(predictor, lungs, pick_rows(table, limit, seed))
+    if not shares:
+        return {**empty, "note": "no image had a heatmap", "lung_model": origin}
+    return {"mean": float(np.mean(shares)), "median": float(np.median(shares)), "n": len(shares), "method": METHOD,
+            "lung_model": origin}
