@@ -148,10 +148,8 @@ def _data_summary(ckpt: dict) -> dict:
 
 @contextlib.contextmanager
 def head_input(model: XrayClassifier) -> Iterator[list[torch.Tensor]]:
-    """Capture the pooled backbone features of the next forward pass (the head's input), on the CPU.
-
-    Only the first call is kept: Score-CAM runs further passes on masked inputs.
-    """
+    """Capture the pooled backbone features of the next forward pass (the head's input), on the CPU; only the
+    first call is kept (Score-CAM runs further passes on masked inputs)."""
     seen: list[torch.Tensor] = []
 
     def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
