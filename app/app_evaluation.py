@@ -1,9 +1,11 @@
 """The loaded model's saved evaluation, read defensively, and what a single prediction's trust rests on.
 
 Numbers come from ``python -m covidxr.evaluate`` only (``eval/metrics.json`` beside the checkpoint, or the summary
-stored in the checkpoint); nothing is recomputed. Newer evaluations add external-validation results (``external``:
-a list of test sets from sources the model never saw) and held-out-source cross-validation (``crossval``); every
-reader here copes with them being absent or partial, so older runs still show what they have.
+stored in the checkpoint); nothing is recomputed. External results come from two places: an ``external`` list of test
+sets inside metrics.json, and the evaluations of external datasets beside the checkpoint
+(``python -m covidxr.evaluate --checkpoint RUN/best.pt --data OTHER`` writes ``eval-OTHER/metrics.json`` with
+``"external": true``). Held-out-source cross-validation is metrics.json's ``crossval``. Every reader here copes with
+these being absent or partial, so older runs still show what they have.
 """
 
 from __future__ import annotations
@@ -33,13 +35,16 @@ class Evaluation:
     data: Mapping[str, Any]
     folder: Path | None = None
     notes: list[str] = field(default_factory=list)
+    external_runs: list[Mapping[str, Any]] = field(default_factory=list)
 
     @property
     def external(self) -> list[Mapping[str, Any]]:
-        """External test sets with a name and metrics (possibly none)."""
+        """External test sets with metrics: metrics.json's ``external`` list, then the external evaluations found
+        beside the checkpoint (possibly none)."""
         sets = self.data.get("external")
-        sets = [sets] if isinstance(sets, Mapping) else sets
-        return [s for s in sets or [] if isinstance(s, Mapping) and isinstance(s.get("metrics"), Mapping)]
+        sets = [sets] if isinstance(sets, Mapping) else sets if isinstance(sets, (list, tuple)) else []
+        return [s for s in [*sets, *self.external_runs]
+                if isinstance(s, Mapping) and isinstance(s.get("metrics"), Mapping)]
 
     @property
     def crossval_rows(self) -> list[Mapping[str, Any]]:
@@ -74,6 +79,27 @@ def _metrics_json_path(predictor: Any) -> Path:
     return run_dir / "eval" / "metrics.json"
 
 
+def _dataset_name(data: Mapping[str, Any]) -> str:
+    """An external evaluation's name: its sources as datasets, else its data folder's name (never a full path)."""
+    sources = list(dict.fromkeys(source_name(s) for s in (data.get("by_source") or {})))
+    if sources:
+        return " + ".join(sources)
+    return Path(str(data.get("data") or "external data")).name
+
+
+def external_runs(predictor: Any, shas: set[Any]) -> list[dict[str, Any]]:
+    """The evaluations of external datasets beside the checkpoint (``eval-*/metrics.json`` with ``"external":
+    true``) made with this checkpoint (its SHA-256 before or after the evaluation stored its summary in it)."""
+    found = []
+    for path in sorted(Path(predictor.checkpoint_path).parent.glob("eval-*/metrics.json")):
+        data = _read_json(str(path), path.stat().st_mtime_ns)
+        if not data or data.get("external") is not True or data.get("checkpoint_sha256") not in shas:
+            continue
+        keys = ("n_images", "n_patients", "metrics", "ci", "by_source", "baselines", "calibration")
+        found.append({"name": _dataset_name(data), **{k: data.get(k) for k in keys}})
+    return found
+
+
 def load_evaluation(predictor: Any) -> Evaluation | None:
     """The saved evaluation of the loaded model, or None when it has not been evaluated.
 
@@ -86,16 +112,19 @@ def load_evaluation(predictor: Any) -> Evaluation | None:
     path = _metrics_json_path(predictor)
     full = _read_json(str(path), path.stat().st_mtime_ns) if path.is_file() else None
     summary = getattr(predictor, "metrics", None) or None
+    shas = {predictor.checkpoint_sha256, (summary or {}).get("checkpoint_sha256"),
+            ((full or {}).get("reproducibility") or {}).get("checkpoint_sha256_after_update")} - {None}
+    external = external_runs(predictor, shas)
     if full is None:
-        return Evaluation(summary) if summary else None
+        return Evaluation(summary, external_runs=external) if summary else None
     if summary is not None and full.get("checkpoint_sha256") != summary.get("checkpoint_sha256"):
         return Evaluation(summary, path.parent, ["The evaluation folder beside the checkpoint comes from another "
                                                  "evaluation than the one stored in the checkpoint; showing the "
-                                                 "checkpoint's own summary."])
+                                                 "checkpoint's own summary."], external)
     if summary is None and full.get("checkpoint_sha256") not in (None, predictor.checkpoint_sha256):
         return Evaluation(full, path.parent, ["This evaluation was computed for another checkpoint file; its "
-                                              "numbers may not describe the loaded model. Evaluate again."])
-    return Evaluation(full, path.parent)
+                                              "numbers may not describe the loaded model. Evaluate again."], external)
+    return Evaluation(full, path.parent, [], external)
 
 
 def _class_recall(test_set: Mapping[str, Any], label: str) -> str | None:

@@ -64,14 +64,15 @@ def _probabilities(prediction: Prediction, classes: list[str]) -> None:
                           "label": [probability(p, 1) for p in probs]})
     table["predicted"] = table["class"] == prediction.label
     base = alt.Chart(table).encode(
-        y=alt.Y("class:N", sort=classes, title=None, axis=alt.Axis(labelFontSize=14)),
+        y=alt.Y("class:N", sort=classes, title=None, axis=alt.Axis(labelFontSize=14, labelOverlap=False)),
         x=alt.X("percent:Q", scale=alt.Scale(domain=[0, 100]), title="probability (%)"),
         tooltip=["class", "label"])
     bars = base.mark_bar().encode(color=alt.condition("datum.predicted", alt.value("#1f5fa8"), alt.value("#a9bfd8")))
     text = base.mark_text(align="left", dx=4, fontSize=13).encode(text="label:N")
-    chart = (bars + text).properties(height=40 * len(classes) + 40,
-                                     title=alt.TitleParams("Probability of each class", fontSize=13, anchor="start"))
-    st.altair_chart(chart, width="stretch")
+    # Streamlit fits the whole chart (axis included) into this height: about 40 px per bar after the x axis
+    chart = (bars + text).properties(height=40 * len(classes) + 60,
+                                     padding={"left": 6, "right": 14, "top": 4, "bottom": 4})
+    st.altair_chart(chart, width="stretch", alt="Bar chart of the probability of each class")
     st.caption("Probabilities: " + " · ".join(f"{c} {probability(p, 1)}" for c, p in zip(classes, probs,
                                                                                           strict=True)))
 
@@ -182,7 +183,7 @@ def render_upload(upload: Upload, ctx: Context, evaluation: Evaluation | None) -
     Returns:
         The file's outcome (with its error when it could not be read or processed).
     """
-    with st.container(border=True):
+    with st.container(border=True, key=f"filebox-{upload.key}"):
         st.subheader(upload.name, anchor=False)
         xray = decode(upload, ctx)
         if isinstance(xray, str):

@@ -42,7 +42,7 @@ def not_evaluated(predictor: Any) -> str:
             f"{run.name}\n```\n\nthen reload this page.")
 
 
-def temperature_text(temperature: float, data: Mapping[str, Any]) -> str:
+def temperature_text(temperature: float, data: Mapping[str, Any], external: list[Mapping[str, Any]]) -> str:
     """What the calibration temperature is, what it was fitted on, and what it did (internal and external)."""
     calibration = data.get("calibration") or {}
     how = str(calibration.get("how") or "")
@@ -59,7 +59,6 @@ def temperature_text(temperature: float, data: Mapping[str, Any]) -> str:
         text += (f" On the internal test the average gap between stated probability and how often the model was "
                  f"right (expected calibration error) went from {pct(calibration['ece_before'])} to "
                  f"{pct(calibration['ece_after'])}.")
-    external = [e for e in data.get("external") or [] if isinstance(e, Mapping)]
     measured = [(e.get("name"), (e.get("calibration") or {}).get("ece_after", (e.get("calibration") or {}).get("ece")))
                 for e in external]
     measured = [(name, ece) for name, ece in measured if isinstance(ece, (int, float))]

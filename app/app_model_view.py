@@ -20,7 +20,6 @@ from app_eval_tables import (
     counts_table,
     crossval_table,
     has_baselines,
-    headline,
     key_value_table,
     operating_points_table,
     per_class_table,
@@ -30,24 +29,38 @@ from app_evaluation import Evaluation
 from app_format import num, pct
 from app_model_texts import EXPLANATIONS, NO_EXTERNAL, PLOT_CAPTIONS, not_evaluated, temperature_text
 
-from covidxr.sources_display import source_name
+from covidxr.sources_display import readable, source_name
 
 
-def _warning_list(title: str, items: list[Any]) -> None:
-    """Several cautions in one warning box."""
+def _warning_list(title: str, items: list[Any], sources: Any = ()) -> None:
+    """Several cautions in one warning box, recorded source names replaced by dataset names."""
     if items:
-        st.warning(f"**{title}**\n\n" + "\n".join(f"- {item}" for item in items), icon=":material/warning:")
+        text = "\n".join(f"- {readable(str(item), sources)}" for item in items)
+        st.warning(f"**{title}**\n\n{text}", icon=":material/warning:")
+
+
+def _sources(data: Mapping[str, Any]) -> set[str]:
+    """Every recorded source name an evaluation mentions (its breakdown and its training data table)."""
+    facts = (data.get("model_card") or {}).get("data") or {}
+    names = set(data.get("by_source") or {})
+    for table in (facts.get("class_by_source"), (facts.get("evaluated") or {}).get("class_by_source")):
+        if isinstance(table, Mapping):
+            names |= {s for counts in table.values() if isinstance(counts, Mapping) for s in counts}
+    return names
 
 
 def _headline_metrics(data: Mapping[str, Any]) -> None:
-    """Balanced accuracy and macro ROC-AUC (with intervals), accuracy and macro F1 as metric tiles."""
+    """Balanced accuracy and macro ROC-AUC, accuracy and macro F1 as metric tiles, each interval below its tile."""
     shown = (("balanced_accuracy", "Balanced accuracy", pct, "average sensitivity over the classes"),
              ("roc_auc_macro", "Macro ROC-AUC", num, "ROC-AUC averaged over classes (0.5 chance, 1 perfect)"),
              ("accuracy", "Accuracy", pct, "share of all test images classified correctly"),
              ("f1_macro", "Macro F1", num, "balance of PPV and sensitivity, averaged over classes (0 to 1)"))
     cols = st.columns(len(shown))
     for col, (key, label, fmt, meaning) in zip(cols, shown, strict=True):
-        col.metric(label, headline(data, key, fmt), help=meaning)
+        ci = ((data.get("ci") or {}).get("metrics") or {}).get(key) or {}
+        col.metric(label, fmt(ci.get("estimate", (data.get("metrics") or {}).get(key))), help=meaning)
+        if ci.get("lo") is not None and ci.get("hi") is not None:
+            col.caption(f"95% interval {fmt(ci['lo'])}–{fmt(ci['hi'])}")
 
 
 def _table(frame: Any, caption: str | None = None) -> None:
@@ -65,9 +78,14 @@ def _render_external(test_set: Mapping[str, Any]) -> None:
     st.markdown(f"#### External validation: {name}")
     st.markdown(f"**{test_set.get('n_images', '?')} images{patients}** from sources the model never saw in "
                 "training, validation or model selection.")
-    _table(comparison_table(test_set), "This model beside classifiers that see only metadata, on the same films. "
-           "A baseline close to the model means the model may be reading the source, not the disease.")
-    _table(per_class_table(test_set, "Images"), "Per class on the external films, 95% intervals in brackets.")
+    _table(comparison_table(test_set), "This model beside classifiers that see only metadata, learned on the "
+           "training split and tested on these films. They have never seen these sources, so they can only guess the "
+           "commonest training class of a similar film: a model far above them is not just reading the source.")
+    table = per_class_table(test_set, "Images")
+    absent = [str(c) for c, n in zip(table.get("Class", []), table.get("Images", []), strict=True) if not n]
+    _table(table[[bool(n) for n in table["Images"]]] if absent else table,
+           "Per class on the external films, 95% intervals in brackets."
+           + (f" No {', '.join(absent)} films in this set, so nothing is measured for that class." if absent else ""))
     calibration = test_set.get("calibration") or {}
     ece = calibration.get("ece_after", calibration.get("ece", (test_set.get("metrics") or {}).get("ece")))
     if isinstance(ece, (int, float)):
@@ -132,7 +150,7 @@ def render_internal(evaluation: Evaluation) -> None:
         parts.append(f"**{data['n_patients']}** patients")
     st.markdown(f"Held-out {' and '.join(parts)} of the {data.get('split', 'test')} split: not used for training, "
                 "but from the same hospitals and collections. These numbers are an upper bound for other places.")
-    _warning_list("Caution about these numbers", list(data.get("warnings") or []))
+    _warning_list("Caution about these numbers", list(data.get("warnings") or []), _sources(data))
     _headline_metrics(data)
     if has_baselines(data):
         _table(comparison_table(data), "The model beside classifiers that see only metadata (learned on the "
@@ -168,9 +186,11 @@ def render_training(predictor: Any, evaluation: Evaluation | None) -> None:
     cols = st.columns(3)
     cols[0].metric("Validation macro ROC-AUC", num(info.get("best_auc")),
                    help="on the validation split used to pick the epoch: optimistic by construction")
-    cols[1].metric("Epochs trained", str(info.get("epoch", "–")))
+    planned = (info.get("config") or {}).get("epochs")
+    cols[1].metric("Epoch kept", f"{info.get('best_epoch') or info.get('epoch') or '–'}"
+                   + (f" of {planned}" if planned else ""), help="the epoch with the best validation macro ROC-AUC")
     cols[2].metric("Temperature", num(predictor.temperature), help="probability calibration; 1.00 = none")
-    st.markdown(temperature_text(predictor.temperature, data))
+    st.markdown(temperature_text(predictor.temperature, data, evaluation.external if evaluation else []))
     facts = card.get("data") or info.get("data") or {}
     if facts.get("images") or facts.get("n_images"):
         st.markdown(f"**Training data:** {facts.get('images') or facts.get('n_images')} images"
@@ -180,7 +200,7 @@ def render_training(predictor: Any, evaluation: Evaluation | None) -> None:
     if isinstance(facts.get("class_by_source"), Mapping):
         _table(counts_table(facts["class_by_source"], rename_rows=True).reset_index(names="Source"),
                "Images per source and class")
-    _warning_list("Caution: the training data are confounded", list(facts.get("confounding") or []))
+    _warning_list("Caution: the training data are confounded", list(facts.get("confounding") or []), _sources(data))
     if card.get("limitations"):
         st.markdown("**Known limitations**\n\n" + "\n".join(f"- {item}" for item in card["limitations"]))
     if info.get("config"):

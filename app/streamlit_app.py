@@ -37,6 +37,19 @@ if TYPE_CHECKING:  # torch loads with the first model, after the page's first li
 
 log = logging.getLogger("covidxr.app")
 
+# Narrow screens (phones, a split window): tables wrap inside the page instead of scrolling sideways.
+NARROW_CSS = """<style>
+@media (max-width: 640px) {
+  [data-testid="stTable"] table { font-size: 0.78rem; }
+  [data-testid="stTable"] th, [data-testid="stTable"] td { padding: 0.25rem 0.35rem; }
+  [data-testid="stTable"] th *, [data-testid="stTable"] td * { overflow-wrap: anywhere; }
+  .st-key-file-summary table { table-layout: fixed; width: 100%; font-size: 0.72rem; }
+  .st-key-file-summary th:nth-child(1) { width: 26%; } .st-key-file-summary th:nth-child(2) { width: 16%; }
+  .st-key-file-summary th:nth-child(3) { width: 17%; } .st-key-file-summary th:nth-child(4) { width: 15%; }
+  .st-key-file-summary th *, .st-key-file-summary td * { white-space: normal; word-break: break-word; }
+  .st-key-file-summary td:nth-child(1) * { word-break: break-all; }
+}
+</style>"""
 STORE_KEY = "covidxr_store"
 SESSION_KEY = "covidxr_session_id"
 ANY_NAME_KEY = "accept_any_name"
@@ -117,9 +130,11 @@ def _summary(results: list[FileResult], classes: list[str], ctx: Context) -> Non
     if len(results) > 1:
         st.markdown(f"**{len(results)} files**: " + ", ".join(
             f"{sum(r.verdict == v for r in results)} {v}" for v in ("assessed", "not assessed", "failed")))
-        st.table(summary_frame(results), hide_index=True, alt="Summary of all uploaded files: verdict, class, "
-                 "probability and the reason a file was not assessed or failed")
-    st.download_button(f"Download all results as CSV ({len(results)} files)", results_csv(results, classes),
+        with st.container(key="file-summary"):
+            st.table(summary_frame(results), hide_index=True, alt="Summary of all uploaded files: verdict, class, "
+                     "probability and the reason a file was not assessed or failed")
+    plural = "" if len(results) == 1 else "s"
+    st.download_button(f"Download all results as CSV ({len(results)} file{plural})", results_csv(results, classes),
                        file_name="covidxr_results.csv", mime="text/csv", on_click="ignore", icon=":material/table:")
 
 
@@ -149,7 +164,9 @@ def main() -> None:
     st.set_page_config(page_title="covidxr: chest X-ray research tool", page_icon=":material/radiology:",
                        layout="wide")
     settings = load_settings()
-    st.title("Chest X-ray classifier (COVID-19 / normal / pneumonia)")
+    st.html(NARROW_CSS)
+    st.title("Chest X-ray classifier", anchor=False)
+    st.caption("COVID-19 / normal / pneumonia from a frontal chest radiograph, with a Grad-CAM heat map")
     st.warning(f"**Intended use:** {INTENDED_USE} Results can be wrong; always rely on a qualified reader.",
                icon=":material/info:")
     chosen = _sidebar(settings)

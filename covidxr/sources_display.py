@@ -36,6 +36,8 @@ def source_name(source: object) -> str:
     text = str(source if source is not None else "").strip()
     if not text:
         return "(unknown source)"
+    if " + " in text:  # several sources already joined for display
+        return " + ".join(dict.fromkeys(source_name(part) for part in text.split(" + ")))
     lowered = text.lower()
     return next((name for key, name in _DATASETS if key in lowered), text)
 
@@ -53,3 +55,12 @@ def rename_sources(table: Mapping[str, object]) -> dict[str, object]:
         name = source_name(key)
         out[f"{name} ({key})" if name in out else name] = value
     return out
+
+
+def readable(text: str, sources: Iterable[object]) -> str:
+    """``text`` with every recorded source name in it replaced by its dataset name (longest names first, so a
+    repository name inside a longer recorded name is not replaced twice). For messages such as confounding warnings
+    that quote the recorded names."""
+    for source in sorted({str(s) for s in sources if str(s).strip()}, key=len, reverse=True):
+        text = text.replace(source, source_name(source))
+    return text

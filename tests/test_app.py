@@ -410,6 +410,26 @@ def test_model_tab_says_first_that_there_is_no_external_result(own_run: Path, sh
     assert "has **not** been tested on films from hospitals it never saw" in words
 
 
+def test_external_evaluations_beside_the_checkpoint_are_shown(own_run: Path) -> None:
+    """``covidxr.evaluate --data OTHER`` writes eval-OTHER/metrics.json ("external": true): shown as external
+    validation when it was made with this checkpoint, ignored when it belongs to another one."""
+    import json
+
+    classes = ["covid", "normal", "pneumonia"]
+    sha = evaluated_sha(own_run)
+    write_evaluation(own_run, fake_evaluation(classes, sha, external=False))
+    outside = fake_evaluation(["covid", "normal"], sha, external=False) | {
+        "external": True, "n_images": 199, "data": "/somewhere/secret/external/metadata.csv",
+        "by_source": {EXTERNAL_NAME: {"n": 99}, "OpenIST teaching set (pi-null-mezon/OpenIST)": {"n": 100}}}
+    for name, digest in (("eval-external", sha), ("eval-other", "f" * 64)):
+        (own_run / name).mkdir()
+        (own_run / name / "metrics.json").write_text(json.dumps(outside | {"checkpoint_sha256": digest}))
+    text = rendered_text(run_app())
+    assert text.count("External validation: ") == 1
+    assert "External validation: COVID-CXNet + chest X-ray teaching films" in text
+    assert "No external validation" not in text and "secret" not in text
+
+
 def test_oversized_empty_and_crashing_files_stay_contained(with_model: Path, shared_data: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The size cap, an empty file and an unexpected internal error each give one line; the good file still works."""
