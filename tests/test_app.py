@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ def app_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """A clean app environment: no checkpoint, an empty runs folder, an audit log in tmp; returns the log path."""
     monkeypatch.delenv("COVIDXR_CHECKPOINT", raising=False)
     monkeypatch.setenv("COVIDXR_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("COVIDXR_HOME", str(tmp_path / "home"))  # no lung model unless a test installs one
     audit = tmp_path / "audit.jsonl"
     monkeypatch.setenv("COVIDXR_AUDIT_LOG", str(audit))
     return audit
@@ -428,6 +430,37 @@ def test_external_evaluations_beside_the_checkpoint_are_shown(own_run: Path) -> 
     assert text.count("External validation: ") == 1
     assert "External validation: COVID-CXNet + chest X-ray teaching films" in text
     assert "No external validation" not in text and "secret" not in text
+
+
+def test_lung_share_only_with_a_lung_model(with_model: Path, shared_data: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a lung model nothing is said about the lungs; with one, the share of the heat map inside them."""
+    import types
+
+    good = real_image(shared_data)
+    at = upload(run_app(), [(good.name, good.read_bytes())])
+    assert "inside the lungs" not in rendered_text(at)
+
+    class HalfLungs:  # the left half of every image is "lung"
+        def mask(self, image: np.ndarray) -> np.ndarray:
+            mask = np.zeros(image.shape, dtype=bool)
+            mask[:, : image.shape[1] // 2] = True
+            return mask
+
+    def share(cam: np.ndarray, mask: np.ndarray) -> float:
+        return float(cam[mask].sum() / cam.sum())
+
+    lungs = types.ModuleType("covidxr.lungs")
+    lungs.load_lung_model, lungs.cam_share_in_lungs = HalfLungs, share
+    monkeypatch.setitem(sys.modules, "covidxr.lungs", lungs)
+    at = upload(run_app(), [(good.name, good.read_bytes())])
+    text = rendered_text(at)
+    from covidxr.inference.predictor import Predictor
+
+    heat = Predictor.from_checkpoint(os.environ["COVIDXR_CHECKPOINT"], backend="torch").predict(
+        load_xray(good)).heatmap
+    expected = share(heat, HalfLungs().mask(heat))
+    assert f"**{100 * expected:.0f}%** of the heat map lies inside the lungs" in text
 
 
 def test_oversized_empty_and_crashing_files_stay_contained(with_model: Path, shared_data: Path,
