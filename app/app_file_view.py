@@ -149,18 +149,18 @@ def _output(upload: Upload, xray: Xray, ctx: Context, evaluation: Evaluation | N
     cam, cam_class = cam_settings(upload, ctx.predictor)
     prediction, assessment, sha = analyse(upload, xray, cam, cam_class, ctx)
     result = FileResult(upload.name, prediction, assessment, sha)
-    words_col, bars_col = st.columns(2, gap="large")
-    with words_col:
-        if assessment.assessable:
+    if assessment.assessable:
+        words_col, bars_col = st.columns(2, gap="large")
+        with words_col:
             _headline(prediction, assessment, evaluation)
-            show = True
-        else:
-            show = _not_assessed(assessment, upload)
-    if show and not assessment.assessable:
-        st.warning("Shown on request for an image the model was not made for: do not read anything into it.",
-                   icon=":material/warning:")
-    if show:
         with bars_col:
+            _probabilities(prediction, classes)
+        show = True
+    else:  # full width: no empty column beside the refusal on a narrow screen
+        show = _not_assessed(assessment, upload)
+        if show:
+            st.warning("Shown on request for an image the model was not made for: do not read anything into it.",
+                       icon=":material/warning:")
             _probabilities(prediction, classes)
     image_col, cam_col = st.columns(2, gap="large")
     with image_col:
