@@ -14,6 +14,7 @@ from app_format import interval, num, pct
 
 from covidxr.sources_display import source_name
 
+UNSEEN = "n/a (never seen in training)"
 BASELINE_LABELS = {"source": "Source only: knows nothing but which collection a film came from",
                    "view": "View only: knows nothing but the view position (PA, AP, ...)"}
 
@@ -39,8 +40,10 @@ def comparison_table(data: Mapping[str, Any], model_label: str = "This model") -
     for column, baseline in (data.get("baselines") or {}).items():
         if isinstance(baseline, Mapping):
             label = BASELINE_LABELS.get(str(column), f"Metadata only: {column}")
-            rows.append({"Classifier": label, "Balanced accuracy": pct(baseline.get("balanced_accuracy")),
-                         "Macro ROC-AUC": num(baseline.get("roc_auc_macro"))})
+            unseen = baseline.get("seen_share") == 0  # every value new to it: it can only guess the class prior
+            rows.append({"Classifier": label,
+                         "Balanced accuracy": UNSEEN if unseen else pct(baseline.get("balanced_accuracy")),
+                         "Macro ROC-AUC": UNSEEN if unseen else num(baseline.get("roc_auc_macro"))})
     return pd.DataFrame(rows)
 
 
@@ -68,16 +71,36 @@ def per_class_table(data: Mapping[str, Any], images_label: str = "Test images") 
     return pd.DataFrame(rows)
 
 
+def _held_out_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A cross-validation entry in one shape: ``{"held_out", "n_images", "n_patients", "balanced_accuracy",
+    "roc_auc_macro", "recall": {class: interval}, "source_only"}``, from a ``folds`` entry (metrics and intervals of
+    a held-out result) or a summary ``rows`` entry (intervals already)."""
+    if "metrics" not in row:
+        return {**row, "source_only": _get(row, "source_only_on_val", "balanced_accuracy")}
+    present = [c for c, m in (_get(row, "metrics", "per_class") or {}).items() if isinstance(m, Mapping)
+               and m.get("support")]
+    point = {k: {"estimate": _get(row, "metrics", k)} for k in ("balanced_accuracy", "roc_auc_macro")}
+    return {"held_out": row.get("name"), "n_images": row.get("n_images"), "n_patients": row.get("n_patients"),
+            **{k: _get(row, "ci", "metrics", k) or point[k] for k in point},
+            "recall": {c: _get(row, "ci", "per_class", c, "sensitivity")
+                       or {"estimate": _get(row, "metrics", "per_class", c, "recall")} for c in present},
+            "source_only": _get(row, "source_only_on_val", "balanced_accuracy")}
+
+
 def crossval_table(rows: list[Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per held-out source: images, patients, balanced accuracy, macro ROC-AUC and recall of each class."""
+    """One row per held-out source: images, patients, balanced accuracy, macro ROC-AUC, recall of each class present
+    (with intervals), and the source-only baseline on the other sources."""
+    rows = [_held_out_row(r) for r in rows]
     classes = list(dict.fromkeys(c for row in rows for c in (row.get("recall") or {})))
     table = []
     for row in rows:
+        recall = row.get("recall") or {}
         line = {"Held-out source": source_name(row.get("held_out")), "Images": row.get("n_images"),
                 "Patients": row.get("n_patients"),
                 "Balanced accuracy": interval(row.get("balanced_accuracy"), pct),
                 "Macro ROC-AUC": interval(row.get("roc_auc_macro"), num)}
-        line |= {f"Recall {c}": interval(_get(row, "recall", c), pct) for c in classes}
+        line |= {f"Recall {c}": interval(recall[c], pct) if c in recall else "no such films" for c in classes}
+        line["Source only"] = pct(row.get("source_only"))
         table.append(line)
     return pd.DataFrame(table)
 

@@ -48,9 +48,12 @@ class Evaluation:
 
     @property
     def crossval_rows(self) -> list[Mapping[str, Any]]:
-        """Held-out-source cross-validation rows (possibly none)."""
+        """Held-out-source cross-validation, one entry per held-out source (possibly none): ``crossval.json``'s
+        ``folds`` (each a held-out result with ``name``, ``metrics``, ``ci``) or summary ``rows``."""
         crossval = self.data.get("crossval")
-        rows = crossval.get("rows") if isinstance(crossval, Mapping) else None
+        if not isinstance(crossval, Mapping):
+            return []
+        rows = crossval.get("folds") or crossval.get("rows")
         return [r for r in rows or [] if isinstance(r, Mapping)]
 
     @property
@@ -79,24 +82,29 @@ def _metrics_json_path(predictor: Any) -> Path:
     return run_dir / "eval" / "metrics.json"
 
 
-def _dataset_name(data: Mapping[str, Any]) -> str:
-    """An external evaluation's name: its sources as datasets, else its data folder's name (never a full path)."""
-    sources = list(dict.fromkeys(source_name(s) for s in (data.get("by_source") or {})))
+def dataset_name(data: Mapping[str, Any]) -> str:
+    """An external test set's name: its sources as datasets ("COVID-CXNet + chest X-ray teaching films"), else its
+    recorded name or its data folder's name (never a full path)."""
+    sources = [s for s in (data.get("by_source") or {}) if s not in ("(unknown)", "(missing)")]
     if sources:
-        return " + ".join(sources)
+        return " + ".join(dict.fromkeys(source_name(s) for s in sources))
+    if data.get("name"):
+        return source_name(data["name"])
     return Path(str(data.get("data") or "external data")).name
 
 
 def external_runs(predictor: Any, shas: set[Any]) -> list[dict[str, Any]]:
-    """The evaluations of external datasets beside the checkpoint (``eval-*/metrics.json`` with ``"external":
-    true``) made with this checkpoint (its SHA-256 before or after the evaluation stored its summary in it)."""
+    """The evaluations of external datasets beside the checkpoint (``eval-*/metrics.json`` with
+    ``"data_is_external": true``) made with this checkpoint (its SHA-256 before or after the evaluation stored its
+    summary in it)."""
     found = []
     for path in sorted(Path(predictor.checkpoint_path).parent.glob("eval-*/metrics.json")):
         data = _read_json(str(path), path.stat().st_mtime_ns)
-        if not data or data.get("external") is not True or data.get("checkpoint_sha256") not in shas:
+        external = data and (data.get("data_is_external") is True or data.get("external") is True)
+        if not external or data.get("checkpoint_sha256") not in shas:
             continue
         keys = ("n_images", "n_patients", "metrics", "ci", "by_source", "baselines", "calibration")
-        found.append({"name": _dataset_name(data), **{k: data.get(k) for k in keys}})
+        found.append({"name": dataset_name(data), **{k: data.get(k) for k in keys}})
     return found
 
 
@@ -173,7 +181,7 @@ def trust_basis(evaluation: Evaluation | None, label: str) -> list[str]:
                          "elsewhere is unknown.")
         return sentences
     for test_set in external:
-        name = source_name(test_set.get("name") or "an external test set")
+        name = dataset_name(test_set)
         recall = _class_recall(test_set, label)
         what = (f"its {label} recall was {recall}" if recall else
                 f"its {label} recall could not be measured (no {label} films there)")

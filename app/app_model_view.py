@@ -25,7 +25,7 @@ from app_eval_tables import (
     per_class_table,
     subgroup_table,
 )
-from app_evaluation import Evaluation
+from app_evaluation import Evaluation, dataset_name
 from app_format import num, pct
 from app_model_texts import EXPLANATIONS, NO_EXTERNAL, PLOT_CAPTIONS, not_evaluated, temperature_text
 
@@ -73,7 +73,7 @@ def _table(frame: Any, caption: str | None = None) -> None:
 
 def _render_external(test_set: Mapping[str, Any]) -> None:
     """One external test set: size, headline with intervals, per-class recall and AUC, baselines, calibration."""
-    name = source_name(test_set.get("name") or "external test set")
+    name = dataset_name(test_set)
     patients = f", {test_set['n_patients']} patients" if test_set.get("n_patients") else ""
     st.markdown(f"#### External validation: {name}")
     st.markdown(f"**{test_set.get('n_images', '?')} images{patients}** from sources the model never saw in "
@@ -101,11 +101,16 @@ def _render_crossval(evaluation: Evaluation) -> None:
     rows = evaluation.crossval_rows
     if not rows:
         return
-    method = (evaluation.data.get("crossval") or {}).get("method") or "each source held out in turn"
+    crossval = evaluation.data.get("crossval") or {}
+    how = crossval.get("method") or ", ".join(str(crossval[k]) for k in ("mode", "arch") if crossval.get(k))
     st.markdown("#### Held-out-source cross-validation")
-    st.markdown(f"Trained without one source and tested on it ({method}): how the model does on a collection it "
-                "has never seen.")
-    _table(crossval_table(rows), "One row per held-out source, 95% intervals in brackets.")
+    st.markdown("Each source in turn was left out of training and the model tested on it" + (f" ({how})" if how else "")
+                + ": how this recipe does on a collection it has never seen.")
+    _table(crossval_table(rows), "One row per held-out source, 95% intervals in brackets. 'Source only' is what the "
+           "source alone predicts on the other sources' validation images: the shortcut the model could take there.")
+    skipped = crossval.get("skipped_sources") or {}
+    if isinstance(skipped, Mapping) and skipped:
+        st.caption("Too small to hold out: " + ", ".join(f"{source_name(s)} ({n} images)" for s, n in skipped.items()))
 
 
 def render_trust(evaluation: Evaluation) -> None:

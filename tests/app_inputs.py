@@ -92,9 +92,9 @@ def fake_evaluation(classes: list[str], checkpoint_sha256: str, external: bool) 
         data["external"] = [{"name": EXTERNAL_NAME, **_test_set(outside, 199, 0.4321),
                              "calibration": {"ece": 0.2345},
                              "by_source": {EXTERNAL_NAME: {"n": 99, "balanced_accuracy": 0.5}}}]
-        data["crossval"] = {"by": "source", "method": "leave one source out", "rows": [
-            {"held_out": source, "n_images": 100 + i, "n_patients": 90 + i, "balanced_accuracy": _ci(0.55),
-             "roc_auc_macro": _ci(0.66), "recall": {c: _ci(0.5) for c in classes}}
+        data["crossval"] = {"by": "source", "mode": "probe", "arch": "efficientnet_lite0", "folds": [
+            {"name": source, **_test_set(classes, 100 + i, 0.5),
+             "source_only_on_val": {"column": "source", "balanced_accuracy": 0.9}}
             for i, source in enumerate(HELD_OUT)]}
     return data
 

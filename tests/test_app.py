@@ -314,9 +314,10 @@ def test_downloaded_overlay_has_colour_bar_and_caption() -> None:
     assert not (drawn == captioned(picture, [*lines[:2], "Something else."])).all()  # the text is in the pixels
 
 
-def test_model_view_not_evaluated_then_evaluated(app_env: Path, tiny_run: Path, tmp_path: Path,
+def test_model_view_not_evaluated_then_evaluated(app_env: Path, tiny_run: Path, tmp_path: Path, shared_data: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without an evaluation the page says how to run it; after ``covidxr.evaluate`` it shows the saved numbers."""
+    """Without an evaluation the page says how to run it; after ``covidxr.evaluate --external`` it shows the saved
+    numbers, the external ones first."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("eval*", "audit*"))
     monkeypatch.setenv("COVIDXR_CHECKPOINT", str(run / "best.pt"))
@@ -325,11 +326,15 @@ def test_model_view_not_evaluated_then_evaluated(app_env: Path, tiny_run: Path, 
 
     from covidxr.evaluation.__main__ import main as evaluate
 
-    assert evaluate(["--checkpoint", str(run / "best.pt"), "--bootstrap", "50", "--workers", "0"]) == 0
+    assert evaluate(["--checkpoint", str(run / "best.pt"), "--bootstrap", "50", "--workers", "0",
+                     "--external", str(shared_data.parent / "external")]) == 0
     at = run_app()
     text = rendered_text(at)
+    order = positions(text, "External validation: COVID-CXNet + chest X-ray teaching films", "199 images",
+                      "Internal test (same sources as training)")
+    assert order == sorted(order) and "No external validation" not in text
     assert "Sensitivity (95% CI)" in text and "Specificity (95% CI)" in text and "NPV" in text
-    per_class = next(d.value for d in at.table if "Sensitivity (95% CI)" in d.value.columns)
+    per_class = next(d.value for d in at.table if "Test images" in d.value.columns)  # the internal one
     assert list(per_class["Class"]) == ["covid", "normal", "pneumonia"]
     plots = [img for img in walk(at._tree) if getattr(img, "type", "") == "image"]
     assert {"Confusion matrix (counts)", "ROC curves, one class against the rest"} <= {
@@ -383,6 +388,8 @@ def test_model_tab_leads_with_external_results_and_baselines(own_run: Path, shar
     crossval = next(t.value for t in at.table if "Held-out source" in t.value.columns)
     assert list(crossval["Held-out source"]) == ["Kermany paediatric (Guangzhou)",
                                                  "ieee8023 COVID-19 image collection"]
+    assert list(crossval["Recall covid"]) == ["50% (40%–55%)"] * 2 and list(crossval["Source only"]) == ["90%"] * 2
+    assert "probe, efficientnet_lite0" in text
     assert "fitted on the run's validation split" in text and "same hospitals" in text
     assert not [n for n in walk(at._tree) if getattr(n, "type", "") == "json"]  # no raw JSON
     assert any("evaluation report" in b.proto.label for b in walk(at._tree)
@@ -410,6 +417,19 @@ def test_model_tab_says_first_that_there_is_no_external_result(own_run: Path, sh
     upload(at, [(good.name, good.read_bytes())])
     words = next(m.value for m in at.markdown if m.value.startswith("The model "))
     assert "has **not** been tested on films from hospitals it never saw" in words
+
+
+def test_crossval_summary_rows_read_too() -> None:
+    """Cross-validation given as summary rows (intervals already) reads like crossval.json's folds."""
+    from app_eval_tables import crossval_table
+
+    ci = {"estimate": 0.61, "lo": 0.5, "hi": 0.7}
+    table = crossval_table([{"held_out": "hida6/covid-chestxray-dataset", "n_images": 9, "n_patients": 8,
+                             "balanced_accuracy": ci, "roc_auc_macro": ci, "recall": {"covid": ci}}])
+    assert table.iloc[0].to_dict() == {
+        "Held-out source": "ieee8023 COVID-19 image collection", "Images": 9, "Patients": 8,
+        "Balanced accuracy": "61% (50%–70%)", "Macro ROC-AUC": "0.61 (0.50–0.70)", "Recall covid": "61% (50%–70%)",
+        "Source only": "–"}
 
 
 def test_external_evaluations_beside_the_checkpoint_are_shown(own_run: Path) -> None:
