@@ -43,8 +43,10 @@ class Evaluation:
         beside the checkpoint (possibly none)."""
         sets = self.data.get("external")
         sets = [sets] if isinstance(sets, Mapping) else sets if isinstance(sets, (list, tuple)) else []
-        return [s for s in [*sets, *self.external_runs]
-                if isinstance(s, Mapping) and isinstance(s.get("metrics"), Mapping)]
+        sets = [s for s in sets if isinstance(s, Mapping) and isinstance(s.get("metrics"), Mapping)]
+        seen = {(dataset_name(s), s.get("n_images")) for s in sets}  # the same data evaluated both ways: once
+        return sets + [s for s in self.external_runs if isinstance(s.get("metrics"), Mapping)
+                       and (dataset_name(s), s.get("n_images")) not in seen]
 
     @property
     def crossval_rows(self) -> list[Mapping[str, Any]]:

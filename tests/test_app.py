@@ -451,6 +451,12 @@ def test_external_evaluations_beside_the_checkpoint_are_shown(own_run: Path) -> 
     assert "External validation: COVID-CXNet + chest X-ray teaching films" in text
     assert "No external validation" not in text and "secret" not in text
 
+    # the same external data also inside metrics.json (evaluate --external): shown once
+    write_evaluation(own_run, fake_evaluation(classes, sha, external=True))
+    (own_run / "eval-external" / "metrics.json").write_text(json.dumps(
+        outside | {"checkpoint_sha256": sha, "by_source": {EXTERNAL_NAME: {"n": 99}}}))
+    assert rendered_text(run_app()).count("External validation: COVID-CXNet") == 1
+
 
 def test_lung_share_only_with_a_lung_model(with_model: Path, shared_data: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
