@@ -99,7 +99,7 @@ def _image(xray: Xray) -> None:
 
 
 def result_dict(upload: Upload, xray: Xray, image_sha: str, prediction: Prediction, assessment: Assessment,
-                ctx: Context) -> dict[str, Any]:
+                ctx: Context, lung_share: float | None = None) -> dict[str, Any]:
     """The downloadable JSON result of one file (no heat map array, no patient data)."""
     predictor = ctx.predictor
     return {
@@ -107,6 +107,7 @@ def result_dict(upload: Upload, xray: Xray, image_sha: str, prediction: Predicti
         "intended_use": INTENDED_USE,
         "verdict": assessment.to_dict(),
         "prediction": {k: v for k, v in prediction.to_dict().items() if k not in ("heatmap", "gate")},
+        "cam_share_in_lungs": lung_share,
         "image": {"sha256_of_pixels": image_sha, "shape": list(xray.pixels.shape), "format": xray.format,
                   "dicom_header": safe_header(xray.header)},
         "model": {"arch": predictor.arch, "classes": list(predictor.classes),
@@ -115,14 +116,16 @@ def result_dict(upload: Upload, xray: Xray, image_sha: str, prediction: Predicti
     }
 
 
-def caption_lines(prediction: Prediction, assessment: Assessment, ctx: Context) -> list[str]:
-    """The lines drawn under a downloaded heat map: output, method, model, date and intended use."""
+def caption_lines(prediction: Prediction, assessment: Assessment, ctx: Context,
+                  lung_share: float | None = None) -> list[str]:
+    """The lines drawn under a downloaded heat map: output, method (and lung share), model, date, intended use."""
     method = CAM_LABELS.get(prediction.cam_method or "", prediction.cam_method or "no")
     output = f"Model output: {prediction.label} ({probability(prediction.confidence)})"
     if not assessment.assessable:
         output = f"NOT ASSESSED ({assessment.reason}); output shown on request: {prediction.label} " \
                  f"({probability(prediction.confidence)})"
-    return [output, f"{method} heat map for '{prediction.cam_class}'",
+    inside = f"; {100 * lung_share:.0f}% of it inside the lungs" if lung_share is not None else ""
+    return [output, f"{method} heat map for '{prediction.cam_class}'{inside}",
             f"Model: {ctx.predictor.arch}, checkpoint {ctx.predictor.checkpoint_sha256[:12]}; "
             f"made {datetime.now(UTC):%Y-%m-%d} (UTC)",
             "Research use only: not a medical device, not for diagnosis."]
@@ -171,9 +174,10 @@ def _output(upload: Upload, xray: Xray, ctx: Context, evaluation: Evaluation | N
         heat_slot = st.container()
         alpha = render_controls(upload, classes, ctx.predictor)
     with heat_slot:
-        render_heatmap(upload, xray, prediction, alpha, ctx)
-    lines = caption_lines(prediction, assessment, ctx)
-    _downloads(upload, xray, prediction, result_dict(upload, xray, sha, prediction, assessment, ctx), lines, alpha)
+        share = render_heatmap(upload, xray, prediction, alpha, ctx)
+    lines = caption_lines(prediction, assessment, ctx, share)
+    _downloads(upload, xray, prediction, result_dict(upload, xray, sha, prediction, assessment, ctx, share), lines,
+               alpha)
     return result
 
 

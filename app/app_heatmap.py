@@ -108,13 +108,17 @@ def lung_share(upload: Upload, xray: Xray, heatmap: np.ndarray, ctx: Context) ->
     return share if np.isfinite(share) else None
 
 
-def render_heatmap(upload: Upload, xray: Xray, prediction: Prediction, alpha: float, ctx: Context) -> None:
-    """The heat map over the image with its colour scale and lung share, or the reason there is none."""
+def render_heatmap(upload: Upload, xray: Xray, prediction: Prediction, alpha: float, ctx: Context) -> float | None:
+    """The heat map over the image with its colour scale and lung share, or the reason there is none.
+
+    Returns:
+        The share of the heat map inside the lungs, or None (no heat map or no lung model).
+    """
     from covidxr.explain.display import overlay
 
     if prediction.heatmap is None:
         st.info(prediction.note or "Explanation is switched off.")
-        return
+        return None
     method = CAM_LABELS.get(prediction.cam_method or "", prediction.cam_method)
     rgb = overlay(xray.pixels, prediction.heatmap, alpha=alpha, max_side=DISPLAY_MAX_SIDE)
     st.image(rgb, caption=f"{method} heat map for '{prediction.cam_class}'", width="stretch",
@@ -123,10 +127,11 @@ def render_heatmap(upload: Upload, xray: Xray, prediction: Prediction, alpha: fl
     st.markdown(_colour_bar(), unsafe_allow_html=True)
     share = lung_share(upload, xray, prediction.heatmap, ctx)
     if share is not None:
-        st.markdown(f"**{100 * share:.0f}%** of the heat map lies inside the lungs (outlined by the lung "
+        st.markdown(f"**{100 * share:.0f}%** of the heat map lies inside the lungs (as found by the lung "
                     "segmentation model). A low share means the model looked elsewhere: markers, borders, text.")
     st.caption("Colour marks the regions that pushed the model most towards this class. It shows where the model "
                "looked, not where disease is.")
+    return share
 
 
 def png_bytes(rgb: np.ndarray, text: dict[str, Any] | None = None) -> bytes:
