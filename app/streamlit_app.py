@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import streamlit as st
+from app_analysis import Context, FileResult, Upload, prune
+from app_evaluation import Evaluation, load_evaluation
+from app_file_view import INTENDED_USE, render_upload
 from app_model_view import render_model_view
-from app_results import INTENDED_USE, Context, FileResult, Upload, render_upload, results_csv
 from app_settings import TRAIN_COMMANDS, AppSettings, checkpoint_choices, load_settings
+from app_summary import results_csv, summary_frame
 
 from covidxr.errors import CovidxrError
 from covidxr.inference.prediction_log import PredictionLog, new_session_id
@@ -34,11 +37,22 @@ if TYPE_CHECKING:  # torch loads with the first model, after the page's first li
 
 log = logging.getLogger("covidxr.app")
 
-# A MIME type in the list makes Streamlit leave the check to the browser's file picker instead of failing the whole
-# page on a bypassed filter; the content is checked by covidxr.io either way.
-IMAGE_TYPES = ["image/*", ".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", ".bmp", ".tif", ".tiff", ".webp", ".jp2"]
+# Narrow screens (phones, a split window): tables wrap inside the page instead of scrolling sideways.
+NARROW_CSS = """<style>
+@media (max-width: 640px) {
+  [data-testid="stTable"] table { font-size: 0.78rem; }
+  [data-testid="stTable"] th, [data-testid="stTable"] td { padding: 0.25rem 0.35rem; }
+  [data-testid="stTable"] th *, [data-testid="stTable"] td * { overflow-wrap: anywhere; }
+  .st-key-file-summary table { table-layout: fixed; width: 100%; font-size: 0.72rem; }
+  .st-key-file-summary th:nth-child(1) { width: 26%; } .st-key-file-summary th:nth-child(2) { width: 16%; }
+  .st-key-file-summary th:nth-child(3) { width: 17%; } .st-key-file-summary th:nth-child(4) { width: 15%; }
+  .st-key-file-summary th *, .st-key-file-summary td * { white-space: normal; word-break: break-word; }
+  .st-key-file-summary td:nth-child(1) * { word-break: break-all; }
+}
+</style>"""
 STORE_KEY = "covidxr_store"
 SESSION_KEY = "covidxr_session_id"
+ANY_NAME_KEY = "accept_any_name"
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model...")
@@ -50,9 +64,6 @@ def load_model(path: str, mtime_ns: int) -> Predictor:
     Args:
         path: the checkpoint file.
         mtime_ns: its modification time (cache key only).
-
-    Returns:
-        The predictor.
 
     Raises:
         CovidxrError: the checkpoint is missing, unsafe or invalid.
@@ -71,31 +82,23 @@ def _session() -> tuple[str, dict]:
     return st.session_state[SESSION_KEY], st.session_state[STORE_KEY]
 
 
-def _sidebar(settings: AppSettings) -> tuple[Path | None, bool]:
-    """Model choice and upload options in the sidebar.
-
-    Returns:
-        ``(chosen checkpoint or None, whether files without an extension are accepted)``.
-    """
+def _sidebar(settings: AppSettings) -> Path | None:
+    """The model choice in the sidebar; returns the chosen checkpoint or None."""
     with st.sidebar:
         st.header("Model")
         choices = checkpoint_choices(settings)
         chosen = None
         if choices:
             chosen = st.selectbox("Checkpoint", choices, format_func=lambda p: f"{p.parent.name}/{p.name}",
-                                  help=f"The configured checkpoint and the best.pt files under {settings.runs}/")
+                                  help="The configured checkpoint and the best.pt files of the run folders.")
         else:
-            st.caption(f"No checkpoint configured and none found under {settings.runs}/.")
-        st.header("Upload options")
-        any_name = st.checkbox("Accept files without an extension", value=False,
-                               help="DICOM files exported from a PACS often have no .dcm extension. The content "
-                                    "is checked either way. Changing this clears the uploaded files.")
+            st.caption("No checkpoint configured and none found in the runs folder.")
         st.divider()
         st.caption(INTENDED_USE)
-    return chosen, any_name
+    return chosen
 
 
-def _no_model(settings: AppSettings, problem: str | None) -> None:
+def _no_model(problem: str | None) -> None:
     """Explain how to get a model when none can be loaded."""
     if problem:
         st.error(problem)
@@ -103,47 +106,57 @@ def _no_model(settings: AppSettings, problem: str | None) -> None:
     st.markdown("This page needs a trained checkpoint. From the repository root, train and evaluate one, then "
                 "start the page with it:")
     st.code(TRAIN_COMMANDS, language="bash")
-    st.markdown(f"Or set `COVIDXR_CHECKPOINT=path/to/best.pt`, or put run folders under `{settings.runs}/` "
-                "(each with a `best.pt`) and pick one in the sidebar.")
+    st.markdown("Or set `COVIDXR_CHECKPOINT=path/to/best.pt`, or put run folders (each with a `best.pt`) in the "
+                "runs folder (`--runs`, default `runs/`) and pick one in the sidebar.")
 
 
-def _uploads(any_name: bool) -> list[Upload]:
-    """The file uploader; returns the uploaded files (kept in memory)."""
+def _uploads() -> tuple[list[Upload], bool]:
+    """The file uploader and its option; returns the uploaded files (kept in memory) and the option's value."""
     files = st.file_uploader(
-        "Chest X-rays (PNG, JPEG, DICOM, ...): one or several frontal views",
-        type=None if any_name else IMAGE_TYPES, accept_multiple_files=True,
-        max_upload_size=MAX_FILE_BYTES // 2**20, key="uploads" + ("-any" if any_name else ""),
-        help=f"Up to {MAX_FILE_BYTES // 2**20} MB per file. Files stay in memory and are not stored.")
-    return [Upload(name=f.name, data=f.getvalue(), key=f.file_id) for f in files or []]
+        "Chest X-rays (PNG, JPEG, DICOM, ...): one or several frontal views", accept_multiple_files=True,
+        max_upload_size=MAX_FILE_BYTES // 2**20, key="uploads",
+        help=f"Up to {MAX_FILE_BYTES // 2**20} MB per file. Files stay in memory and are not stored. The content "
+             "decides the format, whatever the file name says.")
+    any_name = st.checkbox("Accept files without an extension", key=ANY_NAME_KEY,
+                           help="DICOM files exported from a PACS often have no .dcm extension. Tick this to read "
+                                "them; the content is checked either way.")
+    return [Upload(name=f.name, data=f.getvalue(), key=f.file_id) for f in files or []], any_name
 
 
-def _prune(store: dict, uploads: list[Upload], model_key: str) -> None:
-    """Forget cached images and predictions of removed files, and predictions of another model."""
-    live = {u.key for u in uploads}
-    # keys are (kind, upload key, ...); prediction keys are ("prediction", upload key, model key, method, class)
-    stale = [k for k in store if k[1] not in live or (k[0] == "prediction" and k[2] != model_key)]
-    for key in stale:
-        del store[key]
+def _summary(results: list[FileResult], classes: list[str], ctx: Context) -> None:
+    """Audit failures, the table of all files (several files) and the CSV download."""
+    for error in dict.fromkeys(ctx.audit_errors):
+        st.error(f"Audit log not written: {error}. The predictions below were not recorded.")
+    if len(results) > 1:
+        st.markdown(f"**{len(results)} files**: " + ", ".join(
+            f"{sum(r.verdict == v for r in results)} {v}" for v in ("assessed", "not assessed", "failed")))
+        with st.container(key="file-summary"):
+            st.table(summary_frame(results), hide_index=True, alt="Summary of all uploaded files: verdict, class, "
+                     "probability and the reason a file was not assessed or failed")
+    plural = "" if len(results) == 1 else "s"
+    st.download_button(f"Download all results as CSV ({len(results)} file{plural})", results_csv(results, classes),
+                       file_name="covidxr_results.csv", mime="text/csv", on_click="ignore", icon=":material/table:")
 
 
-def _results_tab(predictor: Predictor, model_key: str, audit: PredictionLog | None, any_name: bool) -> None:
-    """Upload, then one box per file and a CSV of all results."""
+def _results_tab(predictor: Predictor, model_key: str, audit: PredictionLog | None,
+                 evaluation: Evaluation | None) -> None:
+    """Upload, then a summary of all files at the top, one box per file below it."""
     session_id, store = _session()
-    uploads = _uploads(any_name)
-    _prune(store, uploads, model_key)
+    uploads, any_name = _uploads()
+    prune(store, uploads, model_key)
     if not uploads:
         st.info("Upload one or more chest X-rays to see the model's output and where it looked.")
         return
     summary = st.container()
-    ctx = Context(predictor, model_key, audit, session_id, store)
-    results: list[FileResult] = [r for r in (render_upload(u, ctx) for u in uploads) if r is not None]
+    progress = summary.progress(0.0, text=f"Analysing {len(uploads)} files...")
+    ctx = Context(predictor, model_key, audit, session_id, store, any_name)
+    results: list[FileResult] = []
+    for index, upload in enumerate(uploads):
+        progress.progress(index / len(uploads), text=f"Analysing {upload.name} ({index + 1} of {len(uploads)})")
+        results.append(render_upload(upload, ctx, evaluation))
+    progress.empty()
     with summary:
-        for error in dict.fromkeys(ctx.audit_errors):
-            st.error(f"Audit log not written: {error}. The predictions below were not recorded.")
-        if results:
-            st.download_button(f"Download all results as CSV ({len(results)} files)",
-                               results_csv(results, list(predictor.classes)), file_name="covidxr_results.csv",
-                               mime="text/csv", on_click="ignore", icon=":material/table:")
+        _summary(results, list(predictor.classes), ctx)
 
 
 def main() -> None:
@@ -151,30 +164,33 @@ def main() -> None:
     st.set_page_config(page_title="covidxr: chest X-ray research tool", page_icon=":material/radiology:",
                        layout="wide")
     settings = load_settings()
-    st.title("Chest X-ray classifier (COVID-19 / normal / pneumonia)")
+    st.html(NARROW_CSS)
+    st.title("Chest X-ray classifier", anchor=False)
+    st.caption("COVID-19 / normal / pneumonia from a frontal chest radiograph, with a Grad-CAM heat map")
     st.warning(f"**Intended use:** {INTENDED_USE} Results can be wrong; always rely on a qualified reader.",
                icon=":material/info:")
-    chosen, any_name = _sidebar(settings)
+    chosen = _sidebar(settings)
     if chosen is None:
-        _no_model(settings, None)
+        _no_model(None)
         return
     mtime_ns = chosen.stat().st_mtime_ns if chosen.is_file() else 0
     try:
         predictor = load_model(str(chosen), mtime_ns)
     except CovidxrError as exc:
-        _no_model(settings, f"The model could not be loaded: {exc}")
+        _no_model(f"The model could not be loaded: {str(exc).replace(str(chosen), chosen.name)}")
         return
     except Exception:  # noqa: BLE001 - never a traceback on the page; details go to the server log
         log.exception("loading %s failed", chosen)
-        _no_model(settings, f"The model could not be loaded from {chosen} (unexpected error; see the server log).")
+        _no_model(f"The model could not be loaded from {chosen.name} (unexpected error; see the server log).")
         return
     audit = PredictionLog.resolve(settings.audit_log, chosen)
-    st.sidebar.caption(f"Audit log: `{audit.path}`" if audit else "Audit log: off")
+    st.sidebar.caption("Audit log: on (no names, no patient data)" if audit else "Audit log: off")
+    evaluation = load_evaluation(predictor)
     results, model_tab = st.tabs(["Analyse images", "Model and evaluation"])
     with results:
-        _results_tab(predictor, f"{chosen}:{mtime_ns}", audit, any_name)
+        _results_tab(predictor, f"{chosen}:{mtime_ns}", audit, evaluation)
     with model_tab:
-        render_model_view(predictor)
+        render_model_view(predictor, evaluation)
 
 
 main()

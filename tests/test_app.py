@@ -7,6 +7,8 @@ as browser uploads. The checkpoint and the audit log are passed through the envi
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -26,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "app" / "streamlit_app.py")
 sys.path.insert(0, str(REPO / "app"))
 
+from app_format import probability  # noqa: E402
+from app_inputs import EXTERNAL_NAME, fake_evaluation, lateral_dicom, write_evaluation  # noqa: E402
 from app_settings import load_settings  # noqa: E402
 
 
@@ -34,6 +38,7 @@ def app_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """A clean app environment: no checkpoint, an empty runs folder, an audit log in tmp; returns the log path."""
     monkeypatch.delenv("COVIDXR_CHECKPOINT", raising=False)
     monkeypatch.setenv("COVIDXR_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("COVIDXR_HOME", str(tmp_path / "home"))  # no lung model unless a test installs one
     audit = tmp_path / "audit.jsonl"
     monkeypatch.setenv("COVIDXR_AUDIT_LOG", str(audit))
     return audit
@@ -158,17 +163,26 @@ def test_image_and_bad_file(with_model: Path, shared_data: Path) -> None:
     assert record["image_sha256"] == hashlib.sha256(np.ascontiguousarray(xray.pixels).tobytes()).hexdigest()
     assert good.name not in with_model.read_text()  # no file names in the audit log
 
-    # changing the opacity re-draws without predicting again; changing the explained class predicts (and audits)
-    at.slider(key=f"{at.file_uploader[0].value[0].file_id}:alpha").set_value(0.8).run()
+    # the opacity re-draws without predicting again; another class or method adds an explanation record only
+    key = at.file_uploader[0].value[0].file_id
+    at.slider(key=f"{key}:alpha").set_value(0.8).run()
     assert len(read_records(with_model)) == 1
-    methods = at.selectbox(key=f"{at.file_uploader[0].value[0].file_id}:cam").options
+    methods = at.selectbox(key=f"{key}:cam").options
     assert "Grad-CAM" in methods and "Off" in methods
     assert "Score-CAM (slow)" not in methods  # minutes per image on a CPU, blocking the shared model
-    at.selectbox(key=f"{at.file_uploader[0].value[0].file_id}:class").set_value("covid").run()
+    at.selectbox(key=f"{key}:class").set_value("covid").run()
+    assert not at.exception
+    assert "heat map for 'covid'" in rendered_text(at)
+    at.selectbox(key=f"{key}:cam").set_value("gradcam++").run()
+    at.selectbox(key=f"{key}:class").set_value(None).run()
+    at.selectbox(key=f"{key}:cam").set_value("gradcam").run()  # seen before: no record at all
     assert not at.exception
     records = read_records(with_model)
-    assert len(records) == 2 and records[1]["cam_class"] == "covid"
-    assert "heat map for 'covid'" in rendered_text(at)
+    assert [r["event"] for r in records] == ["prediction", "explanation", "explanation", "explanation"]
+    assert [(r["cam_method"], r["cam_class"]) for r in records[1:]] == [
+        ("gradcam", "covid"), ("gradcam++", "covid"), ("gradcam++", records[0]["label"])]
+    assert {r["image_sha256"] for r in records} == {record["image_sha256"]}
+    assert "probabilities" not in records[1] and "dicom_header" not in records[1]
 
 
 def test_dicom_header_without_patient_data(with_model: Path, shared_dicom_dir: Path) -> None:
@@ -178,7 +192,7 @@ def test_dicom_header_without_patient_data(with_model: Path, shared_dicom_dir: P
     at = run_app()
     upload(at, [(p.name, p.read_bytes()) for p in paths])
     assert not at.error, [e.value for e in at.error]
-    tables = [t.value for t in at.table]
+    tables = [t.value for t in at.table if "value" in t.value.columns]
     assert len(tables) == len(paths)
     for table in tables:
         assert set(table.index) <= set(DICOM_HEADER_FIELDS)
@@ -196,10 +210,14 @@ def test_dicom_header_without_patient_data(with_model: Path, shared_dicom_dir: P
     assert len(read_records(with_model)) == len(paths)
 
 
-def test_unsuitable_input_is_not_assessed(with_model: Path) -> None:
-    """A small colour picture is not assessed (colour, size); its output is shown only when asked for."""
-    import io
+def headlines(at: AppTest) -> list[str]:
+    """The per-file headlines: "### Model output: ..." or "### Not assessed: ..."."""
+    return [m.value for m in at.markdown if m.value.startswith(("### Model output", "### Not assessed"))]
 
+
+def test_refused_images_show_no_class_and_no_probability(with_model: Path) -> None:
+    """A colour picture and a lateral film are not assessed: the reason instead of the headline, no class, no
+    probability; the output appears only behind the toggle, with a warning."""
     from PIL import Image
 
     rgb = np.zeros((120, 160, 3), dtype=np.uint8)
@@ -207,20 +225,99 @@ def test_unsuitable_input_is_not_assessed(with_model: Path) -> None:
     rgb[:, :80, 2] = 255
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
-    at = upload(run_app(), [("photo.png", buffer.getvalue())])
-    refusal = " ".join(e.value for e in at.error)
-    assert refusal.startswith("**Not assessed:**") and "colour image" in refusal and "too small" in refusal
-    assert not [m for m in at.markdown if m.value.startswith("### Model output")]
-    assert any("only the file checks ran" in c.value for c in at.caption)
-    record = read_records(with_model)[0]
-    assert any(w.startswith("Not assessed: a colour image") for w in record["warnings"])
-    at.toggle[0].set_value(True).run()
-    assert len([m for m in at.markdown if m.value.startswith("### Model output")]) == 1
+    at = upload(run_app(), [("photo.png", buffer.getvalue()), ("lateral.dcm", lateral_dicom())])
+    shown = headlines(at)
+    assert len(shown) == 2 and all(h.startswith("### Not assessed: ") for h in shown), shown
+    assert "colour image" in shown[0] and "too small" in shown[0]
+    assert "lateral view" in shown[1] and "LL" in shown[1]
+    text = rendered_text(at)
+    assert "Probabilities: " not in text and "heat map for" not in text and "Model output" not in text
+    summary = next(t.value for t in at.table if "Verdict" in t.value.columns)
+    assert list(summary["Verdict"]) == ["not assessed", "not assessed"]
+    assert list(summary["Class"]) == ["", ""] and list(summary["Probability"]) == ["", ""]
+    records = read_records(with_model)
+    assert [r["verdict"]["assessable"] for r in records] == [False, False]
+    assert any("colour" in w for w in records[0]["warnings"])
+
+    at.toggle(key=f"{at.file_uploader[0].value[1].file_id}:anyway").set_value(True).run()
+    assert not at.exception
+    text = rendered_text(at)
+    assert text.count("Probabilities: ") == 1 and "heat map for" in text
+    assert any("Shown on request" in w.value for w in at.warning)
+    assert all(h.startswith("### Not assessed: ") for h in headlines(at))  # still no headline
+    assert len(read_records(with_model)) == 2
 
 
-def test_model_view_not_evaluated_then_evaluated(app_env: Path, tiny_run: Path, tmp_path: Path,
+def test_summary_table_lists_failed_files_and_progress_ends(with_model: Path, shared_data: Path) -> None:
+    good = real_image(shared_data)
+    at = upload(run_app(), [(good.name, good.read_bytes()), ("broken.png", good.read_bytes()[:2000]),
+                            ("lateral.dcm", lateral_dicom())])
+    summary = next(t.value for t in at.table if "Verdict" in t.value.columns)
+    assert list(summary.columns) == ["File", "Verdict", "Class", "Probability", "Reason or error"]
+    rows = summary.set_index("File")
+    assert rows.loc[good.name, "Verdict"] == "assessed" and rows.loc[good.name, "Class"] in {"covid", "normal",
+                                                                                            "pneumonia"}
+    assert rows.loc[good.name, "Probability"].endswith("%") and rows.loc[good.name, "Probability"] != "100%"
+    assert rows.loc["broken.png", "Verdict"] == "failed" and "truncated" in rows.loc["broken.png", "Reason or error"]
+    assert rows.loc["lateral.dcm", "Verdict"] == "not assessed"
+    assert "lateral" in rows.loc["lateral.dcm", "Reason or error"]
+    assert not [p for p in walk(at._tree) if getattr(p, "type", "") == "progress"]  # replaced by the table
+    button = next(b for b in walk(at._tree) if getattr(b, "type", "") == "download_button"
+                  and "CSV" in getattr(b, "proto", None).label)
+    assert "(3 files)" in button.proto.label
+
+
+def test_results_csv_keeps_failed_and_refused_rows() -> None:
+    from app_analysis import FileResult
+    from app_assessment import Assessment
+    from app_summary import results_csv
+
+    from covidxr.inference.predictor import Prediction
+
+    good = Prediction("a.png", {"covid": 0.9999, "normal": 0.00005, "pneumonia": 0.00005}, "covid", 0.9999)
+    results = [FileResult("a.png", good, Assessment(True), "sha-a"),
+               FileResult("b.png", good, Assessment(False, ("a lateral view",)), "sha-b"),
+               FileResult("c.png", error="the file is truncated")]
+    table = pd.read_csv(io.BytesIO(results_csv(results, ["covid", "normal", "pneumonia"])), keep_default_na=False)
+    assert list(table["verdict"]) == ["assessed", "not assessed", "failed"]
+    assert list(table["probability"]) == ["> 99%", "", ""] and list(table["predicted_class"]) == ["covid", "", ""]
+    assert table.loc[1, "reason"] == "A lateral view" and table.loc[2, "error"] == "the file is truncated"
+    assert float(table.loc[0, "p_covid"]) == 0.9999 and table.loc[1, "p_covid"] == ""
+
+
+@pytest.mark.parametrize(("value", "text"), [(1.0, "> 99%"), (0.9951, "> 99%"), (0.99, "99%"), (0.5, "50%"),
+                                             (0.0101, "1%"), (0.0099, "< 1%"), (0.0, "< 1%"), (float("nan"), "–")])
+def test_probabilities_never_read_certain(value: float, text: str) -> None:
+    assert probability(value) == text
+    assert probability(value, 1) not in ("100.0%", "0.0%")
+
+
+def test_downloaded_overlay_has_colour_bar_and_caption() -> None:
+    """The captioned PNG keeps the overlay unchanged on top and draws the colour bar and the caption below it."""
+    from app_heatmap import overlay_png
+    from PIL import Image
+
+    from covidxr.explain.display import captioned, overlay
+
+    rng = np.random.default_rng(0)
+    pixels = rng.random((300, 400), dtype=np.float32)
+    heat = np.zeros((300, 400), np.float32)
+    heat[100:200, 150:250] = 1.0
+    lines = ["Model output: covid (> 99%)", "Grad-CAM heat map for 'covid'", "Research use only."]
+    picture = overlay(pixels, heat, alpha=0.6)
+    assert (picture[:90] == overlay(pixels, None)[:90]).all()  # below the threshold nothing is drawn
+    png = Image.open(io.BytesIO(overlay_png(pixels, heat, 0.6, lines)))
+    drawn = np.asarray(png.convert("RGB"))
+    assert drawn.shape[0] > picture.shape[0] and (drawn[: picture.shape[0], :400] == picture).all()
+    assert png.text["Description"] == "\n".join(lines)
+    assert (drawn == captioned(picture, lines)).all()
+    assert not (drawn == captioned(picture, [*lines[:2], "Something else."])).all()  # the text is in the pixels
+
+
+def test_model_view_not_evaluated_then_evaluated(app_env: Path, tiny_run: Path, tmp_path: Path, shared_data: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without an evaluation the page says how to run it; after ``covidxr.evaluate`` it shows the saved numbers."""
+    """Without an evaluation the page says how to run it; after ``covidxr.evaluate --external`` it shows the saved
+    numbers, the external ones first."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("eval*", "audit*"))
     monkeypatch.setenv("COVIDXR_CHECKPOINT", str(run / "best.pt"))
@@ -229,11 +326,15 @@ def test_model_view_not_evaluated_then_evaluated(app_env: Path, tiny_run: Path, 
 
     from covidxr.evaluation.__main__ import main as evaluate
 
-    assert evaluate(["--checkpoint", str(run / "best.pt"), "--bootstrap", "50", "--workers", "0"]) == 0
+    assert evaluate(["--checkpoint", str(run / "best.pt"), "--bootstrap", "50", "--workers", "0",
+                     "--external", str(shared_data.parent / "external")]) == 0
     at = run_app()
     text = rendered_text(at)
+    order = positions(text, "External validation: COVID-CXNet + chest X-ray teaching films", "199 images",
+                      "Internal test (same sources as training)")
+    assert order == sorted(order) and "No external validation" not in text
     assert "Sensitivity (95% CI)" in text and "Specificity (95% CI)" in text and "NPV" in text
-    per_class = next(d.value for d in at.dataframe if "Sensitivity (95% CI)" in d.value.columns)
+    per_class = next(d.value for d in at.table if "Test images" in d.value.columns)  # the internal one
     assert list(per_class["Class"]) == ["covid", "normal", "pneumonia"]
     plots = [img for img in walk(at._tree) if getattr(img, "type", "") == "image"]
     assert {"Confusion matrix (counts)", "ROC curves, one class against the rest"} <= {
@@ -241,46 +342,195 @@ def test_model_view_not_evaluated_then_evaluated(app_env: Path, tiny_run: Path, 
     assert "Confusion matrix" in text
 
 
+@pytest.fixture
+def own_run(app_env: Path, tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the tiny run (no evaluation folder) served by the app."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("eval*", "audit*"))
+    monkeypatch.setenv("COVIDXR_CHECKPOINT", str(run / "best.pt"))
+    return run
+
+
+def evaluated_sha(run: Path) -> str:
+    """The checkpoint digest a saved evaluation must record to be shown for this run."""
+    from covidxr.checkpoint import load_checkpoint
+    from covidxr.files import file_digest
+
+    summary = load_checkpoint(run / "best.pt").get("evaluation") or {}
+    return summary.get("checkpoint_sha256") or file_digest(run / "best.pt")
+
+
+def positions(text: str, *needles: str) -> list[int]:
+    """Where each needle first appears in ``text`` (all must appear)."""
+    found = [text.find(n) for n in needles]
+    assert all(i >= 0 for i in found), [n for n, i in zip(needles, found, strict=True) if i < 0]
+    return found
+
+
+def test_model_tab_leads_with_external_results_and_baselines(own_run: Path, shared_data: Path) -> None:
+    classes = ["covid", "normal", "pneumonia"]
+    write_evaluation(own_run, fake_evaluation(classes, evaluated_sha(own_run), external=True))
+    at = run_app()
+    text = rendered_text(at)
+    order = positions(text, "External validation: COVID-CXNet", "Held-out-source cross-validation",
+                      "Internal test (same sources as training)", "Training", "Validation macro ROC-AUC")
+    assert order == sorted(order)
+    assert "No external validation" not in text
+    assert "Kermany paediatric (Guangzhou)" in text and "ieee8023 COVID-19 image collection" in text
+    for repository in ("lecuong1502", "hida6", "armiro", str(own_run)):
+        assert repository not in text, repository
+    comparison = [t.value for t in at.table if "Classifier" in t.value.columns]
+    assert len(comparison) == 2  # external and internal, each with its baselines
+    assert comparison[0]["Classifier"].str.startswith("Source only").any()
+    assert "71%" in comparison[0].to_string() and "52%" in comparison[0].to_string()
+    external = next(t.value for t in at.table if "Images" in t.value.columns and "ROC-AUC" in t.value.columns)
+    assert list(external["Class"]) == ["covid", "normal"] and "43% (33%–48%)" in external.to_string()
+    crossval = next(t.value for t in at.table if "Held-out source" in t.value.columns)
+    assert list(crossval["Held-out source"]) == ["Kermany paediatric (Guangzhou)",
+                                                 "ieee8023 COVID-19 image collection"]
+    assert list(crossval["Recall covid"]) == ["50% (40%–55%)"] * 2 and list(crossval["Source only"]) == ["90%"] * 2
+    assert "probe, efficientnet_lite0" in text
+    assert "fitted on the run's validation split" in text and "same hospitals" in text
+    assert not [n for n in walk(at._tree) if getattr(n, "type", "") == "json"]  # no raw JSON
+    assert any("evaluation report" in b.proto.label for b in walk(at._tree)
+               if getattr(b, "type", "") == "download_button")
+
+    good = real_image(shared_data)
+    upload(at, [(good.name, good.read_bytes())])
+    words = next(m.value for m in at.markdown if m.value.startswith("The model "))
+    assert "This rests on a model tested on 61 internal test images" in words
+    assert f"hospitals it never saw ({EXTERNAL_NAME.split(' (')[0]}, 199 images)" in words
+    assert "off by 23%" in words
+
+
+def test_model_tab_says_first_that_there_is_no_external_result(own_run: Path, shared_data: Path) -> None:
+    write_evaluation(own_run, fake_evaluation(["covid", "normal", "pneumonia"], evaluated_sha(own_run),
+                                              external=False))
+    at = run_app()
+    text = rendered_text(at)
+    order = positions(text, "No external validation", "Internal test (same sources as training)",
+                      "Validation macro ROC-AUC")
+    assert order == sorted(order)
+    assert "External validation:" not in text and "Held-out-source cross-validation" not in text
+    assert "Source only" in text and "It has not been measured on external films." in text
+    good = real_image(shared_data)
+    upload(at, [(good.name, good.read_bytes())])
+    words = next(m.value for m in at.markdown if m.value.startswith("The model "))
+    assert "has **not** been tested on films from hospitals it never saw" in words
+
+
+def test_crossval_summary_rows_read_too() -> None:
+    """Cross-validation given as summary rows (intervals already) reads like crossval.json's folds."""
+    from app_eval_tables import crossval_table
+
+    ci = {"estimate": 0.61, "lo": 0.5, "hi": 0.7}
+    table = crossval_table([{"held_out": "hida6/covid-chestxray-dataset", "n_images": 9, "n_patients": 8,
+                             "balanced_accuracy": ci, "roc_auc_macro": ci, "recall": {"covid": ci}}])
+    assert table.iloc[0].to_dict() == {
+        "Held-out source": "ieee8023 COVID-19 image collection", "Images": 9, "Patients": 8,
+        "Balanced accuracy": "61% (50%–70%)", "Macro ROC-AUC": "0.61 (0.50–0.70)", "Recall covid": "61% (50%–70%)",
+        "Source only": "–"}
+
+
+def test_external_evaluations_beside_the_checkpoint_are_shown(own_run: Path) -> None:
+    """``covidxr.evaluate --data OTHER`` writes eval-OTHER/metrics.json ("external": true): shown as external
+    validation when it was made with this checkpoint, ignored when it belongs to another one."""
+    import json
+
+    classes = ["covid", "normal", "pneumonia"]
+    sha = evaluated_sha(own_run)
+    write_evaluation(own_run, fake_evaluation(classes, sha, external=False))
+    outside = fake_evaluation(["covid", "normal"], sha, external=False) | {
+        "external": True, "n_images": 199, "data": "/somewhere/secret/external/metadata.csv",
+        "by_source": {EXTERNAL_NAME: {"n": 99}, "OpenIST teaching set (pi-null-mezon/OpenIST)": {"n": 100}}}
+    for name, digest in (("eval-external", sha), ("eval-other", "f" * 64)):
+        (own_run / name).mkdir()
+        (own_run / name / "metrics.json").write_text(json.dumps(outside | {"checkpoint_sha256": digest}))
+    text = rendered_text(run_app())
+    assert text.count("External validation: ") == 1
+    assert "External validation: COVID-CXNet + chest X-ray teaching films" in text
+    assert "No external validation" not in text and "secret" not in text
+
+    # the same external data also inside metrics.json (evaluate --external): shown once
+    write_evaluation(own_run, fake_evaluation(classes, sha, external=True))
+    (own_run / "eval-external" / "metrics.json").write_text(json.dumps(
+        outside | {"checkpoint_sha256": sha, "by_source": {EXTERNAL_NAME: {"n": 99}}}))
+    assert rendered_text(run_app()).count("External validation: COVID-CXNet") == 1
+
+
+def test_lung_share_only_with_a_lung_model(with_model: Path, shared_data: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a lung model nothing is said about the lungs; with one, the share of the heat map inside them."""
+    good = real_image(shared_data)
+    at = upload(run_app(), [(good.name, good.read_bytes())])
+    assert "inside the lungs" not in rendered_text(at)
+
+    class HalfLungs:  # the left half of every image is "lung"
+        def mask(self, image: np.ndarray) -> np.ndarray:
+            mask = np.zeros(image.shape, dtype=bool)
+            mask[:, : image.shape[1] // 2] = True
+            return mask
+
+    import covidxr.lungs
+    from covidxr.inference.predictor import Predictor
+
+    monkeypatch.setattr(covidxr.lungs, "load_lung_model", lambda path=None: HalfLungs())
+    at = upload(run_app(), [(good.name, good.read_bytes())])
+    text = rendered_text(at)
+    heat = Predictor.from_checkpoint(os.environ["COVIDXR_CHECKPOINT"], backend="torch").predict(
+        load_xray(good)).heatmap
+    expected = covidxr.lungs.cam_share_in_lungs(heat, HalfLungs().mask(heat))
+    assert f"**{100 * expected:.0f}%** of the heat map lies inside the lungs" in text
+
+
 def test_oversized_empty_and_crashing_files_stay_contained(with_model: Path, shared_data: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The size cap, an empty file and an unexpected internal error each give one line; the good file still works."""
-    import app_results
+    import app_analysis
+    import app_file_view
 
     good = real_image(shared_data)
-    monkeypatch.setattr(app_results, "MAX_FILE_BYTES", 10_000)
+    monkeypatch.setattr(app_analysis, "MAX_FILE_BYTES", 10_000)
     big = b"\x89PNG\r\n\x1a\n" + bytes(20_000)
     at = run_app()
     upload(at, [("big.png", big), ("empty.png", b"")])
     errors = [e.value for e in at.error]
     assert any(e.startswith("big.png: the file is") and "over the limit" in e for e in errors), errors
     assert any(e.startswith("empty.png: ") and "empty" in e for e in errors), errors
-    monkeypatch.setattr(app_results, "MAX_FILE_BYTES", 2**28)
+    monkeypatch.setattr(app_analysis, "MAX_FILE_BYTES", 2**28)
 
     calls = {"n": 0}
-    real_warnings = app_results.input_warnings
+    real_analyse = app_file_view.analyse
 
-    def crash_once(xray: object) -> list[str]:
+    def crash_once(*args: object) -> object:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("secret internal detail")
-        return real_warnings(xray)
+        return real_analyse(*args)
 
-    monkeypatch.setattr(app_results, "input_warnings", crash_once)
+    monkeypatch.setattr(app_file_view, "analyse", crash_once)
     at = run_app()
     upload(at, [("first.png", good.read_bytes()), ("second.png", good.read_bytes())])
     errors = [e.value for e in at.error]
     assert len(errors) == 1 and errors[0].startswith("first.png: could not be processed because of an internal error")
     assert "secret internal detail" not in rendered_text(at)
     assert len([m for m in at.markdown if m.value.startswith("### Model output")]) == 1
+    summary = next(t.value for t in at.table if "Verdict" in t.value.columns).set_index("File")
+    assert summary.loc["first.png", "Verdict"] == "failed"
+    assert summary.loc["first.png", "Reason or error"].startswith("internal error (reference ")
 
 
-def test_files_without_extension_option(with_model: Path) -> None:
-    """The uploader filters by image types, or accepts any name when the sidebar option is ticked."""
-    at = run_app()
-    assert ".dcm" in at.file_uploader[0].allowed_type and ".dicom" in at.file_uploader[0].allowed_type
-    at.sidebar.checkbox[0].check().run()
-    assert not at.exception
-    assert at.file_uploader[0].allowed_type == []
+def test_files_without_extension_get_a_hint_then_are_read(with_model: Path, shared_dicom_dir: Path) -> None:
+    """A DICOM without an extension is not read until the option is ticked; the page says what to do."""
+    dicom = sorted(shared_dicom_dir.glob("*.dcm"))[0]
+    at = upload(run_app(), [("IM0001", dicom.read_bytes())])
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and errors[0].startswith("IM0001: has no file extension")
+    assert "tick 'Accept files without an extension'" in errors[0]
+    assert not headlines(at)
+    at.checkbox(key="accept_any_name").check().run()
+    assert not at.exception and not at.error
+    assert len(headlines(at)) == 1 and at.file_uploader[0].value  # the upload is kept
 
 
 def _append_many(path: str, writer: int, count: int) -> None:

@@ -1,4 +1,4 @@
-"""End to end: ``streamlit run`` the app, upload a real X-ray and a corrupt file in headless Chromium.
+"""End to end: ``streamlit run`` the app, upload a real X-ray, a corrupt file and a lateral film in headless Chromium.
 
 Chromium is Debian's (``/usr/bin/chromium``, or ``$COVIDXR_CHROMIUM``); Playwright's own browser download is not
 used. The checkpoint is the tiny trained run, or ``$COVIDXR_APP_CHECKPOINT`` to time a real model. The test prints
@@ -7,17 +7,28 @@ the time from the upload to the result being shown and saves a full-page screens
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from app_inputs import lateral_dicom
 from app_server import CHROMIUM, CHROMIUM_ARGS, RESULT_TIMEOUT_MS, require_chromium, run_app
+from PIL import Image
 
-pytestmark = pytest.mark.browser
+from covidxr.explain.display import display_size
+from covidxr.inference.prediction_log import read_records
+from covidxr.io import load_xray
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+DOWNLOAD_MAX_SIDE = 2048  # app_heatmap.DOWNLOAD_MAX_SIDE
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -62,13 +73,27 @@ def download_bytes(page: object, label: str) -> bytes:
     return Path(info.value.path()).read_bytes()
 
 
-def test_upload_real_xray_and_corrupt_file(server: tuple[str, Path], shared_data: Path, tmp_path: Path) -> None:
+def caption_margin(png: Image.Image, image_shape: tuple[int, int]) -> np.ndarray:
+    """What the app draws below an overlay of ``image_shape`` for the caption in ``png``'s Description chunk."""
+    from covidxr.explain.display import captioned, display_size
+
+    height, width = display_size(*image_shape, DOWNLOAD_MAX_SIDE)
+    blank = np.zeros((height, width, 3), np.uint8)
+    return captioned(blank, png.text["Description"].split("\n"))[height:]
+
+
+def test_several_files_refused_failed_and_downloads(server: tuple[str, Path], shared_data: Path,
+                                                    tmp_path: Path) -> None:
+    """A real film, a truncated copy and a lateral film: one headline, one 'Not assessed' without probability, one
+    error; the summary table lists all three; the downloaded heat map carries its colour bar and caption."""
     from playwright.sync_api import expect, sync_playwright
 
     url, audit = server
     good = real_xray(shared_data)
     corrupt = tmp_path / f"corrupt{good.suffix.lower()}"  # the real file, truncated
     corrupt.write_bytes(good.read_bytes()[:1500])
+    lateral = tmp_path / "lateral.dcm"  # a real lateral film; its header says LL
+    lateral.write_bytes(lateral_dicom())
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
@@ -79,7 +104,7 @@ def test_upload_real_xray_and_corrupt_file(server: tuple[str, Path], shared_data
             file_input = page.locator("[data-testid='stFileUploaderDropzoneInput']")
             expect(file_input).to_be_attached(timeout=RESULT_TIMEOUT_MS)  # after the model has loaded
             started = time.perf_counter()
-            file_input.set_input_files([good, corrupt])
+            file_input.set_input_files([good, corrupt, lateral])
             expect(page.get_by_text("Model output:", exact=False)).to_be_visible(timeout=RESULT_TIMEOUT_MS)
             heatmap = page.locator("[data-testid='stImage']", has_text="heat map for").locator("img")
             expect(heatmap).to_be_visible(timeout=RESULT_TIMEOUT_MS)
@@ -87,17 +112,45 @@ def test_upload_real_xray_and_corrupt_file(server: tuple[str, Path], shared_data
                                    timeout=RESULT_TIMEOUT_MS)
             error = page.locator("[data-testid='stAlertContentError']", has_text=f"{corrupt.name}:")
             expect(error).to_be_visible(timeout=RESULT_TIMEOUT_MS)
-            elapsed = time.perf_counter() - started
-            print(f"\nupload to result shown: {elapsed:.2f} s")
-            # let the run finish (download buttons are drawn last, the "running" indicator goes away)
-            download = page.locator("[data-testid='stDownloadButton']", has_text="Download result (JSON)")
-            expect(download).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+            print(f"\nupload to result shown: {time.perf_counter() - started:.2f} s")
+            # let the run finish (the summary is drawn last, the "running" indicator goes away)
+            summary = page.locator("[data-testid='stTable']", has_text="Verdict")
+            expect(summary).to_be_visible(timeout=RESULT_TIMEOUT_MS)
             expect(page.locator("[data-testid='stStatusWidget']")).to_have_count(0, timeout=RESULT_TIMEOUT_MS)
             assert "Traceback" not in page.content()
+
+            refused = page.get_by_role("heading", name=re.compile("^Not assessed: "))
+            expect(refused).to_have_count(1)
+            assert "lateral" in refused.inner_text()
+            box = page.get_by_role("heading", name=lateral.name, exact=True).locator(
+                "xpath=ancestor::div[contains(@class, 'st-key-filebox-')][1]")
+            assert "Model output" not in box.inner_text() and "Probabilities:" not in box.inner_text()
+            assert not re.search(r"\d%", box.inner_text()), box.inner_text()  # no probability anywhere in it
+            expect(page.get_by_text("Probabilities: ", exact=False)).to_have_count(1)
+            rows = summary.locator("tbody tr")
+            expect(rows).to_have_count(3)
+            cells = [[c.inner_text().strip() for c in r.locator("td, th").all()] for r in rows.all()]
+            table = {row[0]: row[1:] for row in cells}  # file: verdict, class, probability, reason or error
+            assert table[good.name][0] == "assessed" and re.fullmatch(r"(> 99|\d{1,2})%", table[good.name][2])
+            assert table[corrupt.name][:3] == ["failed", "", ""] and "truncated" in table[corrupt.name][3]
+            assert table[lateral.name][:3] == ["not assessed", "", ""] and "lateral" in table[lateral.name][3]
             full_page_screenshot(page, ARTIFACTS / "app.png")
+
             result = json.loads(download_bytes(page, "Download result (JSON)"))
             assert set(result["prediction"]["probs"]) == {"covid", "normal", "pneumonia"}
-            assert download_bytes(page, "Download heat map (PNG)").startswith(b"\x89PNG\r\n\x1a\n")
+            png = Image.open(io.BytesIO(download_bytes(page, "Download heat map (PNG)")))
+            assert png.format == "PNG"
+            caption = png.text["Description"]
+            assert caption.startswith("Model output: ") and "Grad-CAM heat map for '" in caption
+            assert "Research use only" in caption and datetime.now(UTC).strftime("%Y-%m-%d") in caption
+            shape = load_xray(good).pixels.shape
+            margin = caption_margin(png, shape)
+            drawn = np.asarray(png.convert("RGB"))
+            assert drawn.shape[0] == margin.shape[0] + display_size(*shape, DOWNLOAD_MAX_SIDE)[0]
+            assert (drawn[-margin.shape[0]:] == margin).all()  # colour bar and caption text, pixel for pixel
+            assert (margin < 100).any(axis=2).sum() > 500  # and there is dark text in it
         finally:
             browser.close()
-    assert audit.is_file() and len(audit.read_text().splitlines()) == 1
+    records = read_records(audit)
+    assert [r["event"] for r in records] == ["prediction", "prediction"]
+    assert [r["verdict"]["assessable"] for r in records] == [True, False]

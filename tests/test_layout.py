@@ -15,9 +15,10 @@ PACKAGE = ROOT / "covidxr"
 MAX_LINES = 400
 # Thin modules that only keep documented commands (python -m covidxr.NAME) working: they import a stage's CLI.
 SHIMS = {"covidxr.train", "covidxr.evaluate", "covidxr.compare", "covidxr.predict", "covidxr.export", "covidxr.gate"}
-# What the app may use: the predictor and prediction log, the explanations, the reader, the saved-evaluation reader.
+# What the app may use: the predictor and prediction log, the explanations, the reader, the saved-evaluation reader,
+# the lung model, and the readable names of the data sources (a basic module without covidxr imports).
 APP_ALLOWED = ("covidxr.inference", "covidxr.explain", "covidxr.io", "covidxr.errors", "covidxr.evaluation.results",
-               "covidxr.lungs")
+               "covidxr.lungs", "covidxr.sources_display")
 
 
 def module_name(path: Path) -> str:

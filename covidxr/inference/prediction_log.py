@@ -1,11 +1,16 @@
 """The prediction log: an append-only JSON-lines file, one line per prediction, safe with concurrent writers.
 
-Every prediction the clinician app makes is recorded as one JSON object on one line::
+Every image the clinician app predicts is recorded once per model as one JSON object on one line::
 
     {"schema": 1, "event": "prediction", "time_utc": "2025-01-01T12:00:00.123456Z", "session_id": "9f2c...",
      "image_sha256": "...", "image_shape": [H, W], "image_format": "DICOM", "dicom_header": {...},
      "model": {"arch": ..., "checkpoint_sha256": ..., "classes": [...], "preprocess": {...}, "temperature": ...},
-     "probabilities": {...}, "label": ..., "confidence": ..., "cam_method": ..., "cam_class": ..., "warnings": [...]}
+     "probabilities": {...}, "label": ..., "confidence": ..., "cam_method": ..., "cam_class": ..., "warnings": [...],
+     "verdict": {"assessable": ..., "reasons": [...], ...}}
+
+Asking for another explanation of the same image (another CAM method or class) is not a new prediction: it adds a
+short ``"event": "explanation"`` record (:func:`explanation_record`: time, session, image and checkpoint digests,
+method and class) and never another ``"prediction"`` record.
 
 Privacy: the record holds **no** file name (names often contain patient names), no patient name, ID, birth date or
 any other DICOM field than :data:`covidxr.dicom.DICOM_HEADER_FIELDS` (filtered here again, whatever the caller
@@ -47,6 +52,7 @@ __all__ = [
     "PredictionLogError",
     "new_session_id",
     "pixel_sha256",
+    "explanation_record",
     "prediction_record",
     "read_records",
     "safe_header",
@@ -95,6 +101,19 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _plain(value: Any) -> Any:
+    """A JSON-safe copy: mappings and sequences recursively, floats finite or None, other objects as strings."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, (float, np.floating)):
+        return _finite(value)
+    return str(value)
+
+
 def safe_header(header: Mapping[str, Any] | None) -> dict[str, str]:
     """Keep only the non-identifying DICOM fields (:data:`~covidxr.dicom.DICOM_HEADER_FIELDS`) of ``header``.
 
@@ -125,6 +144,7 @@ def prediction_record(
     cam_method: str | None,
     cam_class: str | None,
     warnings: Iterable[str] = (),
+    verdict: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build one prediction record (see the module docstring for its fields and privacy rules).
 
@@ -145,11 +165,12 @@ def prediction_record(
         cam_method: explanation method, or None.
         cam_class: the class explained, or None.
         warnings: input warnings shown with the result (they must not contain file names).
+        verdict: whether the image was assessed and why not (``{"assessable", "reasons", ...}``, no file names).
 
     Returns:
         A JSON-serialisable dict.
     """
-    return {
+    record = {
         "schema": SCHEMA_VERSION,
         "event": "prediction",
         "time_utc": _utc_now(),
@@ -172,6 +193,28 @@ def prediction_record(
         "cam_class": cam_class,
         "warnings": [str(w) for w in warnings],
     }
+    if verdict is not None:
+        record["verdict"] = _plain(dict(verdict))
+    return record
+
+
+def explanation_record(*, session_id: str, image_sha256: str, checkpoint_sha256: str, cam_method: str | None,
+                       cam_class: str | None) -> dict[str, Any]:
+    """Build the record of a further explanation of an image already predicted (no probabilities, no header).
+
+    Args:
+        session_id: from :func:`new_session_id`.
+        image_sha256: from :func:`pixel_sha256`.
+        checkpoint_sha256: SHA-256 of the checkpoint file.
+        cam_method: the explanation method, or None (switched off).
+        cam_class: the class explained, or None.
+
+    Returns:
+        A JSON-serialisable dict with ``"event": "explanation"``.
+    """
+    return {"schema": SCHEMA_VERSION, "event": "explanation", "time_utc": _utc_now(), "session_id": str(session_id),
+            "image_sha256": str(image_sha256), "checkpoint_sha256": str(checkpoint_sha256), "cam_method": cam_method,
+            "cam_class": cam_class}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,156 @@
+"""Tables of the "Model and evaluation" tab, built from a saved evaluation (metrics.json layout) as display strings.
+
+Every reader is defensive: missing keys give "–", never an exception, so older and newer evaluations both show.
+Source names read as datasets (:func:`covidxr.sources_display.source_name`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+from app_format import interval, num, pct
+
+from covidxr.sources_display import source_name
+
+UNSEEN = "n/a (never seen in training)"
+BASELINE_LABELS = {"source": "Source only: knows nothing but which collection a film came from",
+                   "view": "View only: knows nothing but the view position (PA, AP, ...)"}
+
+
+def _get(mapping: Any, *keys: str) -> Any:
+    """``mapping[k1][k2]...``, or None where a level is missing or not a mapping."""
+    for key in keys:
+        if not isinstance(mapping, Mapping):
+            return None
+        mapping = mapping.get(key)
+    return mapping
+
+
+def headline(data: Mapping[str, Any], key: str, fmt: Any = pct) -> str:
+    """A headline metric (``balanced_accuracy``, ``roc_auc_macro``, ...) with its interval where saved."""
+    return interval(_get(data, "ci", "metrics", key), fmt, _get(data, "metrics", key))
+
+
+def comparison_table(data: Mapping[str, Any], model_label: str = "This model") -> pd.DataFrame:
+    """The model's balanced accuracy and macro ROC-AUC beside the source-only and metadata-only baselines."""
+    rows = [{"Classifier": model_label, "Balanced accuracy": headline(data, "balanced_accuracy"),
+             "Macro ROC-AUC": headline(data, "roc_auc_macro", num)}]
+    for column, baseline in (data.get("baselines") or {}).items():
+        if isinstance(baseline, Mapping):
+            label = BASELINE_LABELS.get(str(column), f"Metadata only: {column}")
+            unseen = baseline.get("seen_share") == 0  # every value new to it: it can only guess the class prior
+            rows.append({"Classifier": label,
+                         "Balanced accuracy": UNSEEN if unseen else pct(baseline.get("balanced_accuracy")),
+                         "Macro ROC-AUC": UNSEEN if unseen else num(baseline.get("roc_auc_macro"))})
+    return pd.DataFrame(rows)
+
+
+def has_baselines(data: Mapping[str, Any]) -> bool:
+    """Whether the evaluation saved at least one metadata-only baseline."""
+    return any(isinstance(b, Mapping) for b in (data.get("baselines") or {}).values())
+
+
+def per_class_table(data: Mapping[str, Any], images_label: str = "Test images") -> pd.DataFrame:
+    """One row per class: images, sensitivity (recall) and specificity with intervals, PPV, NPV, ROC-AUC."""
+    rows = []
+    for name, values in (_get(data, "metrics", "per_class") or {}).items():
+        if not isinstance(values, Mapping):
+            continue
+        intervals = _get(data, "ci", "per_class", name) or {}
+        rows.append({
+            "Class": name,
+            images_label: values.get("support"),
+            "Sensitivity (95% CI)": interval(intervals.get("sensitivity"), pct, values.get("recall")),
+            "Specificity (95% CI)": interval(intervals.get("specificity"), pct, values.get("specificity")),
+            "PPV": pct(values.get("precision")),
+            "NPV": pct(values.get("npv")),
+            "ROC-AUC": interval(intervals.get("roc_auc"), num, values.get("roc_auc")),
+        })
+    return pd.DataFrame(rows)
+
+
+def _held_out_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A cross-validation entry in one shape: ``{"held_out", "n_images", "n_patients", "balanced_accuracy",
+    "roc_auc_macro", "recall": {class: interval}, "source_only"}``, from a ``folds`` entry (metrics and intervals of
+    a held-out result) or a summary ``rows`` entry (intervals already)."""
+    if "metrics" not in row:
+        return {**row, "source_only": _get(row, "source_only_on_val", "balanced_accuracy")}
+    present = [c for c, m in (_get(row, "metrics", "per_class") or {}).items() if isinstance(m, Mapping)
+               and m.get("support")]
+    point = {k: {"estimate": _get(row, "metrics", k)} for k in ("balanced_accuracy", "roc_auc_macro")}
+    return {"held_out": row.get("name"), "n_images": row.get("n_images"), "n_patients": row.get("n_patients"),
+            **{k: _get(row, "ci", "metrics", k) or point[k] for k in point},
+            "recall": {c: _get(row, "ci", "per_class", c, "sensitivity")
+                       or {"estimate": _get(row, "metrics", "per_class", c, "recall")} for c in present},
+            "source_only": _get(row, "source_only_on_val", "balanced_accuracy")}
+
+
+def crossval_table(rows: list[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per held-out source: images, patients, balanced accuracy, macro ROC-AUC, recall of each class present
+    (with intervals), and the source-only baseline on the other sources."""
+    rows = [_held_out_row(r) for r in rows]
+    classes = list(dict.fromkeys(c for row in rows for c in (row.get("recall") or {})))
+    table = []
+    for row in rows:
+        recall = row.get("recall") or {}
+        line = {"Held-out source": source_name(row.get("held_out")), "Images": row.get("n_images"),
+                "Patients": row.get("n_patients"),
+                "Balanced accuracy": interval(row.get("balanced_accuracy"), pct),
+                "Macro ROC-AUC": interval(row.get("roc_auc_macro"), num)}
+        line |= {f"Recall {c}": interval(recall[c], pct) if c in recall else "no such films" for c in classes}
+        line["Source only"] = pct(row.get("source_only"))
+        table.append(line)
+    return pd.DataFrame(table)
+
+
+def confusion_table(data: Mapping[str, Any]) -> pd.DataFrame | None:
+    """The confusion matrix with readable row and column names (rows: truth, columns: model output), or None."""
+    metrics = data.get("metrics") or {}
+    matrix = metrics.get("confusion_matrix")
+    classes = data.get("classes") or metrics.get("classes") or list((metrics.get("per_class") or {}).keys())
+    if not matrix or len(matrix) != len(classes):
+        return None
+    return pd.DataFrame(matrix, index=[f"truly {c}" for c in classes], columns=[f"model: {c}" for c in classes])
+
+
+def subgroup_table(groups: Mapping[str, Any], name_of: Any = str) -> pd.DataFrame:
+    """One row per subgroup (source or view): images, accuracy, balanced accuracy, ROC-AUC, whether it is small."""
+    rows = [{"Group": name_of(name), "Images": g.get("n"), "Accuracy": pct(g.get("accuracy")),
+             "Balanced accuracy": pct(g.get("balanced_accuracy")), "Macro ROC-AUC": num(g.get("roc_auc_macro")),
+             "Too small to judge": "yes" if g.get("small") else ""}
+            for name, g in groups.items() if isinstance(g, Mapping)]
+    return pd.DataFrame(rows)
+
+
+def operating_points_table(points: list[Mapping[str, Any]]) -> pd.DataFrame:
+    """Thresholds chosen on validation for target sensitivities, and what they gave on the test images."""
+    return pd.DataFrame([{"Target sensitivity": pct(p.get("target_sensitivity")), "Threshold": num(p.get("threshold")),
+                          "Test sensitivity": pct(p.get("test_sensitivity")),
+                          "Test specificity": pct(p.get("test_specificity")), "Note": p.get("reason") or ""}
+                         for p in points if isinstance(p, Mapping)])
+
+
+def key_value_table(values: Mapping[str, Any]) -> pd.DataFrame:
+    """A two-column table of settings (no raw JSON on the page): nested values flattened to ``a.b`` keys."""
+    rows: list[tuple[str, str]] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping) and value:
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        else:
+            text = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            rows.append((prefix, text))
+
+    walk("", values)
+    return pd.DataFrame(rows, columns=["Setting", "Value"])
+
+
+def counts_table(counts: Mapping[str, Any], rename_rows: bool = False) -> pd.DataFrame:
+    """A table of counts (``{column: {row: n}}``) with zeros for gaps; source rows renamed when asked."""
+    table = pd.DataFrame(counts).fillna(0).astype(int)
+    if rename_rows:
+        table.index = [source_name(i) for i in table.index]
+    return table

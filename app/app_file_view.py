@@ -1,0 +1,206 @@
+"""One uploaded file's box: the verdict or the model's output in words, its probabilities, the image, the heat map.
+
+:func:`render_upload` is the single code path for every uploaded file (browser uploads and AppTest uploads alike).
+A refused image ("Not assessed: REASON") shows no class and no probability; its output stays behind the
+"Show the model's output anyway" toggle. The work itself (reading, predicting, auditing) is :mod:`app_analysis`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import streamlit as st
+from app_analysis import Context, FileResult, Upload, analyse, decode
+from app_assessment import Assessment
+from app_evaluation import Evaluation, trust_basis
+from app_format import model_says, probability
+from app_heatmap import CAM_LABELS, cam_settings, overlay_png, render_controls, render_heatmap
+
+from covidxr.errors import CovidxrError
+from covidxr.inference.prediction_log import safe_header
+from covidxr.io import Xray
+
+if TYPE_CHECKING:
+    from covidxr.inference.predictor import Prediction
+
+log = logging.getLogger("covidxr.app")
+
+INTENDED_USE = ("Research and education only. This is not a medical device and must not be used for diagnosis, "
+                "triage or any clinical decision.")
+DISPLAY_MAX_SIDE = 1024
+
+
+def _headline(prediction: Prediction, assessment: Assessment, evaluation: Evaluation | None) -> None:
+    """The model's output, prominent, then in words how sure it is and what that rests on."""
+    st.markdown(f"### Model output: **{prediction.label}** ({probability(prediction.confidence)})")
+    st.markdown(" ".join([model_says(prediction.label, prediction.confidence),
+                          *trust_basis(evaluation, prediction.label)]))
+    for warning in assessment.warnings:
+        st.caption(f"Caution: {warning}.")
+    st.caption("A research result, not a diagnosis.")
+
+
+def _not_assessed(assessment: Assessment, upload: Upload) -> bool:
+    """The refusal in place of the headline; returns whether the user asked to see the model's output anyway."""
+    st.markdown(f"### Not assessed: {assessment.reason}")
+    st.caption(f"The {assessment.by} found that this is not an image the model was made for (a frontal chest "
+               "X-ray), so its output would mean nothing and is not shown.")
+    return st.toggle("Show the model's output anyway", key=f"{upload.key}:anyway",
+                     help="For checking the model's behaviour only: the output of a refused image is unreliable.")
+
+
+def _probabilities(prediction: Prediction, classes: list[str]) -> None:
+    """A bar chart of all class probabilities on a fixed 0-100% scale, the predicted class highlighted."""
+    import altair as alt
+
+    probs = [float(prediction.probs.get(c, 0.0)) for c in classes]
+    table = pd.DataFrame({"class": classes, "percent": [100 * p for p in probs],
+                          "label": [probability(p, 1) for p in probs]})
+    table["predicted"] = table["class"] == prediction.label
+    base = alt.Chart(table).encode(
+        y=alt.Y("class:N", sort=classes, title=None, axis=alt.Axis(labelFontSize=14, labelOverlap=False)),
+        x=alt.X("percent:Q", scale=alt.Scale(domain=[0, 100]), title="probability (%)"),
+        tooltip=["class", "label"])
+    bars = base.mark_bar().encode(color=alt.condition("datum.predicted", alt.value("#1f5fa8"), alt.value("#a9bfd8")))
+    text = base.mark_text(align="left", dx=4, fontSize=13).encode(text="label:N")
+    # Streamlit fits the whole chart (axis included) into this height: about 40 px per bar after the x axis
+    chart = (bars + text).properties(height=40 * len(classes) + 60,
+                                     padding={"left": 6, "right": 14, "top": 4, "bottom": 4})
+    st.altair_chart(chart, width="stretch", alt="Bar chart of the probability of each class")
+    st.caption("Probabilities: " + " · ".join(f"{c} {probability(p, 1)}" for c, p in zip(classes, probs,
+                                                                                          strict=True)))
+
+
+def _header_table(xray: Xray) -> None:
+    """The non-identifying DICOM header fields (``Xray.header`` only)."""
+    if xray.format != "DICOM":
+        return
+    header = safe_header(xray.header)
+    st.markdown("**DICOM header** (technical fields only; patient details are never read out)")
+    st.table(pd.DataFrame({"field": list(header), "value": list(header.values())}).set_index("field"),
+             alt="Technical DICOM header fields of the image")
+
+
+def _image(xray: Xray) -> None:
+    """The image as read, with its size and how it was read."""
+    from covidxr.explain.display import overlay
+
+    height, width = xray.pixels.shape
+    caption = "Image as read" + (" (DICOM, windowed by the reader)" if xray.format == "DICOM" else "")
+    st.image(overlay(xray.pixels, None, max_side=DISPLAY_MAX_SIDE), caption=f"{caption}, {width} x {height} px",
+             width="stretch", alt=f"The uploaded chest X-ray, {width} by {height} pixels, without heat map")
+    _header_table(xray)
+
+
+def result_dict(upload: Upload, xray: Xray, image_sha: str, prediction: Prediction, assessment: Assessment,
+                ctx: Context, lung_share: float | None = None) -> dict[str, Any]:
+    """The downloadable JSON result of one file (no heat map array, no patient data)."""
+    predictor = ctx.predictor
+    return {
+        "file": upload.name,
+        "intended_use": INTENDED_USE,
+        "verdict": assessment.to_dict(),
+        "prediction": {k: v for k, v in prediction.to_dict().items() if k not in ("heatmap", "gate")},
+        "cam_share_in_lungs": lung_share,
+        "image": {"sha256_of_pixels": image_sha, "shape": list(xray.pixels.shape), "format": xray.format,
+                  "dicom_header": safe_header(xray.header)},
+        "model": {"arch": predictor.arch, "classes": list(predictor.classes),
+                  "checkpoint_sha256": predictor.checkpoint_sha256, "preprocess": predictor.preprocess.to_dict(),
+                  "temperature": predictor.temperature},
+    }
+
+
+def caption_lines(prediction: Prediction, assessment: Assessment, ctx: Context,
+                  lung_share: float | None = None) -> list[str]:
+    """The lines drawn under a downloaded heat map: output, method (and lung share), model, date, intended use."""
+    method = CAM_LABELS.get(prediction.cam_method or "", prediction.cam_method or "no")
+    output = f"Model output: {prediction.label} ({probability(prediction.confidence)})"
+    if not assessment.assessable:
+        output = f"NOT ASSESSED ({assessment.reason}); output shown on request: {prediction.label} " \
+                 f"({probability(prediction.confidence)})"
+    inside = f"; {100 * lung_share:.0f}% of it inside the lungs" if lung_share is not None else ""
+    return [output, f"{method} heat map for '{prediction.cam_class}'{inside}",
+            f"Model: {ctx.predictor.arch}, checkpoint {ctx.predictor.checkpoint_sha256[:12]}; "
+            f"made {datetime.now(UTC):%Y-%m-%d} (UTC)",
+            "Research use only: not a medical device, not for diagnosis."]
+
+
+def _downloads(upload: Upload, xray: Xray, prediction: Prediction, result: dict[str, Any], lines: list[str],
+               alpha: float) -> None:
+    """Download buttons: the result JSON and the captioned heat-map PNG (made only when clicked)."""
+    stem = Path(upload.name).stem or "image"
+    cols = st.columns(2)
+    cols[0].download_button("Download result (JSON)", json.dumps(result, indent=2, default=str),
+                            file_name=f"{stem}_result.json", mime="application/json", key=f"{upload.key}:json",
+                            on_click="ignore", icon=":material/download:")
+    heatmap = prediction.heatmap
+    cols[1].download_button(
+        "Download heat map (PNG)", (lambda: overlay_png(xray.pixels, heatmap, alpha, lines)),
+        file_name=f"{stem}_{prediction.cam_method or 'cam'}.png", mime="image/png", key=f"{upload.key}:png",
+        on_click="ignore", icon=":material/download:", disabled=heatmap is None)
+
+
+def _output(upload: Upload, xray: Xray, ctx: Context, evaluation: Evaluation | None) -> FileResult:
+    """Predict, then lay out the verdict or the output, the image and the heat map."""
+    classes = list(ctx.predictor.classes)
+    cam, cam_class = cam_settings(upload, ctx.predictor)
+    prediction, assessment, sha = analyse(upload, xray, cam, cam_class, ctx)
+    result = FileResult(upload.name, prediction, assessment, sha)
+    if assessment.assessable:
+        words_col, bars_col = st.columns(2, gap="large")
+        with words_col:
+            _headline(prediction, assessment, evaluation)
+        with bars_col:
+            _probabilities(prediction, classes)
+        show = True
+    else:  # full width: no empty column beside the refusal on a narrow screen
+        show = _not_assessed(assessment, upload)
+        if show:
+            st.warning("Shown on request for an image the model was not made for: do not read anything into it.",
+                       icon=":material/warning:")
+            _probabilities(prediction, classes)
+    image_col, cam_col = st.columns(2, gap="large")
+    with image_col:
+        _image(xray)
+    if not show:
+        return result
+    with cam_col:
+        heat_slot = st.container()
+        alpha = render_controls(upload, classes, ctx.predictor)
+    with heat_slot:
+        share = render_heatmap(upload, xray, prediction, alpha, ctx)
+    lines = caption_lines(prediction, assessment, ctx, share)
+    _downloads(upload, xray, prediction, result_dict(upload, xray, sha, prediction, assessment, ctx, share), lines,
+               alpha)
+    return result
+
+
+def render_upload(upload: Upload, ctx: Context, evaluation: Evaluation | None) -> FileResult:
+    """Show one uploaded file in its own box; never raises (other files keep working).
+
+    Returns:
+        The file's outcome (with its error when it could not be read or processed).
+    """
+    with st.container(border=True, key=f"filebox-{upload.key}"):
+        st.subheader(upload.name, anchor=False)
+        xray = decode(upload, ctx)
+        if isinstance(xray, str):
+            st.error(xray)
+            return FileResult(upload.name, error=xray.removeprefix(f"{upload.name}: "))
+        try:
+            return _output(upload, xray, ctx, evaluation)
+        except CovidxrError as exc:
+            st.error(f"{upload.name}: {exc}")
+            return FileResult(upload.name, error=str(exc))
+        except Exception:  # noqa: BLE001 - one bad file must not take the page down; details go to the server log
+            reference = secrets.token_hex(4)
+            log.exception("processing an upload failed (reference %s)", reference)
+            st.error(f"{upload.name}: could not be processed because of an internal error (reference {reference}). "
+                     "The other files are not affected.")
+            return FileResult(upload.name, error=f"internal error (reference {reference})")

@@ -1,0 +1,77 @@
+"""How the page writes numbers: probabilities that never claim certainty, shares, intervals, and confidence in words.
+
+A model's softmax output of 0.9996 is not a certainty, and a test set of 61 images cannot support one; so the page
+never prints 100% or 0.0%: above 99% it says "> 99%", below 1% "< 1%". Every probability on the page (headline,
+bars, tables, the results CSV's display column) goes through :func:`probability`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+HIGH, LOW = 0.99, 0.01
+# Words for how strongly the model favours its top class; the thresholds are on the calibrated probability.
+LEANINGS = ((0.95, "is fairly sure of"), (0.80, "favours"), (0.50, "leans towards"), (0.0, "is unsure; it slightly "
+                                                                                          "prefers"))
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def probability(value: Any, decimals: int = 0) -> str:
+    """A probability as a percentage that never reads 100% or 0%: "> 99%", "< 1%", else e.g. "73%" / "73.4%".
+
+    Args:
+        value: a probability in ``[0, 1]``.
+        decimals: decimals of the percentage between 1% and 99%.
+
+    Returns:
+        The text, or "–" when the value is not a number.
+    """
+    p = _number(value)
+    if p is None:
+        return "–"
+    if p > HIGH:
+        return "> 99%"
+    if p < LOW:
+        return "< 1%"
+    return f"{100 * p:.{decimals}f}%"
+
+
+def pct(value: Any) -> str:
+    """A share (accuracy, recall, ...) as a whole percentage, or "–" when undefined."""
+    p = _number(value)
+    return "–" if p is None else f"{100 * p:.0f}%"
+
+
+def num(value: Any) -> str:
+    """A number with two decimals (AUC, temperature), or "–" when undefined."""
+    p = _number(value)
+    return "–" if p is None else f"{p:.2f}"
+
+
+def interval(ci: Mapping[str, Any] | None, fmt: Any = pct, value: Any = None) -> str:
+    """``estimate (lo–hi)`` from an interval mapping ``{"estimate", "lo", "hi"}``; just the value without bounds."""
+    ci = ci if isinstance(ci, Mapping) else {}
+    estimate = ci.get("estimate", value)
+    lo, hi = _number(ci.get("lo")), _number(ci.get("hi"))
+    if lo is None or hi is None:
+        return fmt(estimate)
+    return f"{fmt(estimate)} ({fmt(lo)}–{fmt(hi)})"
+
+
+def leaning(p: Any) -> str:
+    """How the model's top probability reads in words ("leans towards", "favours", ...)."""
+    value = _number(p) or 0.0
+    return next(words for floor, words in LEANINGS if value >= floor)
+
+
+def model_says(label: str, p: Any) -> str:
+    """One sentence: "The model leans towards pneumonia (73%)." with :func:`leaning` and :func:`probability`."""
+    return f"The model {leaning(p)} **{label}** ({probability(p)})."

@@ -1,0 +1,69 @@
+"""Fixed wording of the "Model and evaluation" tab, and the sentences built from the saved evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from app_format import num, pct
+
+EXPLANATIONS = """\
+**How to read these numbers** (each is measured per class, "this class" against all others):
+
+- **Sensitivity** (recall): of the test images that truly show this class, the share the model found.
+- **Specificity**: of the test images that do not show this class, the share the model correctly did not call it.
+- **PPV** (positive predictive value): when the model says this class, how often it is right.
+  PPV and NPV depend on how common each class is in the test set, which is usually not the same as in your clinic.
+- **NPV** (negative predictive value): when the model says *not* this class, how often that is right.
+- **ROC-AUC**: the chance that an image with this class gets a higher score than one without it
+  (0.5 = coin toss, 1.0 = perfect separation).
+- **95% interval** (in brackets): the range the value plausibly lies in, given how few test patients there were
+  (bootstrap over patients). Wide intervals mean the estimate is uncertain.
+"""
+
+NO_EXTERNAL = (
+    "**No external validation.** This model has only been tested on held-out patients from the same hospitals and "
+    "collections it learned from. How it does on films from anywhere else is unknown, and with these public "
+    "collections it is usually much worse: each class comes from different sources, so a model can score well by "
+    "recognising the source instead of the disease.")
+
+PLOT_CAPTIONS = {"confusion_counts": "Confusion matrix (counts)", "roc": "ROC curves, one class against the rest",
+                 "confusion_normalized": "Confusion matrix (share of each true class)",
+                 "pr": "Precision-recall curves", "reliability": "Calibration (reliability diagram)",
+                 "history": "Training curves"}
+
+
+def not_evaluated(predictor: Any) -> str:
+    """How to evaluate the loaded model (named by its run folder, not by a server path)."""
+    run = Path(predictor.checkpoint_path)
+    return ("This model has not been evaluated yet, so there are no test-set numbers to show. From the "
+            f"repository root run:\n\n```bash\npython -m covidxr.evaluate --checkpoint RUNS/{run.parent.name}/"
+            f"{run.name}\n```\n\nthen reload this page.")
+
+
+def temperature_text(temperature: float, data: Mapping[str, Any], external: list[Mapping[str, Any]]) -> str:
+    """What the calibration temperature is, what it was fitted on, and what it did (internal and external)."""
+    calibration = data.get("calibration") or {}
+    how = str(calibration.get("how") or "")
+    if abs(temperature - 1.0) < 1e-9 and not how:
+        return ("**Probability calibration:** none (temperature 1.00). The probabilities are the network's raw "
+                "softmax output, which is often over-confident.")
+    text = f"**Probability calibration:** the model's scores are rescaled with temperature {num(temperature)}"
+    text += f", {how}." if how else "."
+    if "validation" in how.lower():
+        text += (" That split holds patients of the same hospitals and collections as training, so the "
+                 "temperature makes probabilities honest there; on films from elsewhere they may still be too sure "
+                 "or not sure enough.")
+    if calibration.get("ece_before") is not None and calibration.get("ece_after") is not None:
+        text += (f" On the internal test the average gap between stated probability and how often the model was "
+                 f"right (expected calibration error) went from {pct(calibration['ece_before'])} to "
+                 f"{pct(calibration['ece_after'])}.")
+    measured = [(e.get("name"), (e.get("calibration") or {}).get("ece_after", (e.get("calibration") or {}).get("ece")))
+                for e in external]
+    measured = [(name, ece) for name, ece in measured if isinstance(ece, (int, float))]
+    if measured:
+        text += " On external films it was " + ", ".join(f"{pct(ece)}" for _, ece in measured) + "."
+    elif not external:
+        text += " It has not been measured on external films."
+    return text
