@@ -2,8 +2,8 @@
 
 :func:`assess` reads the input gate's verdict that the predictor attaches to each prediction (``Prediction.gate``:
 file checks, a learned view check and an out-of-distribution check, see ``covidxr.inference.gate``). A prediction
-without a verdict (a predictor from before the gate) falls back to the file checks below: colour, a tiny image and
-the DICOM header's modality, body part and view. Switching the page to another rule means changing this module only.
+without a verdict falls back to the gate's own file checks (colour, a tiny image, the DICOM header's modality, body
+part and view). Switching the page to another rule means changing this module only.
 """
 
 from __future__ import annotations
@@ -12,14 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from covidxr.inference.gate import file_checks
 from covidxr.io import Xray
-
-TINY_SIDE = 128
-SMALL_SIDE = 256
-CHEST_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "CHEST_LUNG", "CHESTWALL"})
-LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "L", "R", "LEFT LATERAL", "RIGHT LATERAL"})
-OBLIQUE_VIEWS = frozenset({"RAO", "LAO", "RPO", "LPO", "RLO", "LLO", "OBL", "OBLIQUE"})
-RADIOGRAPHY = frozenset({"CR", "DX", "DR", "RG"})
 
 
 @dataclass(frozen=True)
@@ -57,36 +51,6 @@ class Assessment:
                 "ood_distance": self.ood_distance, "ood_threshold": self.ood_threshold}
 
 
-def file_checks(xray: Xray) -> tuple[list[str], list[str]]:
-    """Checks that need no model: colour, size and the DICOM header.
-
-    Returns:
-        ``(reasons to refuse, warnings)``, without file names (they may go into the audit log).
-    """
-    reasons, warnings = [], []
-    if xray.color:
-        reasons.append("a colour image (a photograph or a tinted picture?), not a plain radiograph")
-    height, width = xray.pixels.shape[:2]
-    if min(height, width) < TINY_SIDE:
-        reasons.append(f"too small ({width} x {height} px; at least {TINY_SIDE} px a side needed)")
-    elif min(height, width) < SMALL_SIDE:
-        warnings.append(f"a small image ({width} x {height} px): fine detail is missing and the result is less "
-                        "reliable")
-    header = xray.header or {}
-    modality = str(header.get("Modality", "")).strip().upper()
-    if modality and modality not in RADIOGRAPHY:
-        reasons.append(f"the DICOM modality is {modality}, not a plain radiograph (CR/DX)")
-    part = str(header.get("BodyPartExamined", "")).strip().upper()
-    if part and part not in CHEST_PARTS:
-        reasons.append(f"the DICOM body part is {part}, not the chest")
-    view = str(header.get("ViewPosition", "")).strip().upper()
-    if view in LATERAL_VIEWS:
-        reasons.append(f"the DICOM view position is {view}: a lateral view, not a frontal one (PA/AP)")
-    elif view in OBLIQUE_VIEWS:
-        reasons.append(f"the DICOM view position is {view}: an oblique view, not a frontal one (PA/AP)")
-    return reasons, warnings
-
-
 def _field(verdict: Any, name: str, default: Any = None) -> Any:
     """A field of a verdict object or mapping."""
     return verdict.get(name, default) if isinstance(verdict, Mapping) else getattr(verdict, name, default)
@@ -117,4 +81,4 @@ def assess(xray: Xray, prediction: Any) -> Assessment:
     if verdict is not None:
         return _from_gate(verdict)
     reasons, warnings = file_checks(xray)
-    return Assessment(not reasons, tuple(reasons), tuple(warnings), "file checks")
+    return Assessment(not reasons, tuple(text for _code, text in reasons), tuple(warnings), "file checks")
