@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
-# Fresh machine to a running app: install, train, evaluate, explain, then serve the clinician page.
-#   ARCH=resnet50 EPOCHS=10 IMG_SIZE=224 bash scripts/quickstart.sh
-# Data: $COVIDXR_DATA, else ../shared/data/cxr beside the checkout, else data/cxr (see data/README.md).
+# Fresh machine to a running app: install, train (with the input gate), cross-validate by source, explain, evaluate on
+# the internal test split and on external hospitals, then serve the clinician page.
+#   ARCH=resnet50 EPOCHS=10 IMG_SIZE=224 CROSSVAL=1 bash scripts/quickstart.sh
+# Data: $COVIDXR_DATA, else ../shared/data/all.csv beside the checkout (all training sources), else data/cxr (see
+# data/README.md). External test folder: $COVIDXR_EXTERNAL, else ../shared/data/external when it exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ARCH="${ARCH:-resnet50}"
 EPOCHS="${EPOCHS:-10}"
 IMG_SIZE="${IMG_SIZE:-224}"
-if [ -z "${COVIDXR_DATA:-}" ] && [ -d ../shared/data/cxr ]; then
-  export COVIDXR_DATA="$(cd ../shared/data/cxr && pwd)"
+CROSSVAL="${CROSSVAL:-1}"
+if [ -z "${COVIDXR_DATA:-}" ] && [ -f ../shared/data/all.csv ]; then
+  export COVIDXR_DATA="$(cd ../shared/data && pwd)/all.csv"
+fi
+if [ -z "${COVIDXR_EXTERNAL:-}" ] && [ -d ../shared/data/external ]; then
+  COVIDXR_EXTERNAL="$(cd ../shared/data/external && pwd)"
 fi
 python -m pip install -q -e ".[dev]"
+# The lung model (Grad-CAM mass inside the lungs; --lung-crop) is trained once and found again in ~/.cache/covidxr.
+if ! python -c "from covidxr.lungs import load_lung_model; load_lung_model()" 2>/dev/null && [ -d ../shared/data/lungs ]; then
+  python -m covidxr.lungs train --data ../shared/data/lungs
+fi
 if ! python - "$ARCH" <<'PY'
 import sys
 from covidxr.models import WeightsError, build_model
@@ -28,7 +38,11 @@ then
 fi
 RUN="runs/${ARCH}-quickstart"
 python -m covidxr.train --arch "$ARCH" --weights imagenet --img-size "$IMG_SIZE" --epochs "$EPOCHS" --out "$RUN"
+if [ "$CROSSVAL" = 1 ]; then  # train without each source, test on it (linear probe on the CPU: minutes)
+  python -m covidxr.crossval --by source --data "${COVIDXR_DATA:-data/cxr}" --arch "$ARCH" --img-size "$IMG_SIZE" \
+    --out "$RUN/crossval"
+fi
 python -m covidxr.explain score --checkpoint "$RUN/best.pt" --limit 24 --methods gradcam gradcam++ --out "$RUN/eval"
-python -m covidxr.evaluate --checkpoint "$RUN/best.pt"
+python -m covidxr.evaluate --checkpoint "$RUN/best.pt" ${COVIDXR_EXTERNAL:+--external "$COVIDXR_EXTERNAL"}
 echo "report: $RUN/eval/report.html"
 exec streamlit run app/streamlit_app.py -- --checkpoint "$RUN/best.pt"
