@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import stat
+import string
 import subprocess
 import sys
 import tempfile
@@ -45,11 +46,20 @@ from covidxr.inference.prediction_log import read_records
 from covidxr.io import load_xray
 
 REPO = Path(__file__).resolve().parents[1]
-PATIENT_NAME = "Zyxwv^Qutsr"
-PATIENT_ID = "PID-93417-XQ"
-BIRTH_DATE = "19230817"
-INSTITUTION = "Vqwkz Jurmbl Infirmary"
-PHYSICIAN = "Plokmij^Ujnhyb"
+
+
+def random_word(length: int = 14) -> str:
+    """A fresh random word: long enough never to occur by chance in image bytes or cache files (a five-letter probe
+    such as ``zyxwv`` did: a descending run of pixel values)."""
+    return "".join(secrets.choice(string.ascii_uppercase) for _ in range(length)).capitalize()
+
+
+PATIENT_NAME = f"{random_word()}^{random_word()}"
+PATIENT_ID = f"PID-{secrets.randbelow(10**12):012d}-{random_word(6).upper()}"
+BIRTH_DATE = f"19{secrets.randbelow(10**2):02d}0{1 + secrets.randbelow(9)}{10 + secrets.randbelow(18)}"
+INSTITUTION = f"{random_word()} {random_word()} Infirmary"
+PHYSICIAN = f"{random_word()}^{random_word()}"
+
 PROBE_NAME = "privacy_probe.dcm"
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 CHUNK = 8 * 2**20
