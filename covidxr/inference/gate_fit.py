@@ -15,6 +15,8 @@ Laterals come from ``--laterals FOLDER`` (default: ``notcxr/lateral`` beside the
 ``metadata.csv`` with ``path`` and ``patient_id`` in that folder or its parent groups them by patient. Without
 laterals the view check has no lateral class (the DICOM header check still refuses lateral DICOMs).
 
+The films go through the run's input path (``covidxr.model_input``); for a run that crops to the lungs the rotated
+and inverted copies are made of the cropped squares, which approximates the crop of a rotated or inverted upload.
 The checkpoint is rewritten atomically with ``ckpt["gate"]`` (or the result written to ``--out``).
 """
 
@@ -27,7 +29,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +42,8 @@ from covidxr.data.manifest import resolve_data_path
 from covidxr.errors import CovidxrError, DatasetError, one_line
 from covidxr.inference.gate import FRONTAL, InputGate, OodModel, ViewModel, weights_sha256
 from covidxr.inference.gate_data import GateImages, default_laterals, gate_images, run_split
-from covidxr.models import XrayClassifier, model_from_checkpoint
+from covidxr.model_input import pipeline_from_checkpoint
+from covidxr.models import XrayClassifier, model_from_checkpoint, read_preprocess
 from covidxr.preprocess import eval_transform
 from covidxr.utils import OneLineParser, pick_device, setup_logging
 
@@ -254,9 +257,14 @@ def fit_checkpoint(checkpoint: str | os.PathLike, opts: GateOptions | None = Non
     path = Path(checkpoint)
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, str(path)).to(pick_device(device))
-    img_size = int(ckpt["preprocess"]["img_size"])
+    pre = read_preprocess(ckpt, str(path))
+    img_size = pre.img_size
     config = ckpt.get("config") or {}
-    settings = LoaderSettings.from_dict({**config, "data": data or config.get("data"), "img_size": img_size})
+    # The films go through the run's own input path (lung crop, equalisation), with the checkpoint's lung model.
+    pipeline = pipeline_from_checkpoint(ckpt, pre, str(path))
+    settings = replace(LoaderSettings.from_dict({**config, "data": data or config.get("data")}), img_size=img_size,
+                       lung_crop=pipeline.lung_crop, lung_margin=pipeline.lung_margin, equalize=pipeline.equalize,
+                       lung_entry=pipeline.lung_entry)
     if run is None:
         run = load_run_data(settings, run_split(path, ckpt))
     folder = Path(laterals) if laterals is not None else default_laterals(resolve_data_path(settings.data))
