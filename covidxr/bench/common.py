@@ -50,16 +50,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int = 1) -> float:
-    """Seconds of ``fn``: the best of ``repeats`` runs (other users' jobs only ever add time)."""
-    best = float("inf")
+def timed(fn: Callable[[], object], device: torch.device, repeats: int = 1) -> list[float]:
+    """Seconds of each of ``repeats`` runs of ``fn``."""
+    seconds = []
     for _ in range(max(1, repeats)):
         _sync(device)
         start = time.perf_counter()
         fn()
         _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def rate(work: float, seconds: list[float], how: str, device: torch.device, extra: dict | None = None) -> Measure:
+    """A throughput measurement: ``work`` per second at the median run, with every run's rate kept (``rates``)."""
+    rss, gpu = peaks(device)
+    rates = [work / s for s in seconds]
+    return Measure(float(np.median(rates)), how, rss, gpu, {**(extra or {}), "rates": rates})
 
 
 def bench_model(args: argparse.Namespace, device: torch.device, num_classes: int = 3) -> XrayClassifier:

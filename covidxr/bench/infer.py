@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from covidxr.bench.common import Measure, amp_context, bench_model, peaks, timed
+from covidxr.bench.common import Measure, amp_context, bench_model, rate, timed
 from covidxr.errors import one_line
 
 
@@ -59,6 +59,5 @@ def measure_infer(args: argparse.Namespace, device: torch.device, variant: str, 
                 with torch.inference_mode(), amp():
                     model(xl)
     call()  # warm-up
-    seconds = timed(lambda: [call() for _ in range(iterations)], device, args.repeats)
-    rss, gpu = peaks(device)
-    return Measure(iterations * batch / seconds, how, rss, gpu)
+    return rate(iterations * batch, timed(lambda: [call() for _ in range(iterations)], device, args.repeats), how,
+                device)

@@ -11,7 +11,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from torchvision import transforms
 from torchvision.datasets.folder import default_loader
 
-from covidxr.bench.common import Measure, cached_images, peaks, real_subset, timed
+from covidxr.bench.common import Measure, cached_images, rate, real_subset, timed
 from covidxr.data.dataset import DeviceBatches, XrayDataset
 from covidxr.preprocess import cache_size, eval_transform, train_transform
 
@@ -55,6 +55,4 @@ def measure_loader(args: argparse.Namespace, device: torch.device, variant: str)
         for images, *_ in loader:
             images.to(device, non_blocking=True)
 
-    seconds = timed(epoch, device, args.repeats)
-    rss, gpu = peaks(device)
-    return Measure(len(paths) / seconds, how, rss, gpu)
+    return rate(len(paths), timed(epoch, device, args.repeats), how, device)

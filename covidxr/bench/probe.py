@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
@@ -45,9 +46,10 @@ def measure_probe(args: argparse.Namespace, device: torch.device, variant: str) 
         extra["extract_seconds"] = time.perf_counter() - start
         batches = BatchSampler(RandomSampler(range(len(ds)), generator=torch.Generator().manual_seed(0)),
                                args.batch_size, drop_last=False)
-        seconds = timed(lambda: features.train_head_epoch(model.head, feats, batches, criterion, optimizer,
-                                                          scheduler, scaler, amp, progress=False),
-                        device, max(5, args.repeats))
+        seconds = float(np.median(timed(lambda: features.train_head_epoch(model.head, feats, batches, criterion,
+                                                                          optimizer, scheduler, scaler, amp,
+                                                                          progress=False),
+                                        device, max(5, args.repeats))))
         how = "head on cached features (--linear-probe)"
     rss, gpu = peaks(device)
     return Measure(seconds, how, rss, gpu, extra)

@@ -68,8 +68,19 @@ def table_row(name: str, unit: str, plain: Measure | str, ours: Measure | str, h
     mem = f"{plain.peak_rss_mb:,.0f} / {ours.peak_rss_mb:,.0f}"
     if plain.peak_gpu_mb or ours.peak_gpu_mb:
         mem += f" (GPU {plain.peak_gpu_mb:,.0f} / {ours.peak_gpu_mb:,.0f})"
-    return (f"| {name} | {plain.how}: {_fmt(plain.value)} {unit} | {ours.how}: {_fmt(ours.value)} {unit} | "
-            f"**{ratio:.1f}x** | {mem} |")
+    spread = ""
+    if len(plain.extra.get("rates", ())) > 1 and len(ours.extra.get("rates", ())) > 1:
+        # the i-th run of each side against each other: how far the ratio moves between repeats
+        ratios = [o / p for o, p in zip(ours.extra["rates"], plain.extra["rates"], strict=False)]
+        spread = f" ({min(ratios):.1f}–{max(ratios):.1f}, {len(ratios)} runs)"
+    return (f"| {name} | {plain.how}: {_value(plain)} {unit} | {ours.how}: {_value(ours)} {unit} | "
+            f"**{ratio:.1f}x**{spread} | {mem} |")
+
+
+def _value(measure: Measure) -> str:
+    """The median, with the range of the runs when there were several."""
+    rates = measure.extra.get("rates", ())
+    return _fmt(measure.value) + (f" ({_fmt(min(rates))}–{_fmt(max(rates))})" if len(rates) > 1 else "")
 
 
 def fill_bench_cache(args: argparse.Namespace) -> str:
