@@ -36,21 +36,29 @@ INTENDED_USE = ("Research and education only. This is not a medical device and m
 DISPLAY_MAX_SIDE = 1024
 
 
+def _gate_notes(assessment: Assessment) -> None:
+    """The gate's caveats (a small image) and, when its learned checks did not run, why."""
+    for warning in assessment.warnings:
+        st.caption(f"Caution: {warning}.")
+    if assessment.note:
+        st.caption(f"Input gate: {assessment.note}.")
+
+
 def _headline(prediction: Prediction, assessment: Assessment, evaluation: Evaluation | None) -> None:
     """The model's output, prominent, then in words how sure it is and what that rests on."""
     st.markdown(f"### Model output: **{prediction.label}** ({probability(prediction.confidence)})")
     st.markdown(" ".join([model_says(prediction.label, prediction.confidence),
                           *trust_basis(evaluation, prediction.label)]))
-    for warning in assessment.warnings:
-        st.caption(f"Caution: {warning}.")
+    _gate_notes(assessment)
     st.caption("A research result, not a diagnosis.")
 
 
 def _not_assessed(assessment: Assessment, upload: Upload) -> bool:
     """The refusal in place of the headline; returns whether the user asked to see the model's output anyway."""
     st.markdown(f"### Not assessed: {assessment.reason}")
-    st.caption(f"The {assessment.by} found that this is not an image the model was made for (a frontal chest "
-               "X-ray), so its output would mean nothing and is not shown.")
+    st.caption(f"The input gate ({assessment.by}) found that this is not an image the model was made for (a "
+               "frontal chest X-ray), so its output would mean nothing and is not shown.")
+    _gate_notes(assessment)
     return st.toggle("Show the model's output anyway", key=f"{upload.key}:anyway",
                      help="For checking the model's behaviour only: the output of a refused image is unreliable.")
 
