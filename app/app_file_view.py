@@ -20,7 +20,7 @@ from app_analysis import Context, FileResult, Upload, analyse, decode
 from app_assessment import Assessment
 from app_evaluation import Evaluation, trust_basis
 from app_format import model_says, probability
-from app_heatmap import CAM_LABELS, cam_settings, overlay_png, render_controls, render_heatmap
+from app_heatmap import CAM_LABELS, DISPLAY_MAX_SIDE, cam_settings, overlay_png, render_controls, render_heatmap
 
 from covidxr.errors import CovidxrError
 from covidxr.inference.prediction_log import safe_header
@@ -33,7 +33,6 @@ log = logging.getLogger("covidxr.app")
 
 INTENDED_USE = ("Research and education only. This is not a medical device and must not be used for diagnosis, "
                 "triage or any clinical decision.")
-DISPLAY_MAX_SIDE = 1024
 
 
 def _gate_notes(assessment: Assessment) -> None:
