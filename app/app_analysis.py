@@ -167,7 +167,7 @@ def analyse(upload: Upload, xray: Xray, cam: str | None, cam_class: str | None,
     key = ("prediction", upload.key, ctx.model_key, cam, cam_class)
     if key not in ctx.store:
         prediction = ctx.predictor.predict(xray, cam=cam, cam_class=cam_class, name=upload.name)
-        assessment = assess(xray, prediction)
+        assessment = assess(xray, prediction, getattr(getattr(ctx.predictor, "gate", None), "unavailable", None))
         ctx.store[key] = (prediction, assessment)
         _audit(ctx, upload, xray, ctx.store[sha_key], prediction, assessment)
     prediction, assessment = ctx.store[key]

@@ -1,9 +1,9 @@
 """Is an image one the model can assess? The single place where the page decides to show or withhold a result.
 
-:func:`assess` reads the input gate's verdict that the predictor attaches to each prediction (``Prediction.gate``:
-file checks, a learned view check and an out-of-distribution check, see ``covidxr.inference.gate``). A prediction
-without a verdict falls back to the gate's own file checks (colour, a tiny image, the DICOM header's modality, body
-part and view). Switching the page to another rule means changing this module only.
+:func:`assess` reads the input gate's verdict that the predictor attaches to each prediction (``Prediction.gate``, see
+``covidxr.inference.gate``): file checks (colour, a tiny image, the DICOM header's modality, body part and view), and
+when the checkpoint has a fitted gate a learned view check (rotated, inverted, lateral) and an out-of-distribution
+check. A prediction without a verdict (a predictor from before the gate) gets the gate's file checks here.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from covidxr.inference.gate import file_checks
 from covidxr.io import Xray
 
 
@@ -24,7 +23,8 @@ class Assessment:
         assessable: False when the image is refused ("Not assessed: ...").
         reasons: why it was refused (empty when assessable); plain language, no file names.
         warnings: caveats shown with an assessed result.
-        by: what decided: ``"input gate"`` or ``"file checks"``.
+        by: which of the gate's checks ran: ``"file and learned checks"`` or ``"file checks"``.
+        note: why the learned checks did not run, when they did not (shown as a caption).
         view_probs: the gate's view probabilities (frontal, rotated, ...), when it ran its learned checks.
         ood_distance: the gate's distance from the training films, when measured.
         ood_threshold: the distance above which images are refused.
@@ -34,6 +34,7 @@ class Assessment:
     reasons: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     by: str = "file checks"
+    note: str | None = None
     view_probs: Mapping[str, float] | None = None
     ood_distance: float | None = None
     ood_threshold: float | None = None
@@ -47,7 +48,7 @@ class Assessment:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict for the result download and the audit log."""
         return {"assessable": self.assessable, "reasons": list(self.reasons), "warnings": list(self.warnings),
-                "by": self.by, "view_probs": dict(self.view_probs) if self.view_probs else None,
+                "by": self.by, "note": self.note, "view_probs": dict(self.view_probs) if self.view_probs else None,
                 "ood_distance": self.ood_distance, "ood_threshold": self.ood_threshold}
 
 
@@ -56,29 +57,33 @@ def _field(verdict: Any, name: str, default: Any = None) -> Any:
     return verdict.get(name, default) if isinstance(verdict, Mapping) else getattr(verdict, name, default)
 
 
-def _from_gate(verdict: Any) -> Assessment:
+def _from_gate(verdict: Any, unavailable: str | None) -> Assessment:
     """An :class:`Assessment` from the gate's verdict (an object or its ``to_dict()``)."""
     reasons = _field(verdict, "reasons") or ()
     if not reasons and _field(verdict, "reason"):
         reasons = (str(_field(verdict, "reason")),)
-    distance, threshold = _field(verdict, "ood_distance"), _field(verdict, "ood_threshold")
+    learned = bool(_field(verdict, "learned", False))
     return Assessment(bool(_field(verdict, "assessable", True)), tuple(map(str, reasons)),
-                      tuple(map(str, _field(verdict, "warnings") or ())), "input gate",
-                      _field(verdict, "view_probs"), distance, threshold)
+                      tuple(map(str, _field(verdict, "warnings") or ())),
+                      "file and learned checks" if learned else "file checks", None if learned else unavailable,
+                      _field(verdict, "view_probs"), _field(verdict, "ood_distance"), _field(verdict, "ood_threshold"))
 
 
-def assess(xray: Xray, prediction: Any) -> Assessment:
-    """The verdict on one image: the input gate's when the prediction carries one, else the file checks.
+def assess(xray: Xray, prediction: Any, unavailable: str | None = None) -> Assessment:
+    """The verdict on one image: the input gate's, from the prediction (the gate's file checks when it has none).
 
     Args:
         xray: the decoded image.
         prediction: the predictor's output for it.
+        unavailable: why the predictor's gate runs no learned checks (``InputGate.unavailable``), or None.
 
     Returns:
         The assessment.
     """
     verdict = getattr(prediction, "gate", None)
-    if verdict is not None:
-        return _from_gate(verdict)
-    reasons, warnings = file_checks(xray)
-    return Assessment(not reasons, tuple(text for _code, text in reasons), tuple(warnings), "file checks")
+    if verdict is None:
+        from covidxr.inference.gate import file_checks
+
+        failed, warnings = file_checks(xray)
+        verdict = {"assessable": not failed, "reasons": [reason for _, reason in failed], "warnings": warnings}
+    return _from_gate(verdict, unavailable)

@@ -20,7 +20,7 @@ from app_analysis import Context, FileResult, Upload, analyse, decode
 from app_assessment import Assessment
 from app_evaluation import Evaluation, trust_basis
 from app_format import model_says, probability
-from app_heatmap import CAM_LABELS, cam_settings, overlay_png, render_controls, render_heatmap
+from app_heatmap import CAM_LABELS, DISPLAY_MAX_SIDE, cam_settings, overlay_png, render_controls, render_heatmap
 
 from covidxr.errors import CovidxrError
 from covidxr.inference.prediction_log import safe_header
@@ -33,7 +33,14 @@ log = logging.getLogger("covidxr.app")
 
 INTENDED_USE = ("Research and education only. This is not a medical device and must not be used for diagnosis, "
                 "triage or any clinical decision.")
-DISPLAY_MAX_SIDE = 1024
+
+
+def _gate_notes(assessment: Assessment) -> None:
+    """The gate's caveats (a small image) and, when its learned checks did not run, why."""
+    for warning in assessment.warnings:
+        st.caption(f"Caution: {warning}.")
+    if assessment.note:
+        st.caption(f"Input gate: {assessment.note}.")
 
 
 def _headline(prediction: Prediction, assessment: Assessment, evaluation: Evaluation | None) -> None:
@@ -41,16 +48,16 @@ def _headline(prediction: Prediction, assessment: Assessment, evaluation: Evalua
     st.markdown(f"### Model output: **{prediction.label}** ({probability(prediction.confidence)})")
     st.markdown(" ".join([model_says(prediction.label, prediction.confidence),
                           *trust_basis(evaluation, prediction.label)]))
-    for warning in assessment.warnings:
-        st.caption(f"Caution: {warning}.")
+    _gate_notes(assessment)
     st.caption("A research result, not a diagnosis.")
 
 
 def _not_assessed(assessment: Assessment, upload: Upload) -> bool:
     """The refusal in place of the headline; returns whether the user asked to see the model's output anyway."""
     st.markdown(f"### Not assessed: {assessment.reason}")
-    st.caption(f"The {assessment.by} found that this is not an image the model was made for (a frontal chest "
-               "X-ray), so its output would mean nothing and is not shown.")
+    st.caption(f"The input gate ({assessment.by}) found that this is not an image the model was made for (a "
+               "frontal chest X-ray), so its output would mean nothing and is not shown.")
+    _gate_notes(assessment)
     return st.toggle("Show the model's output anyway", key=f"{upload.key}:anyway",
                      help="For checking the model's behaviour only: the output of a refused image is unreliable.")
 

@@ -86,10 +86,11 @@ def _colour_bar() -> str:
 
 
 def lung_share(upload: Upload, xray: Xray, heatmap: np.ndarray, ctx: Context) -> float | None:
-    """The share of the heat map's mass inside the lungs, or None when no lung model is installed.
+    """The share of the heat map's mass inside the lungs, or None when there is no lung model.
 
-    The lung mask is computed once per upload (``covidxr.lungs``); without the package or its trained model the
-    page shows nothing about the lungs.
+    A lung-cropping checkpoint's predictor measures it with its own lung model (``Prediction.lung_share``); otherwise
+    the installed lung model (``covidxr.lungs``) masks the image once per upload. Without either the page shows
+    nothing about the lungs.
     """
     key = ("lungs", upload.key)
     if key not in ctx.store:
@@ -125,7 +126,8 @@ def render_heatmap(upload: Upload, xray: Xray, prediction: Prediction, alpha: fl
              alt=f"The chest X-ray with a {method} heat map: coloured where the image pushed the model towards "
                  f"'{prediction.cam_class}'")
     st.markdown(_colour_bar(), unsafe_allow_html=True)
-    share = lung_share(upload, xray, prediction.heatmap, ctx)
+    share = getattr(prediction, "lung_share", None)
+    share = share if share is not None else lung_share(upload, xray, prediction.heatmap, ctx)
     if share is not None:
         st.markdown(f"**{100 * share:.0f}%** of the heat map lies inside the lungs (as found by the lung "
                     "segmentation model). A low share means the model looked elsewhere: markers, borders, text.")

@@ -44,8 +44,8 @@ NARROW_CSS = """<style>
   [data-testid="stTable"] th, [data-testid="stTable"] td { padding: 0.25rem 0.35rem; }
   [data-testid="stTable"] th *, [data-testid="stTable"] td * { overflow-wrap: anywhere; }
   .st-key-file-summary table { table-layout: fixed; width: 100%; font-size: 0.72rem; }
-  .st-key-file-summary th:nth-child(1) { width: 26%; } .st-key-file-summary th:nth-child(2) { width: 16%; }
-  .st-key-file-summary th:nth-child(3) { width: 17%; } .st-key-file-summary th:nth-child(4) { width: 15%; }
+  .st-key-file-summary th:nth-child(1) { width: 24%; } .st-key-file-summary th:nth-child(2) { width: 15%; }
+  .st-key-file-summary th:nth-child(3) { width: 17%; } .st-key-file-summary th:nth-child(4) { width: 14%; }
   .st-key-file-summary th *, .st-key-file-summary td * { white-space: normal; word-break: break-word; }
   .st-key-file-summary td:nth-child(1) * { word-break: break-all; }
 }

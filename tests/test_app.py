@@ -230,6 +230,7 @@ def test_refused_images_show_no_class_and_no_probability(with_model: Path) -> No
     assert len(shown) == 2 and all(h.startswith("### Not assessed: ") for h in shown), shown
     assert "colour image" in shown[0] and "too small" in shown[0]
     assert "lateral view" in shown[1] and "LL" in shown[1]
+    assert any(c.value.startswith("Input gate: ") and "only the file checks ran" in c.value for c in at.caption)
     text = rendered_text(at)
     assert "Probabilities: " not in text and "heat map for" not in text and "Model output" not in text
     summary = next(t.value for t in at.table if "Verdict" in t.value.columns)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from app_inputs import lateral_dicom
+from app_inputs import NOTCXR, lateral_dicom, rotated_png
 from app_server import CHROMIUM, CHROMIUM_ARGS, RESULT_TIMEOUT_MS, require_chromium, run_app
 from PIL import Image
 
@@ -29,6 +29,7 @@ from covidxr.io import load_xray
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 DOWNLOAD_MAX_SIDE = 2048  # app_heatmap.DOWNLOAD_MAX_SIDE
+LATERALS = NOTCXR / "lateral"
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -154,3 +155,83 @@ def test_several_files_refused_failed_and_downloads(server: tuple[str, Path], sh
     records = read_records(audit)
     assert [r["event"] for r in records] == ["prediction", "prediction"]
     assert [r["verdict"]["assessable"] for r in records] == [True, False]
+
+
+GATE_SIZE = 96  # network input side of the gated model: quick on a CPU, enough for the gate to tell views apart
+
+
+@pytest.fixture(scope="module")
+def gated_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ImageNet EfficientNet-Lite0 (untrained head: the gate needs only the backbone) as a run of real films split
+    by patient, with its input gate fitted by ``python -m covidxr.gate fit`` (as tests/test_gate.py does)."""
+    from conftest import write_subset_manifest
+
+    from covidxr.checkpoint import save_checkpoint
+    from covidxr.data.manifest import load_manifest
+    from covidxr.data.split import make_split, save_split
+    from covidxr.inference.gate_fit import main as gate
+    from covidxr.models import build_model, preprocess_for
+
+    run = tmp_path_factory.mktemp("gated-run")
+    manifest = write_subset_manifest(shared_data, run / "manifest.csv", per_class=45)
+    save_split(make_split(load_manifest(manifest), (0.5, 0.3, 0.2), seed=0), run / "split.csv")
+    model = build_model("efficientnet_lite0", 3, "imagenet")
+    save_checkpoint(run / "best.pt", {
+        "arch": model.arch, "classes": ["covid", "normal", "pneumonia"],
+        "preprocess": preprocess_for(model, GATE_SIZE).to_dict(), "model": model.state_dict(),
+        "config": {"data": str(manifest), "img_size": GATE_SIZE, "workers": 0}})
+    laterals = shared_data.parent / "notcxr" / "lateral"
+    assert gate(["fit", "--checkpoint", str(run / "best.pt"), "--laterals", str(laterals), "--device", "cpu"]) == 0
+    return run
+
+
+def test_the_input_gate_refuses_a_rotated_and_a_lateral_film(gated_run: Path, tmp_path: Path) -> None:
+    """With a fitted gate, a frontal film turned by np.rot90 and a real lateral film (one the gate was not fitted on)
+    are 'Not assessed' by the learned view check, with no class or probability; the upright film is assessed."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from covidxr.checkpoint import load_checkpoint
+    from covidxr.data.manifest import load_manifest
+    from covidxr.data.split import apply_split
+
+    require_chromium()
+    table = apply_split(load_manifest(gated_run / "manifest.csv"), gated_run / "split.csv")
+    upright = Path(table[table["split"] == "test"]["path"].iloc[0])
+    rotated = tmp_path / "rotated.png"
+    rotated.write_bytes(rotated_png(upright))
+    info = load_checkpoint(gated_run / "best.pt")["gate"]["info"]
+    lateral = LATERALS / Path(info["lateral_holdout"][0]).name
+    assert lateral.is_file(), info["lateral_holdout"][:3]
+    (tmp_path / "server").mkdir()
+    with run_app(gated_run / "best.pt", tmp_path / "server") as app, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(app.url)
+            file_input = page.locator("[data-testid='stFileUploaderDropzoneInput']")
+            expect(file_input).to_be_attached(timeout=RESULT_TIMEOUT_MS)
+            file_input.set_input_files([upright, rotated, lateral])
+            summary = page.locator("[data-testid='stTable']", has_text="Verdict")
+            expect(summary).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+            expect(page.locator("[data-testid='stStatusWidget']")).to_have_count(0, timeout=RESULT_TIMEOUT_MS)
+            full_page_screenshot(page, ARTIFACTS / "app-gate.png")
+            refused = page.get_by_role("heading", name=re.compile("^Not assessed: "))
+            expect(refused).to_have_count(2)
+            texts = refused.all_inner_texts()
+            assert "Looks rotated" in texts[0] and "lateral view" in texts[1], texts
+            for name in (rotated.name, lateral.name):
+                box = page.get_by_role("heading", name=name, exact=True).locator(
+                    "xpath=ancestor::div[contains(@class, 'st-key-filebox-')][1]")
+                assert "Model output" not in box.inner_text() and not re.search(r"\d%", box.inner_text())
+                assert "file and learned checks" in box.inner_text()
+            expect(page.get_by_role("heading", name=re.compile("^Model output: "))).to_have_count(1)
+            rows = {r.locator("td").first.inner_text().strip(): [c.inner_text().strip() for c in r.locator("td").all()]
+                    for r in summary.locator("tbody tr").all()}
+            assert rows[upright.name][1] == "assessed"
+            assert rows[rotated.name][1:4] == ["not assessed", "", ""] and "rotated" in rows[rotated.name][4]
+            assert rows[lateral.name][1:4] == ["not assessed", "", ""] and "lateral" in rows[lateral.name][4]
+        finally:
+            browser.close()
+    records = read_records(tmp_path / "server" / "audit.jsonl")
+    assert [r["verdict"]["assessable"] for r in records] == [True, False, False]
+    assert records[1]["verdict"]["by"] == "file and learned checks" and records[1]["verdict"]["view_probs"]
