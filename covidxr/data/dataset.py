@@ -26,7 +26,8 @@ class XrayDataset(Dataset):
         transform: maps a (1, base_size, base_size) float tensor to the network input, and a
             (B, 1, base_size, base_size) batch to a batch of them.
         images: optional prepared uint8 (base_size, base_size) arrays, aligned with ``paths``; when given,
-            files are not read again.
+            files are not read again. They are kept as given, not stacked into one copy: the caller's arrays
+            (2 GB for 30,000 images at 256 px) are the only ones in memory, and forked loader workers share them.
     """
 
     def __init__(self, paths: Sequence[str], targets: Sequence[int], base_size: int,
@@ -38,15 +39,14 @@ class XrayDataset(Dataset):
         self.targets = torch.as_tensor(list(targets), dtype=torch.long)
         self.base_size = base_size
         self.transform = transform
-        # One contiguous uint8 tensor: cheap to share with loader workers and to index.
-        self.images = torch.from_numpy(np.stack(images)) if images is not None and len(images) else None
+        self.images = list(images) if images is not None and len(images) else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         if self.images is not None:
-            square = self.images[index].unsqueeze(0).float().div_(255.0)
+            square = torch.tensor(self.images[index]).unsqueeze(0).float().div_(255.0)
         else:
             square = letterbox(load_xray(self.paths[index]).pixels, self.base_size)
         return self.transform(square), self.targets[index], index
@@ -56,7 +56,8 @@ class XrayDataset(Dataset):
         with a whole batch, in its worker processes)."""
         if self.images is None:
             return [self[i] for i in indices]
-        squares = self.images[torch.as_tensor(indices, dtype=torch.long)].unsqueeze(1).float().div_(255.0)
+        batch = np.stack([self.images[i] for i in indices])  # one small copy per batch, not one of the dataset
+        squares = torch.from_numpy(batch).unsqueeze(1).float().div_(255.0)
         out = self.transform(squares)
         return [(out[k], self.targets[i], i) for k, i in enumerate(indices)]
 
