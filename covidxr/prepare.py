@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     size = cache_size(args.img_size)
     start = time.perf_counter()
-    filled = fill_cache(table["path"].tolist(), size, cache_dir, workers=args.workers, desc="prepare")
+    filled = fill_cache(table["path"].tolist(), size, cache_dir, workers=args.workers, desc="prepare",
+                        keep_images=False)
     seconds = time.perf_counter() - start
     decoded = len(table) - filled.reused - len(filled.failures)
     print(f"{len(table)} images of {data_path} at {size}x{size} in {cache_dir}: {decoded} decoded, "

@@ -14,12 +14,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from covidxr.bench.scale_data import load_films, variant
 from covidxr.checkpoint import save_checkpoint
 from covidxr.data.__main__ import main
-from covidxr.data.audit import audit
+from covidxr.data.audit import audit, inspect_images
 from covidxr.data.audit_report import html_report, markdown_report, report_blocks, write_report
 from covidxr.data.confounding import confounding_warnings
-from covidxr.data.duplicates import close_pairs, dhash
+from covidxr.data.duplicates import close_pairs, dhash, hash_bits
 from covidxr.data.manifest import load_manifest
 from covidxr.models import build_model
 from covidxr.preprocess import Preprocess
@@ -79,14 +80,64 @@ def test_confounding_warnings_quiet_when_balanced_or_single_source() -> None:
 # ------------------------------------------------------------------------------------------------- hashing
 
 
+def pairwise_close_pairs(hashes: np.ndarray, max_distance: int, chunk: int = 256) -> list[tuple[int, int, int]]:
+    """The reference: every pair compared (the audit's search before multi-index hashing)."""
+    if len(hashes) < 2:
+        return []
+    packed = np.packbits(hashes.astype(bool), axis=1)
+    pad = (-packed.shape[1]) % 8
+    words = np.pad(packed, ((0, 0), (0, pad))).view(np.uint64)
+    pairs = []
+    for start in range(0, len(words), chunk):
+        block = words[start : start + chunk]
+        dist = np.bitwise_count(block[:, None, :] ^ words[None, :, :]).sum(axis=2)
+        rows, cols = np.nonzero(dist <= max_distance)
+        glob = rows + start
+        keep = cols > glob
+        pairs.extend(zip(glob[keep].tolist(), cols[keep].tolist(), dist[rows[keep], cols[keep]].tolist(),
+                         strict=True))
+    return sorted(pairs, key=lambda p: (p[2], p[0], p[1]))
+
+
 def test_close_pairs_matches_brute_force() -> None:
     rng = np.random.default_rng(0)
     hashes = rng.random((70, 256)) < 0.5
     hashes[5] = hashes[3]
     hashes[9] = hashes[3]
     hashes[9, :7] ^= True
-    found = close_pairs(hashes, 10, chunk=16)
-    assert found == [(3, 5, 0), (3, 9, 7), (5, 9, 7)]
+    assert close_pairs(hashes, 10) == [(3, 5, 0), (3, 9, 7), (5, 9, 7)]
+
+
+def planted_hashes(rng: np.random.Generator, n: int, bits: int) -> np.ndarray:
+    """Random hashes, a few skewed (many equal chunks), with clusters of copies at 0 to 16 flipped bits."""
+    hashes = rng.random((n, bits)) < rng.uniform(0.1, 0.5, (n, 1))
+    for _ in range(n // 10):
+        source, copies = rng.integers(0, n), rng.integers(0, n, int(rng.integers(1, 5)))
+        hashes[copies] = hashes[source]
+        for row in copies:
+            hashes[row, rng.choice(bits, min(bits, int(rng.integers(0, 17))), replace=False)] ^= True
+    return hashes
+
+
+@pytest.mark.parametrize("bits", [1, 13, 64, 256])
+def test_indexed_search_equals_pairwise_search_on_planted_near_duplicates(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    for n in (0, 1, 2, 40, 300):
+        hashes = planted_hashes(rng, n, bits)
+        for max_distance in (-1, 0, 1, 5, 12, 20, bits - 1, bits, bits + 3):
+            assert close_pairs(hashes, max_distance) == pairwise_close_pairs(hashes, max_distance), (n, max_distance)
+
+
+def test_indexed_search_equals_pairwise_search_on_real_looking_variants(cxr_data: Path) -> None:
+    """Re-encoded crops and contrast changes of real films (the scale benchmark's files): many true near pairs."""
+    films = load_films(cxr_data.parent, 256, limit=12)
+    hashes = np.stack([dhash(np.asarray(variant(film, np.random.default_rng([f, v])), dtype=np.float32) / 255)
+                       for f, film in enumerate(films) for v in range(6)])
+    near_pairs = {}
+    for max_distance in (8, 12, 20, 30):
+        near_pairs[max_distance] = close_pairs(hashes, max_distance)
+        assert near_pairs[max_distance] == pairwise_close_pairs(hashes, max_distance)
+    assert any(i // 6 == j // 6 for i, j, _ in near_pairs[30])  # variants of one film do come close
 
 
 def test_dhash_stable_under_rescaling() -> None:
@@ -221,6 +272,16 @@ def test_cxr_data_audit_finds_what_the_readme_says(shared_audit: dict[str, Any],
     report = write_report(shared_audit, tmp_path, "md")
     assert "class 'covid': 152 of 152" in report.read_text()
     assert "152 of 152" in html_report(report_blocks(shared_audit))
+
+
+def test_indexed_search_equals_pairwise_search_on_the_shared_data(cxr_data: Path) -> None:
+    facts = inspect_images(load_manifest(cxr_data)["path"].tolist())
+    hashes = np.stack([hash_bits(h) for h in facts["hash"]])
+    assert len(hashes) == 402
+    for max_distance in (12, 19, 24, 32):
+        found = close_pairs(hashes, max_distance)
+        assert found == pairwise_close_pairs(hashes, max_distance)
+    assert close_pairs(hashes, 18) == [] and close_pairs(hashes, 32)  # nothing within 18 bits (module docstring)
 
 
 # ------------------------------------------------------------------------------------------------------ probe

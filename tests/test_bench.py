@@ -1,10 +1,12 @@
-"""``python -m covidxr.bench`` end to end on the real shared images, tiny settings: every comparison is measured."""
+"""``python -m covidxr.bench`` end to end on the real shared images, tiny settings: every comparison is measured;
+``python -m covidxr.bench scale`` at 200 images: every data stage runs."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from covidxr.bench import __main__ as bench
@@ -70,3 +72,43 @@ def test_onnx_benchmark_times_every_session_variant_and_profiles_the_operators()
         "torch eager, no_grad", "ORT, dynamo export (the project's session)", "ORT, legacy export"]
     assert len(timed) == 7
     assert re.search(r"operator \(project session\): Conv \d+\.\d% \(20 per run\)", proc.stdout), proc.stdout
+
+
+def test_scale_benchmark_runs_every_stage_at_200_images(shared_data: Path, tmp_path: Path) -> None:
+    """``python -m covidxr.bench scale`` at N = 200 with tiny settings: every stage ran and left its output."""
+    import json
+
+    from covidxr.bench.scale_stages import STAGES, paths
+
+    out = tmp_path / "results"
+    argv = ["scale", "--images", "200", "--films", "40", "--img-size", "32", "--bootstrap", "20", "-j", "1",
+            "--out", str(out), "--tmp", str(tmp_path), "--keep"]
+    assert bench.main(argv) == 0
+    report = json.loads((out / "scale.json").read_text())
+    (result,) = report["results"]
+    stages = {s["stage"]: s for s in result["stages"]}
+    assert list(stages) == list(STAGES) and not [s for s in stages.values() if "error" in s]
+    assert all(s["seconds"] >= 0 and s["peak_mb"] > 0 for s in stages.values())
+    where = paths(Path(result["work"]))
+    assert len(pd.read_csv(where.dataset)) == 200 and result["generate"]["disk_mb"] > 0
+    assert stages["manifest"]["images"] == 200 and where.manifest.is_file()
+    assert stages["audit"]["images"] == 200 and stages["audit"]["exact_duplicates"] == 0  # no two files identical
+    assert (where.audit / "audit.md").is_file()
+    assert stages["split"]["train"] + stages["split"]["val"] + stages["split"]["test"] == 200
+    assert stages["decode"]["entries"] == 200 and stages["decode"]["disk_mb"] > 0
+    assert stages["loader"]["batches"] > 0 and stages["loader"]["images"] == stages["loader"]["batches"] * 32
+    assert stages["evaluate"]["images"] == 200 and (where.eval / "metrics.json").is_file()
+    assert stages["readback"]["rows"] == 200 and stages["readback"]["tables"] == 6
+    table = (out / "scale.md").read_text()
+    assert "| audit | " in table and "load average" in table.lower()
+
+
+def test_scale_fit_gives_the_growth_exponent() -> None:
+    from covidxr.bench.scale import fits
+
+    results = [{"n": n, "stages": [{"stage": "x", "seconds": 1e-6 * n**2, "peak_mb": 600 + n / 10,
+                                    "baseline_mb": 500}]}
+               for n in (1000, 5000)]
+    fit = fits(results)["x"]
+    assert fit["exponent"] == pytest.approx(2.0) and fit["mb_per_1000_images"] == pytest.approx(100.0)
+    assert fit["seconds_at_30000_extrapolated"] == pytest.approx(900.0)

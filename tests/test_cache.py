@@ -89,3 +89,16 @@ def test_damaged_entry_is_prepared_again(folder: Path, tmp_path: Path) -> None:
     again = fill_cache([path], 32, cache_dir)
     assert again.reused == 0 and not again.failures
     np.testing.assert_array_equal(again.images[0], good)
+
+
+def test_fill_cache_without_keeping_images_fills_the_same_entries(folder: Path, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    paths = [str(p) for p in sorted(folder.rglob("*.png"))]
+    filled = fill_cache(paths, 32, cache_dir, keep_images=False)
+    assert filled.images == [None] * 6 and filled.reused == 0 and not filled.failures
+    kept = fill_cache(paths, 32, cache_dir)
+    assert kept.reused == 6 and all(img.shape == (32, 32) for img in kept.images)
+    entry = cache_dir / f"{cache.cache_key(paths[0], 32)}.npy"
+    entry.write_bytes(entry.read_bytes()[:40])  # truncated: found damaged without reading the pixels
+    again = fill_cache(paths, 32, cache_dir, keep_images=False)
+    assert again.reused == 5 and not again.failures

@@ -11,7 +11,7 @@ from PIL import Image
 
 from covidxr.data.loaders import exclude_rows, sample_weights
 from covidxr.data.manifest import load_manifest, resolve_data_path, validate_for_training
-from covidxr.data.split import assign_splits, leakage_groups, make_split
+from covidxr.data.split import _majority_labels, assign_splits, leakage_groups, make_split
 from covidxr.errors import DatasetError
 
 
@@ -89,6 +89,19 @@ def test_byte_identical_copies_under_different_patients_stay_together(tmp_path: 
     for seed in range(5):
         table = make_split(pd.DataFrame(rows), seed=seed)
         assert table.loc[5, "split"] == table.loc[40, "split"]
+
+
+def test_split_assignment_matches_the_group_by_group_rule() -> None:
+    """Groups with mixed labels take their most frequent one (value_counts order on ties), as group by group did."""
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 60, 300)
+    labels = np.where(rng.random(300) < 0.3, "b", np.array(["a", "b", "c"])[groups % 3])
+    frame = pd.DataFrame({"label": labels, "group": groups})
+    expected = frame.groupby("group")["label"].agg(lambda s: s.value_counts().index[0])
+    assert _majority_labels(frame).equals(expected)
+    out = assign_splits(labels.tolist(), groups, seed=1, forced_test=[7])
+    assert pd.DataFrame({"g": groups, "s": out}).groupby("g")["s"].nunique().max() == 1
+    assert set(out[groups == 7]) == {"test"} and set(out) == {"train", "val", "test"}
 
 
 def test_holdout_source_goes_entirely_to_test() -> None:

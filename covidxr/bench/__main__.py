@@ -14,6 +14,9 @@ process (so that peak memory is its own), and prints one Markdown table:
 
 Timings on a shared machine are noisy: short ones keep the best of ``--repeats`` runs, long ones (training
 steps, the frozen-backbone epoch) run once, and the header records the load average before and after.
+
+``python -m covidxr.bench scale --images N [N ...]`` is another benchmark: every data stage at dataset size N, timed,
+with peak memory and disk (:mod:`covidxr.bench.scale`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import asdict
 
 import torch
 
+from covidxr.bench import scale
 from covidxr.bench.common import Measure
 from covidxr.bench.infer import measure_infer
 from covidxr.bench.loader import measure_loader
@@ -39,7 +43,8 @@ from covidxr.utils import pick_device
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Return the ``python -m covidxr.bench`` parser."""
-    p = argparse.ArgumentParser("python -m covidxr.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser("python -m covidxr.bench", description=__doc__.splitlines()[0],
+                                epilog="python -m covidxr.bench scale --help: the data stages at dataset size N")
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("-b", "--batch-size", type=int, default=16, help="training and loader batch size")
@@ -77,6 +82,8 @@ def run_child(spec: dict) -> Measure:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["scale"]:
+        return scale.main(argv[1:])
     args = get_args_parser().parse_args(argv)
     if args.child:
         result = run_child(json.loads(args.child))

@@ -141,6 +141,7 @@ def suspicious_images(table: pd.DataFrame, facts: pd.DataFrame, tiny_side: int =
     """Return images that look wrong for the task, by kind: colour, tiny, view, modality, unreadable."""
     views = table["view"] if "view" in table.columns else pd.Series("", index=table.index)
     found: dict[str, list[dict[str, str]]] = {k: [] for k in SUSPICIOUS_KINDS}
+    records = describe_rows(table)
     for i, (fact, view) in enumerate(zip(facts.itertuples(index=False), views, strict=True)):
         reasons = {
             "unreadable": fact.error,
@@ -153,7 +154,7 @@ def suspicious_images(table: pd.DataFrame, facts: pd.DataFrame, tiny_side: int =
         }
         for kind, reason in reasons.items():
             if reason:
-                found[kind].append({**describe_rows(table, [i])[0], "reason": reason})
+                found[kind].append({**records[i], "reason": reason})
     return found
 
 

@@ -27,7 +27,8 @@ class XrayDataset(Dataset):
         transform: maps a (1, base_size, base_size) float tensor to the network input, and a
             (B, 1, base_size, base_size) batch to a batch of them.
         images: optional prepared uint8 (base_size, base_size) arrays, aligned with ``paths``; when given,
-            files are not read again.
+            files are not read again. They are kept as given, not stacked into one copy: the caller's arrays
+            (2 GB for 30,000 images at 256 px) are the only ones in memory, and forked loader workers share them.
         pipeline: how files are prepared when ``images`` is not given (lung crop, equalisation, letterbox; the
             same that prepared ``images``).
     """
@@ -42,15 +43,14 @@ class XrayDataset(Dataset):
         self.base_size = base_size
         self.transform = transform
         self.pipeline = pipeline
-        # One contiguous uint8 tensor: cheap to share with loader workers and to index.
-        self.images = torch.from_numpy(np.stack(images)) if images is not None and len(images) else None
+        self.images = list(images) if images is not None and len(images) else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         if self.images is not None:
-            square = self.images[index].unsqueeze(0).float().div_(255.0)
+            square = torch.tensor(self.images[index]).unsqueeze(0).float().div_(255.0)
         else:
             prepared = self.pipeline.prepare(load_xray(self.paths[index]).pixels, self.base_size)
             square = torch.from_numpy(prepared.square).float().div_(255.0)[None]
@@ -61,7 +61,8 @@ class XrayDataset(Dataset):
         with a whole batch, in its worker processes)."""
         if self.images is None:
             return [self[i] for i in indices]
-        squares = self.images[torch.as_tensor(indices, dtype=torch.long)].unsqueeze(1).float().div_(255.0)
+        batch = np.stack([self.images[i] for i in indices])  # one small copy per batch, not one of the dataset
+        squares = torch.from_numpy(batch).unsqueeze(1).float().div_(255.0)
         out = self.transform(squares)
         return [(out[k], self.targets[i], i) for k, i in enumerate(indices)]
 

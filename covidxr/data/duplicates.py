@@ -9,7 +9,7 @@ borders change the hash too much to be detected.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,54 +46,99 @@ def hash_bits(hex_hash: str) -> np.ndarray:
     return np.unpackbits(np.frombuffer(bytes.fromhex(hex_hash), dtype=np.uint8)).astype(bool)
 
 
-def close_pairs(hashes: np.ndarray, max_distance: int, chunk: int = 256) -> list[tuple[int, int, int]]:
+def _words(hashes: np.ndarray) -> np.ndarray:
+    """Pack ``(N, bits)`` booleans into ``(N, W)`` uint64 words (zero-padded) for popcount distances."""
+    packed = np.packbits(hashes, axis=1)
+    pad = (-packed.shape[1]) % 8
+    return np.ascontiguousarray(np.pad(packed, ((0, 0), (0, pad)))).view(np.uint64)
+
+
+def _same_key_pairs(keys: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield every pair ``(a, b)``, ``a < b``, of rows with equal ``keys``, in blocks of at most N pairs.
+
+    Rows are sorted by key; block ``d`` pairs each sorted position with the one ``d`` places further on, for as long
+    as both still have the same key. The work is the number of pairs plus N log N, never N squared unless the pairs
+    are that many.
+    """
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    ends = np.flatnonzero(np.diff(ordered)) + 1
+    sizes = np.diff(np.concatenate(([0], ends, [len(keys)])))
+    start = np.flatnonzero(np.repeat(sizes, sizes) > 1)  # positions whose key is shared
+    step = 1
+    while start.size:
+        start = start[start + step < len(keys)]
+        start = start[ordered[start] == ordered[start + step]]
+        if start.size:
+            a, b = order[start], order[start + step]
+            yield np.minimum(a, b), np.maximum(a, b)
+        step += 1
+
+
+def _chunk_keys(hashes: np.ndarray, max_distance: int) -> Iterator[np.ndarray]:
+    """Yield, for each of ``max_distance + 1`` disjoint bit chunks, one integer key per row (equal chunk, equal key)."""
+    n, bits = hashes.shape
+    if max_distance >= bits:  # every pair is within reach: one chunk that all rows share
+        yield np.zeros(n, dtype=np.int64)
+        return
+    edges = [i * bits // (max_distance + 1) for i in range(max_distance + 2)]  # every chunk at least one bit wide
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        yield np.unique(np.packbits(hashes[:, lo:hi], axis=1), axis=0, return_inverse=True)[1].reshape(-1)
+
+
+def close_pairs(hashes: np.ndarray, max_distance: int) -> list[tuple[int, int, int]]:
     """Return ``(i, j, distance)`` for all pairs ``i < j`` whose boolean hashes differ in ``<= max_distance`` bits.
+
+    Multi-index hashing (Norouzi et al., CVPR 2012): the bits are cut into ``max_distance + 1`` disjoint chunks, and
+    two hashes within ``max_distance`` bits agree exactly on at least one chunk (pigeonhole). Only pairs that share a
+    chunk are compared, so N images cost about N log N plus the candidate pairs instead of N squared comparisons;
+    the result is exactly the all-pairs one.
 
     Args:
         hashes: ``(N, bits)`` boolean array.
-        max_distance: Hamming distance threshold.
-        chunk: rows compared at a time (memory bound).
+        max_distance: Hamming distance threshold in bits.
 
     Returns:
-        The pairs, sorted by distance then index.
+        The pairs, sorted by distance, then ``i``, then ``j``.
     """
-    if len(hashes) < 2:
+    hashes = np.asarray(hashes, dtype=bool)
+    if len(hashes) < 2 or max_distance < 0:
         return []
-    packed = np.packbits(hashes.astype(bool), axis=1)
-    pad = (-packed.shape[1]) % 8
-    words = np.pad(packed, ((0, 0), (0, pad))).view(np.uint64)
-    pairs = []
-    for start in range(0, len(words), chunk):
-        block = words[start : start + chunk]
-        dist = np.bitwise_count(block[:, None, :] ^ words[None, :, :]).sum(axis=2)
-        rows, cols = np.nonzero(dist <= max_distance)
-        glob = rows + start
-        keep = cols > glob
-        pairs.extend(zip(glob[keep].tolist(), cols[keep].tolist(), dist[rows[keep], cols[keep]].tolist(),
-                         strict=True))
-    return sorted(pairs, key=lambda p: (p[2], p[0], p[1]))
+    words = _words(hashes)
+    found: list[np.ndarray] = []
+    for keys in _chunk_keys(hashes, max_distance):
+        for a, b in _same_key_pairs(keys):
+            distance = np.bitwise_count(words[a] ^ words[b]).sum(axis=1, dtype=np.int64)
+            near = distance <= max_distance
+            found.append(np.stack([a[near], b[near], distance[near]], axis=1))
+    if not found:
+        return []
+    # A pair that agrees on several chunks was found once per chunk: keep one row per pair.
+    pairs = np.unique(np.concatenate(found).astype(np.int64), axis=0)
+    pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0], pairs[:, 2]))]
+    return [(int(i), int(j), int(d)) for i, j, d in pairs]
 
 
-def describe_rows(table: pd.DataFrame, index: Sequence[int]) -> list[dict[str, str]]:
-    """Return the identifying columns (relpath, label, source, patient id, split) of some rows as plain dicts."""
+def describe_rows(table: pd.DataFrame, index: Sequence[int] | None = None) -> list[dict[str, str]]:
+    """Return the identifying columns (relpath, label, source, patient id, split) of some rows (default: all) as
+    plain dicts."""
     columns = [c for c in DESCRIBED_COLUMNS if c in table.columns]
-    return table.iloc[list(index)][columns].astype(str).to_dict("records")
+    rows = table if index is None else table.iloc[list(index)]
+    return rows[columns].astype(str).to_dict("records")
 
 
-def _crossing(images: list[dict[str, str]]) -> dict[str, bool]:
-    """Say whether a set of images spans several splits, sources, classes or patients."""
-    return {f"cross_{key}": len({img[key] for img in images if key in img}) > 1 for key in CROSS_KEYS}
+def _entry(images: list[dict[str, str]], **head: Any) -> dict[str, Any]:
+    """A duplicate set: ``head`` (distance or digest), its images, and whether they span splits, sources, classes or
+    patients."""
+    crossing = {f"cross_{key}": len({img[key] for img in images if key in img}) > 1 for key in CROSS_KEYS}
+    return {**head, "images": images, **crossing}
 
 
 def exact_duplicates(table: pd.DataFrame, facts: pd.DataFrame) -> list[dict[str, Any]]:
     """Return one entry per set of byte-identical files (``digest``, ``images``, ``cross_*`` flags)."""
-    digests = facts["digest"].where(facts["digest"] != "")
-    groups = [g for _, g in digests.dropna().groupby(digests.dropna()) if len(g) > 1]
-    out = []
-    for group in groups:
-        images = describe_rows(table, group.index)
-        out.append({"digest": group.iloc[0], "images": images, **_crossing(images)})
-    return out
+    digests = facts["digest"].where(facts["digest"] != "").dropna()
+    groups = [g for _, g in digests.groupby(digests) if len(g) > 1]
+    return [_entry(describe_rows(table, group.index), digest=group.iloc[0]) for group in groups]
 
 
 def near_duplicates(table: pd.DataFrame, facts: pd.DataFrame, max_distance: int = NEAR_DUPLICATE_BITS
@@ -103,13 +148,13 @@ def near_duplicates(table: pd.DataFrame, facts: pd.DataFrame, max_distance: int 
     if len(ok) < 2:
         return []
     bits = np.stack([hash_bits(h) for h in facts["hash"].iloc[ok]])
+    digests = facts["digest"].to_numpy()
+    records = describe_rows(table)
     out = []
     for i, j, distance in close_pairs(bits, max_distance):
         a, b = ok[i], ok[j]
-        if facts["digest"].iloc[a] == facts["digest"].iloc[b]:
-            continue  # byte-identical: already an exact duplicate
-        images = describe_rows(table, [a, b])
-        out.append({"distance": int(distance), "images": images, **_crossing(images)})
+        if digests[a] != digests[b]:  # byte-identical files are exact duplicates, reported there
+            out.append(_entry([records[a], records[b]], distance=distance))
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from covidxr.files import file_digest
 
 SPLITS = ("train", "val", "test")
 SPLIT_COLUMNS = ("relpath", "label", "patient_id", "source", "view", "split")
+DIGEST_THREADS = 4
 
 
 def leakage_groups(patient_ids: Sequence[str], digests: Sequence[str]) -> np.ndarray:
@@ -53,25 +55,35 @@ def assign_splits(
     if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
         raise DatasetError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
     frame = pd.DataFrame({"label": list(labels), "group": np.asarray(groups)})
-    out = np.empty(len(frame), dtype=object)
     forced = set(forced_test)
     rng = np.random.default_rng(seed)
-    majority = frame.groupby("group")["label"].agg(lambda s: s.value_counts().index[0])
-    sizes = frame.groupby("group").size()
+    majority = _majority_labels(frame)
+    sizes = frame.groupby("group").size().to_dict()
+    split_of = dict.fromkeys(forced, "test")
     for label in sorted(majority.unique()):
         members = sorted(g for g in majority.index[majority == label] if g not in forced)
         members = [members[i] for i in rng.permutation(len(members))]
-        total = sizes[members].sum() if members else 0
+        total = sum(sizes[g] for g in members)
         targets = {"test": fractions[2] * total, "val": fractions[1] * total}
         filled = {"test": 0, "val": 0}
         for g in members:
             split = next((s for s in ("test", "val") if filled[s] + sizes[g] / 2 <= targets[s]), "train")
             if split != "train":
                 filled[split] += sizes[g]
-            out[(frame["group"] == g).to_numpy()] = split
-    for g in forced:
-        out[(frame["group"] == g).to_numpy()] = "test"
-    return out
+            split_of[g] = split
+    return frame["group"].map(split_of).to_numpy(dtype=object)
+
+
+def _majority_labels(frame: pd.DataFrame) -> pd.Series:
+    """The most frequent label of each group (``value_counts`` order on ties); one pass for single-label groups."""
+    by_group = frame.groupby("group")["label"]
+    majority = by_group.first()
+    mixed = by_group.nunique()
+    mixed = mixed.index[mixed > 1]
+    if len(mixed):
+        several = frame[frame["group"].isin(mixed)].groupby("group")["label"]
+        majority[mixed] = several.agg(lambda s: s.value_counts().index[0])
+    return majority
 
 
 def make_split(
@@ -86,7 +98,8 @@ def make_split(
     that it does not leak patients.
     """
     df = df.copy()
-    digests = [file_digest(p) for p in df["path"]]
+    with ThreadPoolExecutor(max_workers=DIGEST_THREADS) as pool:  # hashlib and file reads release the GIL
+        digests = list(pool.map(file_digest, df["path"]))
     groups = leakage_groups(df["patient_id"].tolist(), digests)
     if "split" in df.columns and (df["split"] != "").all():
         check_no_leakage(df.assign(group=groups))
