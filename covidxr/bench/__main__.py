@@ -12,8 +12,9 @@ process (so that peak memory is its own), and prints one Markdown table:
 * inference img/s at batch 1 and 32: torch eager fp32 vs the project's path (ONNX Runtime when
   ``covidxr.inference.onnx_backend`` can export, else channels_last + ``inference_mode``; the table says which).
 
-Timings on a shared machine are noisy: short ones keep the best of ``--repeats`` runs, long ones (training
-steps, the frozen-backbone epoch) run once, and the header records the load average before and after.
+Timings on a shared machine are noisy: short ones (loader epochs, inference) report the median and range of
+``--repeats`` runs and each ratio its range over the paired runs; long ones (training steps, the frozen-backbone
+epoch) run once, and the header records the load average before and after.
 
 ``python -m covidxr.bench scale --images N [N ...]`` is another benchmark: every data stage at dataset size N, timed,
 with peak memory and disk (:mod:`covidxr.bench.scale`).
@@ -51,8 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4, help="timed training steps and inference batches")
     p.add_argument("--images", type=int, default=128, help="real images per loader / probe epoch")
     p.add_argument("--loader-images", type=int, default=0, help="images per loader epoch (0: all)")
-    p.add_argument("--repeats", type=int, default=2,
-                   help="short timings (loader epochs, head epochs, inference) keep the best of this many runs")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="short timings (loader epochs, head epochs, inference): median and range of this many runs")
     p.add_argument("-j", "--workers", type=int, default=min(4, os.cpu_count() or 1), help="loader processes")
     p.add_argument("--data", help="dataset (default: $COVIDXR_DATA, then data/cxr)")
     p.add_argument("--cache-dir", help="prepared cache to use (default: a fresh temporary one, timed)")
