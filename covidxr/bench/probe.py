@@ -34,9 +34,9 @@ def measure_probe(args: argparse.Namespace, device: torch.device, variant: str) 
         ds = XrayDataset(paths, targets, cache_size(args.img_size), train_transform(args.img_size), images)
         loader = DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                             generator=torch.Generator().manual_seed(0))
-        seconds = timed(lambda: engine.train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, device,
-                                                       amp, channels_last=fast, frozen_backbone=True,
-                                                       progress=False), device)
+        (seconds,) = timed(lambda: engine.train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler,
+                                                          device, amp, channels_last=fast, frozen_backbone=True,
+                                                          progress=False), device)
         how = "augmented images through the frozen backbone"
     else:
         ds = XrayDataset(paths, targets, cache_size(args.img_size), eval_transform(args.img_size), images)

@@ -70,7 +70,7 @@ def measure_train(args: argparse.Namespace, device: torch.device, variant: str) 
                                scaler, device, amp, channels_last=fast, progress=False)
 
     steps(WARMUP_STEPS)
-    seconds = timed(lambda: steps(args.steps), device)
+    (seconds,) = timed(lambda: steps(args.steps), device)
     extra = {}
     if variant == "plain":
         with FlopCounterMode(display=False) as counter:
