@@ -10,9 +10,9 @@ over the classes) are decoded and letterboxed once, outside the timings. Then fo
 
 * ``torch``: prediction alone, PyTorch eager under ``torch.inference_mode()`` (logits and softmax);
 * ``onnxruntime``: prediction alone, ONNX Runtime on the CPU (the model exported once, in memory);
-* ``cam usual``: :func:`covidxr.explain.compute_cam` with ``efficient=False``: pytorch-grad-cam as usually run, every
-  parameter requiring grad, so the backward runs through the whole network (one forward pass, whose logits give
-  the prediction);
+* ``cam usual``: :func:`covidxr.explain.cam.compute_cam` with ``efficient=False``: pytorch-grad-cam as usually run,
+  every parameter requiring grad, so the backward runs through the whole network (one forward pass, whose logits
+  give the prediction);
 * ``cam efficient``: the same call with ``efficient=True`` (backward stops at the target layer).
 
 Each figure is the median over the images, after ``--warmup`` untimed rounds on the first image. The heatmaps of

@@ -6,7 +6,7 @@ Usage::
 
 The model (random init) is exported once per exporter, in memory. Every variant runs the same random
 ``(1, 1, S, S)`` input ``--repeats`` times after two warm-up runs and reports the median. Variants: torch eager
-(``no_grad``); the project's session (:class:`covidxr.onnx_backend.OnnxRunner` on the default dynamo export:
+(``no_grad``); the project's session (:class:`covidxr.inference.onnx_backend.OnnxRunner` on the default dynamo export:
 all graph optimisations, torch's thread count); then sessions differing from it in one setting each: exporter,
 thread count, optimisation level, a static batch dimension. Last, ONNX Runtime's own profiler splits the
 project session's kernel time by operator type.
