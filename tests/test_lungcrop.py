@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_external import external_root, external_subset
 
 from covidxr.checkpoint import load_checkpoint
 from covidxr.data.cache import fill_cache
@@ -48,17 +49,6 @@ def crop_run(tiny_lungs: Path, small_manifest: Path, tmp_path_factory: pytest.Te
                        "--lung-crop", "--lung-model", str(tiny_lungs), "--equalize", "clahe",
                        "--out", str(out)]) == 0
     return out
-
-
-def external_subset(shared_data: Path, dest: Path, per_class: int) -> Path:
-    """A folder with a manifest of ``per_class`` images per class of the visible external set (no copies)."""
-    root = shared_data.parent / "external"
-    meta = pd.read_csv(root / "metadata.csv", dtype=str, keep_default_na=False)
-    subset = meta.groupby("label").head(per_class).copy()
-    subset["path"] = [str(root / p) for p in subset["path"]]
-    dest.mkdir(parents=True)
-    subset.to_csv(dest / "manifest.csv", index=False)
-    return dest
 
 
 def film(shared_data: Path) -> Path:
@@ -147,7 +137,7 @@ def test_lung_crop_without_a_lung_model_is_one_line(small_manifest: Path, tmp_pa
 
 
 def test_evaluate_reports_the_lung_share(crop_run: Path, shared_data: Path, tmp_path: Path) -> None:
-    ext = external_subset(shared_data, tmp_path / "ext", per_class=2)
+    ext = external_subset(external_root(shared_data), tmp_path / "ext", per_class=2)
     out = tmp_path / "eval"
     assert evaluate_main(["--checkpoint", str(crop_run / "best.pt"), "--external", str(ext), "--bootstrap", "0",
                           "--lung-share-limit", "3", "--workers", "0", "--out", str(out)]) == 0
