@@ -13,6 +13,7 @@ CROSSVAL="${CROSSVAL:-1}"
 if [ -z "${COVIDXR_DATA:-}" ] && [ -f ../shared/data/all.csv ]; then
   export COVIDXR_DATA="$(cd ../shared/data && pwd)/all.csv"
 fi
+# The external hospitals are a test set: only evaluate reads them (never training, crossval or the gate fit).
 if [ -z "${COVIDXR_EXTERNAL:-}" ] && [ -d ../shared/data/external ]; then
   COVIDXR_EXTERNAL="$(cd ../shared/data/external && pwd)"
 fi
