@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from covidxr.style_augment import StyleRanges, apply_style
+
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 EQUALIZE = ("none", "hist", "clahe")
@@ -153,24 +155,26 @@ class TrainAugment:
     """The training augmentation (:func:`augment_batch`) of one (1, S, S) image or a (B, 1, S, S) batch.
 
     Radiographs are not flipped: the heart's side is anatomy, and a mirrored chest is not a plausible input.
-    Randomness comes from torch's default generator, which ``DataLoader`` seeds in each worker.
+    Randomness comes from torch's default generator, which ``DataLoader`` seeds in each worker. ``style`` adds the
+    scanner-style augmentation (``--augment style``; None: without it).
     """
 
-    def __init__(self, img_size: int, ranges: AugmentRanges = AUGMENT) -> None:
-        self.img_size, self.ranges = img_size, ranges
+    def __init__(self, img_size: int, ranges: AugmentRanges = AUGMENT, style: StyleRanges | None = None) -> None:
+        self.img_size, self.ranges, self.style = img_size, ranges, style
 
     def __call__(self, squares: torch.Tensor) -> torch.Tensor:
         if squares.dim() == 4:
-            return augment_batch(squares, self.img_size, None, self.ranges)
-        return augment_batch(squares.unsqueeze(0), self.img_size, None, self.ranges)[0]
+            return augment_batch(squares, self.img_size, None, self.ranges, self.style)
+        return augment_batch(squares.unsqueeze(0), self.img_size, None, self.ranges, self.style)[0]
 
     def __repr__(self) -> str:
-        return f"TrainAugment(img_size={self.img_size}, ranges={self.ranges})"
+        return f"TrainAugment(img_size={self.img_size}, ranges={self.ranges}, style={self.style})"
 
 
-def train_transform(img_size: int, ranges: AugmentRanges = AUGMENT) -> Transform:
-    """Return the training augmentation for (1, S, S) inputs: mild crops, rotations, shifts and contrast."""
-    return TrainAugment(img_size, ranges)
+def train_transform(img_size: int, ranges: AugmentRanges = AUGMENT, style: StyleRanges | None = None) -> Transform:
+    """Return the training augmentation for (1, S, S) inputs: mild crops, rotations, shifts and contrast, then the
+    scanner-style augmentation when ``style`` is given."""
+    return TrainAugment(img_size, ranges, style)
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -236,12 +240,14 @@ def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def augment_batch(squares: torch.Tensor, img_size: int, generator: torch.Generator | None = None,
-                  ranges: AugmentRanges = AUGMENT) -> torch.Tensor:
+                  ranges: AugmentRanges = AUGMENT, style: StyleRanges | None = None) -> torch.Tensor:
     """The training augmentation: (B, 1, S', S') floats in [0, 1] -> (B, 1, img_size, img_size) in [0, 1].
 
     Per sample: random resized crop, rotation and shift as one affine map (so each output pixel is interpolated
-    once, bilinearly), then brightness and then contrast factors; the ranges are ``ranges``. Runs on the device
-    of ``squares``; the parameters come from ``generator`` (a CPU generator; None: torch's default one).
+    once, bilinearly), then brightness and then contrast factors; the ranges are ``ranges``. With ``style``, the
+    scanner-style augmentation follows (:func:`covidxr.style_augment.apply_style`; its draws come after these, so
+    without it the output is unchanged). Runs on the device of ``squares``; the parameters come from
+    ``generator`` (a CPU generator; None: torch's default one).
     """
     n = squares.shape[0]
     params = augment_params(n, generator, ranges)
@@ -252,7 +258,8 @@ def augment_batch(squares: torch.Tensor, img_size: int, generator: torch.Generat
     out = out.mul_(factor).clamp_(0.0, 1.0)
     contrast = params["contrast"].to(device=squares.device, dtype=squares.dtype).view(n, 1, 1, 1)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
-    return out.mul_(contrast).add_(mean * (1 - contrast)).clamp_(0.0, 1.0)
+    out = out.mul_(contrast).add_(mean * (1 - contrast)).clamp_(0.0, 1.0)
+    return out if style is None else apply_style(out, generator, style)
 
 
 def eval_transform(img_size: int) -> Transform:

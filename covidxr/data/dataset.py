@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from covidxr.io import load_xray
 from covidxr.model_input import PLAIN, InputPipeline
 from covidxr.preprocess import augment_batch, eval_transform
+from covidxr.style_augment import StyleRanges
 
 
 class XrayDataset(Dataset):
@@ -81,16 +82,19 @@ class DeviceBatches:
         batches: batches of split positions (a ``BatchSampler``), iterated once per pass.
         img_size: network input side.
         augment_seed: seeds the augmentation generator; None evaluates (resize only).
+        style: the scanner-style augmentation that follows the standard one (``--augment style``); None: none.
     """
 
     def __init__(self, images: torch.Tensor, rows: Sequence[int], targets: Sequence[int],
-                 batches: Iterable[list[int]], img_size: int, augment_seed: int | None) -> None:
+                 batches: Iterable[list[int]], img_size: int, augment_seed: int | None,
+                 style: StyleRanges | None = None) -> None:
         self.images = images
         self.rows = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=images.device)
         self.targets = torch.as_tensor(list(targets), dtype=torch.long, device=images.device)
         self.batches = batches
         self.img_size = img_size
         self.augment_seed = augment_seed
+        self.style = style
         self.resize = eval_transform(img_size)  # the evaluation transform, which takes whole batches
 
     def __len__(self) -> int:
@@ -105,5 +109,5 @@ class DeviceBatches:
             if generator is None:
                 images = self.resize(squares)
             else:
-                images = augment_batch(squares, self.img_size, generator)
+                images = augment_batch(squares, self.img_size, generator, style=self.style)
             yield images, self.targets[on_device], positions

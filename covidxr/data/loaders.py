@@ -35,6 +35,7 @@ from covidxr.data.split import apply_split, check_no_leakage, make_split
 from covidxr.errors import DatasetError
 from covidxr.model_input import InputPipeline, lung_pipeline
 from covidxr.preprocess import LUNG_MARGIN, cache_size, eval_transform, train_transform
+from covidxr.style_augment import style_ranges
 
 log = logging.getLogger("covidxr.data.loaders")
 
@@ -63,6 +64,7 @@ class LoaderSettings:
     batch_size: int = 32
     workers: int = min(4, os.cpu_count() or 1)
     gpu_cache: str = "auto"  # keep the prepared squares on the GPU and augment there: auto | on | off
+    augment: str = "standard"  # training augmentation: standard | style (adds scanner-style randomisation)
     seed: int = 0
     lung_crop: bool = False  # crop every image to its lungs before the letterbox
     lung_margin: float = LUNG_MARGIN
@@ -241,9 +243,12 @@ def make_loaders(data: RunData, settings: LoaderSettings, device: torch.device, 
             ``DataLoader``.
         augment: False gives the train split the evaluation transform and order (feature extraction).
 
-    Every loader yields ``(images, targets, indices)`` with indices into its split.
+    The train split's augmentation is ``settings.augment``'s (``style`` adds the scanner-style steps of
+    :mod:`covidxr.style_augment`, on the device as in loader processes). Every loader yields
+    ``(images, targets, indices)`` with indices into its split.
     """
     index = {c: i for i, c in enumerate(data.classes)}
+    style = style_ranges(settings.augment)
     rank_seed = epoch_seed + RANK_SEED_STRIDE * rank
     loaders: dict[str, Iterable] = {}
     for split in ("train", "val", "test"):
@@ -257,9 +262,9 @@ def make_loaders(data: RunData, settings: LoaderSettings, device: torch.device, 
         batches = BatchSampler(sampler, settings.batch_size, drop_last=train and len(sampler) > settings.batch_size)
         if device_images is not None:
             loaders[split] = DeviceBatches(device_images, rows, targets, batches, settings.img_size,
-                                           augment_seed=rank_seed if train else None)
+                                           augment_seed=rank_seed if train else None, style=style)
             continue
-        transform = train_transform(settings.img_size) if train else eval_transform(settings.img_size)
+        transform = train_transform(settings.img_size, style=style) if train else eval_transform(settings.img_size)
         ds = XrayDataset(sub["path"].tolist(), targets, cache_size(settings.img_size), transform,
                          [data.images[i] for i in rows] if data.images is not None else None, data.pipeline)
         loaders[split] = DataLoader(ds, batch_sampler=batches, num_workers=settings.workers,

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from covidxr.data.loaders import LoaderSettings
 from covidxr.models import ARCHS
 from covidxr.preprocess import EQUALIZE, LUNG_MARGIN
+from covidxr.style_augment import AUGMENT_MODES
 from covidxr.utils import OneLineParser, int_at_least
 
 PROG = "covidxr.train"
@@ -49,6 +50,7 @@ class TrainConfig:
     feature_cache: bool = True  # frozen epochs train the head on backbone features computed once (un-augmented)
     patience: int = 5  # early stopping on validation macro ROC-AUC (0: never stop early)
     label_smoothing: float = 0.0
+    augment: str = "standard"  # training augmentation: standard | style (adds scanner-style randomisation)
     # system
     device: str = "auto"
     workers: int = min(4, os.cpu_count() or 1)
@@ -178,6 +180,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--patience", type=non_negative_int, default=d.patience,
                    help="stop after this many epochs without a better validation macro ROC-AUC (0: never)")
     g.add_argument("--label-smoothing", type=_fraction, default=d.label_smoothing)
+    g.add_argument("--augment", choices=AUGMENT_MODES, default=d.augment,
+                   help="training augmentation: standard (crops, rotations, shifts, brightness, contrast) or style "
+                        "(also a random gamma, blur or sharpening, resolution loss and noise per image, so that "
+                        "hospitals' image processing is no shortcut)")
     g = p.add_argument_group("system")
     g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=d.device)
     g.add_argument("-j", "--workers", type=non_negative_int, default=d.workers, help="data loading processes")
