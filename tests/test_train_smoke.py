@@ -52,13 +52,15 @@ def _args(manifest: Path, out: Path, epochs: int) -> list[str]:
 
 
 @pytest.mark.slow  # three training runs
-def test_resume_continues_and_matches_an_uninterrupted_run(small_manifest: Path, tmp_path: Path) -> None:
-    assert main(_args(small_manifest, tmp_path / "full", 2)) == 0
+@pytest.mark.parametrize("augment", ["standard", "style"])
+def test_resume_continues_and_matches_an_uninterrupted_run(small_manifest: Path, tmp_path: Path, augment: str) -> None:
+    assert main([*_args(small_manifest, tmp_path / "full", 2), "--augment", augment]) == 0
     # Interrupted run: stops after epoch 1, then resumes to epoch 2 from last.pt.
-    assert main(_args(small_manifest, tmp_path / "part", 1)) == 0
+    assert main([*_args(small_manifest, tmp_path / "part", 1), "--augment", augment]) == 0
     assert main(["--resume", str(tmp_path / "part" / "last.pt"), "--epochs", "2"]) == 0
     full, part = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "part" / "last.pt")
     assert part["epoch"] == 2 and [r["epoch"] for r in part["history"]] == [1, 2]
+    assert part["config"]["augment"] == full["config"]["augment"] == augment
     for key, value in full["model"].items():
         torch.testing.assert_close(part["model"][key], value, rtol=0, atol=1e-6, msg=key)
     assert pd.read_csv(tmp_path / "part" / "split.csv").equals(pd.read_csv(tmp_path / "full" / "split.csv"))
