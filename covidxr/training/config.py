@@ -51,6 +51,7 @@ class TrainConfig:
     patience: int = 5  # early stopping on validation macro ROC-AUC (0: never stop early)
     label_smoothing: float = 0.0
     augment: str = "standard"  # training augmentation: standard | style (adds scanner-style randomisation)
+    adversary: float = 0.0  # source adversary's reversed-gradient weight on the backbone (0: off)
     # system
     device: str = "auto"
     workers: int = min(4, os.cpu_count() or 1)
@@ -93,6 +94,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
@@ -184,6 +192,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="training augmentation: standard (crops, rotations, shifts, brightness, contrast) or style "
                         "(also a random gamma, blur or sharpening, resolution loss and noise per image, so that "
                         "hospitals' image processing is no shortcut)")
+    g.add_argument("--adversary", type=_non_negative_float, default=d.adversary, metavar="W",
+                   help="train a source adversary (which hospital, given the class) on the pooled features through "
+                        "a gradient reversal of weight W, so the backbone unlearns the source while the backbone "
+                        "trains (0: off; try 0.1-1)")
     g = p.add_argument_group("system")
     g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=d.device)
     g.add_argument("-j", "--workers", type=non_negative_int, default=d.workers, help="data loading processes")

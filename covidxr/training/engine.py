@@ -21,10 +21,14 @@ POSTFIX_EVERY = 25
 def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
                     device: torch.device, amp: Callable, desc: str = "train", channels_last: bool = False,
-                    frozen_backbone: bool = False, progress: bool = True) -> EpochOutput:
+                    frozen_backbone: bool = False, progress: bool = True,
+                    sources: torch.Tensor | None = None) -> EpochOutput:
     """Run one optimisation pass over ``loader`` and return the training predictions.
 
-    ``model`` may be wrapped in ``DistributedDataParallel``; ``progress`` False hides the progress bar.
+    ``model`` may be wrapped in ``DistributedDataParallel``; ``progress`` False hides the progress bar. With
+    ``sources`` (each training row's source index) ``model`` is an
+    :class:`~covidxr.training.adversary.AdversarialNetwork` and its source loss is added to the class loss (the
+    returned loss is the class loss alone).
     """
     model.train()
     if frozen_backbone:
@@ -33,6 +37,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
     # The loss sum and the predictions stay on the device until the end: reading them every step would make
     # the host wait for the GPU and leave it idle while the next step is launched.
     total, count, logits_all, targets_all, index_all = torch.zeros((), device=device), 0, [], [], []
+    source_total = torch.zeros((), device=device)
     show_every = 1 if device.type == "cpu" else POSTFIX_EVERY
     bar = progress_bar(loader, progress, desc=desc)
     for step, (images, targets, indices) in enumerate(bar):
@@ -41,17 +46,24 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
             images = images.contiguous(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
         with amp():
-            logits = model(images)
-            loss = criterion(logits, targets)
+            if sources is None:
+                logits = model(images)
+                loss = objective = criterion(logits, targets)
+            else:
+                logits, source_loss = model(images, targets, sources[torch.as_tensor(indices)].to(device))
+                loss = criterion(logits, targets)
+                objective = loss + source_loss
+                source_total += source_loss.detach().float() * len(targets)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(objective).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         total += loss.detach().float() * len(targets)
         count += len(targets)
         if progress and step % show_every == 0:
-            bar.set_postfix(loss=f"{total.item() / count:.4f}")
+            extra = {} if sources is None else {"source_loss": f"{source_total.item() / count:.4f}"}
+            bar.set_postfix(loss=f"{total.item() / count:.4f}", **extra)
         logits_all.append(logits.detach().float())
         targets_all.append(targets)
         index_all.append(indices)

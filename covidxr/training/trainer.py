@@ -38,6 +38,7 @@ from covidxr.inference.gate_fit import fit_checkpoint
 from covidxr.models import XrayClassifier, build_model, model_from_checkpoint
 from covidxr.training import distributed, engine
 from covidxr.training import head_features as features
+from covidxr.training.adversary import AdversarialNetwork, build_adversarial
 from covidxr.training.config import TrainConfig
 from covidxr.training.distributed import DistInfo
 from covidxr.training.run_files import checkpoint_dict, write_history, write_run_files
@@ -111,6 +112,9 @@ class Trainer:
     ddp: DistributedDataParallel | None = None
     ddp_frozen: bool | None = None
     compiled: nn.Module | None = None  # torch.compile of the training network (--compile)
+    compiled_base: nn.Module | None = None  # the network that ``compiled`` compiles
+    adversarial: AdversarialNetwork | None = None  # the model with its source adversary (--adversary)
+    sources: torch.Tensor | None = None  # each training row's source index, with --adversary
 
     def loaders(self, epoch: int, epoch_seed: int, augment: bool = True) -> dict[str, Iterable]:
         return make_loaders(self.data, self.settings, self.device, epoch_seed, epoch, self.dist.rank,
@@ -118,19 +122,21 @@ class Trainer:
 
     def network(self, frozen: bool) -> nn.Module:
         """The model to train: wrapped in DDP under torchrun (again when the frozen parameters change), then
-        compiled with ``--compile``."""
+        compiled with ``--compile``; with ``--adversary`` and a backbone that trains, the model and its source
+        adversary."""
+        base = self.adversarial if self.adversarial is not None and not frozen else self.model
         if self.dist.enabled and (self.ddp is None or self.ddp_frozen != frozen):
             # DDP only synchronises parameters that require grad when it is built.
             self.ddp = None
-            self.ddp = DistributedDataParallel(self.model,
+            self.ddp = DistributedDataParallel(base,
                                                device_ids=[self.device.index] if self.device.type == "cuda" else None)
             self.ddp_frozen = frozen
             self.compiled = None
-        network = self.ddp if self.dist.enabled else self.model
+        network = self.ddp if self.dist.enabled else base
         if not self.cfg.compile:
             return network
-        if self.compiled is None:
-            self.compiled = torch.compile(network)
+        if self.compiled is None or self.compiled_base is not network:
+            self.compiled, self.compiled_base = torch.compile(network), network
         return self.compiled
 
     def image_epoch(self, epoch: int, epoch_seed: int, frozen: bool) -> tuple[EpochOutput, EpochOutput]:
@@ -141,7 +147,8 @@ class Trainer:
         tr = engine.train_one_epoch(self.network(frozen), loaders["train"], self.criterion, self.optimizer,
                                     self.scheduler, self.scaler, self.device, self.amp,
                                     desc=f"epoch {epoch}/{self.cfg.epochs}", channels_last=self.channels_last,
-                                    frozen_backbone=frozen, progress=progress)
+                                    frozen_backbone=frozen, progress=progress,
+                                    sources=None if frozen else self.sources)
         # Ranks update BatchNorm statistics on their own batches: validate (and save) rank 0's.
         distributed.broadcast_module(self.model, self.dist, buffers_only=True)
         va = predict_loader(self.model, loaders["val"], self.device, self.amp, self.eval_criterion, desc="validate",
@@ -277,11 +284,18 @@ def build_trainer(cfg: TrainConfig, data: RunData, dist: DistInfo, device: torch
     train_targets = np.array([data.classes.index(c) for c in data.table.loc[data.table["split"] == "train", "label"]])
     weight = class_weights(train_targets, len(data.classes)).to(device) if cfg.balance == "loss" else None
     steps = len(make_loaders(data, settings, device, cfg.seed, 1, dist.rank, dist.world_size, device_images)["train"])
-    optimizer, scheduler = build_optimizer(model, cfg, steps)
+    adversarial, sources = None, None
+    if cfg.adversary > 0:
+        adversarial, sources = build_adversarial(model, data.table[data.table["split"] == "train"], cfg.adversary)
+        adversarial.adversary.to(device)
+        if resume is not None and "adversary" in resume:
+            adversarial.adversary.load_state_dict(resume["adversary"])
+    optimizer, scheduler = build_optimizer(model, cfg, steps, adversarial)
     return Trainer(model, cfg, settings, data, dist, device, autocast(device, dtype), channels_last,
                    nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing),
                    nn.CrossEntropyLoss(weight=weight), optimizer, scheduler,
-                   torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), device_images)
+                   torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), device_images,
+                   adversarial=adversarial, sources=sources)
 
 
 def class_weights(targets: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -291,17 +305,24 @@ def class_weights(targets: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(weights / weights[counts > 0].mean(), dtype=torch.float32)
 
 
-def build_optimizer(model: XrayClassifier, cfg: TrainConfig, steps_per_epoch: int):
-    """AdamW with a higher learning rate for the head, warm-up and cosine decay per step."""
+def build_optimizer(model: XrayClassifier, cfg: TrainConfig, steps_per_epoch: int,
+                    adversarial: AdversarialNetwork | None = None):
+    """AdamW with a higher learning rate for the head (and the source adversary), warm-up and cosine decay per
+    step."""
     decay, no_decay = [], []
     for _name, p in model.backbone.named_parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
     backbone_lr = cfg.lr * cfg.backbone_lr_scale
-    optimizer = torch.optim.AdamW([
+    groups = [
         {"params": list(model.head.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay},
         {"params": decay, "lr": backbone_lr, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "lr": backbone_lr, "weight_decay": 0.0},
-    ], fused=next(model.parameters()).is_cuda or None)  # one kernel per step on CUDA instead of one per tensor
+    ]
+    if adversarial is not None:
+        groups.append({"params": list(adversarial.adversary.parameters()), "lr": cfg.lr,
+                       "weight_decay": cfg.weight_decay})
+    # fused: one kernel per step on CUDA instead of one per tensor
+    optimizer = torch.optim.AdamW(groups, fused=next(model.parameters()).is_cuda or None)
     total = cfg.epochs * steps_per_epoch
     warmup = max(1, int(round(cfg.warmup_epochs * steps_per_epoch)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, engine.warmup_cosine(total, warmup))
@@ -356,5 +377,7 @@ def run_epoch(trainer: Trainer, epoch: int, state: dict, run_dir: Path) -> None:
     model, data = trainer.model, trainer.data
     if improved:
         save_checkpoint(run_dir / "best.pt", checkpoint_dict(model, cfg, data, state, full=False))
-    save_checkpoint(run_dir / "last.pt", checkpoint_dict(model, cfg, data, state, True, trainer.optimizer,
-                                                         trainer.scheduler, trainer.scaler))
+    last = checkpoint_dict(model, cfg, data, state, True, trainer.optimizer, trainer.scheduler, trainer.scaler)
+    if trainer.adversarial is not None:
+        last["adversary"] = {k: v.detach().cpu() for k, v in trainer.adversarial.adversary.state_dict().items()}
+    save_checkpoint(run_dir / "last.pt", last)
