@@ -286,7 +286,8 @@ def build_trainer(cfg: TrainConfig, data: RunData, dist: DistInfo, device: torch
     steps = len(make_loaders(data, settings, device, cfg.seed, 1, dist.rank, dist.world_size, device_images)["train"])
     adversarial, sources = None, None
     if cfg.adversary > 0:
-        adversarial, sources = build_adversarial(model, data.table[data.table["split"] == "train"], cfg.adversary)
+        adversarial, sources = build_adversarial(model, data.table[data.table["split"] == "train"], data.classes,
+                                                  cfg.adversary)
         adversarial.adversary.to(device)
         if resume is not None and "adversary" in resume:
             adversarial.adversary.load_state_dict(resume["adversary"])
