@@ -1,12 +1,19 @@
-"""The one path from a decoded X-ray to the network's square input: lung crop (optional), equalisation (optional),
-letterbox.
+"""The one path from a decoded X-ray to the network's square input: lung crop (optional), lung mask (optional),
+equalisation (optional), letterbox.
 
 :class:`InputPipeline` holds what the preprocessing record asks for (``covidxr.preprocess.Preprocess``'s
-``lung_crop``, ``lung_margin`` and ``equalize``) and, for a lung crop, the lung model. The prepared cache
-(``covidxr.data.cache``), the data loaders, the predictor (and so the app), cross-validation and ``explain score``
-all call :meth:`InputPipeline.prepare`, so a model sees the same pixels in training, evaluation and prediction.
+``lung_crop``, ``lung_margin``, ``lung_mask``, ``lung_mask_dilation`` and ``equalize``) and, for a lung crop, the
+lung model. The prepared cache (``covidxr.data.cache``), the data loaders, the predictor (and so the app),
+cross-validation and ``explain score`` all call :meth:`InputPipeline.prepare`, so a model sees the same pixels in
+training, evaluation and prediction.
 
-A lung crop needs the lung model (``covidxr.lungs``): training reads it from its file (:func:`read_lung_entry`,
+A lung mask (``--lung-mask``) crops as the lung crop does and then blacks out (0, as the letterbox's padding) every
+pixel of the crop outside the lung mask widened by ``lung_mask_dilation`` of the crop's longer side, so that text
+markers, borders, devices and body outside the lungs cannot tell the hospital; the equalisation then learns from the
+pixels inside the mask alone (``covidxr.preprocess.equalize_inside``). When the mask does not look like lungs the
+lung box falls back to the whole image (``covidxr.lungs.lung_box``), and then nothing is blacked out either.
+
+A lung crop or mask needs the lung model (``covidxr.lungs``): training reads it from its file (:func:`read_lung_entry`,
 ``$COVIDXR_HOME/lungs/lung-seg.pt`` by default) and stores it in the classifier checkpoint under ``"lung_model"``
 (state dict, ``arch``, ``img_size``, ``threshold`` and the SHA-256 of the file, about 4.5 MB); everything that
 loads the checkpoint rebuilds the pipeline from there (:func:`pipeline_from_checkpoint`) and needs nothing else.
@@ -25,8 +32,18 @@ import torch
 
 from covidxr.errors import CheckpointError
 from covidxr.lungs import LungBox, LungModel, default_lung_model_path, lung_box
+from covidxr.lungs.geometry import dilate_mask
 from covidxr.lungs.model import read_lung_checkpoint
-from covidxr.preprocess import EQUALIZE, Preprocess, cache_size, equalize, eval_transform, letterbox
+from covidxr.preprocess import (
+    EQUALIZE,
+    LUNG_MASK_DILATION,
+    Preprocess,
+    cache_size,
+    equalize,
+    equalize_inside,
+    eval_transform,
+    letterbox,
+)
 
 LUNG_ENTRY_KEYS = ("arch", "img_size", "threshold", "model", "sha256")
 
@@ -73,21 +90,30 @@ class Prepared(NamedTuple):
 
 @dataclass(frozen=True)
 class InputPipeline:
-    """Lung crop -> equalisation -> letterbox, as a preprocessing record asks (see the module docstring).
+    """Lung crop -> lung mask -> equalisation -> letterbox, as a preprocessing record asks (see the module
+    docstring).
 
     Attributes:
-        lung_crop: crop to the lung box first.
+        lung_crop: crop to the lung box first (set by ``lung_mask`` too).
         lung_margin: the box's margin (``covidxr.lungs.lung_box``).
         equalize: "none", "hist" or "clahe" (``covidxr.preprocess.equalize``).
         lung_entry: the lung model's checkpoint entry (:func:`read_lung_entry`); required with ``lung_crop``.
+        lung_mask: after the crop, black out what lies outside the dilated lung mask; implies ``lung_crop``.
+        lung_mask_dilation: the mask's widening, as a share of the crop's longer side.
     """
 
     lung_crop: bool = False
     lung_margin: float = 0.05
     equalize: str = "none"
     lung_entry: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    lung_mask: bool = False
+    lung_mask_dilation: float = LUNG_MASK_DILATION
 
     def __post_init__(self) -> None:
+        if self.lung_mask and not self.lung_crop:
+            object.__setattr__(self, "lung_crop", True)  # the mask is applied to the lung crop
+        if self.lung_mask_dilation < 0:
+            raise ValueError(f"lung_mask_dilation must be >= 0, got {self.lung_mask_dilation}")
         if self.equalize not in EQUALIZE:
             raise ValueError(f"unknown equalisation {self.equalize!r}; choose one of {', '.join(EQUALIZE)}")
         if self.lung_crop and self.lung_entry is None:
@@ -104,13 +130,16 @@ class InputPipeline:
         parts = []
         if self.lung_crop:
             parts.append(f"lungs={self.lung_entry['sha256'][:16]}:{self.lung_margin:g}")
+        if self.lung_mask:
+            parts.append(f"mask={self.lung_mask_dilation:g}")
         if self.equalize != "none":
             parts.append(f"eq={self.equalize}")
         return ",".join(parts)
 
     def prepare(self, image: np.ndarray, size: int) -> Prepared:
         """Turn a decoded (H, W) float image in [0, 1] (``covidxr.io.load_xray(...).pixels``) into the uint8
-        (size, size) square: lung crop (if set), equalisation (if set), letterbox."""
+        (size, size) square: lung crop (if set), lung mask (if set, unless the lung box fell back), equalisation
+        (if set; with the mask, from the pixels inside it), letterbox."""
         image = np.asarray(image)
         if image.dtype == np.uint8:
             image = image.astype(np.float32) / 255.0
@@ -119,7 +148,10 @@ class InputPipeline:
             mask = self.lungs.mask(image)
             box = lung_box(mask, self.lung_margin)
             image = image[box.slices]
-        image = equalize(image, self.equalize)
+        if self.lung_mask and not box.fell_back:
+            image = equalize_inside(image, dilate_mask(mask[box.slices], self.lung_mask_dilation), self.equalize)
+        else:
+            image = equalize(image, self.equalize)
         square = letterbox(image, size)[0].mul(255).round().to(torch.uint8).numpy()
         return Prepared(square, box, mask)
 
@@ -135,7 +167,8 @@ class InputPipeline:
 
     def uncrop(self, heat: np.ndarray | None, prepared: Prepared, height: int, width: int) -> np.ndarray | None:
         """Place a heatmap of the cropped image (already un-letterboxed to the crop's size) onto the original
-        (height, width) image; outside the crop, which the network did not see, it is 0."""
+        (height, width) image; outside the crop, which the network did not see, it is 0. With a lung mask the heat
+        on the blacked-out part of the crop stays: the network saw that black, and may have looked at it."""
         if heat is None or prepared.box is None:
             return heat
         out = np.zeros((height, width), dtype=heat.dtype)
@@ -143,8 +176,16 @@ class InputPipeline:
         return out
 
     def record(self, pre: Preprocess) -> Preprocess:
-        """``pre`` with this pipeline's lung crop and equalisation."""
-        return replace(pre, lung_crop=self.lung_crop, lung_margin=self.lung_margin, equalize=self.equalize)
+        """``pre`` with this pipeline's lung crop, lung mask and equalisation."""
+        return replace(pre, lung_crop=self.lung_crop, lung_margin=self.lung_margin, equalize=self.equalize,
+                       lung_mask=self.lung_mask, lung_mask_dilation=self.lung_mask_dilation)
+
+    def loader_fields(self) -> dict[str, Any]:
+        """This pipeline as ``covidxr.data.loaders.LoaderSettings`` fields (``dataclasses.replace(settings,
+        **pipeline.loader_fields())`` prepares data as this pipeline does, with its lung model)."""
+        return {"lung_crop": self.lung_crop, "lung_margin": self.lung_margin, "equalize": self.equalize,
+                "lung_mask": self.lung_mask, "lung_mask_dilation": self.lung_mask_dilation,
+                "lung_entry": self.lung_entry}
 
     def checkpoint_entries(self) -> dict[str, Any]:
         """What a checkpoint carries besides the record: ``{"lung_model": entry}`` with a lung crop, else nothing."""
@@ -158,19 +199,20 @@ def pipeline_from_checkpoint(ckpt: dict[str, Any], pre: Preprocess, source: str 
     """The pipeline a classifier checkpoint was trained with (older checkpoints: the plain letterbox).
 
     Raises:
-        CheckpointError: the record asks for a lung crop but the checkpoint lacks its lung model, or an unknown
-            equalisation.
+        CheckpointError: the record asks for a lung crop (or mask) but the checkpoint lacks its lung model, or an
+            unknown equalisation.
     """
-    if pre.lung_crop and not isinstance(ckpt.get("lung_model"), dict):
+    if (pre.lung_crop or pre.lung_mask) and not isinstance(ckpt.get("lung_model"), dict):
         raise CheckpointError(f"{source}: preprocessing crops to the lungs but the checkpoint has no lung model")
     try:
-        return InputPipeline(pre.lung_crop, pre.lung_margin, pre.equalize, ckpt.get("lung_model"))
+        return InputPipeline(pre.lung_crop, pre.lung_margin, pre.equalize, ckpt.get("lung_model"), pre.lung_mask,
+                             pre.lung_mask_dilation)
     except ValueError as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
 
 
 def require_lung_model(path: str | os.PathLike | None) -> None:
-    """Fail early, before any data is read, when a lung crop is asked for and there is no lung model.
+    """Fail early, before any data is read, when a lung crop (or mask) is asked for and there is no lung model.
 
     Raises:
         CheckpointError: "no lung model at PATH: run python -m covidxr.lungs train".
@@ -178,13 +220,14 @@ def require_lung_model(path: str | os.PathLike | None) -> None:
     read_lung_checkpoint(Path(path).expanduser() if path else default_lung_model_path())
 
 
-def lung_pipeline(lung_crop: bool, lung_margin: float, equalize: str, lung_model: str | None) -> InputPipeline:
-    """The pipeline of training settings; with ``lung_crop`` the lung model is read from ``lung_model`` (a path;
-    None: the default place).
+def lung_pipeline(lung_crop: bool, lung_margin: float, equalize: str, lung_model: str | None,
+                  lung_mask: bool = False, lung_mask_dilation: float = LUNG_MASK_DILATION) -> InputPipeline:
+    """The pipeline of training settings; with ``lung_crop`` or ``lung_mask`` the lung model is read from
+    ``lung_model`` (a path; None: the default place).
 
     Raises:
-        CheckpointError: ``lung_crop`` without a lung model ("no lung model at PATH: run python -m covidxr.lungs
-            train").
+        CheckpointError: a lung crop or mask without a lung model ("no lung model at PATH: run python -m
+            covidxr.lungs train").
     """
-    entry = read_lung_entry(lung_model) if lung_crop else None
-    return InputPipeline(lung_crop, lung_margin, equalize, entry)
+    entry = read_lung_entry(lung_model) if lung_crop or lung_mask else None
+    return InputPipeline(lung_crop, lung_margin, equalize, entry, lung_mask, lung_mask_dilation)

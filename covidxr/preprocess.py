@@ -1,10 +1,11 @@
 """The one preprocessing definition: geometry (letterbox to a square), augmentations, and its record.
 
-Pipeline: ``covidxr.io.load_xray`` gives an (H, W) float image in [0, 1]; optionally it is cropped to the lungs
-and its intensities equalised (the record's ``lung_crop`` and ``equalize``; the whole chain is
-``covidxr.model_input.prepare``); :func:`letterbox` pads it to a square with black borders (nothing of the chest is
-cropped) and resizes it; the model itself repeats the grey channel and normalises with the mean/std of its
-pretrained weights (see ``covidxr.models``), so the tensors handled here are always (1, S, S) floats in [0, 1].
+Pipeline: ``covidxr.io.load_xray`` gives an (H, W) float image in [0, 1]; optionally it is cropped to the lungs,
+blacked out outside them and its intensities equalised (the record's ``lung_crop``, ``lung_mask`` and ``equalize``;
+the whole chain is ``covidxr.model_input.InputPipeline.prepare``); :func:`letterbox` pads it to a square with
+black borders (nothing of the chest is cropped) and resizes it; the model itself repeats the grey channel and
+normalises with the mean/std of its pretrained weights (see ``covidxr.models``), so the tensors handled here are
+always (1, S, S) floats in [0, 1].
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
+import scipy.ndimage
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
@@ -27,6 +29,9 @@ EQUALIZE = ("none", "hist", "clahe")
 CLAHE_CLIP = 2.0  # OpenCV's contrast limit per tile (its default is 40, which amplifies noise on radiographs)
 CLAHE_TILES = (8, 8)
 LUNG_MARGIN = 0.05
+LUNG_MASK_DILATION = 0.02
+"""With a lung mask, the mask is widened by this share of the crop's longer side before the rest is blacked out, so
+the lung borders (pleura, costophrenic angles) that a mask of the lung model's resolution may miss stay visible."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,8 @@ class Preprocess:
         lung_crop: crop each image to its lung box first (the lung model travels in the checkpoint).
         lung_margin: margin added around the lung box, as a share of the image's height and width.
         equalize: intensity equalisation after the crop: "none", "hist" (histogram) or "clahe".
+        lung_mask: also black out everything outside the (dilated) lung mask of the crop; implies ``lung_crop``.
+        lung_mask_dilation: how far the mask is widened first, as a share of the crop's longer side.
     """
 
     img_size: int = 224
@@ -50,6 +57,12 @@ class Preprocess:
     lung_crop: bool = False
     lung_margin: float = LUNG_MARGIN
     equalize: str = "none"
+    lung_mask: bool = False
+    lung_mask_dilation: float = LUNG_MASK_DILATION
+
+    def __post_init__(self) -> None:
+        if self.lung_mask and not self.lung_crop:
+            object.__setattr__(self, "lung_crop", True)  # the mask is applied to the lung crop
 
     def to_dict(self) -> dict:
         """Return a JSON/checkpoint-friendly dict."""
@@ -57,17 +70,20 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
-        """Rebuild from :meth:`to_dict` output, ignoring unknown keys (records older than lung_crop/equalize read
-        as without them)."""
-        names = ("img_size", "mean", "std", "geometry", "lung_crop", "lung_margin", "equalize")
+        """Rebuild from :meth:`to_dict` output, ignoring unknown keys (records older than lung_crop, equalize or
+        lung_mask read as without them)."""
+        names = ("img_size", "mean", "std", "geometry", "lung_crop", "lung_margin", "equalize", "lung_mask",
+                 "lung_mask_dilation")
         known = {k: d[k] for k in names if k in d}
         for key in ("mean", "std"):
             if key in known:
                 known[key] = tuple(float(v) for v in known[key])
-        if "lung_crop" in known:
-            known["lung_crop"] = bool(known["lung_crop"])
-        if "lung_margin" in known:
-            known["lung_margin"] = float(known["lung_margin"])
+        for key in ("lung_crop", "lung_mask"):
+            if key in known:
+                known[key] = bool(known[key])
+        for key in ("lung_margin", "lung_mask_dilation"):
+            if key in known:
+                known[key] = float(known[key])
         return cls(**known)
 
 
@@ -87,6 +103,33 @@ def equalize(image: np.ndarray, method: str) -> np.ndarray:
     else:
         out = cv2.createCLAHE(clipLimit=CLAHE_CLIP, tileGridSize=CLAHE_TILES).apply(grey)
     return out.astype(np.float32) / 255.0
+
+
+def equalize_inside(image: np.ndarray, mask: np.ndarray, method: str) -> np.ndarray:
+    """Return an (H, W) float image in [0, 1]: black (0) outside ``mask``, and inside it ``image`` equalised by
+    ``method`` as :func:`equalize` does, but from the pixels inside ``mask`` alone.
+
+    Nothing outside the mask changes the result. Equalising the blacked-out image instead would count the black
+    background as part of the histogram: "hist" would squeeze the lungs into the upper grey levels (by the black
+    share), and how much would vary with the mask's size from film to film. "hist" equalises the inside pixels as
+    one list (the same torchvision mapping); OpenCV's CLAHE has no mask, so the outside is first filled with the
+    nearest inside pixel's value, and its local histograms near the mask's edge see lung values only.
+    """
+    mask = np.asarray(mask).astype(bool, copy=False)
+    if mask.shape != image.shape:
+        raise ValueError(f"mask shape {mask.shape} does not match the image's {image.shape}")
+    out = np.zeros(image.shape, dtype=np.float32)
+    if not mask.any():
+        return out
+    if method == "hist":
+        inside = np.asarray(image, dtype=np.float32)[mask]
+        out[mask] = equalize(inside[None], method)[0]
+    elif method == "clahe":
+        nearest = scipy.ndimage.distance_transform_edt(~mask, return_distances=False, return_indices=True)
+        out[mask] = equalize(np.asarray(image)[tuple(nearest)], method)[mask]
+    else:
+        out[mask] = equalize(np.asarray(image, dtype=np.float32), method)[mask]
+    return out
 
 
 def cache_size(img_size: int) -> int:

@@ -1,10 +1,12 @@
-"""Lung crop and equalisation as recorded preprocessing: the record, the equalisers, the cache key, one input path for
-training, prediction and the app, the lung model inside the checkpoint, and evaluate's Grad-CAM lung share."""
+"""Lung crop, lung mask and equalisation as recorded preprocessing: the record, the equalisers, the mask (what it
+blacks out, equalisation from inside it), the cache key, one input path for training, prediction and the app, the lung
+model inside the checkpoint, and evaluate's Grad-CAM lung share."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,19 +15,27 @@ import pytest
 import torch
 from test_external import external_root, external_subset
 
+from covidxr import model_input
 from covidxr.checkpoint import load_checkpoint
+from covidxr.crossval.__main__ import get_args_parser as crossval_parser
+from covidxr.crossval.__main__ import main as crossval_main
+from covidxr.crossval.folds import CrossvalConfig
 from covidxr.data.cache import fill_cache
 from covidxr.data.dataset import XrayDataset
+from covidxr.data.loaders import LoaderSettings, input_pipeline
+from covidxr.errors import CheckpointError
 from covidxr.evaluation.__main__ import main as evaluate_main
 from covidxr.evaluation.lung_share import lung_share_summary
 from covidxr.inference.predictor import Predictor
 from covidxr.io import load_xray
+from covidxr.lungs.geometry import dilate_mask
 from covidxr.lungs.train import TrainConfig as LungTrainConfig
 from covidxr.lungs.train import default_lung_data
 from covidxr.lungs.train import run as train_lungs
-from covidxr.model_input import PLAIN, InputPipeline, read_lung_entry
-from covidxr.preprocess import Preprocess, cache_size, equalize, eval_transform
+from covidxr.model_input import PLAIN, InputPipeline, pipeline_from_checkpoint, read_lung_entry
+from covidxr.preprocess import LUNG_MASK_DILATION, Preprocess, cache_size, equalize, eval_transform
 from covidxr.training.__main__ import main as train_main
+from covidxr.training.config import TrainConfig, config_from_args, get_args_parser
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -51,8 +61,52 @@ def crop_run(tiny_lungs: Path, small_manifest: Path, tmp_path_factory: pytest.Te
     return out
 
 
+@pytest.fixture(scope="module")
+def mask_run(tiny_lungs: Path, small_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A resnet18 (random init) trained one epoch at 64 px with --lung-mask --equalize hist."""
+    out = tmp_path_factory.mktemp("runs") / "mask"
+    assert train_main(["--data", str(small_manifest), "--arch", "resnet18", "--weights", "none", "--img-size", "64",
+                       "--epochs", "1", "--batch-size", "8", "--workers", "0", "--freeze-epochs", "0",
+                       "--lung-mask", "--lung-model", str(tiny_lungs), "--equalize", "hist",
+                       "--out", str(out)]) == 0
+    return out
+
+
 def film(shared_data: Path) -> Path:
     return sorted((shared_data / "covid").iterdir())[0]
+
+
+FAKE_ENTRY = {"sha256": "f" * 64}  # a lung model entry for pipelines whose lung model is monkeypatched
+
+
+class FixedMask:
+    """A lung model that gives the same mask for every image."""
+
+    def __init__(self, mask: np.ndarray) -> None:
+        self.fixed = mask
+
+    def mask(self, image: np.ndarray) -> np.ndarray:
+        return self.fixed
+
+
+def two_lungs(height: int = 100, width: int = 100) -> np.ndarray:
+    """Two 60 x 25 'lungs' whose box (margin 0) is the square rows 20-80, columns 20-80."""
+    mask = np.zeros((height, width), dtype=bool)
+    mask[20:80, 20:45] = mask[20:80, 55:80] = True
+    return mask
+
+
+@pytest.fixture
+def fixed_lungs(monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
+    """Every pipeline's lung model gives :func:`two_lungs`."""
+    mask = two_lungs()
+    monkeypatch.setattr(model_input, "lung_model_of", lambda entry: FixedMask(mask))
+    return mask
+
+
+def ramp_image(seed: int = 0) -> np.ndarray:
+    """A (100, 100) image in [0.3, 0.6] (no pixel black), low in contrast."""
+    return np.random.default_rng(seed).uniform(0.3, 0.6, (100, 100)).astype(np.float32)
 
 
 def test_preprocess_record_round_trip_and_old_records() -> None:
@@ -62,6 +116,98 @@ def test_preprocess_record_round_trip_and_old_records() -> None:
     old = {"img_size": 64, "mean": [0.5] * 3, "std": [0.2] * 3, "geometry": "letterbox"}  # before this change
     assert Preprocess.from_dict(old) == Preprocess(img_size=64, mean=(0.5,) * 3, std=(0.2,) * 3)
     assert Preprocess.from_dict(old).lung_crop is False and Preprocess.from_dict(old).equalize == "none"
+
+
+def test_lung_mask_record_round_trip_and_records_without_it() -> None:
+    pre = Preprocess(img_size=64, lung_mask=True, lung_mask_dilation=0.03, equalize="clahe")
+    assert pre.lung_crop  # the mask implies the crop, and is recorded as one
+    back = Preprocess.from_dict(json.loads(json.dumps(pre.to_dict())))
+    assert back == pre and back.lung_mask is True and back.lung_mask_dilation == 0.03
+    crop_only = Preprocess(img_size=64, lung_crop=True).to_dict()
+    del crop_only["lung_mask"], crop_only["lung_mask_dilation"]  # a lung-crop record made before --lung-mask
+    old = Preprocess.from_dict(crop_only)
+    assert old.lung_crop is True and old.lung_mask is False and old.lung_mask_dilation == LUNG_MASK_DILATION
+
+
+def test_lung_mask_blacks_out_what_lies_outside_the_dilated_mask(fixed_lungs: np.ndarray) -> None:
+    image = ramp_image()
+    crop = InputPipeline(True, 0.0, "none", FAKE_ENTRY).prepare(image, 60)  # box 60 x 60: letterboxed at 1:1
+    masked = InputPipeline(True, 0.0, "none", FAKE_ENTRY, lung_mask=True, lung_mask_dilation=0.05).prepare(image, 60)
+    assert masked.box == crop.box and (crop.box.top, crop.box.bottom, crop.box.left, crop.box.right) == (20, 80, 20, 80)
+    assert np.array_equal(crop.square, np.round(image[20:80, 20:80] * 255))  # the crop, unresized
+    region = dilate_mask(fixed_lungs[crop.box.slices], 0.05)  # widened by round(0.05 * 60) = 3 pixels
+    assert region.sum() > fixed_lungs[crop.box.slices].sum() and not region.all()
+    assert not masked.square[~region].any() and crop.square[~region].all()
+    assert np.array_equal(masked.square[region], crop.square[region])
+    # The gap between the lungs (columns 45-55 of the image, 25-35 of the crop): 3 pixels kept on each side.
+    row = masked.square[30]
+    assert row[25:28].all() and not row[28:32].any() and row[32:35].all()
+
+
+@pytest.mark.parametrize("method", ["hist", "clahe"])
+def test_lung_mask_equalises_from_the_pixels_inside_it(fixed_lungs: np.ndarray, method: str) -> None:
+    image, other = ramp_image(0), ramp_image(0)
+    outside = ~fixed_lungs
+    outside[20:80, 20:80] &= ~dilate_mask(fixed_lungs[20:80, 20:80], LUNG_MASK_DILATION)
+    other[outside] = np.random.default_rng(1).uniform(0.0, 1.0, int(outside.sum()))  # markers, body, borders
+    masked = InputPipeline(True, 0.0, method, FAKE_ENTRY, lung_mask=True)
+    crop = InputPipeline(True, 0.0, method, FAKE_ENTRY)
+    # Nothing outside the mask changes the lungs' equalisation (it does without the mask).
+    assert np.array_equal(masked.prepare(image, 60).square, masked.prepare(other, 60).square)
+    assert not np.array_equal(crop.prepare(image, 60).square, crop.prepare(other, 60).square)
+    # Where the outside looks like the inside (noise all over), the mask changes the inside little.
+    region = dilate_mask(fixed_lungs[20:80, 20:80], LUNG_MASK_DILATION)
+    change = masked.prepare(image, 60).square[region].astype(int) - crop.prepare(image, 60).square[region]
+    assert np.abs(change).mean() < 0.03 * 255
+    if method == "hist":  # the lungs get the whole range, not the part above the black background's share
+        inside = masked.prepare(image, 60).square[region]
+        assert inside.min() == 0 and inside.max() == 255 and np.percentile(inside, 25) < 80
+        blacked = np.where(fixed_lungs, image, 0.0)[20:80, 20:80]  # equalising after blacking out, as avoided:
+        assert equalize(blacked, "hist")[fixed_lungs[20:80, 20:80]].min() > 0.1  # the lungs start above the black
+
+
+def test_lung_mask_leaves_a_fallen_back_image_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    speck = np.zeros((100, 100), dtype=bool)
+    speck[50:52, 50:52] = True  # not a pair of lungs: the box falls back to the whole image
+    monkeypatch.setattr(model_input, "lung_model_of", lambda entry: FixedMask(speck))
+    image = ramp_image()
+    masked = InputPipeline(True, 0.0, "none", FAKE_ENTRY, lung_mask=True).prepare(image, 100)
+    assert masked.box.fell_back and masked.square.all()
+    assert np.array_equal(masked.square, InputPipeline(True, 0.0, "none", FAKE_ENTRY).prepare(image, 100).square)
+
+
+def test_lung_mask_key_record_and_rebuild_from_the_checkpoint() -> None:
+    crop = InputPipeline(True, 0.05, "hist", FAKE_ENTRY)
+    masked = InputPipeline(True, 0.05, "hist", FAKE_ENTRY, lung_mask=True)
+    wider = InputPipeline(True, 0.05, "hist", FAKE_ENTRY, lung_mask=True, lung_mask_dilation=0.04)
+    assert len({crop.key, masked.key, wider.key}) == 3 and "mask=" in masked.key and "mask=" not in crop.key
+    assert InputPipeline(False, 0.05, "hist", FAKE_ENTRY, lung_mask=True).lung_crop  # the mask implies the crop
+    with pytest.raises(ValueError, match="a lung crop needs the lung model"):
+        InputPipeline(lung_mask=True)
+    pre = wider.record(Preprocess(img_size=64))
+    assert (pre.lung_crop, pre.lung_mask, pre.lung_mask_dilation, pre.equalize) == (True, True, 0.04, "hist")
+    ckpt = {"preprocess": pre.to_dict(), "lung_model": FAKE_ENTRY}
+    rebuilt = pipeline_from_checkpoint(ckpt, Preprocess.from_dict(ckpt["preprocess"]))
+    assert rebuilt == wider and rebuilt.key == wider.key and rebuilt.lung_entry is FAKE_ENTRY
+    with pytest.raises(CheckpointError, match="crops to the lungs but the checkpoint has no lung model"):
+        pipeline_from_checkpoint({}, pre)
+    settings = LoaderSettings(lung_mask=True, lung_mask_dilation=0.04, equalize="hist", lung_entry=FAKE_ENTRY)
+    assert settings.lung_crop and input_pipeline(settings) == wider
+    assert input_pipeline(LoaderSettings(**rebuilt.loader_fields())) == wider
+
+
+def test_train_and_crossval_accept_lung_mask() -> None:
+    args = get_args_parser().parse_args(["--lung-mask", "--lung-mask-dilation", "0.03"])
+    cfg = config_from_args(args)
+    assert (cfg.lung_mask, cfg.lung_crop, cfg.lung_mask_dilation) == (True, True, 0.03)
+    settings = cfg.loader_settings()
+    assert (settings.lung_mask, settings.lung_crop, settings.lung_mask_dilation) == (True, True, 0.03)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).lung_mask is True
+    assert TrainConfig.from_dict({"lung_crop": True}).lung_mask is False  # a config.json from before
+    cv = crossval_parser().parse_args(["--by", "source", "--data", "x.csv", "--lung-mask"])
+    assert cv.lung_mask and cv.lung_mask_dilation == LUNG_MASK_DILATION
+    fold = CrossvalConfig(data="x.csv", out=Path("cv"), lung_mask=True).train_config("A", Path("cv/fold-A"))
+    assert fold.lung_mask and fold.lung_crop and fold.lung_mask_dilation == LUNG_MASK_DILATION
 
 
 def test_equalisation_variants() -> None:
@@ -99,9 +245,13 @@ def test_lung_model_travels_in_the_checkpoint(crop_run: Path, tiny_lungs: Path) 
         True, 0.05, "clahe", read_lung_entry(tiny_lungs)).key
 
 
-def test_same_input_in_training_prediction_and_the_app(crop_run: Path, shared_data: Path, tmp_path: Path) -> None:
-    predictor = Predictor.from_checkpoint(crop_run / "best.pt", device="cpu", backend="torch")
+@pytest.mark.parametrize("run", ["crop_run", "mask_run"])
+def test_same_input_in_training_prediction_and_the_app(run: str, shared_data: Path, tmp_path: Path,
+                                                       request: pytest.FixtureRequest) -> None:
+    run_dir = request.getfixturevalue(run)
+    predictor = Predictor.from_checkpoint(run_dir / "best.pt", device="cpu", backend="torch")
     pipeline, size = predictor.pipeline, predictor.preprocess.img_size
+    assert pipeline.lung_crop and pipeline.lung_mask == (run == "mask_run")
     path = str(film(shared_data))
     predicted, prepared = pipeline.network_input(load_xray(path).pixels, size)
     cached = fill_cache([path], cache_size(size), tmp_path, progress=False, pipeline=pipeline).images[0]
@@ -110,6 +260,13 @@ def test_same_input_in_training_prediction_and_the_app(crop_run: Path, shared_da
     torch.testing.assert_close(predicted, from_cache, atol=0, rtol=0)
     torch.testing.assert_close(predicted, from_file, atol=0, rtol=0)
     assert not torch.equal(predicted, PLAIN.network_input(load_xray(path).pixels, size)[0])
+    if pipeline.lung_mask:  # the crop's part outside the dilated mask is black
+        assert not prepared.box.fell_back
+        crop_only = replace(pipeline, lung_mask=False)
+        assert not torch.equal(predicted, crop_only.network_input(load_xray(path).pixels, size)[0])
+        square = pipeline.prepare(load_xray(path).pixels, cache_size(size)).square
+        assert np.array_equal(square, cached) and (square == 0).mean() > (
+            crop_only.prepare(load_xray(path).pixels, cache_size(size)).square == 0).mean()
     # The heatmap comes back on the original image, zero outside the crop the network saw.
     xray = load_xray(path)
     pred = predictor.predict(xray, cam="gradcam")
@@ -125,15 +282,36 @@ def test_old_checkpoints_predict_as_before(tiny_run: Path) -> None:
     assert predictor.pipeline == PLAIN and "lung_model" not in load_checkpoint(tiny_run / "best.pt")
 
 
-def test_lung_crop_without_a_lung_model_is_one_line(small_manifest: Path, tmp_path: Path,
+@pytest.mark.parametrize("flag", ["--lung-crop", "--lung-mask"])
+def test_lung_crop_without_a_lung_model_is_one_line(flag: str, small_manifest: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     missing = tmp_path / "none.pt"
     status = train_main(["--data", str(small_manifest), "--arch", "resnet18", "--weights", "none", "--img-size",
-                         "64", "--epochs", "1", "--workers", "0", "--lung-crop", "--lung-model", str(missing),
+                         "64", "--epochs", "1", "--workers", "0", flag, "--lung-model", str(missing),
                          "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1
     assert f"no lung model at {missing}: run python -m covidxr.lungs train" in err
+
+
+def test_crossval_lung_mask_without_a_lung_model_is_one_line(small_manifest: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "none.pt"
+    status = crossval_main(["--by", "source", "--data", str(small_manifest), "--lung-mask", "--lung-model",
+                            str(missing), "--out", str(tmp_path / "cv")])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1
+    assert f"no lung model at {missing}: run python -m covidxr.lungs train" in err
+
+
+def test_lung_mask_run_records_it(mask_run: Path, tiny_lungs: Path) -> None:
+    ckpt = load_checkpoint(mask_run / "best.pt")
+    pre = Preprocess.from_dict(ckpt["preprocess"])
+    assert (pre.lung_crop, pre.lung_mask, pre.lung_mask_dilation, pre.equalize) == (True, True, LUNG_MASK_DILATION,
+                                                                                    "hist")
+    assert ckpt["lung_model"]["sha256"] == hashlib.sha256(tiny_lungs.read_bytes()).hexdigest()
+    config = json.loads((mask_run / "config.json").read_text())
+    assert config["lung_mask"] is True and config["lung_crop"] is True
 
 
 def test_evaluate_reports_the_lung_share(crop_run: Path, shared_data: Path, tmp_path: Path) -> None:

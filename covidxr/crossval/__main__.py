@@ -92,7 +92,8 @@ def cross_validate(cfg: CrossvalConfig) -> dict:
     content = {"by": cfg.by, "data": str(cfg.data), "mode": cfg.mode, "arch": cfg.arch, "weights": cfg.weights,
                "img_size": cfg.img_size, "min_images": cfg.min_images, "val_frac": cfg.val_frac, "epochs": cfg.epochs,
                "seed": cfg.seed, "bootstrap": cfg.bootstrap, "classes": data.classes, "lung_crop": cfg.lung_crop,
-               "lung_margin": cfg.lung_margin, "equalize": cfg.equalize,
+               "lung_margin": cfg.lung_margin, "equalize": cfg.equalize, "lung_mask": cfg.lung_mask,
+               "lung_mask_dilation": cfg.lung_mask_dilation,
                "n_images": int(len(data.table)), "unreadable": data.unreadable, "skipped_sources": skipped,
                "folds": folds, "command": cfg.command, "command_line": shlex.join(cfg.command),
                "device": str(device), "seconds": round(time.perf_counter() - start, 1),
@@ -115,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          batch_size=args.batch_size, seed=args.seed, bootstrap=args.bootstrap, device=args.device,
                          workers=args.workers, cache_dir=args.cache_dir, lung_crop=args.lung_crop,
                          lung_margin=args.lung_margin, equalize=args.equalize, lung_model=args.lung_model,
+                         lung_mask=args.lung_mask, lung_mask_dilation=args.lung_mask_dilation,
                          command=["python", "-m", PROG, *argv])
     try:
         if cfg.lung_crop:

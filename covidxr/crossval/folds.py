@@ -27,7 +27,7 @@ from covidxr.data.split import check_no_leakage, make_split
 from covidxr.errors import DatasetError
 from covidxr.model_input import InputPipeline
 from covidxr.models import build_model, model_from_checkpoint
-from covidxr.preprocess import LUNG_MARGIN
+from covidxr.preprocess import LUNG_MARGIN, LUNG_MASK_DILATION
 from covidxr.training import distributed
 from covidxr.training import head_features as features
 from covidxr.training.config import TrainConfig
@@ -63,7 +63,13 @@ class CrossvalConfig:
     lung_margin: float = LUNG_MARGIN
     equalize: str = "none"  # none | hist | clahe
     lung_model: str | None = None
+    lung_mask: bool = False  # black out what lies outside the lungs (python -m covidxr.train --lung-mask)
+    lung_mask_dilation: float = LUNG_MASK_DILATION
     command: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.lung_mask:
+            self.lung_crop = True  # the mask is applied to the lung crop
 
     def train_config(self, held_out: str, fold_dir: Path) -> TrainConfig:
         """The training run of the fold that leaves ``held_out`` out: train/val from the rest, ``held_out`` as test."""
@@ -72,7 +78,8 @@ class CrossvalConfig:
                            epochs=self.epochs, batch_size=self.batch_size, linear_probe=self.mode == "probe",
                            device=self.device, workers=self.workers, seed=self.seed, out=str(fold_dir),
                            lung_crop=self.lung_crop, lung_margin=self.lung_margin, equalize=self.equalize,
-                           lung_model=self.lung_model)
+                           lung_model=self.lung_model, lung_mask=self.lung_mask,
+                           lung_mask_dilation=self.lung_mask_dilation)
 
 
 @dataclass
@@ -98,7 +105,8 @@ def load_all(cfg: CrossvalConfig) -> AllData:
     """Read the manifest and decode (or read from the cache) every image once."""
     settings = LoaderSettings(data=cfg.data, cache_dir=cfg.cache_dir, img_size=cfg.img_size,
                               batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed, lung_crop=cfg.lung_crop,
-                              lung_margin=cfg.lung_margin, equalize=cfg.equalize, lung_model=cfg.lung_model)
+                              lung_margin=cfg.lung_margin, equalize=cfg.equalize, lung_model=cfg.lung_model,
+                              lung_mask=cfg.lung_mask, lung_mask_dilation=cfg.lung_mask_dilation)
     path = resolve_data_path(cfg.data)
     manifest = load_manifest(path)
     validate_for_training(manifest, str(path))

@@ -1,8 +1,8 @@
-"""Decode once: every source image is read by the shared reader, prepared by the run's input pipeline (lung crop and
-equalisation when asked, then letterbox; ``covidxr.model_input``) and stored as uint8 .npy.
+"""Decode once: every source image is read by the shared reader, prepared by the run's input pipeline (lung crop, lung
+mask and equalisation when asked, then letterbox; ``covidxr.model_input``) and stored as uint8 .npy.
 
 Entries are keyed by the source file's absolute path, size and modification time, the cache side, the reader's
-version and the pipeline's variant (``InputPipeline.key``: the lung model's digest, margin and equalisation), so a
+version and the pipeline's variant (``InputPipeline.key``: the lung model's digest, margin, mask and equalisation), so a
 changed file, reader or variant is decoded again and variants never mix. :func:`fill_cache` decodes what is
 missing (in several processes) and returns every image. The default folder is
 ``$COVIDXR_CACHE`` or ``~/.cache/covidxr/prepared``.

@@ -34,7 +34,7 @@ from covidxr.data.manifest import class_names, dataset_root, load_manifest, reso
 from covidxr.data.split import apply_split, check_no_leakage, make_split
 from covidxr.errors import DatasetError
 from covidxr.model_input import InputPipeline, lung_pipeline
-from covidxr.preprocess import LUNG_MARGIN, cache_size, eval_transform, train_transform
+from covidxr.preprocess import LUNG_MARGIN, LUNG_MASK_DILATION, cache_size, eval_transform, train_transform
 from covidxr.style_augment import style_ranges
 
 log = logging.getLogger("covidxr.data.loaders")
@@ -72,6 +72,12 @@ class LoaderSettings:
     lung_model: str | None = None  # lung model file for a lung crop; default $COVIDXR_HOME/lungs/lung-seg.pt
     # The lung model itself (a checkpoint's "lung_model" entry), when it comes from a checkpoint rather than a file.
     lung_entry: dict | None = field(default=None, repr=False, compare=False)
+    lung_mask: bool = False  # also black out what lies outside the lungs (implies lung_crop)
+    lung_mask_dilation: float = LUNG_MASK_DILATION  # the mask's widening, as a share of the crop's longer side
+
+    def __post_init__(self) -> None:
+        if self.lung_mask:
+            self.lung_crop = True
 
     @classmethod
     def from_dict(cls, d: dict) -> LoaderSettings:
@@ -93,15 +99,18 @@ class RunData:
 
 
 def input_pipeline(settings: LoaderSettings) -> InputPipeline:
-    """The settings' lung crop and equalisation, with the lung model from ``lung_entry`` or else its file.
+    """The settings' lung crop, lung mask and equalisation, with the lung model from ``lung_entry`` or else its file.
 
     Raises:
-        CheckpointError: a lung crop without a lung model ("no lung model at PATH: run python -m covidxr.lungs
-            train").
+        CheckpointError: a lung crop or mask without a lung model ("no lung model at PATH: run python -m
+            covidxr.lungs train").
     """
-    if settings.lung_crop and settings.lung_entry is None:
-        return lung_pipeline(True, settings.lung_margin, settings.equalize, settings.lung_model)
-    return InputPipeline(settings.lung_crop, settings.lung_margin, settings.equalize, settings.lung_entry)
+    crop = settings.lung_crop or settings.lung_mask
+    if crop and settings.lung_entry is None:
+        return lung_pipeline(True, settings.lung_margin, settings.equalize, settings.lung_model, settings.lung_mask,
+                             settings.lung_mask_dilation)
+    return InputPipeline(crop, settings.lung_margin, settings.equalize, settings.lung_entry, settings.lung_mask,
+                         settings.lung_mask_dilation)
 
 
 def cache_dir(settings: LoaderSettings) -> Path | None:

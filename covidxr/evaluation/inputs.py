@@ -121,13 +121,13 @@ def is_run_data(table: pd.DataFrame, split: pd.DataFrame | None) -> bool:
 
 def eval_settings(ckpt: dict[str, Any], opts: EvalOptions, data_path: Path) -> LoaderSettings:
     """The run's data and loader settings with this evaluation's data, image size, batch size and workers; the lung
-    crop and equalisation come from the checkpoint's preprocessing record, the lung model from the checkpoint."""
+    crop, lung mask and equalisation come from the checkpoint's preprocessing record, the lung model from the
+    checkpoint."""
     settings = LoaderSettings.from_dict(ckpt.get("config") or {})
     pre = Preprocess.from_dict(ckpt["preprocess"])
     pipeline = pipeline_from_checkpoint(ckpt, pre)
     return replace(settings, data=str(data_path), img_size=int(pre.img_size), batch_size=opts.batch_size,
-                   workers=opts.workers, lung_crop=pipeline.lung_crop, lung_margin=pipeline.lung_margin,
-                   equalize=pipeline.equalize, lung_entry=pipeline.lung_entry)
+                   workers=opts.workers, **pipeline.loader_fields())
 
 
 def loader_roles(run_split: pd.Series, split: str, own: bool) -> pd.Series:

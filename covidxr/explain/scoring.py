@@ -74,7 +74,7 @@ class ScoredModel:
         classes: class names, in the model's output order.
         img_size: the network input side ``S``.
         temperature: probability temperature (1.0: uncalibrated).
-        pipeline: the checkpoint's lung crop and equalisation.
+        pipeline: the checkpoint's lung crop, lung mask and equalisation.
         lungs: the lung model that gives the masks of ``lung_share`` (None: not installed).
     """
 

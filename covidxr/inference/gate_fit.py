@@ -260,11 +260,11 @@ def fit_checkpoint(checkpoint: str | os.PathLike, opts: GateOptions | None = Non
     pre = read_preprocess(ckpt, str(path))
     img_size = pre.img_size
     config = ckpt.get("config") or {}
-    # The films go through the run's own input path (lung crop, equalisation), with the checkpoint's lung model.
+    # The films go through the run's own input path (lung crop and mask, equalisation), with the checkpoint's lung
+    # model.
     pipeline = pipeline_from_checkpoint(ckpt, pre, str(path))
     settings = replace(LoaderSettings.from_dict({**config, "data": data or config.get("data")}), img_size=img_size,
-                       lung_crop=pipeline.lung_crop, lung_margin=pipeline.lung_margin, equalize=pipeline.equalize,
-                       lung_entry=pipeline.lung_entry)
+                       **pipeline.loader_fields())
     if run is None:
         run = load_run_data(settings, run_split(path, ckpt))
     folder = Path(laterals) if laterals is not None else default_laterals(resolve_data_path(settings.data))

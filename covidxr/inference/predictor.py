@@ -220,7 +220,7 @@ class Predictor:
         self.device = device
         self.runner = runner
         self.gate = gate if gate is not None else InputGate()
-        self.pipeline = pipeline  # lung crop and equalisation of the preprocessing record
+        self.pipeline = pipeline  # lung crop, lung mask and equalisation of the record
         self._lock = threading.RLock()
 
     @property

@@ -1,11 +1,13 @@
-"""What the rest of covidxr does with a lung mask: the lung bounding box, a crop to it, and the share of a Grad-CAM
-map that falls on the lungs. Plain NumPy/SciPy on (H, W) arrays; no model needed (see :mod:`covidxr.lungs.model`).
+"""What the rest of covidxr does with a lung mask: the lung bounding box, a crop to it, the mask widened by a
+margin, and the share of a Grad-CAM map that falls on the lungs. Plain NumPy/SciPy/OpenCV on (H, W) arrays; no model
+needed (see :mod:`covidxr.lungs.model`).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple, Protocol
 
+import cv2
 import numpy as np
 import scipy.ndimage
 import torch
@@ -118,6 +120,25 @@ def crop_to_lungs(image: np.ndarray, model_or_mask: MasksImages | np.ndarray,
         raise ValueError(f"mask shape {mask.shape} does not match the image's {image.shape[:2]}")
     box = lung_box(mask, margin)
     return image[box.slices], box
+
+
+def dilate_mask(mask: np.ndarray, share: float) -> np.ndarray:
+    """Return the (H, W) bool ``mask`` widened by ``share`` of its longer side: every pixel within that distance of
+    the mask (a disc; a radius under half a pixel leaves the mask as it is).
+
+    Raises:
+        ValueError: a negative ``share`` or an array that is not 2-D.
+    """
+    mask = np.asarray(mask).astype(bool, copy=False)
+    if mask.ndim != 2:
+        raise ValueError(f"dilate_mask needs an (H, W) mask, got shape {mask.shape}")
+    if share < 0:
+        raise ValueError(f"share must be >= 0, got {share}")
+    radius = round(share * max(mask.shape))
+    if radius == 0 or not mask.any():
+        return mask.copy()
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    return cv2.dilate(np.ascontiguousarray(mask, dtype=np.uint8), disc).astype(bool)
 
 
 def cam_share_in_lungs(cam: np.ndarray, mask: np.ndarray) -> float:

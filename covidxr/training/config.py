@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from covidxr.data.loaders import LoaderSettings
 from covidxr.models import ARCHS
-from covidxr.preprocess import EQUALIZE, LUNG_MARGIN
+from covidxr.preprocess import EQUALIZE, LUNG_MARGIN, LUNG_MASK_DILATION
 from covidxr.style_augment import AUGMENT_MODES
 from covidxr.utils import OneLineParser, int_at_least
 
@@ -34,6 +34,8 @@ class TrainConfig:
     lung_margin: float = LUNG_MARGIN
     equalize: str = "none"  # none | hist | clahe, after the crop
     lung_model: str | None = None  # default $COVIDXR_HOME/lungs/lung-seg.pt
+    lung_mask: bool = False  # also black out what lies outside the lungs (implies lung_crop)
+    lung_mask_dilation: float = LUNG_MASK_DILATION  # the mask's widening, as a share of the crop's longer side
     # model
     arch: str = "resnet50"
     weights: str = "imagenet"  # imagenet | none | PATH
@@ -65,6 +67,10 @@ class TrainConfig:
     # input gate (covidxr.inference.gate), fitted for best.pt when the run ends
     gate: bool = True
     gate_laterals: str | None = None  # lateral films; default notcxr/lateral beside the data or one folder up
+
+    def __post_init__(self) -> None:
+        if self.lung_mask:
+            self.lung_crop = True  # the mask is applied to the lung crop, and recorded as one
 
     def to_dict(self) -> dict:
         """Return a JSON-friendly dict."""
@@ -127,17 +133,24 @@ def _margin(text: str) -> float:
 
 
 def add_input_args(p: argparse.ArgumentParser, lung_margin: float = LUNG_MARGIN) -> None:
-    """Add --lung-crop, --lung-margin, --lung-model and --equalize (training and cross-validation share them)."""
+    """Add --lung-crop, --lung-mask, --lung-margin, --lung-mask-dilation, --lung-model and --equalize (training and
+    cross-validation share them)."""
     g = p.add_argument_group("input preprocessing (recorded in the checkpoint; prediction does the same)")
     g.add_argument("--lung-crop", action="store_true",
                    help="crop each image to its lungs before the letterbox (needs the lung model: python -m "
                         "covidxr.lungs train; it is then stored in the checkpoint)")
+    g.add_argument("--lung-mask", action="store_true",
+                   help="crop to the lungs as --lung-crop does, then black out everything outside the (slightly "
+                        "widened) lung mask, so that markers, borders, devices and body cannot tell the hospital")
     g.add_argument("--lung-margin", type=_margin, default=lung_margin,
                    help="margin around the lung box, as a share of the image's height and width")
+    g.add_argument("--lung-mask-dilation", type=_margin, default=LUNG_MASK_DILATION, metavar="SHARE",
+                   help="with --lung-mask: widen the mask by this share of the crop's longer side first")
     g.add_argument("--lung-model", metavar="PATH",
                    help="lung model file (default: $COVIDXR_HOME/lungs/lung-seg.pt, ~/.cache/covidxr/...)")
     g.add_argument("--equalize", choices=EQUALIZE, default="none",
-                   help="intensity equalisation after the crop: histogram (hist) or CLAHE")
+                   help="intensity equalisation after the crop: histogram (hist) or CLAHE (with --lung-mask, from "
+                        "the pixels inside the mask alone)")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
