@@ -7,13 +7,14 @@ Every run is evaluated with ``python -m covidxr.evaluate --checkpoint RUN/best.p
 /work/shared/data/external`` (reported only) and on its own validation split (``--split val``).
 
 Rows: ``none`` (the quickstart: inverse-frequency loss weights), ``group`` (``--balance group``), ``lungcrop``
-(``--lung-crop``), ``hist`` (``--equalize hist``), ``lchist`` (both), ``style`` (``--augment style``), ``adversary``
-(``--adversary 0.5``), ``adversary+group``. The recipe is the row with the highest **validation worst-group
-recall** on the first seed: the lowest recall over the (source, class) groups of the validation split with at least
-five images. The validation split shares the training sources, so its AUC cannot see a source shortcut, but its
-groups can: a model that calls web-collected films covid and NIH-looking films normal fails the ieee8023 pneumonia
-and the Hannover covid groups (Sagawa et al. 2020 select robust models this way). Nothing is chosen on the external
-set: it is only reported.
+(``--lung-crop``), ``hist`` (``--equalize hist``), ``lchist`` (both), ``lungmask`` (``--lung-mask``: the crop with
+everything outside the lungs blacked out), ``lmhist`` (mask and equalisation), ``style`` (``--augment style``),
+``adversary`` (``--adversary 0.5``), ``advgroup`` (adversary and group balance). The recipe is the row with the
+highest **validation worst-group recall** on the first seed: the lowest recall over the (source, class) groups of
+the validation split with at least five images. The validation split shares the training sources, so its AUC cannot
+see a source shortcut, but its groups can: a model that calls web-collected films covid and NIH-looking films normal
+fails the ieee8023 pneumonia and the Hannover covid groups (Sagawa et al. 2020 select robust models this way).
+Nothing is chosen on the external set: it is only reported.
 
 Usage::
 
@@ -40,11 +41,13 @@ EXTERNAL = "/work/shared/data/external"
 TRAIN = ["--arch", "efficientnet_lite0", "--weights", "imagenet", "--img-size", "224", "--epochs", "10",
          "--workers", "0", "--no-gate"]
 ROWS = {"none": [], "group": ["--balance", "group"], "lungcrop": ["--lung-crop"], "hist": ["--equalize", "hist"],
-        "lchist": ["--lung-crop", "--equalize", "hist"], "style": ["--augment", "style"],
+        "lchist": ["--lung-crop", "--equalize", "hist"], "lungmask": ["--lung-mask"],
+        "lmhist": ["--lung-mask", "--equalize", "hist"], "style": ["--augment", "style"],
         "adversary": ["--adversary", "0.5"], "advgroup": ["--adversary", "0.5", "--balance", "group"]}
 LABELS = {"none": "none (quickstart: loss weights)", "group": "group balance (--balance group)",
           "lungcrop": "lung crop (--lung-crop)", "hist": "equalisation (--equalize hist)",
-          "lchist": "lung crop + equalisation", "style": "scanner-style augmentation (--augment style)",
+          "lchist": "lung crop + equalisation", "lungmask": "lung mask (--lung-mask)",
+          "lmhist": "lung mask + equalisation", "style": "scanner-style augmentation (--augment style)",
           "adversary": "source adversary (--adversary 0.5)", "advgroup": "source adversary + group balance"}
 COLUMNS = ("external balanced accuracy", "external normal recall", "external covid recall",
            "internal test macro AUC", "external Grad-CAM mass in lungs", "validation worst-group recall",
