@@ -181,12 +181,24 @@ def main() -> int:
     measure_all([(name, first) for name in args.rows])
     scores = {name: rows[name][first]["validation worst-group recall"] for name in args.rows}
     recipe = max(scores, key=lambda n: (scores[n], rows[n][first]["validation macro AUC"]))
-    labels[recipe] += " = chosen recipe"
+    labels[recipe] += " = chosen recipe (first-seed rule)"
     notes.append(f"Recipe rule (validation only, seed {first}): the highest validation worst-group recall ("
                  + ", ".join(f"{LABELS[n]} {v:.3f}" for n, v in scores.items()) + f"): **{LABELS[recipe]}**.")
     later = args.later_seeds or list(args.rows)
     later = [recipe if n == "recipe" else n for n in later]
     measure_all([(name, seed) for seed in args.seeds[1:] for name in dict.fromkeys(later)])
+    # The validation groups are small (the ieee8023 pneumonia group has about ten films: one film moves its recall by
+    # 0.1), so a single seed picks noisily: the rows that have every seed are ranked again on the mean.
+    complete = [n for n in rows if len(rows[n]) == len(args.seeds)]
+    if len(args.seeds) > 1 and len(complete) > 1:
+        mean = {n: sum(r["validation worst-group recall"] for r in rows[n].values()) / len(args.seeds)
+                for n in complete}
+        final = max(mean, key=mean.get)
+        labels[final] += f" = chosen recipe ({len(args.seeds)}-seed rule)"
+        notes.append(f"{len(args.seeds)}-seed rule (validation only; decided before the later seeds ran): the highest "
+                     "mean validation worst-group recall among the rows with every seed ("
+                     + ", ".join(f"{LABELS[n]} {v:.3f}" for n, v in mean.items()) + f"): **{LABELS[final]}**.")
+        write_table(args.out, rows, labels, notes, args.seeds)
     return 0
 
 
