@@ -50,26 +50,25 @@ def tiny_lungs(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None)
     return out
 
 
+def _tiny_lung_run(out: Path, manifest: Path, flags: list[str]) -> Path:
+    assert train_main(["--data", str(manifest), "--arch", "resnet18", "--weights", "none", "--img-size", "64",
+                       "--epochs", "1", "--batch-size", "8", "--workers", "0", "--freeze-epochs", "0", *flags,
+                       "--out", str(out)]) == 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def crop_run(tiny_lungs: Path, small_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A resnet18 (random init) trained one epoch at 64 px with --lung-crop --equalize clahe."""
-    out = tmp_path_factory.mktemp("runs") / "crop"
-    assert train_main(["--data", str(small_manifest), "--arch", "resnet18", "--weights", "none", "--img-size", "64",
-                       "--epochs", "1", "--batch-size", "8", "--workers", "0", "--freeze-epochs", "0",
-                       "--lung-crop", "--lung-model", str(tiny_lungs), "--equalize", "clahe",
-                       "--out", str(out)]) == 0
-    return out
+    return _tiny_lung_run(tmp_path_factory.mktemp("runs") / "crop", small_manifest,
+                          ["--lung-crop", "--lung-model", str(tiny_lungs), "--equalize", "clahe"])
 
 
 @pytest.fixture(scope="module")
 def mask_run(tiny_lungs: Path, small_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A resnet18 (random init) trained one epoch at 64 px with --lung-mask --equalize hist."""
-    out = tmp_path_factory.mktemp("runs") / "mask"
-    assert train_main(["--data", str(small_manifest), "--arch", "resnet18", "--weights", "none", "--img-size", "64",
-                       "--epochs", "1", "--batch-size", "8", "--workers", "0", "--freeze-epochs", "0",
-                       "--lung-mask", "--lung-model", str(tiny_lungs), "--equalize", "hist",
-                       "--out", str(out)]) == 0
-    return out
+    return _tiny_lung_run(tmp_path_factory.mktemp("runs") / "mask", small_manifest,
+                          ["--lung-mask", "--lung-model", str(tiny_lungs), "--equalize", "hist"])
 
 
 def film(shared_data: Path) -> Path:
