@@ -195,7 +195,8 @@ def main() -> int:
                 for n in complete}
         final = max(mean, key=mean.get)
         labels[final] += f" = chosen recipe ({len(args.seeds)}-seed rule)"
-        notes.append(f"{len(args.seeds)}-seed rule (validation only; decided before the later seeds ran): the highest "
+        notes.append(f"{len(args.seeds)}-seed rule (validation only; written after the first seed's numbers, external "
+                     "included, were seen and before any later seed ran): the highest "
                      "mean validation worst-group recall among the rows with every seed ("
                      + ", ".join(f"{LABELS[n]} {v:.3f}" for n, v in mean.items()) + f"): **{LABELS[final]}**.")
         write_table(args.out, rows, labels, notes, args.seeds)
