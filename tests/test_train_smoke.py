@@ -121,3 +121,20 @@ def test_compiled_training_saves_plain_weights_that_match_eager(small_manifest: 
     assert set(compiled["model"]) == set(eager["model"]) and not any("_orig_mod" in k for k in compiled["model"])
     for key, value in eager["model"].items():
         torch.testing.assert_close(compiled["model"][key], value, rtol=1e-3, atol=1e-3, msg=key)
+
+
+def test_a_run_from_the_data_variable_records_the_manifest_and_evaluates(small_manifest: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Trained from $COVIDXR_DATA (the quickstart's way), the run used to record only the manifest's folder, and
+    # evaluate then read that folder as a class-per-folder tree ("the run's data now has classes [...]").
+    from covidxr.evaluation.__main__ import main as evaluate_main
+
+    monkeypatch.setenv("COVIDXR_DATA", str(small_manifest))
+    out = tmp_path / "run"
+    assert main(["--arch", "resnet18", "--weights", "none", "--img-size", "32", "--epochs", "1", "--batch-size", "8",
+                 "--workers", "0", "--no-gate", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["data"] == str(small_manifest.resolve())
+    monkeypatch.delenv("COVIDXR_DATA")
+    assert evaluate_main(["--checkpoint", str(out / "best.pt"), "--bootstrap", "0", "--lung-share-limit", "0",
+                          "--out", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["classes"] == ["covid", "normal", "pneumonia"]

@@ -32,6 +32,7 @@ from covidxr.data.loaders import (
     split_sampler,
     use_device_cache,
 )
+from covidxr.data.manifest import resolve_data_path
 from covidxr.errors import CovidxrError, DatasetError, one_line
 from covidxr.files import remove_stale_temporaries
 from covidxr.inference.gate_fit import fit_checkpoint
@@ -56,6 +57,9 @@ def run(cfg: TrainConfig, resume: dict | None = None) -> Path:
     """
     if resume is None and cfg.resume:
         resume = load_checkpoint(cfg.resume)
+    if cfg.data is None:
+        # Record where the data came from ($COVIDXR_DATA or data/cxr): evaluation reads the run's data from here.
+        cfg = replace(cfg, data=str(resolve_data_path(None)))
     dist = distributed.env_info()
     device = distributed.setup(dist, pick_device(cfg.device))
     try:
