@@ -23,7 +23,7 @@ from covidxr.lungs.check import check_sources
 from covidxr.lungs.model import metrics_path
 from covidxr.lungs.net import ARCHS
 from covidxr.lungs.train import TrainConfig, run
-from covidxr.utils import OneLineParser, int_at_least, seed_everything, setup_logging
+from covidxr.utils import OneLineParser, cli_error, int_at_least, seed_everything, setup_logging
 
 PROG = "covidxr.lungs"
 
@@ -121,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         (run_train if args.command == "train" else run_check)(args)
     except CovidxrError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        return cli_error(PROG, exc)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
