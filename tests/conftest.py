@@ -62,6 +62,28 @@ def write_subset_manifest(data: Path, out: Path, per_class: int, seed: int = 0) 
     return out
 
 
+def fit_gated_run(shared_data: Path, run: Path, img_size: int) -> Path:
+    """Make ``run`` a run of real films split by patient (45 per class) around an ImageNet EfficientNet-Lite0 with an
+    untrained head (the gate needs only the backbone) at ``img_size``, and fit its input gate with ``python -m
+    covidxr.gate fit`` (the lateral films of ``notcxr/lateral``); return ``run``."""
+    from covidxr.checkpoint import save_checkpoint
+    from covidxr.data.manifest import load_manifest
+    from covidxr.data.split import make_split, save_split
+    from covidxr.inference.gate_fit import main as gate
+    from covidxr.models import build_model, preprocess_for
+
+    manifest = write_subset_manifest(shared_data, run / "manifest.csv", per_class=45)
+    save_split(make_split(load_manifest(manifest), (0.5, 0.3, 0.2), seed=0), run / "split.csv")
+    model = build_model("efficientnet_lite0", 3, "imagenet")
+    save_checkpoint(run / "best.pt", {
+        "arch": model.arch, "classes": ["covid", "normal", "pneumonia"],
+        "preprocess": preprocess_for(model, img_size).to_dict(), "model": model.state_dict(),
+        "config": {"data": str(manifest), "img_size": img_size, "workers": 0}})
+    laterals = shared_data.parent / "notcxr" / "lateral"
+    assert gate(["fit", "--checkpoint", str(run / "best.pt"), "--laterals", str(laterals), "--device", "cpu"]) == 0
+    return run
+
+
 @pytest.fixture(scope="session")
 def small_manifest(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 16 patients per class of the real shared data, as a CSV manifest with absolute paths."""

@@ -164,25 +164,9 @@ GATE_SIZE = 96  # network input side of the gated model: quick on a CPU, enough 
 def gated_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An ImageNet EfficientNet-Lite0 (untrained head: the gate needs only the backbone) as a run of real films split
     by patient, with its input gate fitted by ``python -m covidxr.gate fit`` (as tests/test_gate.py does)."""
-    from conftest import write_subset_manifest
+    from conftest import fit_gated_run
 
-    from covidxr.checkpoint import save_checkpoint
-    from covidxr.data.manifest import load_manifest
-    from covidxr.data.split import make_split, save_split
-    from covidxr.inference.gate_fit import main as gate
-    from covidxr.models import build_model, preprocess_for
-
-    run = tmp_path_factory.mktemp("gated-run")
-    manifest = write_subset_manifest(shared_data, run / "manifest.csv", per_class=45)
-    save_split(make_split(load_manifest(manifest), (0.5, 0.3, 0.2), seed=0), run / "split.csv")
-    model = build_model("efficientnet_lite0", 3, "imagenet")
-    save_checkpoint(run / "best.pt", {
-        "arch": model.arch, "classes": ["covid", "normal", "pneumonia"],
-        "preprocess": preprocess_for(model, GATE_SIZE).to_dict(), "model": model.state_dict(),
-        "config": {"data": str(manifest), "img_size": GATE_SIZE, "workers": 0}})
-    laterals = shared_data.parent / "notcxr" / "lateral"
-    assert gate(["fit", "--checkpoint", str(run / "best.pt"), "--laterals", str(laterals), "--device", "cpu"]) == 0
-    return run
+    return fit_gated_run(shared_data, tmp_path_factory.mktemp("gated-run"), GATE_SIZE)
 
 
 def test_the_input_gate_refuses_a_rotated_and_a_lateral_film(gated_run: Path, tmp_path: Path) -> None:

@@ -192,24 +192,9 @@ def colour_photo(seed: int) -> np.ndarray:
 def gate_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An ImageNet EfficientNet-Lite0 (no training: the gate needs only its backbone) as a run of real films split
     by patient, with its gate fitted by ``python -m covidxr.gate fit``."""
-    from conftest import write_subset_manifest
+    from conftest import fit_gated_run
 
-    from covidxr.data.manifest import load_manifest
-    from covidxr.data.split import make_split, save_split
-    from covidxr.models import build_model, preprocess_for
-
-    run = tmp_path_factory.mktemp("gate-run")
-    manifest = write_subset_manifest(shared_data, run / "manifest.csv", per_class=45)
-    table = make_split(load_manifest(manifest), (0.5, 0.3, 0.2), seed=0)
-    save_split(table, run / "split.csv")
-    model = build_model("efficientnet_lite0", 3, "imagenet")
-    save_checkpoint(run / "best.pt", {
-        "arch": model.arch, "classes": ["covid", "normal", "pneumonia"],
-        "preprocess": preprocess_for(model, REAL_SIZE).to_dict(), "model": model.state_dict(),
-        "config": {"data": str(manifest), "img_size": REAL_SIZE, "workers": 0}})
-    laterals = shared_data.parent / "notcxr" / "lateral"
-    assert main(["fit", "--checkpoint", str(run / "best.pt"), "--laterals", str(laterals), "--device", "cpu"]) == 0
-    return run
+    return fit_gated_run(shared_data, tmp_path_factory.mktemp("gate-run"), REAL_SIZE)
 
 
 @pytest.mark.slow
