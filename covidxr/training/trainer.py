@@ -135,11 +135,10 @@ class Trainer:
             self.ddp = DistributedDataParallel(base,
                                                device_ids=[self.device.index] if self.device.type == "cuda" else None)
             self.ddp_frozen = frozen
-            self.compiled = None
         network = self.ddp if self.dist.enabled else base
         if not self.cfg.compile:
             return network
-        if self.compiled is None or self.compiled_base is not network:
+        if self.compiled_base is not network:
             self.compiled, self.compiled_base = torch.compile(network), network
         return self.compiled
 
