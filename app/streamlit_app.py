@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import streamlit as st
-from app_analysis import Context, FileResult, Upload, prune
-from app_evaluation import Evaluation, load_evaluation
-from app_file_view import INTENDED_USE, render_upload
-from app_model_view import render_model_view
-from app_settings import TRAIN_COMMANDS, AppSettings, checkpoint_choices, load_settings
-from app_summary import results_csv, summary_frame
 
+from app.analysis import Context, FileResult, Upload, prune
+from app.evaluation import Evaluation, load_evaluation
+from app.file_view import INTENDED_USE, render_upload
+from app.model_view import render_model_view
+from app.settings import TRAIN_COMMANDS, AppSettings, checkpoint_choices, load_settings
+from app.summary import results_csv, summary_frame
 from covidxr.errors import CovidxrError
 from covidxr.inference.prediction_log import PredictionLog, new_session_id
 from covidxr.io import MAX_FILE_BYTES

@@ -10,7 +10,6 @@ import hashlib
 import io
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,19 +17,17 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from app_inputs import EXTERNAL_NAME, fake_evaluation, lateral_dicom, write_evaluation
 from streamlit.testing.v1 import AppTest
 
+from app.format import probability
+from app.settings import load_settings
 from covidxr.dicom import DICOM_HEADER_FIELDS
 from covidxr.inference.prediction_log import read_records
 from covidxr.io import load_xray
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "app" / "streamlit_app.py")
-sys.path.insert(0, str(REPO / "app"))
-
-from app_format import probability  # noqa: E402
-from app_inputs import EXTERNAL_NAME, fake_evaluation, lateral_dicom, write_evaluation  # noqa: E402
-from app_settings import load_settings  # noqa: E402
 
 
 @pytest.fixture
@@ -269,10 +266,9 @@ def test_summary_table_lists_failed_files_and_progress_ends(with_model: Path, sh
 
 
 def test_results_csv_keeps_failed_and_refused_rows() -> None:
-    from app_analysis import FileResult
-    from app_assessment import Assessment
-    from app_summary import results_csv
-
+    from app.analysis import FileResult
+    from app.assessment import Assessment
+    from app.summary import results_csv
     from covidxr.inference.predictor import Prediction
 
     good = Prediction("a.png", {"covid": 0.9999, "normal": 0.00005, "pneumonia": 0.00005}, "covid", 0.9999)
@@ -295,9 +291,9 @@ def test_probabilities_never_read_certain(value: float, text: str) -> None:
 
 def test_downloaded_overlay_has_colour_bar_and_caption() -> None:
     """The captioned PNG keeps the overlay unchanged on top and draws the colour bar and the caption below it."""
-    from app_heatmap import overlay_png
     from PIL import Image
 
+    from app.heatmap import overlay_png
     from covidxr.explain.display import captioned, overlay
 
     rng = np.random.default_rng(0)
@@ -422,7 +418,7 @@ def test_model_tab_says_first_that_there_is_no_external_result(own_run: Path, sh
 
 def test_crossval_summary_rows_read_too() -> None:
     """Cross-validation given as summary rows (intervals already) reads like crossval.json's folds."""
-    from app_eval_tables import crossval_table
+    from app.eval_tables import crossval_table
 
     ci = {"estimate": 0.61, "lo": 0.5, "hi": 0.7}
     table = crossval_table([{"held_out": "hida6/covid-chestxray-dataset", "n_images": 9, "n_patients": 8,
@@ -487,8 +483,8 @@ def test_lung_share_only_with_a_lung_model(with_model: Path, shared_data: Path,
 def test_oversized_empty_and_crashing_files_stay_contained(with_model: Path, shared_data: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The size cap, an empty file and an unexpected internal error each give one line; the good file still works."""
-    import app_analysis
-    import app_file_view
+    import app.analysis as app_analysis
+    import app.file_view as app_file_view
 
     good = real_image(shared_data)
     monkeypatch.setattr(app_analysis, "MAX_FILE_BYTES", 10_000)

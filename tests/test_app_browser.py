@@ -28,7 +28,7 @@ from covidxr.inference.prediction_log import read_records
 from covidxr.io import load_xray
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-DOWNLOAD_MAX_SIDE = 2048  # app_heatmap.DOWNLOAD_MAX_SIDE
+DOWNLOAD_MAX_SIDE = 2048  # app.heatmap.DOWNLOAD_MAX_SIDE
 LATERALS = NOTCXR / "lateral"
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,7 +29,6 @@ import asyncio
 import csv
 import io
 import re
-import sys
 import time
 import tomllib
 from collections import Counter
@@ -41,11 +40,9 @@ import pandas as pd
 import pytest
 from app_server import CHROMIUM, CHROMIUM_ARGS, REPO, RESULT_TIMEOUT_MS, AppServer, require_chromium, run_app
 
+from app.assessment import assess
 from covidxr.inference.prediction_log import pixel_sha256, read_records
 from covidxr.io import MAX_FILE_BYTES, load_xray
-
-sys.path.insert(0, str(REPO / "app"))
-from app_assessment import assess  # noqa: E402
 
 SESSIONS = 8
 FILES_PER_SESSION = 3

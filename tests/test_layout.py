@@ -118,6 +118,33 @@ def test_app_imports_only_the_predictor_explanations_reader_and_results():
     assert sorted(m for m in used if not m.startswith(APP_ALLOWED)) == []
 
 
+def test_app_modules_import_each_other_as_a_package():
+    """The page's modules are ``app.NAME``: no flat ``app_*`` scripts, no sibling imported by its bare name."""
+    app = ROOT / "app"
+    siblings = {p.stem for p in app.glob("*.py")} - {"__init__"}
+    assert (app / "__init__.py").is_file()
+    assert sorted(p.name for p in app.glob("app_*.py")) == []
+    bare = {}
+    for path in app.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            bare.update({f"{path.name}: {n}": n for n in names if n.split(".")[0] in siblings})
+    assert bare == {}
+
+
+def test_nothing_edits_sys_path():
+    """Imports resolve through the installed packages (``pip install -e .``), never through a patched sys.path."""
+    edits = {}
+    for folder in (PACKAGE, ROOT / "app", ROOT / "tests", ROOT / "benchmarks"):
+        for path in folder.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+                        and node.value.id == "sys"):
+                    edits[str(path.relative_to(ROOT))] = node.lineno
+    assert edits == {}
+
+
 def test_no_module_over_400_lines():
     long = {str(p.relative_to(ROOT)): n for folder in (PACKAGE, ROOT / "app") for p in folder.rglob("*.py")
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}

@@ -21,7 +21,6 @@ import contextlib
 import io
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -165,11 +164,9 @@ def stage_evaluate(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _app_views() -> tuple[Any, Any]:
-    """The app's evaluation reader and tables (the app folder is not a package: the app puts it on sys.path the
-    same way)."""
-    sys.path.insert(0, str(REPO / "app"))
-    import app_eval_tables  # noqa: PLC0415 - needs the path above
-    import app_evaluation  # noqa: PLC0415
+    """The app's evaluation reader and tables (imported late: they import streamlit)."""
+    import app.eval_tables as app_eval_tables  # noqa: PLC0415
+    import app.evaluation as app_evaluation  # noqa: PLC0415
 
     return app_evaluation, app_eval_tables
 

@@ -2,7 +2,7 @@
 
 :func:`render_upload` is the single code path for every uploaded file (browser uploads and AppTest uploads alike).
 A refused image ("Not assessed: REASON") shows no class and no probability; its output stays behind the
-"Show the model's output anyway" toggle. The work itself (reading, predicting, auditing) is :mod:`app_analysis`.
+"Show the model's output anyway" toggle. The work itself (reading, predicting, auditing) is :mod:`app.analysis`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import streamlit as st
-from app_analysis import Context, FileResult, Upload, analyse, decode
-from app_assessment import Assessment
-from app_evaluation import Evaluation, trust_basis
-from app_format import model_says, probability
-from app_heatmap import CAM_LABELS, DISPLAY_MAX_SIDE, cam_settings, overlay_png, render_controls, render_heatmap
 
+from app.analysis import Context, FileResult, Upload, analyse, decode
+from app.assessment import Assessment
+from app.evaluation import Evaluation, trust_basis
+from app.format import model_says, probability
+from app.heatmap import CAM_LABELS, DISPLAY_MAX_SIDE, cam_settings, overlay_png, render_controls, render_heatmap
 from covidxr.errors import CovidxrError
 from covidxr.inference.prediction_log import safe_header
 from covidxr.io import Xray

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
-from app_assessment import Assessment, assess
-
+from app.assessment import Assessment, assess
 from covidxr.errors import CovidxrError
 from covidxr.inference.prediction_log import (
     PredictionLog,

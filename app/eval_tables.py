@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
-from app_format import interval, num, pct
 
+from app.format import interval, num, pct
 from covidxr.sources_display import source_name
 
 UNSEEN = "n/a (never seen in training)"

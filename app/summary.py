@@ -7,8 +7,9 @@ a file that could not be read is listed as "failed" with its error, in the table
 from __future__ import annotations
 
 import pandas as pd
-from app_analysis import FileResult
-from app_format import probability
+
+from app.analysis import FileResult
+from app.format import probability
 
 SUMMARY_COLUMNS = ["File", "Verdict", "Class", "Probability", "Reason or error"]
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import streamlit as st
-from app_format import interval, pct, probability
 
+from app.format import interval, pct, probability
 from covidxr.sources_display import source_name
 
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from app_format import num, pct
+from app.format import num, pct
 
 EXPLANATIONS = """\
 **How to read these numbers** (each is measured per class, "this class" against all others):

@@ -4,7 +4,7 @@ Order: results on films from sources the model never saw (external validation, t
 cross-validation) beside what a classifier that sees only the source or other metadata achieves; then the internal
 test (held-out patients of the same sources, clearly labelled internal); then training (validation AUC,
 calibration temperature and what it was fitted on, data) and the model's identity. Without an external result the
-tab says so first. Numbers come from the saved evaluation only (:mod:`app_evaluation`); nothing is recomputed.
+tab says so first. Numbers come from the saved evaluation only (:mod:`app.evaluation`); nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import streamlit as st
-from app_eval_tables import (
+
+from app.eval_tables import (
     comparison_table,
     confusion_table,
     counts_table,
@@ -25,10 +26,9 @@ from app_eval_tables import (
     per_class_table,
     subgroup_table,
 )
-from app_evaluation import Evaluation, dataset_name
-from app_format import num, pct
-from app_model_texts import EXPLANATIONS, NO_EXTERNAL, PLOT_CAPTIONS, not_evaluated, temperature_text
-
+from app.evaluation import Evaluation, dataset_name
+from app.format import num, pct
+from app.model_texts import EXPLANATIONS, NO_EXTERNAL, PLOT_CAPTIONS, not_evaluated, temperature_text
 from covidxr.sources_display import readable, source_name
 
 

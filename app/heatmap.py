@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import streamlit as st
-from app_analysis import Context, Upload
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from app.analysis import Context, Upload
 from covidxr.errors import CovidxrError
 from covidxr.io import Xray
 
