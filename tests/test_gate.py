@@ -12,8 +12,18 @@ import torch
 
 from covidxr.checkpoint import load_checkpoint, save_checkpoint
 from covidxr.errors import CheckpointError
-from covidxr.inference.gate import FRONTAL, NO_GATE, TINY_SIDE, InputGate, file_checks, weights_sha256
-from covidxr.inference.gate_data import lateral_table
+from covidxr.inference.gate import (
+    BORDERLINE,
+    FRONTAL,
+    NO_GATE,
+    OOD_REASON,
+    InputGate,
+    OodModel,
+    file_checks,
+    weights_sha256,
+)
+from covidxr.inference.gate_data import patient_halves
+from covidxr.inference.gate_files import TINY_SIDE
 from covidxr.inference.gate_fit import fit_ood, fit_view, invert_content, main, variant
 from covidxr.io import Xray
 
@@ -25,11 +35,11 @@ def xray(side: int = 512, color: bool = False, header: dict | None = None, fmt: 
 
 
 @pytest.mark.parametrize(("image", "check", "expected"), [
-    (xray(color=True), "colour", "colour image"),
+    (xray(color=True), "colour", "colour picture"),
     (xray(side=TINY_SIDE - 1), "size", "too small"),
-    (xray(header={"Modality": "CT"}, fmt="DICOM"), "dicom", "modality is CT"),
+    (xray(header={"Modality": "CT"}, fmt="DICOM"), "dicom", "says a CT scan"),
     (xray(header={"Modality": "DX", "BodyPartExamined": "KNEE"}, fmt="DICOM"), "dicom", "body part is KNEE"),
-    (xray(header={"Modality": "CR", "ViewPosition": "LL"}, fmt="DICOM"), "dicom", "lateral view"),
+    (xray(header={"Modality": "CR", "ViewPosition": "LL"}, fmt="DICOM"), "dicom", "side (lateral) view"),
     (xray(header={"ViewPosition": "RAO"}, fmt="DICOM"), "dicom", "oblique view"),
 ])
 def test_file_checks_refuse(image: Xray, check: str, expected: str) -> None:
@@ -74,10 +84,50 @@ def test_learned_checks_on_synthetic_clusters(fitted: InputGate) -> None:
     verdicts = fitted.check_batch([xray(), xray()], np.stack([test[FRONTAL][0], test["lateral"][0]]))
     assert verdicts[0].learned and set(verdicts[0].view_probs) == {FRONTAL, "rotated", "inverted", "lateral"}
     assert verdicts[0].ood_threshold == pytest.approx(fitted.ood.threshold)
-    assert not verdicts[1].assessable and "lateral view" in verdicts[1].reason and verdicts[1].checks[0] == "lateral"
+    assert not verdicts[1].assessable and verdicts[1].checks == ("lateral",)  # one reason: the view, not also OOD
+    assert verdicts[1].reason == "This looks like a side (lateral) view: the model reads only frontal chest X-rays"
     assert verdicts[1].to_dict()["assessable"] is False
     with pytest.raises(ValueError, match="backbone features"):
         fitted.check(xray(), np.zeros(FEATURES + 1))
+
+
+def test_borderline_band_between_the_threshold_and_the_refusal() -> None:
+    """Distances just above the conformal threshold are assessed and marked; only beyond the band are they refused."""
+    train, val = clusters(200, 0), clusters(100, 1)
+    ood = fit_ood(train[FRONTAL], val[FRONTAL], k=5, alpha=0.05, band=1.0)
+    median = float(np.median(ood.distance(val[FRONTAL])))
+    assert ood.outer == pytest.approx(ood.threshold + (ood.threshold - median))
+    gate = InputGate(None, ood, "digest", unavailable=None)
+    direction = np.eye(FEATURES)[-1]
+    scales = np.linspace(0, 30, 301)
+    distances = ood.distance(train[FRONTAL][0] + scales[:, None] * direction)
+    inside = scales[(distances > ood.threshold) & (distances <= ood.outer)][0]
+    beyond = scales[distances > ood.outer][0]
+    near, far = (gate.check(xray(), train[FRONTAL][0] + s * direction) for s in (inside, beyond))
+    assert near.assessable and near.borderline and near.status == "borderline" and near.headline() == BORDERLINE
+    assert near.ood_outer == pytest.approx(ood.outer) and "Unusual film" in near.warnings[-1]
+    assert not far.assessable and not far.borderline and far.reason == OOD_REASON and far.checks == ("ood",)
+    no_band = fit_ood(train[FRONTAL], val[FRONTAL], k=5, alpha=0.05, band=0.0)
+    assert no_band.refuse_above == no_band.threshold
+    old = {**ood.to_dict()}
+    del old["outer"]  # a gate stored before the band: refused above the threshold, as it was
+    assert OodModel.from_dict(old).refuse_above == pytest.approx(ood.threshold, rel=1e-6)
+
+
+def test_made_photographs_and_documents_are_reproducible(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from covidxr.inference.gate_kinds import write_made_images
+
+    photos = write_made_images(tmp_path / "a", "photo", 3, seed=1, grey=False)
+    again = write_made_images(tmp_path / "b", "photo", 3, seed=1, grey=False)
+    other = write_made_images(tmp_path / "c", "photo", 3, seed=2, grey=False)
+    assert [p.read_bytes() for p in photos] == [p.read_bytes() for p in again] != [p.read_bytes() for p in other]
+    pixels = np.asarray(Image.open(photos[0]))
+    assert pixels.ndim == 3 and np.abs(pixels[..., 0].astype(int) - pixels[..., 2]).mean() > 5  # in colour
+    documents = write_made_images(tmp_path / "d", "document", 2, seed=1)
+    page = np.asarray(Image.open(documents[0]))
+    assert page.ndim == 2 and np.median(page) > 200 and (page < 100).mean() > 0.02  # light paper, dark ink
 
 
 def test_two_view_classes_keep_one_row_per_class() -> None:
@@ -127,7 +177,7 @@ def test_checkpoint_without_gate_runs_the_file_checks_only(tmp_path: Path) -> No
     assert not gate.learned and gate.unavailable == NO_GATE
     verdict = gate.check(xray(), np.zeros(FEATURES))
     assert verdict.assessable and verdict.warnings == () and verdict.view_probs is None and not verdict.learned
-    assert gate.check(xray(color=True)).reasons[0].startswith("a colour image")
+    assert gate.check(xray(color=True)).reason.startswith("This is a colour picture")
     with pytest.raises(ValueError, match="nothing to store"):
         gate.to_dict()
 
@@ -156,10 +206,10 @@ def test_lateral_patients_split_in_halves(tmp_path: Path) -> None:
             rows.append({"path": f"lateral/p{i}_{k}.jpg", "patient_id": f"p{i}"})
     (folder / "extra.jpg").write_bytes(b"x")  # no metadata row: its own patient
     pd.DataFrame(rows).to_csv(tmp_path / "notcxr" / "metadata.csv", index=False)
-    table = lateral_table(folder, seed=0)
+    table = patient_halves(folder, seed=0)
     assert len(table) == 16 and table.groupby("patient_id")["role"].nunique().max() == 1
     assert table.drop_duplicates("patient_id")["role"].value_counts().to_dict() == {"holdout": 6, "fit": 5}
-    assert table.equals(lateral_table(folder, seed=0)) and not table.equals(lateral_table(folder, seed=1))
+    assert table.equals(patient_halves(folder, seed=0)) and not table.equals(patient_halves(folder, seed=1))
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -226,7 +276,8 @@ def test_real_films_pass_and_other_images_are_refused(gate_run: Path, shared_dat
         assert report["variants"][name]["rate"] >= 0.85, (name, report["variants"][name])
     groups = report["folders"][str(notcxr)]
     assert groups["lateral (not fitted on)"]["n"] == info["n_lateral_holdout"]
-    for name in ("lateral", "lateral (not fitted on)", "ct"):
+    assert groups["ct (not fitted on)"]["n"] == info["n_ct_holdout"] > 0
+    for name in ("lateral", "lateral (not fitted on)", "ct", "ct (not fitted on)"):
         assert groups[name]["rate"] >= 0.9, (name, groups[name])
 
     photos = tmp_path / "photos"
@@ -242,8 +293,8 @@ def test_real_films_pass_and_other_images_are_refused(gate_run: Path, shared_dat
     out = capsys.readouterr().out
     csv = pd.read_csv(tmp_path / "out" / "predictions.csv", keep_default_na=False).set_index("path")
     for seed in range(3):
-        assert f"photo{seed}.jpg: not assessed: a colour image" in out
-    assert f"{photos / 'sideways.png'}: not assessed: looks rotated" in out
+        assert f"photo{seed}.jpg: not assessed: This is a colour picture" in out
+    assert f"{photos / 'sideways.png'}: not assessed: This film looks rotated" in out
     assert csv.loc[str(photos / "sideways.png"), "gate"] == "not assessed"
     assert csv.loc[str(photos / "sideways.png"), "predicted"] == ""
     assert float(csv.loc[str(photos / "sideways.png"), "prob_covid"]) >= 0.0  # the output is still recorded

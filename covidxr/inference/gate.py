@@ -1,16 +1,20 @@
 """The input gate: is this an assessable frontal chest radiograph? Asked before the classifier's output is shown.
 
-Checks, in order; each failed check gives a reason, and any reason refuses the image ("not assessed: REASON"):
+Checks, in order; each failed check gives a reason in plain words, and any reason refuses the image ("not assessed:
+REASON"). The first reason is the most likely one (:attr:`GateVerdict.reason`, what the page shows):
 
 1. File checks (no model): a colour image (:attr:`~covidxr.io.Xray.color`: a photograph, a tinted picture), an image
    under :data:`TINY_SIDE` pixels a side, and for DICOM the header's modality (not plain radiography), body part
    (not the chest) and view position (lateral or oblique).
 2. View (learned by :mod:`covidxr.inference.gate_fit`): a multinomial logistic regression on the classifier's own
    pooled backbone features, fitted on the training split's upright frontal films against the same films rotated
-   by 90, 180 and 270 degrees and inverted (1 - x), and real lateral films. Refused when P(frontal) is below
-   ``min_frontal``.
-3. Out of distribution (learned): the cosine distance of the features to their nearest training films; refused
-   above a high (split-conformal) quantile of the validation split's distances.
+   by 90, 180 and 270 degrees and inverted (1 - x), real lateral films and CT slices, and photographs and documents
+   made by :mod:`covidxr.inference.gate_kinds`. Refused when P(frontal) is below ``min_frontal``; the reason names
+   the most likely other kind ("This looks like a CT slice, not a chest X-ray").
+3. Out of distribution (learned): the cosine distance of the features to their nearest training films. Up to a high
+   (split-conformal) quantile of the validation split's distances a film passes; in the band above it, up to
+   :attr:`OodModel.outer`, it is *borderline* ("unusual film: read with care": assessed, output shown and marked);
+   beyond the band it is refused.
 
 The fitted gate travels in the checkpoint as ``ckpt["gate"]`` (:meth:`InputGate.to_dict`): tensors, floats, strings
 and lists only, so ``torch.load(weights_only=True)`` reads it. It is tied to the model weights by their digest: the
@@ -29,21 +33,26 @@ import numpy as np
 import torch
 
 from covidxr.errors import CheckpointError
+from covidxr.inference.gate_files import file_checks
 from covidxr.io import Xray
 from covidxr.utils import softmax
 
 GATE_FORMAT = "covidxr-gate"
-GATE_VERSION = 1
+GATE_VERSION = 2  # 2: more view kinds (ct, photo, document) and the borderline band
 FRONTAL = "frontal"
-VIEW_CLASSES = (FRONTAL, "rotated", "inverted", "lateral")
-TINY_SIDE = 128  # refused below this: the network input is upscaled from a thumbnail
-SMALL_SIDE = 256  # a warning below this: fine detail is missing
-RADIOGRAPHY = frozenset({"CR", "DX", "DR", "RG"})
-CHEST_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "CHEST_LUNG", "CHESTWALL"})
-LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "L", "R", "LEFT LATERAL", "RIGHT LATERAL"})
-OBLIQUE_VIEWS = frozenset({"RAO", "LAO", "RPO", "LPO", "RLO", "LLO", "OBL", "OBLIQUE"})
-VIEW_REASONS = {"rotated": "looks rotated, not an upright film", "inverted": "looks inverted (a negative: bone dark)",
-                "lateral": "looks like a lateral view, not a frontal one"}
+VIEW_CLASSES = (FRONTAL, "rotated", "inverted", "lateral", "ct", "photo", "document")
+BORDERLINE = "unusual film: read with care"
+VIEW_REASONS = {
+    "rotated": "This film looks rotated: upload it upright (head at the top)",
+    "inverted": "This film looks inverted (a negative, bones dark): upload the positive image",
+    "lateral": "This looks like a side (lateral) view: the model reads only frontal chest X-rays",
+    "ct": "This looks like a CT slice, not a chest X-ray",
+    "photo": "This looks like a photograph, not a chest X-ray",
+    "document": "This looks like a document or a screenshot, not a chest X-ray",
+}
+OOD_REASON = "This image is too unlike the chest X-rays the model learned from to be read"
+BORDERLINE_WARNING = ("Unusual film: it differs more than most from the films the model learned from (another "
+                      "hospital or scanner?), so read its output with care")
 NO_GATE = ("the checkpoint has no fitted gate, so only the file checks ran (view and out-of-distribution checks "
            "unavailable; add them with python -m covidxr.gate fit)")
 
@@ -54,14 +63,17 @@ class GateVerdict:
 
     Attributes:
         assessable: False when any check refused the image.
-        reasons: why it was refused, most basic check first (empty when assessable).
-        checks: the failed checks, one code per reason: ``colour``, ``size``, ``dicom``, the likely view
-            (``rotated``, ``inverted``, ``lateral``) or ``ood``.
-        warnings: caveats that do not refuse (a small image).
+        reasons: why it was refused, in plain words, the most likely first (empty when assessable).
+        checks: the failed checks, one code per reason: ``colour``, ``size``, ``dicom``, the likely kind
+            (``rotated``, ``inverted``, ``lateral``, ``ct``, ``photo``, ``document``) or ``ood``.
+        warnings: caveats that do not refuse (a small image, a borderline film).
         view_probs: view class -> probability, or None without the view check.
         ood_distance: the image's distance from the training films, or None without the check.
         ood_threshold: the distance above which images are refused, or None.
         learned: whether the learned checks ran (when not, :attr:`InputGate.unavailable` says why).
+        borderline: assessed, but its distance lies in the band between the threshold and the refusal
+            (:data:`BORDERLINE`).
+        ood_outer: the distance above which images are refused (the band's outer edge), or None.
     """
 
     assessable: bool
@@ -72,57 +84,30 @@ class GateVerdict:
     ood_distance: float | None = None
     ood_threshold: float | None = None
     learned: bool = False
+    borderline: bool = False
+    ood_outer: float | None = None
 
     @property
     def reason(self) -> str:
-        """All reasons on one line ("" when assessable)."""
-        return "; ".join(self.reasons)
+        """The most likely reason ("" when assessable); :attr:`reasons` has them all."""
+        return self.reasons[0] if self.reasons else ""
 
     @property
     def status(self) -> str:
-        """``"assessed"`` or ``"not assessed"``."""
-        return "assessed" if self.assessable else "not assessed"
+        """``"assessed"``, ``"borderline"`` (assessed, read with care) or ``"not assessed"``."""
+        return "not assessed" if not self.assessable else "borderline" if self.borderline else "assessed"
 
     def headline(self) -> str:
-        """``"not assessed: REASON"`` for a refused image, else ``"assessed"``."""
-        return "assessed" if self.assessable else f"not assessed: {self.reason}"
+        """``"not assessed: REASON"`` for a refused image, :data:`BORDERLINE` for a borderline one, else
+        ``"assessed"``."""
+        return f"not assessed: {self.reason}" if not self.assessable else BORDERLINE if self.borderline else "assessed"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict."""
         return {"assessable": self.assessable, "reason": self.reason, "reasons": list(self.reasons),
                 "checks": list(self.checks), "warnings": list(self.warnings), "view_probs": self.view_probs,
-                "ood_distance": self.ood_distance, "ood_threshold": self.ood_threshold, "learned": self.learned}
-
-
-def file_checks(xray: Xray) -> tuple[list[tuple[str, str]], list[str]]:
-    """The checks that need no model: colour, size and the DICOM header.
-
-    Returns:
-        ``([(check code, reason to refuse)], warnings)``, in plain language without file names (they may go into the
-        audit log).
-    """
-    reasons, warnings = [], []
-    if xray.color:
-        reasons.append(("colour", "a colour image (a photograph or a tinted picture?), not a plain radiograph"))
-    height, width = xray.pixels.shape[:2]
-    if min(height, width) < TINY_SIDE:
-        reasons.append(("size", f"too small ({width} x {height} px; at least {TINY_SIDE} px a side needed)"))
-    elif min(height, width) < SMALL_SIDE:
-        warnings.append(f"a small image ({width} x {height} px): fine detail is missing and the result is less "
-                        "reliable")
-    header = xray.header or {}
-    modality = str(header.get("Modality", "")).strip().upper()
-    if modality and modality not in RADIOGRAPHY:
-        reasons.append(("dicom", f"the DICOM modality is {modality}, not a plain radiograph (CR/DX)"))
-    part = str(header.get("BodyPartExamined", "")).strip().upper()
-    if part and part not in CHEST_PARTS:
-        reasons.append(("dicom", f"the DICOM body part is {part}, not the chest"))
-    view = str(header.get("ViewPosition", "")).strip().upper()
-    if view in LATERAL_VIEWS:
-        reasons.append(("dicom", f"the DICOM view position is {view}: a lateral view, not a frontal one (PA/AP)"))
-    elif view in OBLIQUE_VIEWS:
-        reasons.append(("dicom", f"the DICOM view position is {view}: an oblique view, not a frontal one (PA/AP)"))
-    return reasons, warnings
+                "ood_distance": self.ood_distance, "ood_threshold": self.ood_threshold, "learned": self.learned,
+                "borderline": self.borderline, "ood_outer": self.ood_outer}
 
 
 def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
@@ -208,14 +193,22 @@ class OodModel:
     Attributes:
         reference: ``(N, F)`` unit-length backbone features of (up to a cap of) the training split's films.
         k: neighbours averaged.
-        threshold: distances above this are refused.
+        threshold: distances above this are borderline (up to ``outer``) or refused (beyond).
         alpha: the share of validation films allowed above the threshold (a split-conformal quantile).
+        outer: distances above this are refused; between ``threshold`` and ``outer`` a film is borderline.
+            None (a gate from before the band): ``threshold``.
     """
 
     reference: np.ndarray
     k: int
     threshold: float
     alpha: float
+    outer: float | None = None
+
+    @property
+    def refuse_above(self) -> float:
+        """The distance above which images are refused."""
+        return self.threshold if self.outer is None else max(self.outer, self.threshold)
 
     def distance(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
         """``(B,)`` distances in ``[0, 2]`` of ``(B, F)`` backbone features."""
@@ -227,15 +220,15 @@ class OodModel:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "knn-cosine", "reference": torch.tensor(self.reference, dtype=torch.float16), "k": self.k,
-                "threshold": float(self.threshold), "alpha": float(self.alpha)}
+                "threshold": float(self.threshold), "alpha": float(self.alpha), "outer": float(self.refuse_above)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> OodModel:
         if d.get("kind") != "knn-cosine":
             raise CheckpointError(f"gate: unknown out-of-distribution check {d.get('kind')!r}")
         model = cls(_array(d["reference"], "ood.reference", 2), int(d["k"]), float(d["threshold"]),
-                    float(d["alpha"]))
-        if len(model.reference) == 0 or model.k < 1 or not np.isfinite(model.threshold):
+                    float(d["alpha"]), None if d.get("outer") is None else float(d["outer"]))
+        if len(model.reference) == 0 or model.k < 1 or not np.isfinite([model.threshold, model.refuse_above]).all():
             raise CheckpointError(f"gate: inconsistent out-of-distribution check ({len(model.reference)} reference "
                                   f"films, k {model.k}, threshold {model.threshold})")
         return model
@@ -287,10 +280,14 @@ class InputGate:
                 warnings.append("no backbone features given: the learned checks did not run")
             probs, distance, more = learned[i] if learned is not None else (None, None, [])
             reasons += more
+            ood = self.ood if learned is not None else None
+            borderline = not reasons and ood is not None and distance is not None and distance > ood.threshold
+            if borderline:
+                warnings.append(BORDERLINE_WARNING)
             verdicts.append(GateVerdict(not reasons, tuple(r for _, r in reasons), tuple(c for c, _ in reasons),
                                         tuple(warnings), probs, distance,
-                                        None if self.ood is None or learned is None else float(self.ood.threshold),
-                                        learned is not None))
+                                        None if ood is None else float(ood.threshold), learned is not None,
+                                        borderline, None if ood is None else float(ood.refuse_above)))
         return verdicts
 
     def learned_checks(self, features: np.ndarray | torch.Tensor) -> list[tuple[dict[str, float] | None,
@@ -310,18 +307,21 @@ class InputGate:
                 probs = dict(zip(self.view.classes, map(float, view_probs[i]), strict=True))
                 if probs[FRONTAL] < self.view.min_frontal:
                     likely = max((c for c in probs if c != FRONTAL), key=probs.get)
-                    reasons.append((likely, f"{VIEW_REASONS.get(likely, f'looks {likely}')} "
-                                            f"(P(frontal) = {probs[FRONTAL]:.2f})"))
+                    reasons.append((likely, VIEW_REASONS.get(likely, f"This looks like {likely}, not a chest X-ray")))
             distance = None if distances is None else float(distances[i])
-            if distance is not None and distance > self.ood.threshold:
-                reasons.append(("ood", f"unlike the films the model was trained on (feature distance {distance:.3f} > "
-                                       f"{self.ood.threshold:.3f})"))
+            if distance is not None and distance > self.ood.refuse_above and not reasons:
+                reasons.append(("ood", OOD_REASON))
             out.append((probs, distance, reasons))
         return out
 
     def refused(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
         """``(B,)`` bool: which of ``(B, F)`` backbone features the learned checks refuse (for measuring)."""
         return np.array([bool(reasons) for _, _, reasons in self.learned_checks(features)], dtype=bool)
+
+    def borderline(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``(B,)`` bool: which of ``(B, F)`` backbone features pass but land in the borderline band."""
+        return np.array([not reasons and self.ood is not None and d is not None and d > self.ood.threshold
+                         for _, d, reasons in self.learned_checks(features)], dtype=bool)
 
     def to_dict(self) -> dict[str, Any]:
         """The checkpoint entry ``ckpt["gate"]``: tensors, floats, strings and lists only."""

@@ -1,5 +1,6 @@
-"""Which films the input gate is fitted on: the run's training and validation split, and lateral films split by
-patient (:func:`lateral_table`). Used by :mod:`covidxr.inference.gate_fit`."""
+"""Which images the input gate is fitted on: the run's training and validation split, real images of other kinds
+(lateral films, CT slices) split by patient (:func:`patient_halves`), and made photographs and documents
+(:mod:`covidxr.inference.gate_kinds`). Used by :mod:`covidxr.inference.gate_fit`."""
 
 from __future__ import annotations
 
@@ -15,20 +16,28 @@ import pandas as pd
 from covidxr.data.loaders import LoaderSettings, RunData, prepare_rows
 from covidxr.errors import DatasetError
 from covidxr.files import file_digest
+from covidxr.inference.gate_kinds import KINDS, write_made_images
 
 log = logging.getLogger("covidxr.gate")
 
 
 @dataclass
 class GateImages:
-    """Letterboxed uint8 ``(S', S')`` squares (at :func:`covidxr.preprocess.cache_size`) the gate is fitted on."""
+    """Letterboxed uint8 ``(S', S')`` squares (at :func:`covidxr.preprocess.cache_size`) the gate is fitted on.
+
+    Attributes:
+        train: the training split's films.
+        val: the validation split's films.
+        fit: other kind (``lateral``, ``ct``, ``photo``, ``document``) -> images the view check learns.
+        holdout: other kind -> images of the patients it did not learn (measured only).
+        info: where they came from, stored in the gate's info.
+    """
 
     train: list[np.ndarray]
     val: list[np.ndarray]
-    lateral_fit: list[np.ndarray] = field(default_factory=list)
-    lateral_holdout: list[np.ndarray] = field(default_factory=list)
-    info: dict = field(default_factory=dict)  # where they came from, stored in the gate's info
-
+    fit: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    holdout: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
 
 
 def run_split(checkpoint: Path, ckpt: dict) -> pd.DataFrame:
@@ -42,17 +51,17 @@ def run_split(checkpoint: Path, ckpt: dict) -> pd.DataFrame:
     raise DatasetError(f"{checkpoint}: the run recorded no split (no split.csv beside it, none in the checkpoint)")
 
 
-def default_laterals(data_path: Path) -> Path | None:
-    """``notcxr/lateral`` beside the data (or one folder up), or None."""
+def default_kind_folder(data_path: Path, kind: str = "lateral") -> Path | None:
+    """``notcxr/KIND`` beside the data (or one folder up), or None."""
     root = data_path if data_path.is_dir() else data_path.parent
-    for candidate in (root / "notcxr" / "lateral", root.parent / "notcxr" / "lateral"):
+    for candidate in (root / "notcxr" / kind, root.parent / "notcxr" / kind):
         if candidate.is_dir():
             return candidate
     return None
 
 
-def lateral_table(folder: Path, seed: int) -> pd.DataFrame:
-    """The lateral films of ``folder`` with their patient and role: ``fit`` (a seeded half of the patients) or
+def patient_halves(folder: Path, seed: int) -> pd.DataFrame:
+    """The images of ``folder`` with their patient and role: ``fit`` (a seeded half of the patients) or
     ``holdout``.
 
     Patients come from a ``metadata.csv`` (``path``, ``patient_id``) in the folder or its parent; a file without a row
@@ -74,14 +83,17 @@ def lateral_table(folder: Path, seed: int) -> pd.DataFrame:
     return table.assign(role=np.where(table["patient_id"].isin(fit), "fit", "holdout"))
 
 
-def gate_images(run: RunData, settings: LoaderSettings, laterals: Path | None, seed: int) -> GateImages:
-    """The run's training and validation films and the lateral films (:func:`lateral_table`), prepared.
+def gate_images(run: RunData, settings: LoaderSettings, folders: dict[str, Path | None], seed: int,
+                made: int = 0) -> GateImages:
+    """The run's training and validation films, the real images of other kinds (:func:`patient_halves`) and
+    ``made`` photographs and documents each, prepared.
 
     Args:
         run: the run's data with its split (``covidxr.data.loaders.load_run_data``).
         settings: the run's loader settings (image size, cache).
-        laterals: folder of lateral films (None: no lateral class).
-        seed: picks the lateral patients fitted on.
+        folders: kind (``lateral``, ``ct``) -> its folder (None: the view check does not learn that kind).
+        seed: picks the patients fitted on, and the made images.
+        made: how many photographs and how many documents to make (0: none).
     """
     with tempfile.TemporaryDirectory(prefix="covidxr-gate-") as tmp:
         if not settings.cache:  # a run without the cache gets no files in it from the gate either
@@ -93,21 +105,27 @@ def gate_images(run: RunData, settings: LoaderSettings, laterals: Path | None, s
         split = run.table["split"].to_numpy()
         images = GateImages([s for s, part in zip(squares, split, strict=True) if part == "train"],
                             [s for s, part in zip(squares, split, strict=True) if part == "val"],
-                            info={"data": str(settings.data)})
-        if laterals is None:
-            log.warning("gate: no lateral films found (pass --laterals FOLDER): the view check learns rotated and "
-                        "inverted films only")
-            return images
-        if not laterals.is_dir():
-            raise DatasetError(f"laterals: {laterals} is not a folder")
-        table = lateral_table(laterals, seed)
-        for role in ("fit", "holdout"):
-            rows, squares, _ = prepare_rows(table[table["role"] == role], settings)
-            setattr(images, f"lateral_{role}", squares)
-            images.info[f"lateral_{role}"] = rows["relpath"].tolist()
-            if role == "fit":  # lets a later refusal count tell fitted laterals from held-out ones
-                images.info["lateral_fit_sha256"] = [file_digest(p) for p in rows["path"]]
-    images.info["lateral_folder"] = str(laterals)
+                            info={"data": str(settings.data), "fit_sha256": []})
+        for kind, folder in folders.items():
+            if folder is None:
+                log.warning("gate: no %s images found (pass --%s FOLDER): the view check does not learn them", kind,
+                            kind)
+                continue
+            if not folder.is_dir():
+                raise DatasetError(f"{kind}: {folder} is not a folder")
+            table = patient_halves(folder, seed)
+            for role in ("fit", "holdout"):
+                rows, squares, _ = prepare_rows(table[table["role"] == role], settings)
+                getattr(images, role)[kind] = squares
+                images.info[f"{kind}_{role}"] = rows["relpath"].tolist()
+                if role == "fit":  # lets a later refusal count tell fitted images from held-out ones
+                    images.info["fit_sha256"] += [file_digest(p) for p in rows["path"]]
+            images.info[f"{kind}_folder"] = folder.name
+        for kind in KINDS if made else ():
+            paths = write_made_images(Path(tmp) / kind, kind, made, seed)
+            table = pd.DataFrame({"path": list(map(str, paths)), "relpath": [p.name for p in paths]})
+            own_cache = replace(settings, cache=True, cache_dir=str(Path(tmp) / "made-cache"))  # not the run's cache
+            images.fit[kind] = prepare_rows(table, own_cache, progress=False)[1]
     return images
 
 

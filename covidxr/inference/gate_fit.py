@@ -1,19 +1,24 @@
 """Fit the input gate (:mod:`covidxr.inference.gate`) of a trained checkpoint, and ``python -m covidxr.gate``.
 
-    python -m covidxr.gate fit --checkpoint RUN/best.pt [--data PATH] [--laterals FOLDER] [--seed 0]
-        [--neighbours 5] [--alpha 0.01] [--device auto] [--batch-size 32] [--out FILE]
+    python -m covidxr.gate fit --checkpoint RUN/best.pt [--data PATH] [--laterals FOLDER] [--ct FOLDER] [--seed 0]
+        [--neighbours 5] [--alpha 0.01] [--band 1.0] [--made 150] [--device auto] [--batch-size 32] [--out FILE]
 
 The run's own split is reused (``split.csv`` beside the checkpoint, else the checkpoint's record). The view check is
 fitted on the training split's films, upright (frontal), rotated by 90, 180 and 270 degrees (rotated) and inverted
-(inverted), and on the lateral films of a seeded half of the lateral patients (lateral). The out-of-distribution check
+(inverted), on the lateral films and CT slices of a seeded half of their patients (lateral, ct), and on ``--made``
+photographs and documents made by :mod:`covidxr.inference.gate_kinds` (photo, document). The out-of-distribution check
 keeps the training split's upright films as reference; its threshold is a split-conformal quantile of the validation
-split's distances (``--alpha``: the share of validation films above it). The validation split's rotated and
-inverted copies and the other lateral patients then measure the gate (``gate.info["validation"]``). Nothing else is
-read: an external test set never shapes the gate.
+split's distances (``--alpha``: the share of validation films above it). Above the threshold lies the *borderline*
+band, where a film is assessed and marked "unusual film: read with care"; only beyond the band's outer edge is it
+refused. The edge is ``threshold + band * (threshold - median)`` of the validation distances (``--band``, default 1:
+as far beyond the threshold as the threshold lies beyond the typical film). The validation split's rotated and
+inverted copies and the other patients' lateral films and CT slices then measure the gate (``gate.info
+["validation"]``). Nothing else is read: an external test set never shapes the gate.
 
-Laterals come from ``--laterals FOLDER`` (default: ``notcxr/lateral`` beside the data or one folder up); a
-``metadata.csv`` with ``path`` and ``patient_id`` in that folder or its parent groups them by patient. Without
-laterals the view check has no lateral class (the DICOM header check still refuses lateral DICOMs).
+Laterals and CT slices come from ``--laterals FOLDER`` and ``--ct FOLDER`` (default: ``notcxr/lateral`` and
+``notcxr/ct`` beside the data or one folder up); a ``metadata.csv`` with ``path`` and ``patient_id`` in that folder
+or its parent groups them by patient. Without them the view check does not learn that kind (the DICOM header check
+still refuses lateral and CT DICOMs).
 
 The films go through the run's input path (``covidxr.model_input``); for a run that crops to the lungs the rotated
 and inverted copies are made of the cropped squares, which approximates the crop of a rotated or inverted upload.
@@ -41,7 +46,7 @@ from covidxr.data.loaders import LoaderSettings, RunData, load_run_data
 from covidxr.data.manifest import resolve_data_path
 from covidxr.errors import CovidxrError, DatasetError, one_line
 from covidxr.inference.gate import FRONTAL, InputGate, OodModel, ViewModel, weights_sha256
-from covidxr.inference.gate_data import GateImages, default_laterals, gate_images, run_split
+from covidxr.inference.gate_data import GateImages, default_kind_folder, gate_images, run_split
 from covidxr.model_input import pipeline_from_checkpoint
 from covidxr.models import XrayClassifier, model_from_checkpoint, read_preprocess
 from covidxr.preprocess import eval_transform
@@ -59,6 +64,9 @@ class GateOptions:
     Attributes:
         neighbours: nearest training films averaged by the out-of-distribution check.
         alpha: share of validation films allowed above its threshold.
+        band: width of the borderline band above the threshold, in units of (threshold - median validation
+            distance).
+        made: photographs and documents made for the view check, of each.
         max_reference: most training films it keeps (stored in the checkpoint in float16).
         C: inverse regularisation strength of the view model (on standardised features).
         min_frontal: refuse images whose P(frontal) is below this.
@@ -69,6 +77,8 @@ class GateOptions:
 
     neighbours: int = 5
     alpha: float = 0.01
+    band: float = 1.0
+    made: int = 150
     max_reference: int = 4096
     C: float = 0.05
     min_frontal: float = 0.5
@@ -167,12 +177,13 @@ def fit_view(features: dict[str, np.ndarray], C: float, min_frontal: float, seed
 
 
 def fit_ood(train: np.ndarray, val: np.ndarray, k: int = 5, alpha: float = 0.01, max_reference: int = 4096,
-            seed: int = 0) -> OodModel:
+            seed: int = 0, band: float = 1.0) -> OodModel:
     """The nearest-films distance with its threshold set on the validation films.
 
     The threshold is the split-conformal quantile of the validation distances, the ceil((n + 1)(1 - alpha))-th smallest
     of n: a new film from the same distribution passes with probability at least 1 - alpha (for fewer than
-    2 / alpha - 1 validation films, the largest validation distance).
+    2 / alpha - 1 validation films, the largest validation distance). The band's outer edge lies ``band`` times
+    (threshold - median validation distance) above it.
 
     Args:
         train: ``(N, F)`` features of the training split's upright films, the reference (a seeded random subset of
@@ -183,6 +194,7 @@ def fit_ood(train: np.ndarray, val: np.ndarray, k: int = 5, alpha: float = 0.01,
         alpha: share of validation films allowed above the threshold, in (0, 1).
         max_reference: most training films kept as reference (the checkpoint stores them, in float16).
         seed: picks the subset.
+        band: width of the borderline band (0: none, refused above the threshold).
     """
     if len(train) == 0 or len(val) == 0:
         raise DatasetError(f"the out-of-distribution check needs training and validation films, got {len(train)} "
@@ -194,7 +206,8 @@ def fit_ood(train: np.ndarray, val: np.ndarray, k: int = 5, alpha: float = 0.01,
     reference = reference.astype(np.float16).astype(np.float64)
     distances = np.sort(OodModel(reference, k, np.inf, alpha).distance(val))
     rank = min(len(distances), math.ceil((len(distances) + 1) * (1 - alpha)))
-    return OodModel(reference, k, float(distances[rank - 1]), alpha)
+    threshold = float(distances[rank - 1])
+    return OodModel(reference, k, threshold, alpha, threshold + band * (threshold - float(np.median(distances))))
 
 
 def fit_gate(model: XrayClassifier, images: GateImages, img_size: int, opts: GateOptions,
@@ -216,20 +229,25 @@ def fit_gate(model: XrayClassifier, images: GateImages, img_size: int, opts: Gat
 
     train = {name: feats(images.train, name, "train") for name in VARIANTS}
     views = {FRONTAL: train["upright"], "rotated": np.concatenate([train[n] for n in ROTATIONS]),
-             "inverted": train["inverted"], "lateral": feats(images.lateral_fit, "upright", "lateral")}
+             "inverted": train["inverted"]}
+    views |= {kind: feats(squares, "upright", kind) for kind, squares in images.fit.items() if squares}
     view = fit_view(views, opts.C, opts.min_frontal, opts.seed)
     val = {name: feats(images.val, name, "val") for name in VARIANTS}
-    ood = fit_ood(train["upright"], val["upright"], opts.neighbours, opts.alpha, opts.max_reference, opts.seed)
+    ood = fit_ood(train["upright"], val["upright"], opts.neighbours, opts.alpha, opts.max_reference, opts.seed,
+                  opts.band)
     gate = InputGate(view, ood, weights, unavailable=None)
     measured = {"val_upright_passed": float(1 - gate.refused(val["upright"]).mean()),
+                "val_upright_borderline": float(gate.borderline(val["upright"]).mean()),
                 "val_rotated_refused": float(np.mean([gate.refused(val[n]).mean() for n in ROTATIONS])),
                 "val_inverted_refused": float(gate.refused(val["inverted"]).mean())}
-    if images.lateral_holdout:
-        holdout = feats(images.lateral_holdout, "upright", "held-out lateral")
-        measured["lateral_holdout_refused"] = float(gate.refused(holdout).mean())
-    gate.info = {**images.info, "n_train": len(images.train), "n_val": len(images.val),
-                 "n_lateral_fit": len(images.lateral_fit), "n_lateral_holdout": len(images.lateral_holdout),
+    for kind, squares in images.holdout.items():
+        if squares:
+            measured[f"{kind}_holdout_refused"] = float(gate.refused(feats(squares, "upright", kind)).mean())
+    counts = {f"n_{kind}_{role}": len(getattr(images, role).get(kind) or []) for kind in images.fit
+              for role in ("fit", "holdout")}
+    gate.info = {**images.info, "n_train": len(images.train), "n_val": len(images.val), **counts,
                  "n_reference": len(ood.reference), "neighbours": opts.neighbours, "alpha": opts.alpha, "C": opts.C,
+                 "band": opts.band,
                  "seed": opts.seed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "seconds": round(time.perf_counter() - start, 1), "validation": measured}
     return gate
@@ -237,7 +255,7 @@ def fit_gate(model: XrayClassifier, images: GateImages, img_size: int, opts: Gat
 
 def fit_checkpoint(checkpoint: str | os.PathLike, opts: GateOptions | None = None, device: str = "auto",
                    data: str | None = None, laterals: str | os.PathLike | None = None, run: RunData | None = None,
-                   out: str | os.PathLike | None = None) -> InputGate:
+                   out: str | os.PathLike | None = None, ct: str | os.PathLike | None = None) -> InputGate:
     """Fit the gate of a checkpoint on its run's split and store it in ``ckpt["gate"]``, atomically.
 
     Args:
@@ -245,9 +263,10 @@ def fit_checkpoint(checkpoint: str | os.PathLike, opts: GateOptions | None = Non
         opts: fitting options.
         device: where the backbone runs.
         data: the run's dataset (default: the one it was trained on).
-        laterals: folder of lateral films (default: :func:`default_laterals`).
+        laterals: folder of lateral films (default: :func:`default_kind_folder`).
         run: the run's data already loaded with its split (training passes its own); None loads it.
         out: write the checkpoint with its gate here instead.
+        ct: folder of CT slices (default: :func:`default_kind_folder`).
 
     Raises:
         CheckpointError: an unusable checkpoint.
@@ -267,8 +286,10 @@ def fit_checkpoint(checkpoint: str | os.PathLike, opts: GateOptions | None = Non
                        **pipeline.loader_fields())
     if run is None:
         run = load_run_data(settings, run_split(path, ckpt))
-    folder = Path(laterals) if laterals is not None else default_laterals(resolve_data_path(settings.data))
-    images = gate_images(run, settings, folder, opts.seed)
+    data_path = resolve_data_path(settings.data)
+    folders = {kind: Path(given) if given is not None else default_kind_folder(data_path, kind)
+               for kind, given in (("lateral", laterals), ("ct", ct))}
+    images = gate_images(run, settings, folders, opts.seed, opts.made)
     gate = fit_gate(model, images, img_size, opts, weights_sha256(ckpt["model"]))
     save_checkpoint(out or path, {**ckpt, "gate": gate.to_dict()})
     return gate
@@ -287,6 +308,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     fit.add_argument("--data", help="the run's dataset (default: the one it was trained on)")
     fit.add_argument("--laterals", type=Path, help="folder of lateral chest films (default: notcxr/lateral beside "
                      "the data or one folder up)")
+    fit.add_argument("--ct", type=Path, help="folder of CT slices (default: notcxr/ct beside the data or one "
+                     "folder up)")
+    fit.add_argument("--band", type=float, default=GateOptions.band,
+                     help="width of the borderline band above the threshold, in units of (threshold - median "
+                          "validation distance); 0: none (default: %(default)s)")
+    fit.add_argument("--made", type=int, default=GateOptions.made,
+                     help="photographs and documents made for the view check, of each (default: %(default)s)")
     fit.add_argument("--neighbours", type=int, default=GateOptions.neighbours,
                      help="nearest training films the out-of-distribution check averages (default: %(default)s)")
     fit.add_argument("--alpha", type=float, default=GateOptions.alpha,
@@ -304,18 +332,22 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; 0 on success, 2 on usage or data errors (one line on stderr)."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if not (0 < args.alpha < 1) or args.neighbours < 1 or args.C <= 0 or args.batch_size < 1:
-        parser.error("--alpha must be in (0, 1) and --neighbours, --C and --batch-size positive")
+    if not (0 < args.alpha < 1) or args.neighbours < 1 or args.C <= 0 or args.batch_size < 1 or args.band < 0 \
+            or args.made < 0:
+        parser.error("--alpha must be in (0, 1), --neighbours, --C and --batch-size positive, --band and --made not "
+                     "negative")
     setup_logging()
-    opts = GateOptions(args.neighbours, args.alpha, C=args.C, seed=args.seed, batch_size=args.batch_size)
+    opts = GateOptions(args.neighbours, args.alpha, args.band, args.made, C=args.C, seed=args.seed,
+                       batch_size=args.batch_size)
     try:
-        gate = fit_checkpoint(args.checkpoint, opts, args.device, args.data, args.laterals, out=args.out)
+        gate = fit_checkpoint(args.checkpoint, opts, args.device, args.data, args.laterals, out=args.out, ct=args.ct)
     except (CovidxrError, OSError) as exc:
         print(f"covidxr.gate: error: {one_line(exc)}", file=sys.stderr)
         return 2
     rates = ", ".join(f"{k} {v:.1%}" for k, v in gate.info["validation"].items())
-    log.info("gate fitted (%d train, %d val films, %d + %d laterals) in %.0fs and stored in %s; %s",
-             gate.info["n_train"], gate.info["n_val"], gate.info["n_lateral_fit"], gate.info["n_lateral_holdout"],
+    log.info("gate fitted (%d train, %d val films, %d + %d laterals, %d + %d CT slices) in %.0fs and stored in %s; %s",
+             gate.info["n_train"], gate.info["n_val"], gate.info.get("n_lateral_fit", 0),
+             gate.info.get("n_lateral_holdout", 0), gate.info.get("n_ct_fit", 0), gate.info.get("n_ct_holdout", 0),
              gate.info["seconds"], args.out or args.checkpoint, rates)
     return 0
 
