@@ -2,8 +2,9 @@
 
 :func:`assess` reads the input gate's verdict that the predictor attaches to each prediction (``Prediction.gate``, see
 ``covidxr.inference.gate``): file checks (colour, a tiny image, the DICOM header's modality, body part and view), and
-when the checkpoint has a fitted gate a learned view check (rotated, inverted, lateral) and an out-of-distribution
-check. A prediction without a verdict (a predictor from before the gate) gets the gate's file checks here.
+when the checkpoint has a fitted gate a learned view check (rotated, inverted, lateral, CT slice, photograph,
+document) and an out-of-distribution check whose borderline band gives a third verdict: assessed, but marked as an
+unusual film. A prediction without a verdict (a predictor from before the gate) gets the gate's file checks here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 from covidxr.io import Xray
 
+BORDERLINE = "unusual film: read with care"  # covidxr.inference.gate.BORDERLINE (not imported: it loads torch)
+
 
 @dataclass(frozen=True)
 class Assessment:
@@ -21,13 +24,15 @@ class Assessment:
 
     Attributes:
         assessable: False when the image is refused ("Not assessed: ...").
-        reasons: why it was refused (empty when assessable); plain language, no file names.
+        reasons: why it was refused, the most likely first (empty when assessable); plain language, no file
+            names.
         warnings: caveats shown with an assessed result.
         by: which of the gate's checks ran: ``"file and learned checks"`` or ``"file checks"``.
         note: why the learned checks did not run, when they did not (shown as a caption).
         view_probs: the gate's view probabilities (frontal, rotated, ...), when it ran its learned checks.
         ood_distance: the gate's distance from the training films, when measured.
-        ood_threshold: the distance above which images are refused.
+        ood_threshold: the distance above which images are borderline (refused beyond the band).
+        borderline: assessed, but an unusual film (:data:`BORDERLINE`): output shown and marked.
     """
 
     assessable: bool
@@ -38,18 +43,20 @@ class Assessment:
     view_probs: Mapping[str, float] | None = None
     ood_distance: float | None = None
     ood_threshold: float | None = None
+    borderline: bool = False
 
     @property
     def reason(self) -> str:
-        """All reasons on one line, starting with a capital ("" when assessable)."""
-        text = "; ".join(self.reasons)
+        """The most likely reason, starting with a capital ("" when assessable): the page gives one."""
+        text = self.reasons[0] if self.reasons else ""
         return text[:1].upper() + text[1:]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict for the result download and the audit log."""
         return {"assessable": self.assessable, "reasons": list(self.reasons), "warnings": list(self.warnings),
                 "by": self.by, "note": self.note, "view_probs": dict(self.view_probs) if self.view_probs else None,
-                "ood_distance": self.ood_distance, "ood_threshold": self.ood_threshold}
+                "ood_distance": self.ood_distance, "ood_threshold": self.ood_threshold,
+                "borderline": self.borderline}
 
 
 def _field(verdict: Any, name: str, default: Any = None) -> Any:
@@ -66,7 +73,8 @@ def _from_gate(verdict: Any, unavailable: str | None) -> Assessment:
     return Assessment(bool(_field(verdict, "assessable", True)), tuple(map(str, reasons)),
                       tuple(map(str, _field(verdict, "warnings") or ())),
                       "file and learned checks" if learned else "file checks", None if learned else unavailable,
-                      _field(verdict, "view_probs"), _field(verdict, "ood_distance"), _field(verdict, "ood_threshold"))
+                      _field(verdict, "view_probs"), _field(verdict, "ood_distance"), _field(verdict, "ood_threshold"),
+                      bool(_field(verdict, "borderline", False)))
 
 
 def assess(xray: Xray, prediction: Any, unavailable: str | None = None) -> Assessment:

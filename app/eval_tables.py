@@ -33,10 +33,22 @@ def headline(data: Mapping[str, Any], key: str, fmt: Any = pct) -> str:
     return interval(_get(data, "ci", "metrics", key), fmt, _get(data, "metrics", key))
 
 
+def chance_level(data: Mapping[str, Any]) -> float | None:
+    """The balanced accuracy of guessing: one over the number of classes present in the test set, or None."""
+    present = [c for c, m in (_get(data, "metrics", "per_class") or {}).items()
+               if isinstance(m, Mapping) and m.get("support")]
+    return 1 / len(present) if present else None
+
+
 def comparison_table(data: Mapping[str, Any], model_label: str = "This model") -> pd.DataFrame:
-    """The model's balanced accuracy and macro ROC-AUC beside the source-only and metadata-only baselines."""
+    """The model's balanced accuracy and macro ROC-AUC beside the chance level and the source-only and metadata-only
+    baselines."""
     rows = [{"Classifier": model_label, "Balanced accuracy": headline(data, "balanced_accuracy"),
              "Macro ROC-AUC": headline(data, "roc_auc_macro", num)}]
+    chance = chance_level(data)
+    if chance is not None:
+        rows.append({"Classifier": "Chance: a guess without looking at the film", "Balanced accuracy": pct(chance),
+                     "Macro ROC-AUC": num(0.5)})
     for column, baseline in (data.get("baselines") or {}).items():
         if isinstance(baseline, Mapping):
             label = BASELINE_LABELS.get(str(column), f"Metadata only: {column}")
@@ -81,6 +93,7 @@ def _held_out_row(row: Mapping[str, Any]) -> dict[str, Any]:
                and m.get("support")]
     point = {k: {"estimate": _get(row, "metrics", k)} for k in ("balanced_accuracy", "roc_auc_macro")}
     return {"held_out": row.get("name"), "n_images": row.get("n_images"), "n_patients": row.get("n_patients"),
+            "chance": 1 / len(present) if present else None,
             **{k: _get(row, "ci", "metrics", k) or point[k] for k in point},
             "recall": {c: _get(row, "ci", "per_class", c, "sensitivity")
                        or {"estimate": _get(row, "metrics", "per_class", c, "recall")} for c in present},
@@ -88,19 +101,22 @@ def _held_out_row(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def crossval_table(rows: list[Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per held-out source: images, patients, balanced accuracy, macro ROC-AUC, recall of each class present
-    (with intervals), and the source-only baseline on the other sources."""
+    """One row per source left out of training: images, patients, balanced accuracy beside its chance level, macro
+    ROC-AUC, recall of each class present (with intervals), and how well the source alone told the classes apart
+    among the sources the model did learn from."""
     rows = [_held_out_row(r) for r in rows]
     classes = list(dict.fromkeys(c for row in rows for c in (row.get("recall") or {})))
     table = []
     for row in rows:
         recall = row.get("recall") or {}
-        line = {"Held-out source": source_name(row.get("held_out")), "Images": row.get("n_images"),
+        chance = row.get("chance") or (1 / len(recall) if recall else None)
+        line = {"Source left out of training": source_name(row.get("held_out")), "Images": row.get("n_images"),
                 "Patients": row.get("n_patients"),
                 "Balanced accuracy": interval(row.get("balanced_accuracy"), pct),
+                "Chance level": pct(chance) if chance else "–",
                 "Macro ROC-AUC": interval(row.get("roc_auc_macro"), num)}
         line |= {f"Recall {c}": interval(recall[c], pct) if c in recall else "no such films" for c in classes}
-        line["Source only"] = pct(row.get("source_only"))
+        line["Source alone, on the sources learned from"] = pct(row.get("source_only"))
         table.append(line)
     return pd.DataFrame(table)
 

@@ -105,7 +105,7 @@ def external_runs(predictor: Any, shas: set[Any]) -> list[dict[str, Any]]:
         external = data and (data.get("data_is_external") is True or data.get("external") is True)
         if not external or data.get("checkpoint_sha256") not in shas:
             continue
-        keys = ("n_images", "n_patients", "metrics", "ci", "by_source", "baselines", "calibration")
+        keys = ("n_images", "n_patients", "metrics", "ci", "by_source", "baselines", "calibration", "warnings")
         found.append({"name": dataset_name(data), **{k: data.get(k) for k in keys}})
     return found
 
@@ -156,6 +156,26 @@ def _ece(test_set: Mapping[str, Any]) -> Any:
     return None
 
 
+def external_ece(evaluation: Evaluation | None) -> float | None:
+    """The worst expected calibration error measured on films from sources the model never saw (the external test
+    sets, then the held-out sources of cross-validation), or None when none was measured."""
+    if evaluation is None:
+        return None
+    found = [_ece(s) for s in [*evaluation.external, *evaluation.crossval_rows]]
+    found = [float(e) for e in found if e is not None]
+    return max(found) if found else None
+
+
+def _crossval_basis(rows: list[Mapping[str, Any]]) -> str | None:
+    """One sentence on held-out-source cross-validation: each source left out of training in turn."""
+    values = [v for r in rows if isinstance(v := (r.get("metrics") or {}).get("balanced_accuracy")
+                                             or (r.get("balanced_accuracy") or {}).get("estimate"), (int, float))]
+    if not values:
+        return None
+    return (f"When each of {len(rows)} sources was in turn left out of training, the recipe's balanced accuracy on "
+            f"the left-out source was {pct(min(values))} to {pct(max(values))}.")
+
+
 def internal_basis(data: Mapping[str, Any]) -> str:
     """"N internal test images (same sources as training; balanced accuracy X (lo–hi))"."""
     ci = ((data.get("ci") or {}).get("metrics") or {}).get("balanced_accuracy")
@@ -165,7 +185,8 @@ def internal_basis(data: Mapping[str, Any]) -> str:
 
 
 def trust_basis(evaluation: Evaluation | None, label: str) -> list[str]:
-    """Sentences saying what a prediction of ``label`` rests on: the internal test, then external data if any.
+    """Sentences saying what a prediction of ``label`` rests on, what matters most first: films from hospitals the
+    model never saw (external test sets, held-out-source cross-validation), then the internal test.
 
     Args:
         evaluation: the saved evaluation, or None.
@@ -176,12 +197,13 @@ def trust_basis(evaluation: Evaluation | None, label: str) -> list[str]:
     """
     if evaluation is None:
         return ["This model has not been evaluated, so there is no measured basis for this output at all."]
-    sentences = [f"This rests on a model tested on {internal_basis(evaluation.data)}."]
+    internal = f"On {internal_basis(evaluation.data)}."
+    crossval = _crossval_basis(evaluation.crossval_rows)
     external = evaluation.external
-    if not external:
-        sentences.append("It has **not** been tested on films from hospitals it never saw, so how it does "
-                         "elsewhere is unknown.")
-        return sentences
+    if not external and not crossval:
+        return [f"This model has **not** been tested on films from hospitals it never saw, so how it does elsewhere "
+                f"is unknown; it was tested only on {internal_basis(evaluation.data)}."]
+    sentences = []
     for test_set in external:
         name = dataset_name(test_set)
         recall = _class_recall(test_set, label)
@@ -194,4 +216,4 @@ def trust_basis(evaluation: Evaluation | None, label: str) -> list[str]:
             sentence += (f"; its stated probabilities were off by {probability(ece)} on average there "
                          "(expected calibration error)")
         sentences.append(sentence + ".")
-    return sentences
+    return [*sentences, *([crossval] if crossval else []), internal]

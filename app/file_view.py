@@ -18,9 +18,10 @@ import pandas as pd
 import streamlit as st
 
 from app.analysis import Context, FileResult, Upload, analyse, decode
-from app.assessment import Assessment
-from app.evaluation import Evaluation, trust_basis
-from app.format import model_says, probability
+from app.assessment import BORDERLINE, Assessment
+from app.evaluation import Evaluation, external_ece, trust_basis
+from app.format import escape_markdown, model_says, probability
+from app.headline import headline
 from app.heatmap import CAM_LABELS, DISPLAY_MAX_SIDE, cam_settings, overlay_png, render_controls, render_heatmap
 from covidxr.errors import CovidxrError
 from covidxr.inference.prediction_log import safe_header
@@ -43,11 +44,21 @@ def _gate_notes(assessment: Assessment) -> None:
         st.caption(f"Input gate: {assessment.note}.")
 
 
-def _headline(prediction: Prediction, assessment: Assessment, evaluation: Evaluation | None) -> None:
-    """The model's output, prominent, then in words how sure it is and what that rests on."""
-    st.markdown(f"### Model output: **{prediction.label}** ({probability(prediction.confidence)})")
-    st.markdown(" ".join([model_says(prediction.label, prediction.confidence),
-                          *trust_basis(evaluation, prediction.label)]))
+def _headline(prediction: Prediction, assessment: Assessment, evaluation: Evaluation | None,
+              lung_share: float | None) -> None:
+    """The model's output, prominent (with its caveats in words when it must not be taken at face value), then what
+    it rests on, films from other hospitals first."""
+    words = headline(prediction.label, prediction.confidence, external_ece(evaluation), lung_share,
+                     assessment.borderline)
+    if assessment.borderline:
+        st.warning(f"**{BORDERLINE[:1].upper() + BORDERLINE[1:]}.** The input gate found this film further from the "
+                   "films the model learned from than most (another hospital or scanner?); its output is shown, "
+                   "marked.", icon=":material/visibility:")
+    st.markdown(f"### {words.title}")
+    if words.below:
+        st.markdown(words.below)
+    basis = trust_basis(evaluation, prediction.label)
+    st.markdown(" ".join(basis if words.below else [*basis, model_says(prediction.label, prediction.confidence)]))
     _gate_notes(assessment)
     st.caption("A research result, not a diagnosis.")
 
@@ -94,15 +105,25 @@ def _header_table(xray: Xray) -> None:
              alt="Technical DICOM header fields of the image")
 
 
-def _image(xray: Xray) -> None:
-    """The image as read, with its size and how it was read."""
+def _image(xray: Xray, assessment: Assessment) -> None:
+    """The image as read, with its size and how it was read; its alt text says what it is."""
     from covidxr.explain.display import overlay
 
     height, width = xray.pixels.shape
     caption = "Image as read" + (" (DICOM, windowed by the reader)" if xray.format == "DICOM" else "")
     st.image(overlay(xray.pixels, None, max_side=DISPLAY_MAX_SIDE), caption=f"{caption}, {width} x {height} px",
-             width="stretch", alt=f"The uploaded chest X-ray, {width} by {height} pixels, without heat map")
+             width="stretch", alt=image_alt(assessment, width, height))
     _header_table(xray)
+
+
+def image_alt(assessment: Assessment, width: int, height: int) -> str:
+    """The alt text of the uploaded image: what it is, as far as the page knows (the refusal reason for a refused
+    image, which may be a CT slice or a photograph)."""
+    size = f"{width} by {height} pixels, without heat map"
+    if not assessment.assessable:
+        return f"The uploaded image, not assessed ({assessment.reason.rstrip('.')}), {size}"
+    marked = ", marked as an unusual film" if assessment.borderline else ""
+    return f"The uploaded chest X-ray{marked}, {size}"
 
 
 def result_dict(upload: Upload, xray: Xray, image_sha: str, prediction: Prediction, assessment: Assessment,
@@ -159,10 +180,10 @@ def _output(upload: Upload, xray: Xray, ctx: Context, evaluation: Evaluation | N
     cam, cam_class = cam_settings(upload, ctx.predictor)
     prediction, assessment, sha = analyse(upload, xray, cam, cam_class, ctx)
     result = FileResult(upload.name, prediction, assessment, sha)
+    headline_slot = None
     if assessment.assessable:
         words_col, bars_col = st.columns(2, gap="large")
-        with words_col:
-            _headline(prediction, assessment, evaluation)
+        headline_slot = words_col.container()  # filled once the heat map's lung share is known
         with bars_col:
             _probabilities(prediction, classes)
         show = True
@@ -174,14 +195,17 @@ def _output(upload: Upload, xray: Xray, ctx: Context, evaluation: Evaluation | N
             _probabilities(prediction, classes)
     image_col, cam_col = st.columns(2, gap="large")
     with image_col:
-        _image(xray)
+        _image(xray, assessment)
     if not show:
         return result
     with cam_col:
         heat_slot = st.container()
         alpha = render_controls(upload, classes, ctx.predictor)
     with heat_slot:
-        share = render_heatmap(upload, xray, prediction, alpha, ctx)
+        share = render_heatmap(upload, xray, prediction, alpha, ctx, refused=not assessment.assessable)
+    if headline_slot is not None:
+        with headline_slot:
+            _headline(prediction, assessment, evaluation, share)
     lines = caption_lines(prediction, assessment, ctx, share)
     _downloads(upload, xray, prediction, result_dict(upload, xray, sha, prediction, assessment, ctx, share), lines,
                alpha)
@@ -195,7 +219,7 @@ def render_upload(upload: Upload, ctx: Context, evaluation: Evaluation | None) -
         The file's outcome (with its error when it could not be read or processed).
     """
     with st.container(border=True, key=f"filebox-{upload.key}"):
-        st.subheader(upload.name, anchor=False)
+        st.markdown(f"**File:** {escape_markdown(upload.name)}")  # small: the verdict is the box's heading
         xray = decode(upload, ctx)
         if isinstance(xray, str):
             st.error(xray)

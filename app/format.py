@@ -8,6 +8,7 @@ bars, tables, the results CSV's display column) goes through :func:`probability`
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,6 +65,11 @@ def interval(ci: Mapping[str, Any] | None, fmt: Any = pct, value: Any = None) ->
     if lo is None or hi is None:
         return fmt(estimate)
     return f"{fmt(estimate)} ({fmt(lo)}–{fmt(hi)})"
+
+
+def escape_markdown(text: str) -> str:
+    """``text`` with Markdown's special characters escaped (a file name shown as it is)."""
+    return re.sub(r"([\\`*_{}\[\]()<>#+!|~$-])", r"\\\1", text)
 
 
 def leaning(p: Any) -> str:

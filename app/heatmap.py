@@ -109,8 +109,10 @@ def lung_share(upload: Upload, xray: Xray, heatmap: np.ndarray, ctx: Context) ->
     return share if np.isfinite(share) else None
 
 
-def render_heatmap(upload: Upload, xray: Xray, prediction: Prediction, alpha: float, ctx: Context) -> float | None:
-    """The heat map over the image with its colour scale and lung share, or the reason there is none.
+def render_heatmap(upload: Upload, xray: Xray, prediction: Prediction, alpha: float, ctx: Context,
+                   refused: bool = False) -> float | None:
+    """The heat map over the image with its colour scale and lung share, or the reason there is none (``refused``:
+    the image was not assessed, which its alt text says).
 
     Returns:
         The share of the heat map inside the lungs, or None (no heat map or no lung model).
@@ -123,8 +125,9 @@ def render_heatmap(upload: Upload, xray: Xray, prediction: Prediction, alpha: fl
     method = CAM_LABELS.get(prediction.cam_method or "", prediction.cam_method)
     rgb = overlay(xray.pixels, prediction.heatmap, alpha=alpha, max_side=DISPLAY_MAX_SIDE)
     st.image(rgb, caption=f"{method} heat map for '{prediction.cam_class}'", width="stretch",
-             alt=f"The chest X-ray with a {method} heat map: coloured where the image pushed the model towards "
-                 f"'{prediction.cam_class}'")
+             alt=f"{method} heat map for the class {prediction.cam_class} over the "
+                 + ("refused image (shown on request)" if refused else "uploaded chest X-ray")
+                 + f": coloured where the image pushed the model towards {prediction.cam_class}")
     st.markdown(_colour_bar(), unsafe_allow_html=True)
     share = getattr(prediction, "lung_share", None)
     share = share if share is not None else lung_share(upload, xray, prediction.heatmap, ctx)

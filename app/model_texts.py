@@ -34,6 +34,26 @@ PLOT_CAPTIONS = {"confusion_counts": "Confusion matrix (counts)", "roc": "ROC cu
                  "history": "Training curves"}
 
 
+CROSSVAL_MODES = {"probe": "a quick version: only the network's last layer retrained each time",
+                  "full": "full training each time", "finetune": "full training each time"}
+
+
+def crossval_how(crossval: Mapping[str, Any]) -> str:
+    """How the held-out-source runs were trained, in words ("a quick version: ..., efficientnet_lite0")."""
+    if crossval.get("method"):
+        return str(crossval["method"])
+    mode = crossval.get("mode")
+    parts = [CROSSVAL_MODES.get(str(mode), str(mode)) if mode else "", str(crossval.get("arch") or "")]
+    return ", ".join(p for p in parts if p)
+
+
+def single_class_sources(test_set: Mapping[str, Any]) -> list[str]:
+    """The sources of a test set that give a single class (from its per-source breakdown's class counts)."""
+    groups = test_set.get("by_source") or {}
+    return [str(source) for source, group in groups.items() if isinstance(group, Mapping)
+            and isinstance(counts := group.get("class_counts"), Mapping) and sum(bool(n) for n in counts.values()) == 1]
+
+
 def not_evaluated(predictor: Any) -> str:
     """How to evaluate the loaded model (named by its run folder, not by a server path)."""
     run = Path(predictor.checkpoint_path)

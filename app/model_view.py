@@ -16,6 +16,7 @@ from typing import Any
 import streamlit as st
 
 from app.eval_tables import (
+    chance_level,
     comparison_table,
     confusion_table,
     counts_table,
@@ -28,7 +29,16 @@ from app.eval_tables import (
 )
 from app.evaluation import Evaluation, dataset_name
 from app.format import num, pct
-from app.model_texts import EXPLANATIONS, NO_EXTERNAL, PLOT_CAPTIONS, not_evaluated, temperature_text
+from app.model_texts import (
+    EXPLANATIONS,
+    NO_EXTERNAL,
+    PLOT_CAPTIONS,
+    crossval_how,
+    not_evaluated,
+    single_class_sources,
+    temperature_text,
+)
+from app.redact import public_report, setting_rows
 from covidxr.sources_display import readable, source_name
 
 
@@ -78,7 +88,16 @@ def _render_external(test_set: Mapping[str, Any]) -> None:
     st.markdown(f"#### External validation: {name}")
     st.markdown(f"**{test_set.get('n_images', '?')} images{patients}** from sources the model never saw in "
                 "training, validation or model selection.")
-    _table(comparison_table(test_set), "This model beside classifiers that see only metadata, learned on the "
+    _warning_list("Caution: in this set class and source go together", list(test_set.get("warnings") or []),
+                  set(test_set.get("by_source") or {}))
+    single = single_class_sources(test_set)
+    if single:
+        st.warning(f"**Caution:** {', '.join(source_name(s) for s in single)} "
+                   f"{'gives' if len(single) == 1 else 'each give'} films of a single class here, so on "
+                   f"{'it' if len(single) == 1 else 'them'} these numbers cannot tell recognising the disease from "
+                   "recognising the source.", icon=":material/warning:")
+    _table(comparison_table(test_set), "This model beside a guess (the chance level of balanced accuracy is one "
+           "over the number of classes present) and classifiers that see only metadata, learned on the "
            "training split and tested on these films. They have never seen these sources, so they can only guess the "
            "commonest training class of a similar film: a model far above them is not just reading the source.")
     table = per_class_table(test_set, "Images")
@@ -102,12 +121,16 @@ def _render_crossval(evaluation: Evaluation) -> None:
     if not rows:
         return
     crossval = evaluation.data.get("crossval") or {}
-    how = crossval.get("method") or ", ".join(str(crossval[k]) for k in ("mode", "arch") if crossval.get(k))
-    st.markdown("#### Held-out-source cross-validation")
-    st.markdown("Each source in turn was left out of training and the model tested on it" + (f" ({how})" if how else "")
-                + ": how this recipe does on a collection it has never seen.")
-    _table(crossval_table(rows), "One row per held-out source, 95% intervals in brackets. 'Source only' is what the "
-           "source alone predicts on the other sources' validation images: the shortcut the model could take there.")
+    how = crossval_how(crossval)
+    st.markdown("#### Each source left out of training in turn")
+    st.markdown("The training recipe was run again once per source, each time **without** that source's films, and "
+                "tested on the films it left out" + (f" ({how})" if how else "") + ". The model could not have "
+                "learned anything about that hospital or collection, so this shows how the recipe does on a new one.")
+    _table(crossval_table(rows), "One row per source left out, 95% intervals in brackets. Chance level: the balanced "
+           "accuracy of a guess (one over the classes present). The last column says how well the source alone told "
+           "the classes apart among the sources the model did learn from (the shortcut it could take there; "
+           "'–' where it was not measured). A source alone says nothing about the left-out source: it was never "
+           "seen.")
     skipped = crossval.get("skipped_sources") or {}
     if isinstance(skipped, Mapping) and skipped:
         st.caption("Too small to hold out: " + ", ".join(f"{source_name(s)} ({n} images)" for s, n in skipped.items()))
@@ -157,6 +180,9 @@ def render_internal(evaluation: Evaluation) -> None:
                 "but from the same hospitals and collections. These numbers are an upper bound for other places.")
     _warning_list("Caution about these numbers", list(data.get("warnings") or []), _sources(data))
     _headline_metrics(data)
+    chance = chance_level(data)
+    if chance is not None:
+        st.caption(f"Chance level of balanced accuracy here: {pct(chance)} (a guess among the classes present).")
     if has_baselines(data):
         _table(comparison_table(data), "The model beside classifiers that see only metadata (learned on the "
                "training split, tested on the same images).")
@@ -210,7 +236,8 @@ def render_training(predictor: Any, evaluation: Evaluation | None) -> None:
         st.markdown("**Known limitations**\n\n" + "\n".join(f"- {item}" for item in card["limitations"]))
     if info.get("config"):
         with st.expander("Training settings"):
-            _table(key_value_table(info["config"]))
+            _table(key_value_table(setting_rows(info["config"])), "Files are named, not located: the full paths are in "
+                   "the run folder's records.")
 
 
 def render_model_identity(predictor: Any) -> None:
@@ -229,7 +256,8 @@ def render_model_view(predictor: Any, evaluation: Evaluation | None) -> None:
         for note in evaluation.notes:
             st.warning(note)
         if evaluation.report is not None:
-            st.download_button("Download the full evaluation report (HTML)", evaluation.report.read_bytes(),
+            st.download_button("Download the full evaluation report (HTML)",
+                               public_report(evaluation.report.read_bytes()),
                                file_name="covidxr_evaluation_report.html", mime="text/html", on_click="ignore",
                                icon=":material/download:")
         render_trust(evaluation)

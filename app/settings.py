@@ -123,3 +123,8 @@ def checkpoint_choices(settings: AppSettings) -> list[Path]:
         if path not in choices:
             choices.append(path)
     return choices
+
+
+def run_label(checkpoint: Path) -> str:
+    """A checkpoint as the sidebar names it: its run's name (the file's name too when it is not ``best.pt``)."""
+    return checkpoint.parent.name + ("" if checkpoint.name == "best.pt" else f" ({checkpoint.stem})")

@@ -26,7 +26,7 @@ from app.analysis import Context, FileResult, Upload, prune
 from app.evaluation import Evaluation, load_evaluation
 from app.file_view import INTENDED_USE, render_upload
 from app.model_view import render_model_view
-from app.settings import TRAIN_COMMANDS, AppSettings, checkpoint_choices, load_settings
+from app.settings import TRAIN_COMMANDS, AppSettings, checkpoint_choices, load_settings, run_label
 from app.summary import results_csv, summary_frame
 from covidxr.errors import CovidxrError
 from covidxr.inference.prediction_log import PredictionLog, new_session_id
@@ -37,8 +37,11 @@ if TYPE_CHECKING:  # torch loads with the first model, after the page's first li
 
 log = logging.getLogger("covidxr.app")
 
-# Narrow screens (phones, a split window): tables wrap inside the page instead of scrolling sideways.
+# Long file names wrap in full (summary table, file boxes). Narrow screens (phones, a split window): tables wrap
+# inside the page instead of scrolling sideways.
 NARROW_CSS = """<style>
+.st-key-file-summary td:nth-child(1) * { white-space: normal; overflow-wrap: anywhere; }
+[class*="st-key-filebox-"] [data-testid="stMarkdownContainer"] p { overflow-wrap: anywhere; }
 @media (max-width: 640px) {
   [data-testid="stTable"] table { font-size: 0.78rem; }
   [data-testid="stTable"] th, [data-testid="stTable"] td { padding: 0.25rem 0.35rem; }
@@ -89,8 +92,8 @@ def _sidebar(settings: AppSettings) -> Path | None:
         choices = checkpoint_choices(settings)
         chosen = None
         if choices:
-            chosen = st.selectbox("Checkpoint", choices, format_func=lambda p: f"{p.parent.name}/{p.name}",
-                                  help="The configured checkpoint and the best.pt files of the run folders.")
+            chosen = st.selectbox("Model (training run)", choices, format_func=run_label,
+                                  help="The configured model and the best model of each run folder, by run name.")
         else:
             st.caption("No checkpoint configured and none found in the runs folder.")
         st.divider()

@@ -22,7 +22,8 @@ def summary_frame(results: list[FileResult]) -> pd.DataFrame:
         reason = result.error or (result.assessment.reason if result.assessment else "")
         if shown and result.assessment and result.assessment.warnings:
             reason = "; ".join(result.assessment.warnings)
-        rows.append({"File": result.name, "Verdict": result.verdict,
+        marked = shown and result.assessment is not None and result.assessment.borderline
+        rows.append({"File": result.name, "Verdict": "assessed, unusual film" if marked else result.verdict,
                      "Class": result.prediction.label if shown else "",
                      "Probability": probability(result.prediction.confidence) if shown else "",
                      "Reason or error": reason})

@@ -80,8 +80,8 @@ def fit_gated_run(shared_data: Path, run: Path, img_size: int) -> Path:
         "preprocess": preprocess_for(model, img_size).to_dict(), "model": model.state_dict(),
         "config": {"data": str(manifest), "img_size": img_size, "workers": 0}})
     laterals = shared_data.parent / "notcxr" / "lateral"
-    assert gate(["fit", "--checkpoint", str(run / "best.pt"), "--laterals", str(laterals), "--device", "cpu",
-                 "--made", "60"]) == 0
+    assert gate(["fit", "--checkpoint", str(run / "best.pt"), "--laterals", str(laterals), "--ct",
+                 str(laterals.parent / "ct"), "--device", "cpu", "--made", "60"]) == 0
     return run
 
 

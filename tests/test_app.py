@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -208,8 +209,9 @@ def test_dicom_header_without_patient_data(with_model: Path, shared_dicom_dir: P
 
 
 def headlines(at: AppTest) -> list[str]:
-    """The per-file headlines: "### Model output: ..." or "### Not assessed: ..."."""
-    return [m.value for m in at.markdown if m.value.startswith(("### Model output", "### Not assessed"))]
+    """The per-file headlines: "### Model output: ...", "### Leans towards ..." or "### Not assessed: ..."."""
+    return [m.value for m in at.markdown if m.value.startswith(("### Model output", "### Leans towards",
+                                                                "### Not assessed"))]
 
 
 def test_refused_images_show_no_class_and_no_probability(with_model: Path) -> None:
@@ -225,8 +227,8 @@ def test_refused_images_show_no_class_and_no_probability(with_model: Path) -> No
     at = upload(run_app(), [("photo.png", buffer.getvalue()), ("lateral.dcm", lateral_dicom())])
     shown = headlines(at)
     assert len(shown) == 2 and all(h.startswith("### Not assessed: ") for h in shown), shown
-    assert "colour image" in shown[0] and "too small" in shown[0]
-    assert "lateral view" in shown[1] and "LL" in shown[1]
+    assert "colour picture" in shown[0] and "too small" not in shown[0]  # one reason: the most likely
+    assert "side (lateral) view" in shown[1] and "LL" in shown[1]
     assert any(c.value.startswith("Input gate: ") and "only the file checks ran" in c.value for c in at.caption)
     text = rendered_text(at)
     assert "Probabilities: " not in text and "heat map for" not in text and "Model output" not in text
@@ -369,7 +371,7 @@ def test_model_tab_leads_with_external_results_and_baselines(own_run: Path, shar
     write_evaluation(own_run, fake_evaluation(classes, evaluated_sha(own_run), external=True))
     at = run_app()
     text = rendered_text(at)
-    order = positions(text, "External validation: COVID-CXNet", "Held-out-source cross-validation",
+    order = positions(text, "External validation: COVID-CXNet", "Each source left out of training in turn",
                       "Internal test (same sources as training)", "Training", "Validation macro ROC-AUC")
     assert order == sorted(order)
     assert "No external validation" not in text
@@ -379,14 +381,16 @@ def test_model_tab_leads_with_external_results_and_baselines(own_run: Path, shar
     comparison = [t.value for t in at.table if "Classifier" in t.value.columns]
     assert len(comparison) == 2  # external and internal, each with its baselines
     assert comparison[0]["Classifier"].str.startswith("Source only").any()
+    assert comparison[0]["Classifier"].str.startswith("Chance").any()
     assert "71%" in comparison[0].to_string() and "52%" in comparison[0].to_string()
     external = next(t.value for t in at.table if "Images" in t.value.columns and "ROC-AUC" in t.value.columns)
     assert list(external["Class"]) == ["covid", "normal"] and "43% (33%–48%)" in external.to_string()
-    crossval = next(t.value for t in at.table if "Held-out source" in t.value.columns)
-    assert list(crossval["Held-out source"]) == ["Kermany paediatric (Guangzhou)",
+    crossval = next(t.value for t in at.table if "Source left out of training" in t.value.columns)
+    assert list(crossval["Source left out of training"]) == ["Kermany paediatric (Guangzhou)",
                                                  "ieee8023 COVID-19 image collection"]
-    assert list(crossval["Recall covid"]) == ["50% (40%–55%)"] * 2 and list(crossval["Source only"]) == ["90%"] * 2
-    assert "probe, efficientnet_lite0" in text
+    assert list(crossval["Recall covid"]) == ["50% (40%–55%)"] * 2
+    assert list(crossval["Source alone, on the sources learned from"]) == ["90%"] * 2
+    assert "only the network's last layer retrained each time, efficientnet_lite0" in text and "probe" not in text
     assert "fitted on the run's validation split" in text and "same hospitals" in text
     assert not [n for n in walk(at._tree) if getattr(n, "type", "") == "json"]  # no raw JSON
     assert any("evaluation report" in b.proto.label for b in walk(at._tree)
@@ -394,10 +398,13 @@ def test_model_tab_leads_with_external_results_and_baselines(own_run: Path, shar
 
     good = real_image(shared_data)
     upload(at, [(good.name, good.read_bytes())])
-    words = next(m.value for m in at.markdown if m.value.startswith("The model "))
-    assert "This rests on a model tested on 61 internal test images" in words
+    words = next(m.value for m in at.markdown if m.value.startswith("On films from hospitals it never saw"))
     assert f"hospitals it never saw ({EXTERNAL_NAME.split(' (')[0]}, 199 images)" in words
-    assert "off by 23%" in words
+    assert "off by 23%" in words and words.index("off by 23%") < words.index("On 61 internal test images")
+    title = next(h for h in headlines(at) if not h.startswith("### Not assessed"))
+    assert title.startswith("### Leans towards **") and title.endswith("low confidence on films from other hospitals")
+    assert not re.search(r"\d%", title)  # the percentage moves below the words
+    assert any(m.value.startswith("The model's probability for ") for m in at.markdown)
 
 
 def test_model_tab_says_first_that_there_is_no_external_result(own_run: Path, shared_data: Path) -> None:
@@ -408,12 +415,12 @@ def test_model_tab_says_first_that_there_is_no_external_result(own_run: Path, sh
     order = positions(text, "No external validation", "Internal test (same sources as training)",
                       "Validation macro ROC-AUC")
     assert order == sorted(order)
-    assert "External validation:" not in text and "Held-out-source cross-validation" not in text
+    assert "External validation:" not in text and "Each source left out of training" not in text
     assert "Source only" in text and "It has not been measured on external films." in text
     good = real_image(shared_data)
     upload(at, [(good.name, good.read_bytes())])
-    words = next(m.value for m in at.markdown if m.value.startswith("The model "))
-    assert "has **not** been tested on films from hospitals it never saw" in words
+    words = next(m.value for m in at.markdown if m.value.startswith("This model has **not** been tested"))
+    assert "films from hospitals it never saw" in words and "61 internal test images" in words
 
 
 def test_crossval_summary_rows_read_too() -> None:
@@ -424,9 +431,9 @@ def test_crossval_summary_rows_read_too() -> None:
     table = crossval_table([{"held_out": "hida6/covid-chestxray-dataset", "n_images": 9, "n_patients": 8,
                              "balanced_accuracy": ci, "roc_auc_macro": ci, "recall": {"covid": ci}}])
     assert table.iloc[0].to_dict() == {
-        "Held-out source": "ieee8023 COVID-19 image collection", "Images": 9, "Patients": 8,
-        "Balanced accuracy": "61% (50%–70%)", "Macro ROC-AUC": "0.61 (0.50–0.70)", "Recall covid": "61% (50%–70%)",
-        "Source only": "–"}
+        "Source left out of training": "ieee8023 COVID-19 image collection", "Images": 9, "Patients": 8,
+        "Balanced accuracy": "61% (50%–70%)", "Chance level": "100%", "Macro ROC-AUC": "0.61 (0.50–0.70)",
+        "Recall covid": "61% (50%–70%)", "Source alone, on the sources learned from": "–"}
 
 
 def test_external_evaluations_beside_the_checkpoint_are_shown(own_run: Path) -> None:

@@ -74,6 +74,12 @@ def download_bytes(page: object, label: str) -> bytes:
     return Path(info.value.path()).read_bytes()
 
 
+def file_box(page: object, name: str) -> object:
+    """The box of one uploaded file, found by the file name it shows."""
+    return page.locator("div[class*='st-key-filebox-']").filter(  # type: ignore[attr-defined]
+        has=page.get_by_text(f"File: {name}", exact=True))  # type: ignore[attr-defined]
+
+
 def caption_margin(png: Image.Image, image_shape: tuple[int, int]) -> np.ndarray:
     """What the app draws below an overlay of ``image_shape`` for the caption in ``png``'s Description chunk."""
     from covidxr.explain.display import captioned, display_size
@@ -123,8 +129,7 @@ def test_several_files_refused_failed_and_downloads(server: tuple[str, Path], sh
             refused = page.get_by_role("heading", name=re.compile("^Not assessed: "))
             expect(refused).to_have_count(1)
             assert "lateral" in refused.inner_text()
-            box = page.get_by_role("heading", name=lateral.name, exact=True).locator(
-                "xpath=ancestor::div[contains(@class, 'st-key-filebox-')][1]")
+            box = file_box(page, lateral.name)
             assert "Model output" not in box.inner_text() and "Probabilities:" not in box.inner_text()
             assert not re.search(r"\d%", box.inner_text()), box.inner_text()  # no probability anywhere in it
             expect(page.get_by_text("Probabilities: ", exact=False)).to_have_count(1)
@@ -202,10 +207,9 @@ def test_the_input_gate_refuses_a_rotated_and_a_lateral_film(gated_run: Path, tm
             refused = page.get_by_role("heading", name=re.compile("^Not assessed: "))
             expect(refused).to_have_count(2)
             texts = refused.all_inner_texts()
-            assert "Looks rotated" in texts[0] and "lateral view" in texts[1], texts
+            assert "This film looks rotated" in texts[0] and "side (lateral) view" in texts[1], texts
             for name in (rotated.name, lateral.name):
-                box = page.get_by_role("heading", name=name, exact=True).locator(
-                    "xpath=ancestor::div[contains(@class, 'st-key-filebox-')][1]")
+                box = file_box(page, name)
                 assert "Model output" not in box.inner_text() and not re.search(r"\d%", box.inner_text())
                 assert "file and learned checks" in box.inner_text()
             expect(page.get_by_role("heading", name=re.compile("^Model output: "))).to_have_count(1)
@@ -219,3 +223,103 @@ def test_the_input_gate_refuses_a_rotated_and_a_lateral_film(gated_run: Path, tm
     records = read_records(tmp_path / "server" / "audit.jsonl")
     assert [r["verdict"]["assessable"] for r in records] == [True, False, False]
     assert records[1]["verdict"]["by"] == "file and learned checks" and records[1]["verdict"]["view_probs"]
+
+
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/+=~-])/(?:[\w.+@-]+/)+[\w.+@-]+")
+
+
+def _borderline_film(predictor: object, folders: list[Path]) -> Path:
+    """A frontal film from hospitals the gated model never saw whose distance lies in the borderline band."""
+    for folder in folders:
+        meta = pd.read_csv(folder / "metadata.csv", dtype=str, keep_default_na=False)
+        paths = [folder / p for p in meta["path"]]
+        for start in range(0, len(paths), 32):
+            batch = paths[start:start + 32]
+            for path, prediction in zip(batch, predictor.predict_batch(  # type: ignore[attr-defined]
+                    [load_xray(p) for p in batch], cam=None), strict=True):
+                if prediction.gate.borderline:
+                    return path
+    raise AssertionError("no frontal film of external/ or siim/ lands in the gate's borderline band")
+
+
+def test_ct_slice_borderline_film_and_no_server_paths(gated_run: Path, shared_data: Path, tmp_path: Path) -> None:
+    """A held-out CT slice is refused with a reason that names CT; a frontal film from an unseen hospital in the
+    borderline band is shown and marked, not refused; at 400 px the verdict comes before the image; no page text,
+    alt text or offered download (report, results CSV, result JSON) holds an absolute server path."""
+    import shutil
+
+    from app_inputs import fake_evaluation, write_evaluation
+    from playwright.sync_api import expect, sync_playwright
+
+    from covidxr.checkpoint import load_checkpoint
+    from covidxr.inference.predictor import Predictor
+
+    require_chromium()
+    run = tmp_path / "efficientnet_lite0-gated"
+    shutil.copytree(gated_run, run)  # its own copy: the evaluation written below stays out of the other tests
+    info = load_checkpoint(run / "best.pt")["gate"]["info"]
+    predictor = Predictor.from_checkpoint(run / "best.pt", device="cpu", backend="torch")
+    held_out = [NOTCXR / "ct" / Path(name).name for name in info["ct_holdout"]]
+    verdicts = [p.gate for p in predictor.predict_batch([load_xray(p) for p in held_out], cam=None)]
+    named_ct = [path for path, v in zip(held_out, verdicts, strict=True) if v.checks[:1] == ("ct",)]
+    assert len(named_ct) >= len(held_out) / 2, [v.checks for v in verdicts]  # the gate names CT for most of them
+    ct_slice = named_ct[0]
+    borderline = _borderline_film(predictor, [shared_data.parent / "external", shared_data.parent / "siim"])
+    evaluation = fake_evaluation(list(predictor.classes), predictor.checkpoint_sha256, external=True)
+    write_evaluation(run, evaluation)
+    (run / "eval" / "report.html").write_text(f"<html><body><p>checkpoint {run / 'best.pt'}</p><p>data "
+                                              f"{shared_data / 'metadata.csv'}</p></body></html>")
+    secrets = [str(run), str(shared_data), str(REPO), str(tmp_path)]
+    (tmp_path / "server").mkdir()
+    ARTIFACTS.mkdir(exist_ok=True)
+    with run_app(run / "best.pt", tmp_path / "server") as app, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(app.url)
+            file_input = page.locator("[data-testid='stFileUploaderDropzoneInput']")
+            expect(file_input).to_be_attached(timeout=RESULT_TIMEOUT_MS)
+            file_input.set_input_files([ct_slice, borderline])
+            summary = page.locator("[data-testid='stTable']", has_text="Verdict")
+            expect(summary).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+            expect(page.locator("[data-testid='stStatusWidget']")).to_have_count(0, timeout=RESULT_TIMEOUT_MS)
+            refused = page.get_by_role("heading", name=re.compile("^Not assessed: "))
+            expect(refused).to_have_count(1)
+            assert refused.inner_text() == "Not assessed: This looks like a CT slice, not a chest X-ray"
+            ct_box = file_box(page, ct_slice.name)
+            assert not re.search(r"\d%", ct_box.inner_text()) and "feature distance" not in ct_box.inner_text()
+            ct_alt = ct_box.locator("img").first.get_attribute("alt") or ""
+            assert ct_alt.startswith("The uploaded image, not assessed (This looks like a CT slice"), ct_alt
+            box = file_box(page, borderline.name)
+            text = box.inner_text()
+            assert "Unusual film: read with care" in text and "Not assessed" not in text, text
+            title = box.get_by_role("heading", name=re.compile("^Leans towards "))
+            expect(title).to_have_count(1)
+            assert "unusual film" in title.inner_text() and re.search(r"probability for \w+: (> 99|< 1|\d+)%", text)
+            alts = [a or "" for a in box.locator("img").evaluate_all("els => els.map(e => e.alt)")]
+            assert any(a.startswith("The uploaded chest X-ray, marked as an unusual film") for a in alts), alts
+            assert any("heat map for the class" in a for a in alts), alts
+            full_page_screenshot(page, ARTIFACTS / "app-ct-borderline.png")
+
+            page.set_viewport_size({"width": 400, "height": 900})
+            expect(title).to_be_visible()
+            title_y = title.bounding_box()["y"]
+            image_y = box.locator("[data-testid='stImage']").first.bounding_box()["y"]
+            assert title_y < image_y, (title_y, image_y)  # the verdict before the images
+            page.screenshot(path=str(ARTIFACTS / "app-400px.png"), full_page=False)
+
+            page.set_viewport_size({"width": 1280, "height": 1000})
+            offered = [download_bytes(page, "Download all results as CSV"),
+                       download_bytes(page, "Download result (JSON)")]
+            page.get_by_role("tab", name="Model and evaluation").click()
+            expect(page.get_by_text("External validation:", exact=False).first).to_be_visible()
+            offered.append(download_bytes(page, "Download the full evaluation report"))
+            texts = [page.evaluate("() => document.body.innerText"),
+                     " ".join(page.locator("img").evaluate_all("els => els.map(e => e.alt)")), *(
+                         b.decode("utf-8", errors="replace") for b in offered)]
+            for where, content in zip(["page", "alt texts", "CSV", "JSON", "report"], texts, strict=True):
+                assert not any(secret in content for secret in secrets), where
+                assert not ABSOLUTE_PATH.search(content), (where, ABSOLUTE_PATH.search(content))
+            assert "checkpoint best.pt" in texts[-1]  # the report keeps the names
+        finally:
+            browser.close()

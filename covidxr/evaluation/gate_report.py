@@ -2,14 +2,18 @@
 
 How often the gate (:mod:`covidxr.inference.gate`) refuses the evaluated films, per source, and how often it refuses
 what it should: rotated and inverted copies of the evaluated films (``--gate-variants``) and the images of unlabelled
-folders (``--gate-check FOLDER``, counted per sub-folder: ``notcxr/`` gives ``lateral`` and ``ct``). Lateral films
-the gate was fitted on (matched by their SHA-256) are counted apart, so the held-out rate is honest. Every image goes
-through :class:`~covidxr.inference.predictor.Predictor` as an upload would: read, letterboxed, predicted, gated.
+folders (``--gate-check FOLDER``, counted per sub-folder: ``notcxr/`` gives ``lateral`` and ``ct``), and with
+``--gate-variants`` also photographs and documents made with another seed than the gate's
+(:mod:`covidxr.inference.gate_kinds`). Images the gate was fitted on (matched by their SHA-256) are counted apart, so
+the held-out rate is honest. Assessed films in the borderline band ("unusual film: read with care") are counted
+too. Every image goes through :class:`~covidxr.inference.predictor.Predictor` as an upload would: read, letterboxed,
+predicted, gated.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -25,6 +29,7 @@ from covidxr.files import file_digest
 from covidxr.html_page import paragraph_html, table_html
 from covidxr.inference.__main__ import find_images
 from covidxr.inference.gate import GateVerdict
+from covidxr.inference.gate_kinds import write_made_images
 from covidxr.inference.predictor import Predictor
 from covidxr.io import Xray, load_xray
 
@@ -35,11 +40,14 @@ TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 
 def refusals(verdicts: Sequence[GateVerdict | None]) -> dict[str, Any]:
-    """``n`` (readable images), ``refused``, ``rate`` (None without images) and ``checks`` (failed check -> count)."""
+    """``n`` (readable images), ``refused``, ``rate`` (None without images), ``borderline`` (assessed but marked),
+    ``borderline_rate`` and ``checks`` (the most likely reason's check -> count)."""
     read = [v for v in verdicts if v is not None]
     refused = [v for v in read if not v.assessable]
-    checks = Counter(c for v in refused for c in v.checks)
+    borderline = sum(bool(getattr(v, "borderline", False)) for v in read)
+    checks = Counter(v.checks[0] for v in refused if v.checks)
     return {"n": len(read), "refused": len(refused), "rate": len(refused) / len(read) if read else None,
+            "borderline": borderline, "borderline_rate": borderline / len(read) if read else None,
             "checks": dict(sorted(checks.items()))}
 
 
@@ -80,6 +88,23 @@ def folder_groups(folder: Path, fitted: set[str]) -> dict[str, list[Path]]:
     return groups
 
 
+MADE = 100
+"""How many photographs and documents ``--gate-variants`` makes (of each, and photographs once in colour, once in
+greyscale)."""
+
+
+def made_report(predictor: Predictor, batch_size: int, progress: bool, seed: int) -> dict[str, Any]:
+    """Refusals of :data:`MADE` made photographs (colour, and greyscale: past the colour check) and documents."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="covidxr-made-") as tmp:
+        for name, kind, grey in (("photographs (colour)", "photo", False), ("photographs (greyscale)", "photo", True),
+                                 ("documents", "document", True)):
+            paths = write_made_images(Path(tmp) / name, kind, MADE, seed, grey=grey)
+            out[name] = refusals(gate_verdicts(predictor, paths, batch_size, desc=f"gate: {name}",
+                                               progress=progress))
+    return out
+
+
 def gate_report(checkpoint: Path, rows: pd.DataFrame, folders: Sequence[str | os.PathLike] = (),
                 variants: bool = False, device: str = "auto", batch_size: int = 32,
                 progress: bool = True) -> dict[str, Any]:
@@ -100,12 +125,13 @@ def gate_report(checkpoint: Path, rows: pd.DataFrame, folders: Sequence[str | os
         "by_source": {s: refusals([v for v, t in zip(verdicts, sources, strict=True) if t == s])
                       for s in sorted(set(sources))},
         "refused_files": {str(p): v.reason for p, v in zip(paths, verdicts, strict=True) if v and not v.assessable},
-        "variants": {}, "folders": {}}
+        "variants": {}, "made": {}, "folders": {}}
     if variants:
         for name, transform in TRANSFORMS.items():
             report["variants"][name] = refusals(gate_verdicts(predictor, paths, batch_size, transform,
                                                               f"gate: {name}", progress))
-    fitted = set(gate.info.get("lateral_fit_sha256") or [])
+        report["made"] = made_report(predictor, batch_size, progress, seed=int(gate.info.get("seed", 0)) + 1)
+    fitted = set(gate.info.get("fit_sha256") or gate.info.get("lateral_fit_sha256") or [])
     for folder in map(Path, folders):
         groups = folder_groups(folder, fitted)
         report["folders"][str(folder)] = {name: refusals(gate_verdicts(predictor, files, batch_size,
@@ -123,8 +149,11 @@ def gate_summary(report: dict[str, Any]) -> str:
     def rate(r: dict[str, Any]) -> str:
         return f"{r['refused']}/{r['n']}" + ("" if r["rate"] is None else f" ({r['rate']:.1%})")
 
-    parts = [f"refused {rate(report['evaluated'])} evaluated images"]
+    evaluated = report["evaluated"]
+    parts = [f"refused {rate(evaluated)} evaluated images ({evaluated.get('borderline', 0)} more borderline: "
+             "assessed and marked)"]
     parts += [f"{name} copies {rate(r)}" for name, r in report["variants"].items()]
+    parts += [f"made {name} {rate(r)}" for name, r in report.get("made", {}).items()]
     parts += [f"{_label(folder, name)} {rate(r)}" for folder, groups in report["folders"].items()
               for name, r in groups.items()]
     learned = "" if report["learned"] else f" (file checks only: {report['unavailable']})"
@@ -135,7 +164,8 @@ def gate_html(report: dict[str, Any] | None) -> str:
     """The report section: refusal rates per source, of the copies and of the checked folders."""
     if not report:
         return paragraph_html("The input gate was not run.")
-    columns = ["set", "n", "refused", ("rate", "refusal rate"), ("checks", "failed checks")]
+    columns = ["set", "n", "refused", ("rate", "refusal rate"), ("borderline", "borderline (shown, marked)"),
+               ("checks", "reasons given")]
 
     def row(name: str, r: dict[str, Any]) -> dict[str, Any]:
         return {"set": name, **r, "checks": ", ".join(f"{k} {v}" for k, v in r["checks"].items())}
@@ -150,11 +180,13 @@ def gate_html(report: dict[str, Any] | None) -> str:
                         + [row(f"source: {s}", r) for s, r in report["by_source"].items()], columns,
                         caption="Evaluated images (should pass)")]
     expected = [row(f"{name} copies", r) for name, r in report["variants"].items()]
+    expected += [row(f"made {name}", r) for name, r in report.get("made", {}).items()]
     expected += [row(_label(folder, name), r) for folder, groups in report["folders"].items()
                  for name, r in groups.items()]
     if expected:
         parts.append(table_html(expected, columns, caption="Images the gate should refuse"))
     if report["fitted"]:
+        measured = ", ".join(f"{k} {v:.1%}" for k, v in report["fitted"].items())
         parts.append(paragraph_html("Measured when the gate was fitted (validation split copies, held-out lateral "
-                                    "patients): " + ", ".join(f"{k} {v:.1%}" for k, v in report["fitted"].items())))
+                                    f"and CT patients): {measured}"))
     return "\n".join(parts)

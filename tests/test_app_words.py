@@ -1,0 +1,95 @@
+"""The page's small pure rules: the headline that does not overstate, names instead of server paths, and the
+words that lead with results on films from other hospitals."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from app.eval_tables import chance_level, comparison_table
+from app.evaluation import Evaluation, external_ece, trust_basis
+from app.headline import ECE_LIMIT, LUNG_SHARE_LIMIT, OTHER_HOSPITALS, OUTSIDE_LUNGS, UNUSUAL, headline
+from app.model_texts import crossval_how, single_class_sources
+from app.redact import public_report, setting_rows, strip_paths
+from app.settings import run_label
+
+
+@pytest.mark.parametrize(("ece", "share", "borderline", "cautions"), [
+    (None, None, False, ()),
+    (ECE_LIMIT, LUNG_SHARE_LIMIT, False, ()),  # at the limits: not yet
+    (0.21, None, False, (OTHER_HOSPITALS,)),
+    (0.05, 0.18, False, (OUTSIDE_LUNGS,)),
+    (0.21, 0.18, True, (OTHER_HOSPITALS, OUTSIDE_LUNGS, UNUSUAL)),
+])
+def test_headline_names_its_caveats_and_moves_the_percentage_below(ece, share, borderline, cautions) -> None:
+    words = headline("pneumonia", 0.91, ece, share, borderline)
+    assert words.cautions == cautions
+    if cautions:
+        assert words.title == "Leans towards **pneumonia**; " + "; ".join(cautions)
+        assert "%" not in words.title and "91%" in words.below
+    else:
+        assert words.title == "Model output: **pneumonia** (91%)" and words.below == ""
+
+
+def test_strip_paths_keeps_names_urls_and_base64() -> None:
+    text = ("checkpoint /srv/runs/r50/best.pt, data ../shared/data/all.csv and ~/x/lung-seg.pt; see "
+            "https://example.org/a/b; <img src=\"data:image/png;base64,iVB+/abc/de==\"></p>")
+    out = strip_paths(text)
+    assert out == ("checkpoint best.pt, data all.csv and lung-seg.pt; see https://example.org/a/b; "
+                   "<img src=\"data:image/png;base64,iVB+/abc/de==\"></p>")
+    report = public_report(f"<td>{Path.cwd()}/runs/x/best.pt</td>".encode())
+    assert report == b"<td>best.pt</td>"
+
+
+def test_setting_rows_read_as_words_without_paths() -> None:
+    rows = setting_rows({"data": "/work/shared/data/all.csv", "img_size": 160, "out": "/tmp/page-run",
+                         "lung_model": "~/.cache/covidxr/lungs/lung-seg.pt", "arch": "resnet50"})
+    assert rows == {"Data": "all.csv", "Img size": 160, "Out": "page-run", "Lung model": "lung-seg.pt",
+                    "Arch": "resnet50"}
+    assert not any(re.search(r"(^|\s)/\w", str(v)) for v in rows.values())
+
+
+def test_run_label_is_the_run_name() -> None:
+    assert run_label(Path("/srv/runs/efficientnet_lite0-quickstart/best.pt")) == "efficientnet_lite0-quickstart"
+    assert run_label(Path("/srv/runs/r50/last.pt")) == "r50 (last)"
+
+
+def evaluation(external: bool, crossval: bool) -> Evaluation:
+    per_class = {"covid": {"support": 40, "recall": 0.5}, "normal": {"support": 60, "recall": 0.9}}
+    data = {"n_images": 61, "metrics": {"balanced_accuracy": 0.8, "per_class": {**per_class, "pneumonia": {
+        "support": 20, "recall": 0.7}}}}
+    if external:
+        data["external"] = [{"name": "other", "n_images": 199, "metrics": {"per_class": per_class},
+                             "calibration": {"ece": 0.2345}, "by_source": {
+                                 "a": {"class_counts": {"covid": 40, "normal": 0}},
+                                 "b": {"class_counts": {"covid": 0, "normal": 60}}}}]
+    if crossval:
+        data["crossval"] = {"mode": "probe", "arch": "resnet18", "folds": [
+            {"name": "s1", "metrics": {"balanced_accuracy": 0.44}, "calibration": {"ece": 0.31}},
+            {"name": "s2", "metrics": {"balanced_accuracy": 0.61}}]}
+    return Evaluation(data)
+
+
+def test_words_lead_with_films_from_other_hospitals() -> None:
+    both = trust_basis(evaluation(True, True), "covid")
+    assert both[0].startswith("On films from hospitals it never saw") and "off by 23%" in both[0]
+    assert both[1].startswith("When each of 2 sources was in turn left out") and "44% to 61%" in both[1]
+    assert both[-1].startswith("On 61 internal test images")
+    only_internal = trust_basis(evaluation(False, False), "covid")
+    assert len(only_internal) == 1 and only_internal[0].startswith("This model has **not** been tested")
+    assert external_ece(evaluation(True, True)) == pytest.approx(0.31)  # the worst out-of-source calibration
+    assert external_ece(evaluation(False, False)) is None and external_ece(None) is None
+
+
+def test_model_tab_tables_carry_chance_and_caution() -> None:
+    ev = evaluation(True, True)
+    external = ev.external[0]
+    assert chance_level(external) == 0.5 and chance_level(ev.data) == pytest.approx(1 / 3)
+    table = comparison_table(external)
+    assert table.loc[1].to_dict() == {"Classifier": "Chance: a guess without looking at the film",
+                                      "Balanced accuracy": "50%", "Macro ROC-AUC": "0.50"}
+    assert single_class_sources(external) == ["a", "b"]
+    assert crossval_how(ev.data["crossval"]) == ("a quick version: only the network's last layer retrained each "
+                                                 "time, resnet18")
