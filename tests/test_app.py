@@ -390,7 +390,7 @@ def test_model_tab_leads_with_external_results_and_baselines(own_run: Path, shar
                                                  "ieee8023 COVID-19 image collection"]
     assert list(crossval["Recall covid"]) == ["50% (40%–55%)"] * 2
     assert list(crossval["Source alone, on the sources learned from"]) == ["90%"] * 2
-    assert "only the network's last layer retrained each time, efficientnet_lite0" in text and "probe" not in text
+    assert "only the network's last layer retrained each time, efficientnet_lite0" in text and "probe, " not in text
     assert "fitted on the run's validation split" in text and "same hospitals" in text
     assert not [n for n in walk(at._tree) if getattr(n, "type", "") == "json"]  # no raw JSON
     assert any("evaluation report" in b.proto.label for b in walk(at._tree)

@@ -7,9 +7,10 @@ Command line::
 
 prints ``FILE: CLASS PROBABILITY`` per image, or ``FILE: not assessed: REASON`` when the input gate refuses it (not an
 assessable frontal chest radiograph, see :mod:`covidxr.inference.gate`), writes ``DIR/predictions.csv`` (path,
-predicted (empty for a refused image), gate (``assessed`` / ``not assessed``), gate_reason, one ``prob_CLASS`` column
-per class (the model's output, also for refused images), cam_class, overlay, note, error) and, unless ``--cam none``,
-one overlay PNG per assessed image in DIR.
+predicted (empty for a refused image), gate (``assessed`` / ``borderline`` / ``not assessed``), gate_reason, one
+``prob_CLASS`` column per class (the model's output, also for refused images), cam_class, overlay, note, error) and,
+unless ``--cam none``, one overlay PNG per assessed image in DIR. A borderline film ("unusual film: read with care")
+is predicted and printed with that note.
 Folders are searched recursively for image files (:data:`SEARCHED_SUFFIXES`, and files without a suffix, which is
 how DICOM files often come); hidden files are skipped. Files named on the command line are always tried.
 Unreadable files get their own error line on stderr and a row with their error in the CSV; the other files are
@@ -175,7 +176,8 @@ def run_predictions(predictor: Predictor, files: Sequence[Path], out: Path,
                 picture = overlay(xray.pixels, result.heatmap, options.alpha, options.max_side)
                 atomic_write_bytes(out / name, _png_bytes(picture))
                 row["overlay"] = name
-            print(f"{file}: {result.label} {result.confidence:.3f}" + (f" ({result.note})" if result.note else ""))
+            notes = [n for n in (gate.headline() if gate.borderline else "", result.note) if n]
+            print(f"{file}: {result.label} {result.confidence:.3f}" + (f" ({'; '.join(notes)})" if notes else ""))
     return rows, failed
 
 
