@@ -121,6 +121,44 @@ def crossval_table(rows: list[Mapping[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(table)
 
 
+GATE_SETS = {"rotated 90": "Test films turned 90°", "rotated 180": "Test films turned 180°",
+             "rotated 270": "Test films turned 270°", "inverted": "Test films inverted (negatives)"}
+GATE_FOLDERS = {"ct": "CT slices", "lateral": "Side (lateral) views"}
+GATE_REASONS = {"colour": "colour picture", "size": "too small", "dicom": "DICOM header", "rotated": "rotated",
+                "inverted": "inverted", "lateral": "side view", "ct": "CT slice", "photo": "photograph",
+                "document": "document", "ood": "too unlike the training films"}
+
+
+def _gate_row(name: str, r: Mapping[str, Any]) -> dict[str, Any]:
+    n = r.get("n") or 0
+    refused, borderline = r.get("refused") or 0, r.get("borderline") or 0
+    share = (lambda k: pct(k / n)) if n else (lambda k: "–")
+    reasons = ", ".join(f"{GATE_REASONS.get(str(c), str(c))} {k}" for c, k in (r.get("checks") or {}).items())
+    return {"Images": name, "n": n, "Passed": share(n - refused - borderline),
+            "Unusual (shown, marked)": share(borderline), "Refused": share(refused), "Reasons given": reasons}
+
+
+def gate_table(report: Mapping[str, Any], test_label: str = "Test films") -> pd.DataFrame:
+    """The input gate's verdicts per set of an evaluation's ``gate`` report: the evaluated films (all, then by
+    source), the turned and inverted copies, the made photographs and documents, the checked folders."""
+    rows = [_gate_row(test_label, report["evaluated"])] if isinstance(report.get("evaluated"), Mapping) else []
+    by_source = report.get("by_source") or {}
+    if len(by_source) > 1:
+        rows += [_gate_row(f"… from {source_name(s)}", r) for s, r in by_source.items() if isinstance(r, Mapping)]
+    rows += [_gate_row(GATE_SETS.get(k, k), r) for k, r in (report.get("variants") or {}).items()]
+    rows += [_gate_row(f"Made {k}", r) for k, r in (report.get("made") or {}).items()]
+    for groups in (report.get("folders") or {}).values():
+        rows += [_gate_row(_folder_label(k), r) for k, r in (groups or {}).items() if isinstance(r, Mapping)]
+    return pd.DataFrame(rows)
+
+
+def _folder_label(group: str) -> str:
+    """A checked folder's group in words: ``ct (not fitted on)`` reads "CT slices (patients the gate never saw)"."""
+    name, _, rest = group.partition(" ")
+    name = GATE_FOLDERS.get(name, "Other images" if name == "." else name)
+    return f"{name} (patients the gate never saw)" if rest == "(not fitted on)" else f"{name} {rest}".strip()
+
+
 def confusion_table(data: Mapping[str, Any]) -> pd.DataFrame | None:
     """The confusion matrix with readable row and column names (rows: truth, columns: model output), or None."""
     metrics = data.get("metrics") or {}

@@ -105,7 +105,8 @@ def external_runs(predictor: Any, shas: set[Any]) -> list[dict[str, Any]]:
         external = data and (data.get("data_is_external") is True or data.get("external") is True)
         if not external or data.get("checkpoint_sha256") not in shas:
             continue
-        keys = ("n_images", "n_patients", "metrics", "ci", "by_source", "baselines", "calibration", "warnings")
+        keys = ("n_images", "n_patients", "metrics", "ci", "by_source", "baselines", "calibration", "warnings",
+                "gate")
         found.append({"name": dataset_name(data), **{k: data.get(k) for k in keys}})
     return found
 

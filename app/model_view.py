@@ -21,6 +21,7 @@ from app.eval_tables import (
     confusion_table,
     counts_table,
     crossval_table,
+    gate_table,
     has_baselines,
     key_value_table,
     operating_points_table,
@@ -134,6 +135,21 @@ def _render_crossval(evaluation: Evaluation) -> None:
     skipped = crossval.get("skipped_sources") or {}
     if isinstance(skipped, Mapping) and skipped:
         st.caption("Too small to hold out: " + ", ".join(f"{source_name(s)} ({n} images)" for s, n in skipped.items()))
+
+
+def render_gate(evaluation: Evaluation) -> None:
+    """How often the input gate answers, marks or refuses, per kind of image (the evaluations' gate reports)."""
+    reports = [("Test films (same sources as training)", evaluation.data.get("gate"))]
+    reports += [(f"Films from {dataset_name(s)}", s.get("gate")) for s in evaluation.external]
+    reports = [(label, r) for label, r in reports if isinstance(r, Mapping) and r.get("evaluated")]
+    if not reports:
+        return
+    st.subheader("When the page does not answer", anchor=False)
+    st.markdown("Before the model's output is shown, an input gate checks that the image is a frontal chest X-ray "
+                "like those the model learned from. *Unusual* films are shown and marked \"read with care\"; "
+                "refused images show the most likely reason instead of an output.")
+    for label, report in reports:
+        _table(gate_table(report, label), f"{label}: share of images passed, marked unusual and refused.")
 
 
 def render_trust(evaluation: Evaluation) -> None:
@@ -263,6 +279,7 @@ def render_model_view(predictor: Any, evaluation: Evaluation | None) -> None:
         render_trust(evaluation)
         st.divider()
         render_internal(evaluation)
+        render_gate(evaluation)
     st.divider()
     render_training(predictor, evaluation)
     st.divider()

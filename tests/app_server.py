@@ -87,7 +87,8 @@ def run_app(checkpoint: Path, folder: Path, extra_args: Sequence[str] = (),
     """Start the app on a free port of 127.0.0.1 and wait until it is healthy; stop it afterwards.
 
     The server runs in the repository root (so it reads ``.streamlit/config.toml``), headless, without usage
-    statistics or file watcher, with ``--checkpoint`` and ``--audit-log FOLDER/audit.jsonl``. Its stdout and stderr
+    statistics or file watcher, with ``--checkpoint`` and ``--audit-log FOLDER/audit.jsonl``, and ``COVIDXR_HOME``
+    in ``FOLDER/home`` (no lung model from the home folder). Its stdout and stderr
     go to ``FOLDER/streamlit.out`` and ``FOLDER/streamlit.err``.
 
     Args:
@@ -101,6 +102,7 @@ def run_app(checkpoint: Path, folder: Path, extra_args: Sequence[str] = (),
     """
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COVIDXR_CHECKPOINT", "COVIDXR_AUDIT_LOG"))}
+    env["COVIDXR_HOME"] = str(folder / "home")  # nothing from the home folder (no lung model unless a test adds one)
     env.update(extra_env or {})
     command = [sys.executable, "-m", "streamlit", "run", str(APP.relative_to(REPO)), "--server.headless", "true",
                "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",

@@ -93,3 +93,20 @@ def test_model_tab_tables_carry_chance_and_caution() -> None:
     assert single_class_sources(external) == ["a", "b"]
     assert crossval_how(ev.data["crossval"]) == ("a quick version: only the network's last layer retrained each "
                                                  "time, resnet18")
+
+
+def test_gate_table_reads_each_kind_in_words() -> None:
+    from app.eval_tables import gate_table
+
+    report = {"evaluated": {"n": 10, "refused": 1, "borderline": 2, "checks": {"ood": 1}},
+              "variants": {"rotated 90": {"n": 10, "refused": 10, "borderline": 0, "checks": {"rotated": 10}}},
+              "made": {"documents": {"n": 4, "refused": 4, "checks": {"document": 4}}},
+              "folders": {"/srv/data/notcxr": {"ct (not fitted on)": {"n": 13, "refused": 12, "checks": {
+                  "ct": 11, "photo": 1}}}}}
+    rows = gate_table(report).to_dict("records")
+    assert rows[0] == {"Images": "Test films", "n": 10, "Passed": "70%", "Unusual (shown, marked)": "20%",
+                       "Refused": "10%", "Reasons given": "too unlike the training films 1"}
+    assert rows[1]["Images"] == "Test films turned 90°" and rows[1]["Refused"] == "100%"
+    assert rows[2]["Images"] == "Made documents"
+    assert rows[3] == {"Images": "CT slices (patients the gate never saw)", "n": 13, "Passed": "8%",
+                       "Unusual (shown, marked)": "0%", "Refused": "92%", "Reasons given": "CT slice 11, photograph 1"}
