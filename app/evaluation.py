@@ -173,8 +173,9 @@ def _crossval_basis(rows: list[Mapping[str, Any]]) -> str | None:
                                              or (r.get("balanced_accuracy") or {}).get("estimate"), (int, float))]
     if not values:
         return None
+    spread = pct(min(values)) if pct(min(values)) == pct(max(values)) else f"{pct(min(values))} to {pct(max(values))}"
     return (f"When each of {len(rows)} sources was in turn left out of training, the recipe's balanced accuracy on "
-            f"the left-out source was {pct(min(values))} to {pct(max(values))}.")
+            f"the left-out source was {spread}.")
 
 
 def internal_basis(data: Mapping[str, Any]) -> str:

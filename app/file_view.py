@@ -37,9 +37,11 @@ INTENDED_USE = ("Research and education only. This is not a medical device and m
 
 
 def _gate_notes(assessment: Assessment) -> None:
-    """The gate's caveats (a small image) and, when its learned checks did not run, why."""
+    """The gate's caveats (a small image; an unusual film has its own box) and, when its learned checks did not run,
+    why."""
     for warning in assessment.warnings:
-        st.caption(f"Caution: {warning}.")
+        if not (assessment.borderline and warning.lower().startswith(BORDERLINE.split(":")[0])):
+            st.caption(f"Caution: {warning}.")
     if assessment.note:
         st.caption(f"Input gate: {assessment.note}.")
 
