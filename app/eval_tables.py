@@ -132,7 +132,7 @@ GATE_REASONS = {"colour": "colour picture", "size": "too small", "dicom": "DICOM
 def _gate_row(name: str, r: Mapping[str, Any]) -> dict[str, Any]:
     n = r.get("n") or 0
     refused, borderline = r.get("refused") or 0, r.get("borderline") or 0
-    share = (lambda k: pct(k / n)) if n else (lambda k: "–")
+    share = (lambda k: pct(k / n) + (f" ({k})" if 0 < k < n else "")) if n else (lambda k: "–")
     reasons = ", ".join(f"{GATE_REASONS.get(str(c), str(c))} {k}" for c, k in (r.get("checks") or {}).items())
     return {"Images": name, "n": n, "Passed": share(n - refused - borderline),
             "Unusual (shown, marked)": share(borderline), "Refused": share(refused), "Reasons given": reasons}

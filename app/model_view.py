@@ -89,7 +89,7 @@ def _render_external(test_set: Mapping[str, Any]) -> None:
     st.markdown(f"#### External validation: {name}")
     st.markdown(f"**{test_set.get('n_images', '?')} images{patients}** from sources the model never saw in "
                 "training, validation or model selection.")
-    _warning_list("Caution: in this set class and source go together", list(test_set.get("warnings") or []),
+    _warning_list("Caution about these numbers", list(test_set.get("warnings") or []),
                   set(test_set.get("by_source") or {}))
     single = single_class_sources(test_set)
     if single:

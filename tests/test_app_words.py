@@ -104,9 +104,10 @@ def test_gate_table_reads_each_kind_in_words() -> None:
               "folders": {"/srv/data/notcxr": {"ct (not fitted on)": {"n": 13, "refused": 12, "checks": {
                   "ct": 11, "photo": 1}}}}}
     rows = gate_table(report).to_dict("records")
-    assert rows[0] == {"Images": "Test films", "n": 10, "Passed": "70%", "Unusual (shown, marked)": "20%",
-                       "Refused": "10%", "Reasons given": "too unlike the training films 1"}
+    assert rows[0] == {"Images": "Test films", "n": 10, "Passed": "70% (7)", "Unusual (shown, marked)": "20% (2)",
+                       "Refused": "10% (1)", "Reasons given": "too unlike the training films 1"}
     assert rows[1]["Images"] == "Test films turned 90°" and rows[1]["Refused"] == "100%"
     assert rows[2]["Images"] == "Made documents"
-    assert rows[3] == {"Images": "CT slices (patients the gate never saw)", "n": 13, "Passed": "8%",
-                       "Unusual (shown, marked)": "0%", "Refused": "92%", "Reasons given": "CT slice 11, photograph 1"}
+    assert rows[3] == {"Images": "CT slices (patients the gate never saw)", "n": 13, "Passed": "8% (1)",
+                       "Unusual (shown, marked)": "0%", "Refused": "92% (12)",
+                       "Reasons given": "CT slice 11, photograph 1"}
