@@ -23,6 +23,7 @@ from app.evaluation import Evaluation, external_ece, trust_basis
 from app.format import escape_markdown, model_says, probability
 from app.headline import headline
 from app.heatmap import CAM_LABELS, DISPLAY_MAX_SIDE, cam_settings, overlay_png, render_controls, render_heatmap
+from app.redact import strip_paths
 from covidxr.errors import CovidxrError
 from covidxr.inference.prediction_log import safe_header
 from covidxr.io import Xray
@@ -166,7 +167,7 @@ def _downloads(upload: Upload, xray: Xray, prediction: Prediction, result: dict[
     """Download buttons: the result JSON and the captioned heat-map PNG (made only when clicked)."""
     stem = Path(upload.name).stem or "image"
     cols = st.columns(2)
-    cols[0].download_button("Download result (JSON)", json.dumps(result, indent=2, default=str),
+    cols[0].download_button("Download result (JSON)", strip_paths(json.dumps(result, indent=2, default=str)),
                             file_name=f"{stem}_result.json", mime="application/json", key=f"{upload.key}:json",
                             on_click="ignore", icon=":material/download:")
     heatmap = prediction.heatmap

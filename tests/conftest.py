@@ -65,7 +65,8 @@ def write_subset_manifest(data: Path, out: Path, per_class: int, seed: int = 0) 
 def fit_gated_run(shared_data: Path, run: Path, img_size: int) -> Path:
     """Make ``run`` a run of real films split by patient (45 per class) around an ImageNet EfficientNet-Lite0 with an
     untrained head (the gate needs only the backbone) at ``img_size``, and fit its input gate with ``python -m
-    covidxr.gate fit`` (the lateral films of ``notcxr/lateral``); return ``run``."""
+    covidxr.gate fit`` (the lateral films and CT slices of ``notcxr/``, 60 made photographs and documents each);
+    return ``run``."""
     from covidxr.checkpoint import save_checkpoint
     from covidxr.data.manifest import load_manifest
     from covidxr.data.split import make_split, save_split

@@ -102,7 +102,7 @@ def test_report_puts_external_and_held_out_sources_before_the_internal_split(eva
     html = (evaluated_external["eval"] / "report.html").read_text()
     headings = re.findall(r"<h2>(.*?)</h2>", html)
     internal = headings.index("Internal test split: metrics")
-    assert headings[:3] == ["External validation", "External: ext-small",
+    assert headings[:3] == ["External validation", "External: COVID-CXNet + chest X-ray teaching films",
                             "Held-out sources (cross-validation by source)"]
     assert internal > 2
     assert html.index("ext-small: balanced accuracy") < html.index("internal test: balanced accuracy")  # cards

@@ -9,6 +9,7 @@ from typing import Any
 
 from covidxr.evaluation.heldout import present_classes, recall_interval, summary_columns, summary_row
 from covidxr.html_page import Section, kv_html, paragraph_html, table_html
+from covidxr.sources_display import source_name
 
 NO_EXTERNAL = ("No external result: this run has only been evaluated on data from the hospitals it was trained on. "
                "How it does elsewhere is unknown; evaluate it with --external DIR on images from other hospitals.")
@@ -88,8 +89,15 @@ def external_sections(result: dict[str, Any]) -> list[Section]:
                            "split. Intervals: 95% patient-bootstrap. " + SOURCE_BASELINE_NOTE)
     sections = [Section("External validation", intro + table_html(rows, summary_columns(classes, "external data"),
                                                                   caption="External datasets"), anchor="external")]
-    sections += [Section(f"External: {e['name']}", _external_detail(e, classes)) for e in externals]
+    sections += [Section(f"External: {_set_name(e)}", _external_detail(e, classes)) for e in externals]
     return sections
+
+
+def _set_name(external: dict[str, Any]) -> str:
+    """An external set's heading name: its sources as datasets ("COVID-CXNet + chest X-ray teaching films"), else
+    its folder's name."""
+    sources = [s for s in external.get("by_source") or {} if s not in ("(unknown)", "(missing)")]
+    return " + ".join(dict.fromkeys(map(source_name, sources))) or str(external.get("name"))
 
 
 def crossval_section(crossval: dict[str, Any] | None, classes: Sequence[str]) -> Section:
