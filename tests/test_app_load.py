@@ -74,14 +74,18 @@ NO_ANIMATIONS_JS = """document.addEventListener("DOMContentLoaded", () => {
   document.head.appendChild(style);
 });"""
 # When the page shows all the given file names and as many probability captions and no script is running: in page
-# order, the headings (file names, "Model output: ...") and captions of the "Analyse images" tab; else null.
+# order, the file names ("File: NAME" lines, as FILE), the headings ("Model output: ...") and the captions of the
+# "Analyse images" tab; else null.
 RESULTS_READY_JS = """names => {
   if (document.querySelector("[data-testid='stStatusWidget']")) return null;
   const panel = document.querySelector("[data-testid='stTabPanel']");
   if (!panel) return null;
-  const items = [...panel.querySelectorAll("h3, [data-testid='stCaptionContainer']")]
-    .map(e => [e.tagName, e.textContent.trim()]);
-  const headings = new Set(items.filter(([tag]) => tag === "H3").map(([, text]) => text));
+  const isName = e => e.tagName === "P" && e.firstElementChild?.tagName === "STRONG"
+    && e.firstElementChild.textContent === "File:";
+  const items = [...panel.querySelectorAll("h3, p, [data-testid='stCaptionContainer']")]
+    .filter(e => e.tagName !== "P" || isName(e))
+    .map(e => isName(e) ? ["FILE", e.textContent.trim().replace(/^File:\\s*/, "")] : [e.tagName, e.textContent.trim()]);
+  const headings = new Set(items.filter(([tag]) => tag === "FILE").map(([, text]) => text));
   const results = items.filter(([, text]) => text.startsWith("Probabilities: ")).length;
   return names.every(n => headings.has(n)) && results === names.length ? items : null;
 }"""
@@ -141,7 +145,7 @@ def parse_results(items: list[list[str]]) -> dict[str, dict[str, Any]]:
         headline = re.fullmatch(rf"Model output: (\S+) \({PERCENT}\)", text)
         if tag == "H3" and headline and current is not None:
             current["label"], current["percent"] = headline[1], (headline[2], float(headline[3]))
-        elif tag == "H3" and not text.startswith("Not assessed: "):
+        elif tag == "FILE":
             assert text not in shown, f"{text} shown twice"
             current = shown[text] = {}
         elif text.startswith("Probabilities: ") and current is not None:

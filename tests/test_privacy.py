@@ -251,7 +251,7 @@ def use_app(server: AppServer, probe: Probe, downloads: Path, while_open: Callab
             file_input = page.locator("[data-testid='stFileUploaderDropzoneInput']")
             expect(file_input).to_be_attached(timeout=RESULT_TIMEOUT_MS)
             file_input.set_input_files([probe.path])
-            expect(page.get_by_role("heading", name=PROBE_NAME, exact=True)).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+            expect(page.get_by_text(f"File: {PROBE_NAME}", exact=True)).to_be_visible(timeout=RESULT_TIMEOUT_MS)
             expect(page.get_by_text("Model output:", exact=False)).to_be_visible(timeout=RESULT_TIMEOUT_MS)
             table = page.locator("[data-testid='stTable']", has_text="PhotometricInterpretation")
             expect(table).to_be_visible(timeout=RESULT_TIMEOUT_MS)
