@@ -3,9 +3,9 @@
 Checks, in order; each failed check gives a reason in plain words, and any reason refuses the image ("not assessed:
 REASON"). The first reason is the most likely one (:attr:`GateVerdict.reason`, what the page shows):
 
-1. File checks (no model): a colour image (:attr:`~covidxr.io.Xray.color`: a photograph, a tinted picture), an image
-   under :data:`TINY_SIDE` pixels a side, and for DICOM the header's modality (not plain radiography), body part
-   (not the chest) and view position (lateral or oblique).
+1. File checks (no model, :mod:`covidxr.inference.gate_files`): a colour image (:attr:`~covidxr.io.Xray.color`: a
+   photograph, a tinted picture), an image under 128 pixels a side, and for DICOM the header's modality (not plain
+   radiography), body part (not the chest) and view position (lateral or oblique).
 2. View (learned by :mod:`covidxr.inference.gate_fit`): a multinomial logistic regression on the classifier's own
    pooled backbone features, fitted on the training split's upright frontal films against the same films rotated
    by 90, 180 and 270 degrees and inverted (1 - x), real lateral films and CT slices, and photographs and documents
