@@ -18,10 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from covidxr.checkpoint import load_checkpoint
 from covidxr.data.loaders import LoaderSettings, RunData, input_pipeline, load_run_data, prepare_rows
 from covidxr.data.manifest import MANIFEST_NAMES, dataset_root, load_manifest, resolve_data_path
-from covidxr.errors import CheckpointError, CovidxrError, DatasetError
+from covidxr.errors import DatasetError
 from covidxr.files import file_digest, text_digest
 from covidxr.model_input import pipeline_from_checkpoint
 from covidxr.preprocess import Preprocess
@@ -64,16 +63,6 @@ class EvalData:
     warnings: list[str]
     manifest: dict[str, str]  # manifest_file, manifest_sha256
     settings: LoaderSettings  # the run's, with this evaluation's data, image size, batch size and workers
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """``load_checkpoint`` that turns any unpickling failure into a one-line ``CheckpointError``."""
-    try:
-        return load_checkpoint(path)
-    except CovidxrError:
-        raise
-    except Exception as exc:  # torch.load raises many types on arbitrary bytes (IndexError, KeyError, ...)
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from exc
 
 
 def run_split_table(checkpoint: Path, ckpt: dict[str, Any]) -> tuple[pd.DataFrame | None, str | None]:

@@ -16,12 +16,13 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from covidxr.checkpoint import load_checkpoint
 from covidxr.data.manifest import resolve_data_path
 from covidxr.errors import CovidxrError, DatasetError
 from covidxr.evaluation.analysis import analyse, default_positive, source_warnings, split_warnings
 from covidxr.evaluation.external import evaluate_external, external_names, read_crossval, with_internal_calibration
 from covidxr.evaluation.gate_report import gate_report
-from covidxr.evaluation.inputs import EvalData, EvalOptions, load_eval_data, read_checkpoint, run_split_table
+from covidxr.evaluation.inputs import EvalData, EvalOptions, load_eval_data, run_split_table
 from covidxr.evaluation.logits import SplitOutputs, predict_splits
 from covidxr.evaluation.lung_share import lung_share_summary
 from covidxr.evaluation.model_card import model_card
@@ -122,7 +123,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     """
     start = time.perf_counter()
     opts = replace(opts, checkpoint=Path(opts.checkpoint).expanduser().resolve())
-    ckpt = read_checkpoint(opts.checkpoint)
+    ckpt = load_checkpoint(opts.checkpoint)
     sha = file_digest(opts.checkpoint)
     default_positive(ckpt["classes"], opts.positive)  # fail early on a bad --positive or --device
     pick_device(opts.device)
