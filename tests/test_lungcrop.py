@@ -29,8 +29,7 @@ from covidxr.evaluation.lung_share import lung_share_summary
 from covidxr.inference.predictor import Predictor
 from covidxr.io import load_xray
 from covidxr.lungs.geometry import dilate_mask
-from covidxr.lungs.train import TrainConfig as LungTrainConfig
-from covidxr.lungs.train import default_lung_data
+from covidxr.lungs.train import LungTrainConfig, default_lung_data
 from covidxr.lungs.train import run as train_lungs
 from covidxr.model_input import PLAIN, InputPipeline, pipeline_from_checkpoint, read_lung_entry
 from covidxr.preprocess import LUNG_MASK_DILATION, Preprocess, cache_size, equalize, eval_transform

@@ -22,7 +22,7 @@ from covidxr.errors import CovidxrError
 from covidxr.lungs.check import check_sources
 from covidxr.lungs.model import metrics_path
 from covidxr.lungs.net import ARCHS
-from covidxr.lungs.train import TrainConfig, run
+from covidxr.lungs.train import LungTrainConfig, run
 from covidxr.utils import OneLineParser, cli_error, int_at_least, seed_everything, setup_logging
 
 PROG = "covidxr.lungs"
@@ -30,7 +30,7 @@ PROG = "covidxr.lungs"
 
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``train`` options to ``parser``."""
-    d = TrainConfig()
+    d = LungTrainConfig()
     parser.add_argument("--data", default="",
                         help="folder with images/NAME.jpg and masks/NAME.png (default: $COVIDXR_LUNG_DATA, "
                              "then shared/data/lungs beside the checkout)")
@@ -85,10 +85,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(args: argparse.Namespace) -> LungTrainConfig:
     """Return the training config of parsed ``train`` arguments."""
     try:
-        return TrainConfig(data=args.data, out=args.out, arch=args.arch, width=args.width, img_size=args.img_size,
+        return LungTrainConfig(data=args.data, out=args.out, arch=args.arch, width=args.width, img_size=args.img_size,
                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                            split_seed=args.split_seed, progress=not args.no_progress)
     except ValueError as exc:
