@@ -31,6 +31,7 @@ from covidxr.crossval.folds import MODES, CrossvalConfig, backbone_features, hel
 from covidxr.crossval.results import fold_result, write_outputs, write_split
 from covidxr.errors import CovidxrError, DatasetError
 from covidxr.html_page import format_value
+from covidxr.input_settings import InputSettings
 from covidxr.model_input import require_lung_model
 from covidxr.models import ARCHS
 from covidxr.training.config import add_input_args, image_size
@@ -91,9 +92,7 @@ def cross_validate(cfg: CrossvalConfig) -> dict:
                       "seconds": round(time.perf_counter() - fold_start, 1)})
     content = {"by": cfg.by, "data": str(cfg.data), "mode": cfg.mode, "arch": cfg.arch, "weights": cfg.weights,
                "img_size": cfg.img_size, "min_images": cfg.min_images, "val_frac": cfg.val_frac, "epochs": cfg.epochs,
-               "seed": cfg.seed, "bootstrap": cfg.bootstrap, "classes": data.classes, "lung_crop": cfg.lung_crop,
-               "lung_margin": cfg.lung_margin, "equalize": cfg.equalize, "lung_mask": cfg.lung_mask,
-               "lung_mask_dilation": cfg.lung_mask_dilation,
+               "seed": cfg.seed, "bootstrap": cfg.bootstrap, "classes": data.classes, **cfg.input_record(),
                "n_images": int(len(data.table)), "unreadable": data.unreadable, "skipped_sources": skipped,
                "folds": folds, "command": cfg.command, "command_line": shlex.join(cfg.command),
                "device": str(device), "seconds": round(time.perf_counter() - start, 1),
@@ -114,10 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = CrossvalConfig(data=args.data, out=out.expanduser().resolve(), by=args.by, mode=args.mode, arch=args.arch,
                          weights=args.weights, img_size=args.img_size, min_images=args.min_images, epochs=args.epochs,
                          batch_size=args.batch_size, seed=args.seed, bootstrap=args.bootstrap, device=args.device,
-                         workers=args.workers, cache_dir=args.cache_dir, lung_crop=args.lung_crop,
-                         lung_margin=args.lung_margin, equalize=args.equalize, lung_model=args.lung_model,
-                         lung_mask=args.lung_mask, lung_mask_dilation=args.lung_mask_dilation,
-                         command=["python", "-m", PROG, *argv])
+                         workers=args.workers, cache_dir=args.cache_dir, command=["python", "-m", PROG, *argv],
+                         **InputSettings.from_dict(vars(args)).input_settings())
     try:
         if cfg.lung_crop:
             require_lung_model(cfg.lung_model)

@@ -3,46 +3,30 @@
 from __future__ import annotations
 
 import argparse
-import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, replace
 
-from covidxr.data.loaders import LoaderSettings
+from covidxr.data.loaders import DataSettings, LoaderSettings
+from covidxr.input_settings import EQUALIZE, LUNG_MARGIN, LUNG_MASK_DILATION
 from covidxr.models import ARCHS
-from covidxr.preprocess import EQUALIZE, LUNG_MARGIN, LUNG_MASK_DILATION
 from covidxr.style_augment import AUGMENT_MODES
 from covidxr.utils import OneLineParser, int_at_least
 
 PROG = "covidxr.train"
 
 
-@dataclass
-class TrainConfig:
-    """Every setting of a training run; saved as config.json and inside each checkpoint."""
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(DataSettings):
+    """Every setting of a training run; saved as config.json and inside each checkpoint.
 
-    # data
-    data: str | None = None  # folder or manifest; else $COVIDXR_DATA, else data/cxr
-    val_frac: float = 0.15
-    test_frac: float = 0.15
-    holdout_source: list[str] = field(default_factory=list)  # sources that go entirely to test
-    balance: str = "loss"  # loss (weighted cross-entropy), sampler (by class), group (by class x source), none
-    exclude_source: list[str] = field(default_factory=list)  # sources left out entirely
-    exclude_where: list[str] = field(default_factory=list)  # COLUMN=VALUE filters on manifest columns
-    cache: bool = True  # decode each image once into the prepared cache
-    cache_dir: str | None = None
-    strict: bool = False  # unreadable images are fatal instead of skipped
-    lung_crop: bool = False  # crop every image to its lungs (the lung model then travels in the checkpoint)
-    lung_margin: float = LUNG_MARGIN
-    equalize: str = "none"  # none | hist | clahe, after the crop
-    lung_model: str | None = None  # default $COVIDXR_HOME/lungs/lung-seg.pt
-    lung_mask: bool = False  # also black out what lies outside the lungs (implies lung_crop)
-    lung_mask_dilation: float = LUNG_MASK_DILATION  # the mask's widening, as a share of the crop's longer side
+    The data, split, loader and input settings (lung crop and mask, equalisation, augmentation, lung model) are
+    :class:`~covidxr.data.loaders.DataSettings`'s; the rest follow.
+    """
+
     # model
     arch: str = "resnet50"
     weights: str = "imagenet"  # imagenet | none | PATH
-    img_size: int = 224
     # optimisation
     epochs: int = 20
-    batch_size: int = 32
     lr: float = 1e-3  # head learning rate; the backbone gets lr * backbone_lr_scale once unfrozen
     backbone_lr_scale: float = 0.1
     weight_decay: float = 1e-4
@@ -52,40 +36,25 @@ class TrainConfig:
     feature_cache: bool = True  # frozen epochs train the head on backbone features computed once (un-augmented)
     patience: int = 5  # early stopping on validation macro ROC-AUC (0: never stop early)
     label_smoothing: float = 0.0
-    augment: str = "standard"  # training augmentation: standard | style (adds scanner-style randomisation)
     adversary: float = 0.0  # source adversary's reversed-gradient weight on the backbone (0: off)
     # system
     device: str = "auto"
-    workers: int = min(4, os.cpu_count() or 1)
-    gpu_cache: str = "auto"  # keep the prepared squares on the GPU and augment there: auto | on | off
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with a grad scaler)
     channels_last: bool = True  # on CUDA only
     compile: bool = False  # torch.compile the network that trains (the saved weights stay un-compiled)
-    seed: int = 0
     out: str | None = None  # run folder; default runs/<arch>-<time>
     resume: str | None = None
     # input gate (covidxr.inference.gate), fitted for best.pt when the run ends
     gate: bool = True
     gate_laterals: str | None = None  # lateral films; default notcxr/lateral beside the data or one folder up
 
-    def __post_init__(self) -> None:
-        if self.lung_mask:
-            self.lung_crop = True  # the mask is applied to the lung crop, and recorded as one
-
     def to_dict(self) -> dict:
         """Return a JSON-friendly dict."""
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        """Rebuild from :meth:`to_dict`, ignoring unknown keys (older or newer runs)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
     def loader_settings(self) -> LoaderSettings:
         """The settings that decide the run's data and loaders."""
-        own = {f.name for f in fields(self)}
-        return LoaderSettings(**{f.name: getattr(self, f.name) for f in fields(LoaderSettings) if f.name in own})
+        return LoaderSettings(**self.data_settings())
 
 
 def non_negative_int(text: str) -> int:
@@ -247,6 +216,4 @@ def config_from_args(args: argparse.Namespace, resumed: dict | None = None) -> T
     if resumed is None:
         return TrainConfig.from_dict(given)
     cfg = TrainConfig.from_dict({**resumed, "resume": args.resume})
-    if args.epochs is not None:
-        cfg.epochs = max(cfg.epochs, args.epochs)
-    return cfg
+    return cfg if args.epochs is None else replace(cfg, epochs=max(cfg.epochs, args.epochs))
