@@ -221,14 +221,14 @@ def test_dice_hand_computed() -> None:
 
 
 def test_cli_says_one_line_when_the_data_folder_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "m.pt")]) == 2
+    assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("covidxr.lungs: error: no lung data at ") and "\n" not in err
-    assert not (tmp_path / "m.pt").exists()
+    assert not (tmp_path / "m").exists()
 
 
 def test_cli_says_one_line_when_the_model_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["check", "--model", str(tmp_path / "none.pt"), "--out", str(tmp_path / "sheet.png")]) == 2
+    assert main(["check", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "sheet")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"covidxr.lungs: error: no lung model at {tmp_path / 'none.pt'}: run python -m covidxr.lungs train"
 

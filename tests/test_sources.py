@@ -348,16 +348,16 @@ def test_source_from_url(url: str, name: str) -> None:
 
 
 def test_cli_prepare_prints_summary(ieee_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "ieee.csv"
+    out = tmp_path / "ieee"
     assert main(["prepare", "covid-chestxray", "--src", str(ieee_tree), "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert f"wrote {out}: 6 images" in text and "dropped 1: modality CT" in text
-    assert len(load_manifest(out)) == 6
+    assert f"wrote {out / 'manifest.csv'}: 6 images" in text and "dropped 1: modality CT" in text
+    assert len(load_manifest(out)) == 6  # the folder is read through its manifest.csv
 
 
 @pytest.mark.parametrize("argv", [
-    ["prepare", "covid-chestxray", "--src", "/nonexistent/ieee", "--out", "x.csv"],
-    ["prepare", "folder", "--src", ".", "--out", "x.csv", "--classes", "a=x;b=x"],
+    ["prepare", "covid-chestxray", "--src", "/nonexistent/ieee", "--out", "x"],
+    ["prepare", "folder", "--src", ".", "--out", "x", "--classes", "a=x;b=x"],
 ])
 def test_cli_prepare_errors_are_one_line(argv: list[str], capsys: pytest.CaptureFixture) -> None:
     assert main(argv) == 2

@@ -29,13 +29,12 @@ from pathlib import Path
 
 from covidxr.crossval.folds import MODES, CrossvalConfig, backbone_features, held_out_sources, load_all, train_fold
 from covidxr.crossval.results import fold_result, write_outputs, write_split
-from covidxr.errors import CovidxrError, DatasetError
+from covidxr.errors import DatasetError
 from covidxr.html_page import format_value
-from covidxr.input_settings import InputSettings
 from covidxr.model_input import require_lung_model
 from covidxr.models import ARCHS
 from covidxr.training.config import add_input_args, image_size
-from covidxr.utils import OneLineParser, cli_error, int_at_least, pick_device, setup_logging
+from covidxr.utils import OneLineParser, add_device_arg, add_out_arg, int_at_least, pick_device, run_cli, setup_logging
 
 PROG = "covidxr.crossval"
 
@@ -48,7 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       "intervals, metadata-only baselines).")
     p.add_argument("--by", choices=("source",), required=True, help="what to hold out: each value of this column")
     p.add_argument("--data", required=True, help="CSV manifest or folder with a source column")
-    p.add_argument("--out", type=Path, help="output folder (default: runs/crossval-<arch>-<date>-<time>)")
+    add_out_arg(p, "output folder (default: runs/crossval-<arch>-<date>-<time>)")
     p.add_argument("--mode", choices=MODES, default=d.mode,
                    help="probe: linear head on ImageNet features computed once (CPU); finetune: full training per fold")
     p.add_argument("--arch", default=d.arch, help=f"architecture, e.g. {', '.join(ARCHS)}")
@@ -57,12 +56,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-images", type=int_at_least(1), default=d.min_images,
                    help="hold out only sources with at least this many readable images")
     p.add_argument("--epochs", type=int_at_least(1), default=d.epochs, help="training epochs per fold")
-    p.add_argument("-b", "--batch-size", type=int_at_least(1), default=d.batch_size)
+    p.add_argument("-b", "--batch-size", type=int_at_least(1), default=d.batch_size,
+                   help="images per batch (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="split, training and bootstrap seed")
     p.add_argument("--bootstrap", type=int_at_least(0), default=d.bootstrap, metavar="N",
                    help="patient-level bootstrap resamples for the intervals (0: none)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=d.device)
-    p.add_argument("-j", "--workers", type=int_at_least(0), default=min(2, os.cpu_count() or 1))
+    add_device_arg(p)
+    p.add_argument("-j", "--workers", type=int_at_least(0), default=min(2, os.cpu_count() or 1),
+                   help="decoding and loader processes (default: %(default)s)")
     p.add_argument("--cache-dir", help="prepared cache folder (default: $COVIDXR_CACHE or ~/.cache/covidxr/prepared)")
     add_input_args(p)
     return p
@@ -102,35 +103,25 @@ def cross_validate(cfg: CrossvalConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
+    """Command-line entry point; returns the exit status (``covidxr.utils.run_cli``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = get_args_parser().parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    setup_logging()
-    out = args.out or Path("runs") / f"crossval-{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg = CrossvalConfig(data=args.data, out=out.expanduser().resolve(), by=args.by, mode=args.mode, arch=args.arch,
-                         weights=args.weights, img_size=args.img_size, min_images=args.min_images, epochs=args.epochs,
-                         batch_size=args.batch_size, seed=args.seed, bootstrap=args.bootstrap, device=args.device,
-                         workers=args.workers, cache_dir=args.cache_dir, command=["python", "-m", PROG, *argv],
-                         **InputSettings.from_dict(vars(args)).input_settings())
-    try:
+
+    def crossval(args: argparse.Namespace) -> None:
+        setup_logging()
+        out = args.out or Path("runs") / f"crossval-{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg = CrossvalConfig.from_dict({**vars(args), "out": out.expanduser().resolve(),
+                                        "command": ["python", "-m", PROG, *argv]})
         if cfg.lung_crop:
             require_lung_model(cfg.lung_model)
         content = cross_validate(cfg)
-    except CovidxrError as exc:
-        return cli_error(PROG, exc)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    for fold in content["folds"]:
-        ci = (fold["ci"] or {}).get("metrics", {})
-        numbers = ", ".join(f"{k} {format_value(ci.get(k) or fold['metrics'].get(k))}"
-                            for k in ("balanced_accuracy", "roc_auc_macro"))
-        print(f"held out {fold['name']}: {fold['n_images']} images; {numbers}")
-    print(f"table: {cfg.out / 'crossval.md'}")
-    return 0
+        for fold in content["folds"]:
+            ci = (fold["ci"] or {}).get("metrics", {})
+            numbers = ", ".join(f"{k} {format_value(ci.get(k) or fold['metrics'].get(k))}"
+                                for k in ("balanced_accuracy", "roc_auc_macro"))
+            print(f"held out {fold['name']}: {fold['n_images']} images; {numbers}")
+        print(f"table: {cfg.out / 'crossval.md'}")
+
+    return run_cli(get_args_parser(), crossval, argv)
 
 
 if __name__ == "__main__":

@@ -41,13 +41,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from covidxr.errors import CovidxrError
 from covidxr.evaluation.gate_report import gate_summary
 from covidxr.evaluation.inputs import EvalOptions
 from covidxr.evaluation.metrics import HEADLINE
 from covidxr.evaluation.pipeline import evaluate
 from covidxr.html_page import format_value
-from covidxr.utils import OneLineParser, cli_error, int_at_least, setup_logging
+from covidxr.utils import OneLineParser, add_device_arg, add_out_arg, int_at_least, run_cli, setup_logging
 
 PROG = "covidxr.evaluate"
 SPLITS = ("test", "val", "all")
@@ -68,13 +67,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--crossval", type=Path, metavar="PATH",
                    help="crossval.json of python -m covidxr.crossval to report (default: crossval/crossval.json "
                         "beside the checkpoint, when present)")
-    p.add_argument("--out", type=Path, help="output folder (default: eval/ beside the checkpoint; eval-<dataset>/ "
-                   "for an external dataset)")
+    add_out_arg(p, "output folder (default: eval/ beside the checkpoint; eval-<dataset>/ for an external dataset)")
     p.add_argument("--lung-share-limit", type=int_at_least(0), default=200, metavar="N",
                    help="mean share of the Grad-CAM mass (predicted class) inside the lungs over at most N images "
                         "of the test split and of each --external folder (0: skip; needs a lung model)")
-    p.add_argument("-b", "--batch-size", type=int_at_least(1), default=32)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("-b", "--batch-size", type=int_at_least(1), default=32,
+                   help="images per batch (default: %(default)s)")
+    add_device_arg(p)
     p.add_argument("--positive", help="positive class of the operating points (default: the class named like covid)")
     p.add_argument("--bootstrap", type=int_at_least(0), default=1000, metavar="N",
                    help="patient-level bootstrap resamples for the intervals (0: none; default 1000)")
@@ -118,28 +117,20 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
+    """Command-line entry point; returns the exit status (``covidxr.utils.run_cli``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = get_args_parser().parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    setup_logging()
-    opts = EvalOptions(checkpoint=args.checkpoint, data=args.data, split=args.split, out=args.out,
-                       batch_size=args.batch_size, device=args.device, positive=args.positive,
-                       bootstrap=args.bootstrap, seed=args.seed, workers=args.workers,
-                       command=["python", "-m", PROG, *argv], external=list(args.external),
-                       crossval=args.crossval, gate_check=args.gate_check, gate_variants=args.gate_variants,
-                       lung_share_limit=args.lung_share_limit)
-    try:
-        result = evaluate(opts)
-    except CovidxrError as exc:
-        return cli_error(PROG, exc)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    _print_summary(result)
-    return 0
+
+    def run(args: argparse.Namespace) -> None:
+        setup_logging()
+        opts = EvalOptions(checkpoint=args.checkpoint, data=args.data, split=args.split, out=args.out,
+                           batch_size=args.batch_size, device=args.device, positive=args.positive,
+                           bootstrap=args.bootstrap, seed=args.seed, workers=args.workers,
+                           command=["python", "-m", PROG, *argv], external=list(args.external),
+                           crossval=args.crossval, gate_check=args.gate_check, gate_variants=args.gate_variants,
+                           lung_share_limit=args.lung_share_limit)
+        _print_summary(evaluate(opts))
+
+    return run_cli(get_args_parser(), run, argv)
 
 
 if __name__ == "__main__":

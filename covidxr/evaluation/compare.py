@@ -37,7 +37,7 @@ from covidxr.evaluation.metrics import HEADLINE
 from covidxr.evaluation.results import load_evaluation
 from covidxr.files import atomic_write_bytes, atomic_write_text
 from covidxr.html_page import Section, format_value, paragraph_html, render_html, table_html
-from covidxr.utils import OneLineParser, cli_error, int_at_least
+from covidxr.utils import OneLineParser, add_out_arg, int_at_least, run_cli
 
 PROG = "covidxr.compare"
 ALPHA = 0.05
@@ -267,7 +267,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       description="Compare evaluated runs on the same images: headline metrics with intervals and "
                                   "paired patient-bootstrap tests of macro ROC-AUC differences.")
     p.add_argument("paths", nargs="+", metavar="RUN_OR_EVAL_DIR", help="evaluation folders, or run folders (eval/)")
-    p.add_argument("--out", type=Path, default=Path("comparison"), help="output folder (default: ./comparison)")
+    add_out_arg(p, "output folder (default: %(default)s)", Path("comparison"))
     p.add_argument("--bootstrap", type=int_at_least(1), default=1000, metavar="N", help="bootstrap resamples (1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     return p
@@ -286,17 +286,9 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
-    try:
-        args = get_args_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    try:
-        result = compare(args.paths, args.out, args.bootstrap, args.seed)
-    except CovidxrError as exc:
-        return cli_error(PROG, exc)
-    _print_summary(result)
-    return 0
+    """Command-line entry point; returns the exit status (``covidxr.utils.run_cli``)."""
+    return run_cli(get_args_parser(),
+                   lambda args: _print_summary(compare(args.paths, args.out, args.bootstrap, args.seed)), argv)
 
 
 if __name__ == "__main__":

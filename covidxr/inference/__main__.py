@@ -41,7 +41,16 @@ from covidxr.explain.display import overlay
 from covidxr.files import atomic_write_bytes, atomic_write_text
 from covidxr.inference.predictor import BACKENDS, Predictor
 from covidxr.io import Xray, load_xray
-from covidxr.utils import OneLineParser, cli_error, setup_logging
+from covidxr.utils import (
+    EXIT_DONE,
+    EXIT_SOME_FAILED,
+    OneLineParser,
+    add_checkpoint_arg,
+    add_device_arg,
+    add_out_arg,
+    run_cli,
+    setup_logging,
+)
 
 log = logging.getLogger("covidxr.predict")
 
@@ -77,14 +86,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                            description="Predict chest X-rays (PNG, JPEG, DICOM, ... or folders of them) with a trained "
                                        "checkpoint and explain each prediction with a Grad-CAM overlay.")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders (recursive)")
-    parser.add_argument("--checkpoint", required=True, type=Path, help="the run's checkpoint (best.pt)")
+    add_checkpoint_arg(parser, "the run's checkpoint (best.pt)")
     parser.add_argument("--cam", default="gradcam", choices=(*CAM_METHODS, "none"), metavar="METHOD",
                         help=f"explanation method: {', '.join(CAM_METHODS)}, or none (default: %(default)s)")
     parser.add_argument("--cam-class", help="class to explain, by name or index (default: the predicted class)")
     parser.add_argument("--cam-layer", help="dotted name of the layer to explain (default: per architecture)")
-    parser.add_argument("--out", type=Path, default=Path("predictions"),
-                        help="folder for predictions.csv and the overlays (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
+    add_out_arg(parser, "folder for predictions.csv and the overlays (default: %(default)s)", Path("predictions"))
+    add_device_arg(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="plain predictions with torch, ONNX Runtime, or auto (default: %(default)s)")
@@ -191,13 +199,14 @@ def write_csv(path: Path, rows: list[dict], classes: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point.
-
-    Returns:
-        0 when every file was predicted, 1 when some files could not be read; usage errors exit with status 2.
-    """
+    """Command-line entry point; returns the exit status (``covidxr.utils.run_cli``): 0 when every file was
+    predicted, 1 when some files could not be read, 2 for bad arguments or an unusable checkpoint."""
     parser = get_args_parser()
-    args = parser.parse_args(argv)
+    return run_cli(parser, lambda args: predict(parser, args), argv, (CovidxrError, ValueError, OSError))
+
+
+def predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Predict every file of ``args.inputs``; return ``EXIT_SOME_FAILED`` when some could not be read."""
     if args.batch_size < 1 or args.max_side < 1 or not 0 <= args.alpha <= 1:
         parser.error("--batch-size and --max-side must be positive and --alpha in [0, 1]")
     setup_logging()
@@ -207,25 +216,22 @@ def main(argv: list[str] | None = None) -> int:
     files = find_images(args.inputs)
     if not files:
         parser.error(f"no image files found in {', '.join(args.inputs)}")
-    try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend)
-        if (options.cam_class is not None or options.cam_layer is not None) and options.cam is None:
-            raise ValueError("--cam-class and --cam-layer need a --cam method")
-        if options.cam_class is not None:
-            predictor.class_index(options.cam_class)
-        if options.cam_layer is not None:
-            resolve_layer(predictor.model, options.cam_layer)
-        args.out.mkdir(parents=True, exist_ok=True)
-        if not predictor.gate.learned:
-            log.warning("input gate: %s", predictor.gate.unavailable)
-        rows, failed = run_predictions(predictor, files, args.out, options)
-        write_csv(args.out / "predictions.csv", rows, predictor.classes)
-    except (CovidxrError, ValueError, OSError) as exc:
-        return cli_error(parser.prog, exc)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend)
+    if (options.cam_class is not None or options.cam_layer is not None) and options.cam is None:
+        raise ValueError("--cam-class and --cam-layer need a --cam method")
+    if options.cam_class is not None:
+        predictor.class_index(options.cam_class)
+    if options.cam_layer is not None:
+        resolve_layer(predictor.model, options.cam_layer)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not predictor.gate.learned:
+        log.warning("input gate: %s", predictor.gate.unavailable)
+    rows, failed = run_predictions(predictor, files, args.out, options)
+    write_csv(args.out / "predictions.csv", rows, predictor.classes)
     summary = {"predicted": len(files) - failed, "failed": failed, "csv": str(args.out / "predictions.csv"),
                "backend": predictor.backend}
     log.info("done: %s", json.dumps(summary))
-    return 1 if failed else 0
+    return EXIT_SOME_FAILED if failed else EXIT_DONE
 
 
 if __name__ == "__main__":

@@ -39,13 +39,22 @@ from tqdm.auto import tqdm
 from covidxr.checkpoint import load_checkpoint, save_checkpoint
 from covidxr.data.loaders import LoaderSettings, RunData, load_run_data
 from covidxr.data.manifest import resolve_data_path
-from covidxr.errors import CovidxrError, DatasetError, one_line
+from covidxr.errors import CovidxrError, DatasetError
 from covidxr.inference.gate import FRONTAL, InputGate, OodModel, ViewModel, weights_sha256
 from covidxr.inference.gate_data import GateImages, default_laterals, gate_images, run_split
 from covidxr.model_input import pipeline_from_checkpoint
 from covidxr.models import XrayClassifier, model_from_checkpoint, read_preprocess
 from covidxr.preprocess import eval_transform
-from covidxr.utils import OneLineParser, pick_device, setup_logging
+from covidxr.utils import (
+    OneLineParser,
+    add_checkpoint_arg,
+    add_device_arg,
+    add_out_arg,
+    out_file,
+    pick_device,
+    run_cli,
+    setup_logging,
+)
 
 log = logging.getLogger("covidxr.gate")
 ROTATIONS = {"rot90": 1, "rot180": 2, "rot270": 3}
@@ -281,9 +290,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     """Return the parser of ``python -m covidxr.gate``."""
     parser = OneLineParser(prog="python -m covidxr.gate", description="The input gate: is an image an assessable "
                            "frontal chest radiograph? Fit its learned checks for a trained checkpoint.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     fit = commands.add_parser("fit", help="fit the gate on the run's own split and store it in the checkpoint")
-    fit.add_argument("--checkpoint", required=True, type=Path, help="the run's checkpoint (best.pt)")
+    add_checkpoint_arg(fit, "the run's checkpoint (best.pt)")
     fit.add_argument("--data", help="the run's dataset (default: the one it was trained on)")
     fit.add_argument("--laterals", type=Path, help="folder of lateral chest films (default: notcxr/lateral beside "
                      "the data or one folder up)")
@@ -294,30 +303,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     fit.add_argument("--C", type=float, default=GateOptions.C, dest="C",
                      help="inverse regularisation of the view model (default: %(default)s)")
     fit.add_argument("--seed", type=int, default=0, help="picks the lateral patients fitted on (default: 0)")
-    fit.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
+    add_device_arg(fit)
     fit.add_argument("--batch-size", type=int, default=32, help="images per pass (default: %(default)s)")
-    fit.add_argument("--out", type=Path, help="write the checkpoint with its gate here instead of in place")
+    add_out_arg(fit, "write the checkpoint with its gate into this folder (same file name) instead of in place")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; 0 on success, 2 on usage or data errors (one line on stderr)."""
+    """Command-line entry point; returns the exit status (``covidxr.utils.run_cli``)."""
     parser = get_args_parser()
-    args = parser.parse_args(argv)
+    return run_cli(parser, lambda args: _fit(parser, args), argv, (CovidxrError, OSError))
+
+
+def _fit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not (0 < args.alpha < 1) or args.neighbours < 1 or args.C <= 0 or args.batch_size < 1:
         parser.error("--alpha must be in (0, 1) and --neighbours, --C and --batch-size positive")
     setup_logging()
     opts = GateOptions(args.neighbours, args.alpha, C=args.C, seed=args.seed, batch_size=args.batch_size)
-    try:
-        gate = fit_checkpoint(args.checkpoint, opts, args.device, args.data, args.laterals, out=args.out)
-    except (CovidxrError, OSError) as exc:
-        print(f"covidxr.gate: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+    out = out_file(args.out, args.checkpoint.name, parser.prog) if args.out else None
+    gate = fit_checkpoint(args.checkpoint, opts, args.device, args.data, args.laterals, out=out)
     rates = ", ".join(f"{k} {v:.1%}" for k, v in gate.info["validation"].items())
     log.info("gate fitted (%d train, %d val films, %d + %d laterals) in %.0fs and stored in %s; %s",
              gate.info["n_train"], gate.info["n_val"], gate.info["n_lateral_fit"], gate.info["n_lateral_holdout"],
-             gate.info["seconds"], args.out or args.checkpoint, rates)
-    return 0
+             gate.info["seconds"], out or args.checkpoint, rates)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from covidxr.data.loaders import DataSettings, LoaderSettings
 from covidxr.input_settings import EQUALIZE, LUNG_MARGIN, LUNG_MASK_DILATION
 from covidxr.models import ARCHS
 from covidxr.style_augment import AUGMENT_MODES
-from covidxr.utils import OneLineParser, int_at_least
+from covidxr.utils import OneLineParser, add_device_arg, int_at_least
 
 PROG = "covidxr.train"
 
@@ -153,11 +153,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     # None tells "not given" apart from "given as the default": with --resume only a given --epochs applies.
     g.add_argument("--epochs", type=int_at_least(1), default=None,
                    help=f"training epochs (default {d.epochs}; with --resume the run's own, or this many if more)")
-    g.add_argument("-b", "--batch-size", type=int_at_least(1), default=d.batch_size)
+    g.add_argument("-b", "--batch-size", type=int_at_least(1), default=d.batch_size,
+                   help="images per batch, per process under torchrun (default: %(default)s)")
     g.add_argument("--lr", type=_positive_float, default=d.lr, help="head learning rate (AdamW)")
     g.add_argument("--backbone-lr-scale", type=_positive_float, default=d.backbone_lr_scale,
                    help="backbone learning rate as a fraction of --lr once unfrozen")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay (default: %(default)s)")
     g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up before cosine decay")
     g.add_argument("--freeze-epochs", type=non_negative_int, default=d.freeze_epochs,
                    help="epochs that train the head only, backbone frozen")
@@ -169,7 +171,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "augmented images through the frozen backbone every epoch")
     g.add_argument("--patience", type=non_negative_int, default=d.patience,
                    help="stop after this many epochs without a better validation macro ROC-AUC (0: never)")
-    g.add_argument("--label-smoothing", type=_fraction, default=d.label_smoothing)
+    g.add_argument("--label-smoothing", type=_fraction, default=d.label_smoothing,
+                   help="cross-entropy label smoothing (default: %(default)s)")
     g.add_argument("--augment", choices=AUGMENT_MODES, default=d.augment,
                    help="training augmentation: standard (crops, rotations, shifts, brightness, contrast) or style "
                         "(also a random gamma, blur or sharpening, resolution loss and noise per image, so that "
@@ -179,7 +182,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "a gradient reversal of weight W, so the backbone unlearns the source while the backbone "
                         "trains (0: off; try 0.1-1)")
     g = p.add_argument_group("system")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=d.device)
+    add_device_arg(g)
     g.add_argument("-j", "--workers", type=non_negative_int, default=d.workers, help="data loading processes")
     g.add_argument("--gpu-cache", choices=("auto", "on", "off"), default=d.gpu_cache,
                    help="hold the prepared images on the device as one uint8 tensor and augment whole batches "
@@ -191,8 +194,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile,
                    help="torch.compile the training network (on one H100, ResNet50 at 224: 1.4x the steps per second "
                         "after a first step of about a minute; see benchmarks/bench_compile.py)")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--out", help="run folder (default: runs/<arch>-<date>-<time>)")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="initialisation, split, sampling and augmentation; each epoch's from (seed, epoch)")
+    g.add_argument("--out", metavar="FOLDER", help="run folder (default: runs/<arch>-<date>-<time>)")
     g.add_argument("--resume", help="continue from a run's last.pt")
     g = p.add_argument_group("input gate")
     g.add_argument("--gate", action=argparse.BooleanOptionalAction, default=d.gate,
