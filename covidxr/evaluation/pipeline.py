@@ -18,11 +18,12 @@ from tqdm.auto import tqdm
 
 from covidxr.checkpoint import load_checkpoint
 from covidxr.data.manifest import resolve_data_path
+from covidxr.data.run_folder import RunFolder
 from covidxr.errors import CovidxrError, DatasetError
 from covidxr.evaluation.analysis import analyse, default_positive, source_warnings, split_warnings
 from covidxr.evaluation.external import evaluate_external, external_names, read_crossval, with_internal_calibration
 from covidxr.evaluation.gate_report import gate_report
-from covidxr.evaluation.inputs import EvalData, EvalOptions, load_eval_data, run_split_table
+from covidxr.evaluation.inputs import EvalData, EvalOptions, load_eval_data
 from covidxr.evaluation.logits import SplitOutputs, predict_splits
 from covidxr.evaluation.lung_share import lung_share_summary
 from covidxr.evaluation.model_card import model_card
@@ -134,7 +135,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     try:
         with stages("load data"):
             data = load_eval_data(ckpt, opts.checkpoint, opts)
-            split_table, _ = run_split_table(opts.checkpoint, ckpt)
+            split_table, _ = RunFolder(opts.checkpoint, ckpt).split()
             crossval = read_crossval(opts.checkpoint, opts.crossval)
             for folder in opts.external:
                 resolve_data_path(str(folder))  # a missing --external folder fails before any prediction

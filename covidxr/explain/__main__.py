@@ -21,7 +21,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                          "pytorch-grad-cam's CamMultImageConfidenceChange and ROAD metrics, plus "
                                          "the share of heatmap mass in the image border band.")
     add_checkpoint_arg(sc, "the run's checkpoint (best.pt)")
-    sc.add_argument("--data", help="dataset folder or manifest (default: $COVIDXR_DATA or data/cxr)")
+    sc.add_argument("--data", help="dataset folder or manifest (default: the run's training data)")
     sc.add_argument("--split", choices=("test", "val", "all"), default="test",
                     help="images of the run's split (needs the run's training data), or all images of --data")
     sc.add_argument("--methods", nargs="+", choices=CAM_METHODS, default=["gradcam", "gradcam++", "eigencam"],

@@ -29,21 +29,21 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from covidxr.checkpoint import load_checkpoint, save_checkpoint
-from covidxr.data.loaders import LoaderSettings, RunData, load_run_data
+from covidxr.checkpoint import save_checkpoint
+from covidxr.data.loaders import RunData, load_run_data
 from covidxr.data.manifest import resolve_data_path
+from covidxr.data.run_folder import RunFolder
 from covidxr.errors import CovidxrError, DatasetError
 from covidxr.inference.gate import FRONTAL, InputGate, OodModel, ViewModel, weights_sha256
-from covidxr.inference.gate_data import GateImages, default_laterals, gate_images, run_split
-from covidxr.model_input import pipeline_from_checkpoint
-from covidxr.models import XrayClassifier, model_from_checkpoint, read_preprocess
+from covidxr.inference.gate_data import GateImages, default_laterals, gate_images
+from covidxr.models import XrayClassifier, model_from_checkpoint
 from covidxr.preprocess import eval_transform
 from covidxr.utils import (
     OneLineParser,
@@ -264,18 +264,15 @@ def fit_checkpoint(checkpoint: str | os.PathLike, opts: GateOptions | None = Non
     """
     opts = opts or GateOptions()
     path = Path(checkpoint)
-    ckpt = load_checkpoint(path)
+    trained = RunFolder.read(path)
+    ckpt = trained.ckpt
     model = model_from_checkpoint(ckpt, str(path)).to(pick_device(device))
-    pre = read_preprocess(ckpt, str(path))
-    img_size = pre.img_size
-    config = ckpt.get("config") or {}
+    img_size = trained.preprocess.img_size
     # The films go through the run's own input path (lung crop and mask, equalisation), with the checkpoint's lung
     # model.
-    pipeline = pipeline_from_checkpoint(ckpt, pre, str(path))
-    settings = replace(LoaderSettings.from_dict({**config, "data": data or config.get("data")}), img_size=img_size,
-                       **pipeline.loader_fields())
+    settings = trained.loader_settings(data)
     if run is None:
-        run = load_run_data(settings, run_split(path, ckpt))
+        run = load_run_data(settings, trained.require_split())
     folder = Path(laterals) if laterals is not None else default_laterals(resolve_data_path(settings.data))
     images = gate_images(run, settings, folder, opts.seed)
     gate = fit_gate(model, images, img_size, opts, weights_sha256(ckpt["model"]))
