@@ -3,18 +3,19 @@
 Command line::
 
     python -m covidxr.predict --checkpoint RUN/best.pt IMAGE_OR_FOLDER... [--cam METHOD|none] [--cam-class CLASS]
-        [--out DIR] [--device auto|cpu|cuda] [--batch-size N] [--backend auto|torch|onnx]
+        [--out FOLDER] [--device auto|cpu|cuda|mps] [--batch-size N] [--backend auto|torch|onnx]
 
 prints ``FILE: CLASS PROBABILITY`` per image, or ``FILE: not assessed: REASON`` when the input gate refuses it (not an
-assessable frontal chest radiograph, see :mod:`covidxr.inference.gate`), writes ``DIR/predictions.csv`` (path,
+assessable frontal chest radiograph, see :mod:`covidxr.inference.gate`), writes ``FOLDER/predictions.csv`` (path,
 predicted (empty for a refused image), gate (``assessed`` / ``not assessed``), gate_reason, one ``prob_CLASS`` column
 per class (the model's output, also for refused images), cam_class, overlay, note, error) and, unless ``--cam none``,
-one overlay PNG per assessed image in DIR.
+one overlay PNG per assessed image in FOLDER.
 Folders are searched recursively for image files (:data:`SEARCHED_SUFFIXES`, and files without a suffix, which is
 how DICOM files often come); hidden files are skipped. Files named on the command line are always tried.
 Unreadable files get their own error line on stderr and a row with their error in the CSV; the other files are
 still predicted. Exit status: 0 when every file was predicted, 1 when some could not be read, 2 for usage errors
-(bad option, unusable checkpoint, nothing to predict), with one line on stderr and no traceback.
+(bad option, unusable checkpoint, nothing to predict), with one line on stderr and no traceback, 130 when
+interrupted (``covidxr.utils.run_cli``).
 
 The predictor itself is :class:`covidxr.inference.predictor.Predictor`.
 """
