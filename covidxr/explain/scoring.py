@@ -356,9 +356,10 @@ def score(checkpoint: Path, data: str | None, split: str, methods: Sequence[str]
     """
     checkpoint = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint)
-    run = load_scored_model(ckpt, str(checkpoint), device)
+    # The images are chosen before the model is loaded, so bad --data/--split fails with its one line and no warning.
     data_path = resolve_data_path(data)
     table = select_images(load_manifest(data_path), split, load_run_split(checkpoint, ckpt), limit)
+    run = load_scored_model(ckpt, str(checkpoint), device)
     log.info("scoring %d image(s) of %s with %s", len(table), data_path, ", ".join(methods))
     results: list[dict] = []
     for start in range(0, len(table), batch_size):
