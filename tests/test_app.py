@@ -354,10 +354,11 @@ def own_run(app_env: Path, tiny_run: Path, tmp_path: Path, monkeypatch: pytest.M
 
 def evaluated_sha(run: Path) -> str:
     """The checkpoint digest a saved evaluation must record to be shown for this run."""
+    from covidxr.calibration_file import with_calibration
     from covidxr.checkpoint import load_checkpoint
     from covidxr.files import file_digest
 
-    summary = load_checkpoint(run / "best.pt").get("evaluation") or {}
+    summary = with_calibration(load_checkpoint(run / "best.pt"), run / "best.pt").get("evaluation") or {}
     return summary.get("checkpoint_sha256") or file_digest(run / "best.pt")
 
 

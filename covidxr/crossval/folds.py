@@ -65,6 +65,7 @@ class CrossvalConfig:
     lung_model: str | None = None
     lung_mask: bool = False  # black out what lies outside the lungs (python -m covidxr.train --lung-mask)
     lung_mask_dilation: float = LUNG_MASK_DILATION
+    balance: str = "loss"  # class imbalance in each fold's training (python -m covidxr.train --balance)
     command: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -79,7 +80,7 @@ class CrossvalConfig:
                            device=self.device, workers=self.workers, seed=self.seed, out=str(fold_dir),
                            lung_crop=self.lung_crop, lung_margin=self.lung_margin, equalize=self.equalize,
                            lung_model=self.lung_model, lung_mask=self.lung_mask,
-                           lung_mask_dilation=self.lung_mask_dilation)
+                           lung_mask_dilation=self.lung_mask_dilation, balance=self.balance)
 
 
 @dataclass
@@ -121,6 +122,14 @@ def held_out_sources(data: AllData, min_images: int) -> tuple[list[str], dict[st
     """``(sources to hold out, {too small source: images})``, by readable images, largest first."""
     counts = data.table["source"].astype(str).value_counts()
     return [s for s, n in counts.items() if n >= min_images], {s: int(n) for s, n in counts.items() if n < min_images}
+
+
+def classes_missing_elsewhere(table: pd.DataFrame, held_out: str) -> list[str]:
+    """The classes of ``held_out``'s images that no other source has: a model trained without ``held_out`` never saw
+    them, so the fold cannot measure them (the fold is valid only when this is empty)."""
+    source = table["source"].astype(str)
+    here, elsewhere = set(table.loc[source == held_out, "label"]), set(table.loc[source != held_out, "label"])
+    return sorted(here - elsewhere)
 
 
 def fold_split(data: AllData, held_out: str, cfg: CrossvalConfig) -> pd.DataFrame:

@@ -11,15 +11,17 @@ Usage::
 The run's own data (default: the data it was trained on, split as recorded in ``split.csv`` beside the checkpoint
 or in the checkpoint) is evaluated on its ``test`` split by default. The validation split is predicted as well: a
 temperature is fitted on it (temperature scaling) and the decision thresholds of the operating points are chosen
-on it. The checkpoint then receives ``temperature`` and a compact ``evaluation`` summary (saved atomically).
+on it. They go, with a compact summary, into the checkpoint's calibration sidecar ``best.calibration.json``
+(:mod:`covidxr.calibration_file`), pinned to the checkpoint's SHA-256: evaluating never changes the model file, and
+the report names the file by the same hash as the app.
 
 A dataset whose images are not the run's split is *external*: all its images are evaluated (``--split all``), the
 temperature and thresholds stored in the checkpoint are reused, images that were also in the run's data (same
-path or same bytes) are flagged, and the checkpoint is left untouched.
+path or same bytes) are flagged, and no sidecar is written.
 
 ``--external DIR`` (repeatable) evaluates the run's test split *and* each external folder in one call: the folders
 reuse the temperature and thresholds chosen on the run's validation split, metrics.json lists them under
-``external``, the checkpoint's summary gets their headline, and the report shows them first, before the internal
+``external``, the sidecar's summary gets their headline, and the report shows them first, before the internal
 test split. The cross-validation by source (``python -m covidxr.crossval``; ``--crossval PATH``, by default
 ``crossval/crossval.json`` beside the checkpoint) is reported beside them.
 

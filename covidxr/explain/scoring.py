@@ -39,6 +39,7 @@ from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostReleva
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 from torch import nn
 
+from covidxr.calibration_file import with_calibration
 from covidxr.checkpoint import load_checkpoint, read_temperature
 from covidxr.data.manifest import load_manifest, resolve_data_path
 from covidxr.data.split import apply_split
@@ -355,7 +356,7 @@ def score(checkpoint: Path, data: str | None, split: str, methods: Sequence[str]
         The per-method summary.
     """
     checkpoint = Path(checkpoint)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = with_calibration(load_checkpoint(checkpoint), checkpoint)
     # The images are chosen before the model is loaded, so bad --data/--split fails with its one line and no warning.
     data_path = resolve_data_path(data)
     table = select_images(load_manifest(data_path), split, load_run_split(checkpoint, ckpt), limit)
