@@ -38,6 +38,7 @@ import numpy as np
 
 DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "all.csv")
 SIIM = "SIIM-FISABIO-RSNA COVID-19 (via vikasb512/Capstone-Project)"
+KERMANY = "lecuong1502/BTL_Machine_Learning"  # the paediatric films
 TRAIN = ["--arch", "efficientnet_lite0", "--weights", "imagenet", "--img-size", "224", "--epochs", "10",
          "--workers", "0", "--no-gate"]
 ROWS = {"none": [], "group": ["--balance", "group"], "hist": ["--equalize", "hist"], "lungcrop": ["--lung-crop"],
@@ -133,8 +134,15 @@ def proxy_scores(runs: Path) -> dict[str, dict]:
         scores[content["row"]] = {"score": float(np.mean(per_seed)), "spread": float(np.ptp(per_seed)),
                                   "per_seed": [float(x) for x in per_seed], "per_fold": per_fold,
                                   "worst_fold": worst, "worst": per_fold[worst], "seeds": content["seeds"],
-                                  "seconds": content["seconds"]}
+                                  "seconds": content["seconds"], "paediatric_recall": _recall(content, KERMANY)}
     return scores
+
+
+def _recall(content: dict, source: str) -> dict[str, float]:
+    """Mean recall per class over seeds when ``source`` is held out."""
+    folds = [f for f in content["folds"] if f["source"] == source]
+    classes = {c for f in folds for c, r in f["recall"].items() if r is not None}
+    return {c: float(np.mean([f["recall"][c] for f in folds])) for c in sorted(classes)}
 
 
 def choose_row(scores: dict[str, dict]) -> str:
@@ -182,6 +190,9 @@ def choose(runs: Path) -> Path:
                      + ", ".join(f"{x:.3f}" for x in s["per_seed"])
                      + f" | {s['worst_fold'].split(' ')[0]} {s['worst']:.3f} | "
                      + " | ".join(f"{v:.3f}" for v in s["per_fold"].values()) + " |")
+    lines += ["", "Paediatric films (Kermany) held out, mean recall over seeds: " + "; ".join(
+        f"{LABELS[r]}: " + ", ".join(f"{c} {v:.2f}" for c, v in scores[r]["paediatric_recall"].items())
+        for r in scores)]
     lines += ["", "Full protocol on the siim fold (10-epoch fine-tune, seed 0; `python benchmarks/recipe_selection.py "
               f"full --runs {runs}`): " + (", ".join(f"{LABELS[r]} {fulls[r]:.3f}" for r in full_order) or "none"),
               f"Proxy's siim-fold order: {', '.join(proxy_order) or 'n/a'}; full protocol's: "

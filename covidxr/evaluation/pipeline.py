@@ -66,13 +66,15 @@ def assemble(ckpt: dict[str, Any], data: EvalData, pred: SplitOutputs, analysis:
     warnings = source_warnings(pred.table) + split_warnings(data, pred, result["calibration"]["how"])
     if result["ci"] is None:
         warnings.append("--bootstrap 0: no confidence intervals")
+    card = model_card(ckpt, data, pred.table, split_table, result["metrics"], result["ci"])
+    card["model"]["calibration"] = result["calibration"]["how"]  # the model card says which calibration was used
     return {
         "checkpoint": str(opts.checkpoint), "checkpoint_sha256": sha, "split": data.split,
         "data": str(data.data_path), "data_is_external": not data.own, "n_images": int(len(pred.y)),
         "n_patients": int(pred.table["patient_id"].nunique()), "classes": list(ckpt["classes"]),
         **result, "plots": {}, "reproducibility": {}, "warnings": warnings, "explain": read_explain(out),
         "unreadable": dict(data.run.unreadable),
-        "model_card": model_card(ckpt, data, pred.table, split_table, result["metrics"], result["ci"]),
+        "model_card": card,
         "external": [], "crossval": None,
         "lung_share": lung_share_summary(opts.checkpoint, pred.table, opts.lung_share_limit, opts.device, opts.seed),
     }
