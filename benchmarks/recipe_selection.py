@@ -18,8 +18,10 @@ Usage::
     python benchmarks/recipe_selection.py proxy --runs /tmp/sel [--rows none group ...] [--seeds 0 1 2]
     python benchmarks/recipe_selection.py full --runs /tmp/sel [--rows none group lungcrop lchist]
     python benchmarks/recipe_selection.py choose --runs /tmp/sel
+    python benchmarks/recipe_selection.py goals --runs /tmp/sel [--rows ROW ...]   # default: the chosen row
 
-Runs already present are reused, so each step can be stopped and run again. Nothing here reads ``external/``.
+Runs already present are reused, so each step can be stopped and run again. Only ``goals`` reads ``external/``,
+after the choice, to report the chosen recipe's results.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "all.csv")
+EXTERNAL = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "external")  # reported, never chosen on
 SIIM = "SIIM-FISABIO-RSNA COVID-19 (via vikasb512/Capstone-Project)"
 KERMANY = "lecuong1502/BTL_Machine_Learning"  # the paediatric films
 TRAIN = ["--arch", "efficientnet_lite0", "--weights", "imagenet", "--img-size", "224", "--epochs", "10",
@@ -119,6 +122,43 @@ def full(runs: Path, rows: list[str]) -> None:
             print("$", shlex.join(cmd), flush=True)
             with open(runs / f"full-siim-{name}.log", "a") as log:
                 subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def goals(runs: Path, rows: list[str], seeds: list[int]) -> None:
+    """Train each row on all of all.csv per seed (the quickstart's protocol) and evaluate it on the internal test split
+    and on ``external/`` (reported only: it chooses nothing); writes ``runs/goals.md``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for name in rows:
+        for seed in seeds:
+            out = runs / f"goal-{name}-s{seed}"
+            train = [sys.executable, "-m", "covidxr.train", "--data", DATA, *TRAIN, "--seed", str(seed), *ROWS[name],
+                     "--out", str(out)]
+            evaluate = [sys.executable, "-m", "covidxr.evaluate", "--checkpoint", str(out / "best.pt"), "--external",
+                        EXTERNAL, "--lung-share-limit", "40", "--bootstrap", "200"]
+            todo = ([] if (out / "best.pt").is_file() else [train]) + \
+                ([] if (out / "eval" / "metrics.json").is_file() else [evaluate])
+            for cmd in todo:
+                print("$", shlex.join(cmd), flush=True)
+                with open(runs / f"goal-{name}-s{seed}.log", "a") as log:
+                    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+    lines = ["| row | seed | external COVID-vs-rest AUC | external COVID sensitivity / specificity (threshold) | "
+             "external recall covid / normal | siim test COVID-vs-normal AUC | external ECE | external lung share |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in rows:
+        for seed in seeds:
+            m = json.loads((runs / f"goal-{name}-s{seed}" / "eval" / "metrics.json").read_text())
+            ext = m["external"][0]
+            sets = {s["name"]: s for s in m["covid_vs_rest"]["sets"]}
+            e = sets[f"external {ext['name']}"]
+            siim = next((s for n, s in sets.items() if n.startswith("internal test: SIIM")), None)
+            rec = ext["metrics"]["per_class"]
+            lines.append(f"| {LABELS[name]} | {seed} | {e['auc']['estimate']:.3f} | {e['sensitivity']['estimate']:.2f}"
+                         f" / {e['specificity']['estimate']:.2f} ({m['covid_vs_rest']['threshold']:.3f}) | "
+                         f"{rec['covid']['recall']:.2f} / {rec['normal']['recall']:.2f} | "
+                         f"{siim['auc']['estimate'] if siim else float('nan'):.3f} | {ext['metrics']['ece']:.3f} | "
+                         f"{(ext.get('lung_share') or {}).get('mean') or float('nan'):.3f} |")
+    (runs / "goals.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def proxy_scores(runs: Path) -> dict[str, dict]:
@@ -208,7 +248,7 @@ def choose(runs: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=("proxy", "full", "choose"), help="what to run")
+    parser.add_argument("step", choices=("proxy", "full", "choose", "goals"), help="what to run")
     parser.add_argument("--runs", type=Path, required=True, help="folder of the runs and their results")
     parser.add_argument("--rows", nargs="+", choices=tuple(ROWS), help="rows to run (default: all, or the four "
                         "checked rows for 'full')")
@@ -219,6 +259,9 @@ def main() -> None:
         proxy(args.runs, args.rows or list(ROWS), args.seeds)
     elif args.step == "full":
         full(args.runs, args.rows or list(FULL_ROWS))
+    elif args.step == "goals":
+        chosen = json.loads((args.runs / "choice.json").read_text())["chosen"]
+        goals(args.runs, args.rows or [chosen], args.seeds)
     else:
         choose(args.runs)
 
