@@ -36,6 +36,7 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import STR_VR, validate_value
 
 import covidxr
+from covidxr.dicom import is_dicom
 from covidxr.errors import CovidxrError
 from covidxr.inference.dicom_sr import RESEARCH_ONLY, ReportFacts, structured_report
 
@@ -61,9 +62,13 @@ def read_header(source: str | os.PathLike | bytes, name: str) -> Dataset:
     """
     try:
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        if not is_dicom(data):
+            raise CovidxrError(f"{name}: not a DICOM file")
         dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=data[128:132] != b"DICM")
     except OSError as exc:
         raise CovidxrError(f"{name}: cannot read the DICOM file ({exc.strerror or exc})") from exc
+    except CovidxrError:
+        raise
     except Exception as exc:  # any pydicom parse failure
         raise CovidxrError(f"{name}: not a readable DICOM file ({type(exc).__name__})") from exc
     missing = [k for k in _REQUIRED if not str(dataset.get(k, "") or "").strip()]
