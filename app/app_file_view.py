@@ -23,6 +23,7 @@ from app_format import model_says, probability
 from app_heatmap import CAM_LABELS, DISPLAY_MAX_SIDE, cam_settings, overlay_png, render_controls, render_heatmap
 
 from covidxr.errors import CovidxrError
+from covidxr.inference.dicom_out import dicom_zip, read_header
 from covidxr.inference.prediction_log import safe_header
 from covidxr.io import Xray
 
@@ -153,6 +154,25 @@ def _downloads(upload: Upload, xray: Xray, prediction: Prediction, result: dict[
         on_click="ignore", icon=":material/download:", disabled=heatmap is None)
 
 
+def _dicom_download(upload: Upload, xray: Xray, prediction: Prediction, ctx: Context, lines: list[str],
+                    alpha: float) -> None:
+    """For a DICOM upload: a ZIP of the DICOM SR and the Secondary Capture of the labelled heat map, in its study."""
+    if xray.format != "DICOM":
+        return
+    try:
+        read_header(upload.data, upload.name)  # cheap: can the results be filed in its study at all?
+    except CovidxrError as exc:
+        st.caption(f"No DICOM download: {exc}.")
+        return
+    stem = Path(upload.name).stem or "image"
+    st.download_button(
+        "Download as DICOM", lambda: dicom_zip(upload.data, prediction, ctx.predictor,
+                                               overlay_png(xray.pixels, prediction.heatmap, alpha, lines), stem),
+        file_name=f"{stem}_dicom.zip", mime="application/zip", key=f"{upload.key}:dicom", on_click="ignore",
+        icon=":material/download:", help="A DICOM Structured Report and a Secondary Capture of the labelled heat map, "
+                                         "in the study of the uploaded file (research use only)")
+
+
 def _output(upload: Upload, xray: Xray, ctx: Context, evaluation: Evaluation | None) -> FileResult:
     """Predict, then lay out the verdict or the output, the image and the heat map."""
     classes = list(ctx.predictor.classes)
@@ -185,6 +205,7 @@ def _output(upload: Upload, xray: Xray, ctx: Context, evaluation: Evaluation | N
     lines = caption_lines(prediction, assessment, ctx, share)
     _downloads(upload, xray, prediction, result_dict(upload, xray, sha, prediction, assessment, ctx, share), lines,
                alpha)
+    _dicom_download(upload, xray, prediction, ctx, lines, alpha)
     return result
 
 

@@ -574,3 +574,12 @@ def test_audit_log_concurrent_appends_and_privacy(tmp_path: Path) -> None:
     last = read_records(path)[-1]
     assert last["dicom_header"] == {"Modality": "CR"} and last["model"]["temperature"] is None
     assert last["image_sha256"] == hashlib.sha256(pixels.tobytes()).hexdigest()
+
+
+def test_dicom_download_is_offered_for_dicom_uploads_only(with_model: Path, shared_dicom_dir: Path,
+                                                          shared_data: Path) -> None:
+    paths = sorted(shared_dicom_dir.glob("*.dcm"))
+    good = real_image(shared_data)
+    at = upload(run_app(), [*((p.name, p.read_bytes()) for p in paths), (good.name, good.read_bytes())])
+    labels = [b.proto.label for b in walk(at._tree) if getattr(b, "type", "") == "download_button"]
+    assert labels.count("Download as DICOM") == len(paths)
