@@ -232,3 +232,23 @@ def test_the_app_download_holds_the_same_objects(checkpoint: Path, tmp_path: Pat
     assert capture.StudyInstanceUID == report.StudyInstanceUID == source.StudyInstanceUID
     assert np.array_equal(capture.pixel_array, np.full((40, 30, 3), 200, np.uint8))
     assert sr_items(report)["Model output"].TextValue == prediction.label
+
+
+@pytest.mark.parametrize(("change", "message"), [({"SOPClassUID": "1.2.3.4"}, "not a standard DICOM one"),
+                                                 ({"StudyInstanceUID": None}, "lacks StudyInstanceUID")])
+def test_a_dicom_that_cannot_be_filed_is_that_file_s_error(change: dict, message: str, checkpoint: Path,
+                                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ds = write_dicom(tmp_path / "odd.dcm", patient=PATIENT)
+    for keyword, value in change.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(tmp_path / "odd.dcm", enforce_file_format=True)
+    write_dicom(tmp_path / "fine.dcm", patient=PATIENT)
+    assert predict(checkpoint, tmp_path / "out", str(tmp_path / "odd.dcm"), str(tmp_path / "fine.dcm")) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "odd.dcm" in line]
+    assert len(err) == 1 and message in err[0]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.dcm")) == ["fine_sc.dcm", "fine_sr.dcm"]
+    rows = pd.read_csv(tmp_path / "out" / "predictions.csv", keep_default_na=False).set_index("path")
+    assert message in rows.loc[str(tmp_path / "odd.dcm"), "error"]

@@ -216,7 +216,13 @@ def run_predictions(predictor: Predictor, files: Sequence[Path], out: Path,
                     row["overlay"] = name
                 print(f"{file}: {result.label} {result.confidence:.3f}" + (f" ({result.note})" if result.note else ""))
             if options.dicom_out:
-                _write_dicom(file, xray, result, picture, predictor, out, options, used)
+                try:
+                    _write_dicom(file, xray, result, picture, predictor, out, options, used)
+                except CovidxrError as exc:
+                    failed += 1
+                    reason = str(exc).removeprefix(f"{file}: ")
+                    print(f"{file}: error: {reason}", file=sys.stderr)
+                    row["error"] = reason
     return rows, failed
 
 

@@ -75,6 +75,9 @@ def read_header(source: str | os.PathLike | bytes, name: str) -> Dataset:
     if missing:
         raise CovidxrError(f"{name}: the DICOM file lacks {', '.join(missing)}, so results cannot be filed in its "
                            "study")
+    if pydicom.uid.UID(str(dataset.SOPClassUID)).type != "SOP Class":
+        raise CovidxrError(f"{name}: SOP class {dataset.SOPClassUID} is not a standard DICOM one, so its patient and "
+                           "study attributes cannot be told apart")
     return dataset
 
 
@@ -162,7 +165,19 @@ def results_as_dicom(prediction: Prediction, predictor: Predictor, study: Datase
     identity = _identity(study)
     source = study if is_source else None
     assessable = prediction.gate is None or prediction.gate.assessable
-    capture = secondary_capture(identity, labelled, source) if assessable and labelled is not None else None
+    try:
+        capture = secondary_capture(identity, labelled, source) if assessable and labelled is not None else None
+        report = _report(prediction, predictor, identity, source, capture, assessable)
+    except KeyError as exc:  # highdicom looks the source's IOD up by its SOP class to find the patient attributes
+        raise CovidxrError(f"DICOM SOP class {study.SOPClassUID} is not a standard one, so its patient and study "
+                           "attributes cannot be told apart") from exc
+    return capture, report
+
+
+def _report(prediction: Prediction, predictor: Predictor, identity: Dataset, source: Dataset | None,
+            capture: hd.sc.SCImage | None, assessable: bool) -> hd.sr.ComprehensiveSR:
+    """The SR of :func:`results_as_dicom`."""
+    is_source = source is not None
     facts = ReportFacts(
         assessable=assessable, gate_reason="" if prediction.gate is None else prediction.gate.reason,
         label=prediction.label, probs=dict(prediction.probs), arch=predictor.arch, version=covidxr.__version__,
@@ -170,9 +185,8 @@ def results_as_dicom(prediction: Prediction, predictor: Predictor, study: Datase
         lung_share=prediction.lung_share if assessable else None,
         source_note="" if is_source else "The analysed image was not a DICOM file; the patient and study are those "
                                          "of a DICOM file the user named.")
-    report = structured_report(facts, [identity] + ([capture] if capture is not None else []), source=source,
-                               capture=capture, series_description=SR_SERIES, manufacturer=MANUFACTURER)
-    return capture, report
+    return structured_report(facts, [identity] + ([capture] if capture is not None else []), source=source,
+                             capture=capture, series_description=SR_SERIES, manufacturer=MANUFACTURER)
 
 
 def dicom_bytes(dataset: Dataset) -> bytes:
