@@ -13,7 +13,8 @@ per class (the model's output, also for refused images), cam_class, overlay, not
 one overlay PNG per assessed image in DIR. With ``--dicom-out`` it also writes, per file, ``STEM_sr.dcm`` (a DICOM
 Structured Report) and, for an assessed image, ``STEM_sc.dcm`` (a Secondary Capture of the captioned overlay), in the
 input's study (see :mod:`covidxr.inference.dicom_out`); an input that is not DICOM needs ``--dicom-study-from`` to name
-a DICOM file of its study, else the command stops with a one-line error.
+a DICOM file of its study, else the command stops with a one-line error. These two files carry the patient's
+identity, copied from the source (every other output holds none).
 Folders are searched recursively for image files (:data:`SEARCHED_SUFFIXES`, and files without a suffix, which is
 how DICOM files often come); hidden files are skipped. Files named on the command line are always tried.
 Unreadable files get their own error line on stderr and a row with their error in the CSV; the other files are

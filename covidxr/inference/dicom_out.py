@@ -12,6 +12,8 @@ For one predicted image, :func:`results_as_dicom` builds, with highdicom:
 Both belong to the study they are given (the input DICOM itself, or a DICOM file of the study the user names for a
 non-DICOM input): same StudyInstanceUID, the Patient and Study modules copied as that file has them (attributes it
 lacks stay absent, or empty where the IOD requires them: nothing is invented), a new series each and new UIDs.
+For a non-DICOM input there is no source to reference: the SR says so in its comment and lists the named study file
+as its evidence (the one instance of the study it was given).
 """
 
 from __future__ import annotations
