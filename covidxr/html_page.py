@@ -39,6 +39,22 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
 figure { margin: 1rem 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eef0f4; }
 figcaption { font-size: 0.88rem; color: #5a6275; }
+div.scroll { max-width: 100%; overflow-x: auto; margin: 0.8rem 0; }
+div.scroll > table { margin: 0; }
+td { overflow-wrap: anywhere; }
+div.gallery { display: flex; flex-wrap: wrap; gap: 0.6rem; }
+figure.thumb { width: 330px; margin: 0; }
+figure.thumb img { width: 160px; height: auto; margin-right: 2px; vertical-align: top; }
+@media print {
+  body { max-width: none; margin: 0; padding: 0; font-size: 10pt; }
+  nav.toc { display: none; }
+  h2, h3 { break-after: avoid; }
+  table, figure, div.card { break-inside: avoid; }
+  div.scroll { overflow: visible; }
+  figure { display: block; }
+  figure img { max-width: 100%; }
+  section { break-before: auto; }
+}
 """
 
 
@@ -154,10 +170,10 @@ def table_html(
         digits: Decimals for floats.
 
     Returns:
-        The ``<table>`` fragment.
+        The ``<table>`` fragment, in a ``<div class="scroll">`` that scrolls a wide table inside the page.
     """
     cols = [(c, c) if isinstance(c, str) else (c[0], c[1]) for c in columns]
-    parts = ["<table>"]
+    parts = ['<div class="scroll"><table>']
     if caption:
         parts.append(f"<caption>{html.escape(caption)}</caption>")
     parts.append("<thead><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for _, h in cols) + "</tr></thead>")
@@ -172,7 +188,7 @@ def table_html(
             css = ' class="num"' if _is_numeric_cell(value) else ""
             cells.append(f"<td{css}>{html.escape(format_value(value, digits))}</td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")
-    parts.append("</tbody></table>")
+    parts.append("</tbody></table></div>")
     return "\n".join(parts)
 
 
