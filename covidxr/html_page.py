@@ -41,7 +41,7 @@ figure img { max-width: 100%; height: auto; border: 1px solid #eef0f4; }
 figcaption { font-size: 0.88rem; color: #5a6275; }
 div.scroll { max-width: 100%; overflow-x: auto; margin: 0.8rem 0; }
 div.scroll > table { margin: 0; }
-td { overflow-wrap: anywhere; }
+td { overflow-wrap: break-word; }
 div.gallery { display: flex; flex-wrap: wrap; gap: 0.6rem; }
 figure.thumb { width: 330px; margin: 0; }
 figure.thumb img { width: 160px; height: auto; margin-right: 2px; vertical-align: top; }

@@ -46,7 +46,7 @@ CLAIM: tuple[Item, ...] = (
     ("25", "Initialisation of the parameters (random, transfer learning)", "model-card", ("weights",), ""),
     ("26", "Training: augmentation, hyperparameters, number of models", "model-card", ("training",), ""),
     ("27", "How the final model was selected", "training", ("selection",), ""),
-    ("28", "Ensembling", "model-card", ("training",), ""),
+    ("28", "Ensembling", "model-card", ("ensemble",), ""),
     ("29", "Performance metrics", "metrics", ("metrics",), ""),
     ("30", "Significance and uncertainty (confidence intervals)", "metrics", ("uncertainty",), ""),
     ("31", "Robustness or sensitivity analysis", "confounding-checks", ("robustness",), ""),

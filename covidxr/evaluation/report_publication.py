@@ -55,7 +55,7 @@ def gallery_section(extras: dict[str, Any], folder: Path | None) -> Section:
 
 def _subgroup_rows(groups: dict[str, Any], classes: Sequence[str]) -> list[dict[str, Any]]:
     return [{"group": v, "n": g["n"], "patients": g["patients"], "images per class": g["class_counts"],
-             "auc": g["auc_vs_rest"], "small": "too small" if g["small"] else "",
+             "auc": g["auc_vs_rest"], "small": g.get("flag", "too small" if g["small"] else ""),
              **{f"recall {c}": g["recall"][c] for c in classes}} for v, g in groups.items()]
 
 

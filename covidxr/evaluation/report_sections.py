@@ -146,7 +146,7 @@ def build_report(result: dict[str, Any], plots: dict[str, tuple[str, bytes]], fo
         Section("Training", _figure(plots, "history", "Training curves (history.csv)")
                 or paragraph_html("No training history recorded.")),
         Section("Model card", _model_card_html(result["model_card"], result["explain"])),
-        *publication_sections(result, _figure(plots, "decision_curve", "Decision curves, COVID versus the rest"),
+        *publication_sections(result, _figure(plots, "decision_curve", "Decision curves, positive class vs the rest"),
                               folder),
     ]
     if result["unreadable"]:

@@ -77,6 +77,18 @@ def _utility(extras: Mapping[str, Any]) -> str | None:
     return "; ".join(f"{c['name']} (prevalence {c['prevalence']:.2f}, {c['prevalence_from']})" for c in curves)
 
 
+def _explain(result: Mapping[str, Any], extras: Mapping[str, Any]) -> str | None:
+    lung = result.get("lung_share") or {}
+    parts = []
+    if lung.get("mean") is not None:
+        parts.append(f"mean share of the Grad-CAM mass inside the lungs {lung['mean']:.3f} over {lung['n']} images")
+    if result.get("explain"):
+        parts.append(f"{len(result['explain'])} CAM method(s) scored (explain_summary.csv: faithfulness, lung share)")
+    if any(g.get("items") for g in extras.get("gallery") or []):
+        parts.append("Grad-CAM of the predicted class on each image of the failure gallery")
+    return "Grad-CAM; " + "; ".join(parts) if parts else None
+
+
 def run_facts(result: Mapping[str, Any]) -> Facts:
     """The checklist's facts of a metrics.json content (see the module docstring)."""
     card = result["model_card"]
@@ -91,7 +103,6 @@ def run_facts(result: Mapping[str, Any]) -> Facts:
                 *(f"rows where {w}" for w in cfg.get("exclude_where") or [])]
     unreadable = len(result.get("unreadable") or {})
     pre = model.get("preprocess") or {}
-    lung = result.get("lung_share") or {}
     versions = rep.get("library_versions") or {}
     return {
         "arch": f"{model['arch']} classifier of {model.get('img_size')} px images into {_join(model['classes'])}",
@@ -133,15 +144,14 @@ def run_facts(result: Mapping[str, Any]) -> Facts:
             "metrics by source and view, metadata-only baselines" if result.get("by_source") or result.get("by_view")
             else "", f"{len(result['crossval']['folds'])} held-out source(s)" if result.get("crossval") else "",
             "input gate refusal rates" if result.get("gate") else "") if p) or None,
-        "explain": (f"Grad-CAM; mean share of its mass inside the lungs {lung['mean']:.3f} over {lung['n']} images"
-                    if lung.get("mean") is not None else None),
+        "explain": _explain(result, extras),
+        "ensemble": f"none: a single {model['arch']}",
         "gallery": _gallery(extras),
         "demographics": _demographics(extras),
         "subgroups": "; ".join(f"{n}: {_join(g)}" for n, g in (extras.get("subgroups") or {}).items() if g) or None,
         "utility": _utility(extras),
         "gate": "the input gate refuses images that are not frontal chest radiographs" if result.get("gate") else None,
-        "software": (f"covidxr {rep.get('covidxr_version')}; " + _join(f"{k} {v}" for k, v in versions.items()))
-                    if rep else None,
+        "software": _join(f"{k} {v}" for k, v in versions.items()) or None,
         "code": (f"covidxr {rep.get('covidxr_version')} at git commit {rep.get('git_commit')}"
                  f"{' (uncommitted changes)' if rep.get('git_dirty') else ''}; command: {rep.get('command_line')}")
                 if rep else None,

@@ -62,9 +62,10 @@ def _group(rows: pd.DataFrame, classes: Sequence[str], positive: str | None, n_b
             binary = np.stack([1.0 - probs[:, k], probs[:, k]], axis=1)
             ci = bootstrap_ci(y_bin.astype(np.int64), binary, patients, ["rest", positive], n_boot, seed)
             auc = ci["metrics"]["roc_auc_macro"]
-    small = len(rows) < MIN_IMAGES or not has_both
+    reasons = ([f"n < {MIN_IMAGES}"] if len(rows) < MIN_IMAGES else []) + \
+        ([] if has_both else [f"no {positive} or no other image" if positive else "no positive class"])
     return {"n": int(len(rows)), "patients": int(len(set(patients))), "class_counts": counts, "recall": recall,
-            "auc_vs_rest": auc, "small": bool(small)}
+            "auc_vs_rest": auc, "small": bool(reasons), "flag": ", ".join(reasons)}
 
 
 def subgroups(frame: pd.DataFrame, classes: Sequence[str], positive: str | None, n_boot: int = 0,
@@ -91,6 +92,7 @@ def subgroups(frame: pd.DataFrame, classes: Sequence[str], positive: str | None,
         values = frame[column].fillna("").astype(str).str.strip().replace("", "(unknown)")
         if values[values != "(unknown)"].nunique() < 2:
             continue
-        out[column] = {str(v): _group(frame[values == v], classes, positive, n_boot, seed)
-                       for v in sorted(values.unique())}
+        known = [b for _, _, b in AGE_BANDS] if column == "age_band" else sorted(set(values) - {"(unknown)"})
+        order = [v for v in [*known, "(unknown)"] if (values == v).any()]
+        out[column] = {v: _group(frame[values == v], classes, positive, n_boot, seed) for v in order}
     return out
