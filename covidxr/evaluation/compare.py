@@ -12,8 +12,8 @@ Writes ``comparison.csv`` and ``comparison.html`` (headline metrics with 95% int
 recomputed on the same patient resamples for every run), ``pairs.csv`` (every pair's difference in macro ROC-AUC with
 its paired-bootstrap interval, p-value and Holm-adjusted p-value), ``comparison.json`` and
 ``checklist-differences.md``: the reporting-checklist facts (data, split, model selection, thresholds, calibration,
-...) that differ between the runs; it is written even when the runs were evaluated on different images. Errors a user
-can cause print one line ``covidxr.compare: error: ...`` and exit with status 2.
+...) that differ between the runs (when the runs were evaluated on different images, the refusal names them). Errors a
+user can cause print one line ``covidxr.compare: error: ...`` and exit with status 2.
 """
 
 from __future__ import annotations
@@ -235,6 +235,8 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], pairs: list[dict[str, A
                                                       meta["checklist_differences"]))
     payload = {**meta, "runs": rows, "pairs": pairs}
     atomic_write_text(out / "comparison.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    names = [r["run"] for r in rows]
+    atomic_write_text(out / "checklist-differences.md", differences_markdown(meta["checklist_differences"], names))
 
 
 def compare(paths: Sequence[str | os.PathLike], out: str | os.PathLike, n_resamples: int = 1000,
@@ -254,21 +256,21 @@ def compare(paths: Sequence[str | os.PathLike], out: str | os.PathLike, n_resamp
         CovidxrError: Fewer than two evaluations, missing files, or evaluations on different images.
     """
     runs = load_runs(paths)
-    folder = Path(out).expanduser().resolve()
-    if folder.exists() and not folder.is_dir():
-        raise CovidxrError(f"--out {folder} exists and is not a folder")
     differences = fact_differences([(r.name, r.metrics) for r in runs])
-    atomic_write_text(folder / "checklist-differences.md", differences_markdown(differences, [r.name for r in runs]))
     try:
         classes, y, groups, probs = align(runs)
     except CovidxrError as exc:
-        raise CovidxrError(f"{exc} (their checklist differences: {folder / 'checklist-differences.md'})") from exc
+        changed = ", ".join(d["fact"] for d in differences) or "nothing"
+        raise CovidxrError(f"{exc}; their reporting checklists differ in: {changed}") from exc
     rows = headline_rows(runs, classes, y, groups, probs, n_resamples, seed)
     pairs = pairwise(runs, y, groups, probs, n_resamples, seed)
     meta = {"classes": classes, "n_images": int(len(y)), "n_patients": int(len(set(groups))),
             "n_resamples": n_resamples, "seed": seed, "alpha": ALPHA,
             "evaluations": [str(r.folder) for r in runs], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "checklist_differences": differences}
+    folder = Path(out).expanduser().resolve()
+    if folder.exists() and not folder.is_dir():
+        raise CovidxrError(f"--out {folder} exists and is not a folder")
     write_outputs(folder, rows, pairs, meta)
     return {**meta, "runs": rows, "pairs": pairs, "out": str(folder)}
 
