@@ -27,6 +27,12 @@ Output folder (default ``eval/`` beside the checkpoint; ``eval-<dataset>/`` for 
 ``metrics.json``, ``predictions.csv``, ``report.html`` (self-contained) and the PNG plots. Errors a user can cause
 print one line ``covidxr.evaluate: error: ...`` and exit with status 2.
 
+For a paper: ``checklist.md`` and ``checklist.html`` (every item of CLAIM 2024 and TRIPOD+AI 2024, filled from the run
+or marked "author to complete"), a failure gallery (``--gallery N`` most confident errors per class and set, with
+Grad-CAM, pictures in ``gallery/``), subgroups where the metadata has them (sex, age band, view, source) and decision
+curves of the positive class (``--prevalence P``; default: each set's own) are in the report; ``--pdf`` prints it to
+``report.pdf`` with headless Chromium.
+
 The input gate (:mod:`covidxr.evaluation.gate_report`) is run on the evaluated images: its refusal rate per source is
 in ``metrics.json["gate"]`` and the report. ``--gate-variants`` adds rotated and inverted copies of the evaluated
 images, ``--gate-check FOLDER`` (repeatable) an unlabelled folder of images it should refuse, counted per sub-folder.

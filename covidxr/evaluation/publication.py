@@ -16,13 +16,12 @@ from covidxr.evaluation.decision_curve import decision_curve, plot_decision_curv
 from covidxr.evaluation.gallery import gallery
 from covidxr.evaluation.inputs import EvalOptions
 from covidxr.evaluation.logits import SplitOutputs
-from covidxr.evaluation.outputs import predictions_frame
+from covidxr.evaluation.outputs import PLOT_FILES, predictions_frame
 from covidxr.evaluation.plots import figure_png
 from covidxr.evaluation.subgroups import SMALL_RULE, subgroups
 from covidxr.files import atomic_write_bytes
 
 DEMOGRAPHIC_COLUMNS = ("age", "sex")
-DECISION_CURVE_PNG = "decision_curve.png"
 
 
 def with_metadata(frame: pd.DataFrame, metadata: pd.DataFrame) -> pd.DataFrame:
@@ -74,6 +73,6 @@ def publication_extras(result: dict[str, Any], pred: SplitOutputs, analysis: dic
                                                     classes, positive, opts.prevalence) for name, frame in externals]
         if any(c.get("curve") for c in extras["decision_curves"]):
             png = figure_png(plot_decision_curves(extras["decision_curves"]))
-            atomic_write_bytes(out / DECISION_CURVE_PNG, png)
-            extras["plots"]["decision_curve"] = DECISION_CURVE_PNG
+            atomic_write_bytes(out / PLOT_FILES["decision_curve"], png)
+            extras["plots"]["decision_curve"] = PLOT_FILES["decision_curve"]
     return extras

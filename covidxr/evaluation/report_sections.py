@@ -10,7 +10,7 @@ from covidxr.evaluation.gate_report import gate_html
 from covidxr.evaluation.metrics import HEADLINE
 from covidxr.evaluation.outputs import EXPLAIN_SUMMARY
 from covidxr.evaluation.report_external import crossval_section, external_sections, group_table_html, headline_cards
-from covidxr.evaluation.report_publication import publication_sections
+from covidxr.evaluation.report_paper import publication_sections
 from covidxr.html_page import Section, img_html, kv_html, paragraph_html, render_html, table_html
 
 
