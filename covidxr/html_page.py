@@ -44,6 +44,7 @@ div.scroll > table { margin: 0; }
 td { overflow-wrap: break-word; }
 div.gallery { display: flex; flex-wrap: wrap; gap: 0.6rem; }
 figure.thumb { width: 330px; margin: 0; }
+figure.thumb figcaption { overflow-wrap: anywhere; }
 figure.thumb img { width: 160px; height: auto; margin-right: 2px; vertical-align: top; }
 @media print {
   body { max-width: none; margin: 0; padding: 0; font-size: 10pt; }
