@@ -29,6 +29,12 @@ Output folder (default ``eval/`` beside the checkpoint; ``eval-<dataset>/`` for 
 ``metrics.json``, ``predictions.csv``, ``report.html`` (self-contained) and the PNG plots. Errors a user can cause
 print one line ``covidxr.evaluate: error: ...`` and exit with status 2.
 
+For a paper: ``checklist.md`` and ``checklist.html`` (every item of CLAIM 2024 and TRIPOD+AI 2024, filled from the run
+or marked "author to complete"), a failure gallery (``--gallery N`` most confident errors per class and set, with
+Grad-CAM, pictures in ``gallery/``), subgroups where the metadata has them (sex, age band, view, source) and decision
+curves of the positive class (``--prevalence P``; default: each set's own) are in the report; ``--pdf`` prints it to
+``report.pdf`` with headless Chromium.
+
 The input gate (:mod:`covidxr.evaluation.gate_report`) is run on the evaluated images: its refusal rate per source is
 in ``metrics.json["gate"]`` and the report. ``--gate-variants`` adds rotated and inverted copies of the evaluated
 images, ``--gate-check FOLDER`` (repeatable) an unlabelled folder of images it should refuse, counted per sub-folder.
@@ -44,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from covidxr.errors import CovidxrError
+from covidxr.evaluation.checklist import status_counts
 from covidxr.evaluation.gate_report import gate_summary
 from covidxr.evaluation.inputs import EvalOptions
 from covidxr.evaluation.metrics import HEADLINE
@@ -89,7 +96,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-variants", action="store_true",
                    help="also report the gate's refusal rate of rotated (90/180/270) and inverted copies of the "
                         "evaluated images")
+    p.add_argument("--gallery", type=int_at_least(0), default=4, metavar="N",
+                   help="failure gallery: the N most confident errors per true class of each evaluated set, with "
+                        "Grad-CAM (0: none; default 4)")
+    p.add_argument("--prevalence", type=_prevalence, metavar="P",
+                   help="COVID prevalence the decision curves assume, in (0, 1) (default: each set's own)")
+    p.add_argument("--pdf", action="store_true", help="also write report.pdf with headless Chromium")
     return p
+
+
+def _prevalence(text: str) -> float:
+    """A prevalence in (0, 1), for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a prevalence in (0, 1)")
+    return value
 
 
 def lung_share_text(share: dict[str, Any] | None) -> str:
@@ -116,6 +140,12 @@ def _print_summary(result: dict[str, Any]) -> None:
         print(gate_summary(result["gate"]))
     for warning in result["warnings"]:
         print(f"warning: {warning}")
+    if result.get("checklist"):
+        counts = status_counts(result["checklist"])
+        print(f"checklist: {counts['filled']} items filled from the run, {counts['partly']} partly, "
+              f"{counts['author']} for the author: {Path(result['out']) / 'checklist.md'}")
+    if result.get("pdf"):
+        print(result["pdf"])
     print(f"report: {Path(result['out']) / 'report.html'}")
 
 
@@ -132,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        bootstrap=args.bootstrap, seed=args.seed, workers=args.workers,
                        command=["python", "-m", PROG, *argv], external=list(args.external),
                        crossval=args.crossval, gate_check=args.gate_check, gate_variants=args.gate_variants,
-                       lung_share_limit=args.lung_share_limit)
+                       lung_share_limit=args.lung_share_limit, gallery=args.gallery, prevalence=args.prevalence,
+                       pdf=args.pdf)
     try:
         result = evaluate(opts)
     except CovidxrError as exc:

@@ -36,6 +36,7 @@ PLOT_FILES = {
     "pr": "pr.png",
     "reliability": "reliability.png",
     "history": "history.png",
+    "decision_curve": "decision_curve.png",  # drawn by covidxr.evaluation.publication
 }
 EXPLAIN_SUMMARY = "explain_summary.csv"
 

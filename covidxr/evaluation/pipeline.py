@@ -20,6 +20,7 @@ from covidxr.calibration_file import with_calibration, write_calibration
 from covidxr.data.manifest import resolve_data_path
 from covidxr.errors import CovidxrError, DatasetError
 from covidxr.evaluation.analysis import analyse, default_positive, source_warnings, split_warnings
+from covidxr.evaluation.checklist import write_checklist
 from covidxr.evaluation.external import evaluate_external, external_names, read_crossval, with_internal_calibration
 from covidxr.evaluation.gate_report import gate_report
 from covidxr.evaluation.heldout_calibration import load_heldout_logits
@@ -37,6 +38,8 @@ from covidxr.evaluation.outputs import (
     read_explain,
     reproducibility,
 )
+from covidxr.evaluation.pdf import write_pdf
+from covidxr.evaluation.publication import publication_extras
 from covidxr.evaluation.report_sections import build_report
 from covidxr.files import atomic_write_bytes, atomic_write_text, file_digest
 from covidxr.utils import pick_device
@@ -108,8 +111,11 @@ def write_outputs(out: Path, result: dict[str, Any], pred: SplitOutputs, analysi
     atomic_write_bytes(out / "predictions.csv", frame.to_csv(index=False).encode("utf-8"))
     plots = make_plots(out, pred, analysis["_probs"], analysis["_raw"], classes,
                        result["metrics"]["confusion_matrix"], history)
+    for name, file in ((result.get("publication") or {}).get("plots") or {}).items():
+        plots[name] = (file, (out / file).read_bytes())
     result["plots"] = {name: file for name, (file, _) in plots.items()}
-    atomic_write_text(out / "report.html", build_report(result, plots))
+    result["checklist"] = write_checklist(out, result)
+    atomic_write_text(out / "report.html", build_report(result, plots, out))
 
 
 def finish(out: Path, result: dict[str, Any], ckpt: dict[str, Any], data: EvalData, pred: SplitOutputs,
@@ -147,7 +153,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     for folder in opts.gate_check:
         if not Path(folder).is_dir():
             raise CovidxrError(f"--gate-check {folder}: not a folder")
-    stages = _Stages(6, opts.progress)
+    stages = _Stages(7, opts.progress)
     try:
         with stages("load data"):
             data = load_eval_data(ckpt, opts.checkpoint, opts)
@@ -174,9 +180,13 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
         with stages("input gate"):
             result["gate"] = gate_report(opts.checkpoint, pred.table, opts.gate_check, opts.gate_variants,
                                          opts.device, opts.batch_size, opts.progress)
+        with stages("gallery, subgroups, decision curves"):
+            result["publication"] = publication_extras(result, pred, analysis, opts, out)
         with stages("report"):
             result["reproducibility"] = reproducibility(opts, ckpt, data, split_table, sha, stages.timings)
             finish(out, result, ckpt, data, pred, analysis, opts)
+            if opts.pdf:
+                result["pdf"] = write_pdf(out / "report.html", out / "report.pdf")
     finally:
         stages.bar.close()
     result["reproducibility"]["timings_seconds"] = dict(stages.timings)
