@@ -45,12 +45,16 @@ def _external(result: Mapping[str, Any]) -> str | None:
                      for e in externals)
 
 
-def _thresholds(ops: Mapping[str, Any] | None) -> str | None:
-    if not ops:
-        return None
-    points = ", ".join(f"sensitivity {p.get('target_sensitivity')}: {format_value(p.get('threshold'))}"
-                       for p in ops.get("points") or [])
-    return f"positive class {ops['positive']}; thresholds chosen on {ops['chosen_on']} ({points})"
+def _thresholds(ops: Mapping[str, Any] | None, covid: Mapping[str, Any] | None = None) -> str | None:
+    parts = []
+    if covid and covid.get("threshold") is not None:
+        parts.append(f"COVID or not: {covid['positive']} when its probability >= {covid['threshold']:.3f} "
+                     f"({covid['chosen_on']})")
+    if ops:
+        points = ", ".join(f"sensitivity {p.get('target_sensitivity')}: {format_value(p.get('threshold'))}"
+                           for p in ops.get("points") or [])
+        parts.append(f"positive class {ops['positive']}; thresholds chosen on {ops['chosen_on']} ({points})")
+    return "; ".join(parts) or None
 
 
 def _demographics(extras: Mapping[str, Any]) -> str | None:
@@ -136,7 +140,7 @@ def run_facts(result: Mapping[str, Any]) -> Facts:
                         if ci else None),
         "calibration": (f"temperature scaling, T = {cal['temperature']:.3f} ({cal['how']}); ECE {cal['ece_before']:.3f}"
                         f" before, {cal['ece_after']:.3f} after"),
-        "thresholds": _thresholds(result.get("operating_points")),
+        "thresholds": _thresholds(result.get("operating_points"), result.get("covid_vs_rest")),
         "external": _external(result),
         "crossval": (f"{len(result['crossval']['folds'])} source(s) held out in turn" if result.get("crossval")
                      else None),
