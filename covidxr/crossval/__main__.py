@@ -27,8 +27,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from covidxr.crossval.folds import MODES, CrossvalConfig, backbone_features, held_out_sources, load_all, train_fold
-from covidxr.crossval.results import fold_result, write_outputs, write_split
+from covidxr.crossval.folds import (
+    MODES,
+    CrossvalConfig,
+    backbone_features,
+    classes_missing_elsewhere,
+    held_out_sources,
+    load_all,
+    train_fold,
+)
+from covidxr.crossval.results import fold_result, write_heldout_logits, write_outputs, write_split
 from covidxr.errors import DatasetError
 from covidxr.html_page import format_value
 from covidxr.model_input import require_lung_model
@@ -65,6 +73,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--workers", type=int_at_least(0), default=min(2, os.cpu_count() or 1),
                    help="decoding and loader processes (default: %(default)s)")
     p.add_argument("--cache-dir", help="prepared cache folder (default: $COVIDXR_CACHE or ~/.cache/covidxr/prepared)")
+    p.add_argument("--balance", choices=("loss", "sampler", "group", "none"), default=d.balance,
+                   help="class imbalance in each fold's training, as python -m covidxr.train --balance")
     add_input_args(p)
     return p
 
@@ -82,6 +92,10 @@ def cross_validate(cfg: CrossvalConfig) -> dict:
     if not sources or data.table["source"].nunique() < 2:
         raise DatasetError(f"{cfg.data}: cross-validation by source needs two sources or more, one with "
                            f"{cfg.min_images}+ images (found {dict(data.table['source'].value_counts())})")
+    for source in sources:
+        missing = classes_missing_elsewhere(data.table, source)
+        print(f"fold {source}: " + (f"not valid (no other source has {', '.join(missing)})" if missing else "valid"),
+              file=sys.stderr)
     cfg.out.mkdir(parents=True, exist_ok=True)
     feature_set = backbone_features(data, cfg, device) if cfg.mode == "probe" else None
     folds = []
@@ -90,10 +104,12 @@ def cross_validate(cfg: CrossvalConfig) -> dict:
         split, logits, best = train_fold(data, source, cfg, feature_set, device)
         write_split(cfg.out, source, split)
         folds.append({**fold_result(source, split, logits, data.classes, cfg, best),
+                      "logits_csv": write_heldout_logits(cfg.out, source, split, logits, data.classes),
                       "seconds": round(time.perf_counter() - fold_start, 1)})
     content = {"by": cfg.by, "data": str(cfg.data), "mode": cfg.mode, "arch": cfg.arch, "weights": cfg.weights,
                "img_size": cfg.img_size, "min_images": cfg.min_images, "val_frac": cfg.val_frac, "epochs": cfg.epochs,
                "seed": cfg.seed, "bootstrap": cfg.bootstrap, "classes": data.classes, **cfg.input_record(),
+               "balance": cfg.balance,
                "n_images": int(len(data.table)), "unreadable": data.unreadable, "skipped_sources": skipped,
                "folds": folds, "command": cfg.command, "command_line": shlex.join(cfg.command),
                "device": str(device), "seconds": round(time.perf_counter() - start, 1),

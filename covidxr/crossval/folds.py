@@ -60,6 +60,7 @@ class CrossvalConfig(InputSettings):
     device: str = "auto"
     workers: int = 2
     cache_dir: str | None = None
+    balance: str = "loss"  # class imbalance in each fold's training (python -m covidxr.train --balance)
     command: list[str] = field(default_factory=list)
 
     def train_config(self, held_out: str, fold_dir: Path) -> TrainConfig:
@@ -68,7 +69,7 @@ class CrossvalConfig(InputSettings):
                            cache_dir=self.cache_dir, arch=self.arch, weights=self.weights, img_size=self.img_size,
                            epochs=self.epochs, batch_size=self.batch_size, linear_probe=self.mode == "probe",
                            device=self.device, workers=self.workers, seed=self.seed, out=str(fold_dir),
-                           **self.input_settings())
+                           balance=self.balance, **self.input_settings())
 
 
 @dataclass
@@ -108,6 +109,14 @@ def held_out_sources(data: AllData, min_images: int) -> tuple[list[str], dict[st
     """``(sources to hold out, {too small source: images})``, by readable images, largest first."""
     counts = data.table["source"].astype(str).value_counts()
     return [s for s, n in counts.items() if n >= min_images], {s: int(n) for s, n in counts.items() if n < min_images}
+
+
+def classes_missing_elsewhere(table: pd.DataFrame, held_out: str) -> list[str]:
+    """The classes of ``held_out``'s images that no other source has: a model trained without ``held_out`` never saw
+    them, so the fold cannot measure them (the fold is valid only when this is empty)."""
+    source = table["source"].astype(str)
+    here, elsewhere = set(table.loc[source == held_out, "label"]), set(table.loc[source != held_out, "label"])
+    return sorted(here - elsewhere)
 
 
 def fold_split(data: AllData, held_out: str, cfg: CrossvalConfig) -> pd.DataFrame:

@@ -48,6 +48,9 @@ class EvalOptions:
     gate_check: list[Path] = field(default_factory=list)  # unlabelled folders whose refusal rate is reported
     gate_variants: bool = False  # also report the refusal rate of rotated and inverted copies of the evaluated images
     lung_share_limit: int = 200  # Grad-CAM lung share over at most this many images per split (0: skip)
+    gallery: int = 4  # most confident errors shown per true class and evaluated set (0: no failure gallery)
+    prevalence: float | None = None  # prevalence the decision curves assume (None: each set's own)
+    pdf: bool = False  # also print report.html to report.pdf with headless Chromium
 
 
 @dataclass

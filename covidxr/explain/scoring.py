@@ -39,6 +39,7 @@ from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostReleva
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 from torch import nn
 
+from covidxr.calibration_file import with_calibration
 from covidxr.checkpoint import read_temperature
 from covidxr.data.manifest import load_manifest
 from covidxr.data.run_folder import RunFolder
@@ -344,9 +345,11 @@ def score(checkpoint: Path, data: str | None, split: str, methods: Sequence[str]
     """
     checkpoint = Path(checkpoint)
     trained = RunFolder.read(checkpoint)
-    run = load_scored_model(trained.ckpt, str(checkpoint), device)
+    ckpt = with_calibration(trained.ckpt, checkpoint)
+    # The images are chosen before the model is loaded, so bad --data/--split fails with its one line and no warning.
     data_path = trained.data_path(data)
     table = select_images(load_manifest(data_path), split, trained.split()[0], limit)
+    run = load_scored_model(ckpt, str(checkpoint), device)
     log.info("scoring %d image(s) of %s with %s", len(table), data_path, ", ".join(methods))
     results: list[dict] = []
     for start in range(0, len(table), batch_size):

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from covidxr.calibration_file import with_calibration
 from covidxr.checkpoint import load_checkpoint, read_temperature
 from covidxr.explain.cam import CAM_METHODS, compute_cam
 from covidxr.explain.display import heatmap_on_image
@@ -204,7 +205,7 @@ class Predictor:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         path = Path(path)
-        ckpt = load_checkpoint(path)
+        ckpt = with_calibration(load_checkpoint(path), path, sha := file_digest(path))
         model = load_classifier(ckpt, str(path))
         classes = list(ckpt["classes"])
         preprocess = read_preprocess(ckpt, str(path))
@@ -212,7 +213,6 @@ class Predictor:
         temperature = read_temperature(ckpt, str(path))
         torch_device = pick_device(device)
         model.to(torch_device)
-        sha = file_digest(path)
         gate = InputGate.from_checkpoint(ckpt, str(path))
         info = {"arch": model.arch, "classes": classes, "img_size": preprocess.img_size, "epoch": ckpt.get("epoch"),
                 "best_epoch": ckpt.get("best_epoch"), "best_auc": ckpt.get("best_auc"), "temperature": temperature,
