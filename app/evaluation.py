@@ -123,8 +123,7 @@ def load_evaluation(predictor: Any) -> Evaluation | None:
     path = _metrics_json_path(predictor)
     full = _read_json(str(path), path.stat().st_mtime_ns) if path.is_file() else None
     summary = getattr(predictor, "metrics", None) or None
-    shas = {predictor.checkpoint_sha256, (summary or {}).get("checkpoint_sha256"),
-            ((full or {}).get("reproducibility") or {}).get("checkpoint_sha256_after_update")} - {None}
+    shas = {predictor.checkpoint_sha256, (summary or {}).get("checkpoint_sha256")} - {None}
     external = external_runs(predictor, shas)
     if full is None:
         return Evaluation(summary, external_runs=external) if summary else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ from app.headline import headline
 from app.heatmap import CAM_LABELS, DISPLAY_MAX_SIDE, cam_settings, overlay_png, render_controls, render_heatmap
 from app.redact import strip_paths
 from covidxr.errors import CovidxrError
+from covidxr.inference.dicom_out import dicom_zip, read_header
 from covidxr.inference.prediction_log import safe_header
 from covidxr.io import Xray
 
@@ -177,6 +179,27 @@ def _downloads(upload: Upload, xray: Xray, prediction: Prediction, result: dict[
         on_click="ignore", icon=":material/download:", disabled=heatmap is None)
 
 
+def _dicom_download(upload: Upload, xray: Xray, prediction: Prediction, ctx: Context,
+                    overlay: Callable[[], bytes] | None) -> None:
+    """For a DICOM upload: a ZIP of the DICOM SR and, for an assessed image, the Secondary Capture of the labelled
+    heat map (``overlay`` makes its PNG), in the upload's study; made only when clicked."""
+    if xray.format != "DICOM":
+        return
+    try:
+        read_header(upload.data, upload.name)  # cheap: can the results be filed in its study at all?
+    except CovidxrError as exc:
+        st.caption(f"No DICOM download: {exc}.")
+        return
+    stem = Path(upload.name).stem or "image"
+    st.download_button(
+        "Download as DICOM",
+        lambda: dicom_zip(upload.data, prediction, ctx.predictor, None if overlay is None else overlay(), stem),
+        file_name=f"{stem}_dicom.zip", mime="application/zip", key=f"{upload.key}:dicom", on_click="ignore",
+        icon=":material/download:", help="A DICOM Structured Report (and, for an assessed image, a Secondary Capture "
+                                         "of the labelled heat map) in the study of the uploaded file; research use "
+                                         "only")
+
+
 def _output(upload: Upload, xray: Xray, ctx: Context, evaluation: Evaluation | None) -> FileResult:
     """Predict, then lay out the verdict or the output, the image and the heat map."""
     classes = list(ctx.predictor.classes)
@@ -200,6 +223,7 @@ def _output(upload: Upload, xray: Xray, ctx: Context, evaluation: Evaluation | N
     with image_col:
         _image(xray, assessment)
     if not show:
+        _dicom_download(upload, xray, prediction, ctx, None)
         return result
     with cam_col:
         heat_slot = st.container()
@@ -212,6 +236,8 @@ def _output(upload: Upload, xray: Xray, ctx: Context, evaluation: Evaluation | N
     lines = caption_lines(prediction, assessment, ctx, share)
     _downloads(upload, xray, prediction, result_dict(upload, xray, sha, prediction, assessment, ctx, share), lines,
                alpha)
+    _dicom_download(upload, xray, prediction, ctx, (lambda: overlay_png(xray.pixels, prediction.heatmap, alpha, lines))
+                    if assessment.assessable else None)
     return result
 
 

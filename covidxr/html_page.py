@@ -20,7 +20,7 @@ _MISSING = "n/a"
 
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #1d2330; background: #fff;
-       max-width: 1100px; margin: 2rem auto; padding: 0 1.5rem; line-height: 1.45; }
+       max-width: 1200px; margin: 2rem auto; padding: 0 1.5rem; line-height: 1.45; }
 h1 { font-size: 1.7rem; margin-bottom: 0.2rem; }
 h2 { font-size: 1.3rem; border-bottom: 2px solid #d9dee8; padding-bottom: 0.2rem; margin-top: 2.2rem; }
 p.subtitle { color: #5a6275; margin-top: 0; }
@@ -37,8 +37,29 @@ th, td { border: 1px solid #d9dee8; padding: 0.25rem 0.6rem; text-align: left; v
 th { background: #f5f7fa; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 figure { margin: 1rem 0; }
-figure img { max-width: 100%; height: auto; border: 1px solid #eef0f4; }
+figure img { max-width: 100%; height: auto; border: 1px solid #eef0f4; box-sizing: border-box; }
 figcaption { font-size: 0.88rem; color: #5a6275; }
+div.scroll { max-width: 100%; overflow-x: auto; margin: 0.8rem 0; }
+div.scroll > table { margin: 0; }
+td { overflow-wrap: break-word; }
+div.gallery { display: flex; flex-wrap: wrap; gap: 0.6rem; }
+figure.thumb { width: 330px; margin: 0; }
+figure.thumb figcaption { overflow-wrap: anywhere; }
+figure.thumb img { width: 160px; height: auto; margin-right: 2px; vertical-align: top; }
+@media print {
+  body { max-width: none; margin: 0; padding: 0; font-size: 10pt; }
+  nav.toc { display: none; }
+  h2, h3 { break-after: avoid; }
+  table, tr, figure, div.card { break-inside: avoid; }
+  thead { display: table-header-group; }
+  div.scroll { overflow: visible; }
+  table { font-size: 7.5pt; max-width: 100%; }
+  th, td { padding: 0.1rem 0.25rem; overflow-wrap: anywhere; }
+  td.num { white-space: normal; }
+  figure { display: block; }
+  figure img { max-width: 100%; }
+  section { break-before: auto; }
+}
 """
 
 
@@ -154,10 +175,10 @@ def table_html(
         digits: Decimals for floats.
 
     Returns:
-        The ``<table>`` fragment.
+        The ``<table>`` fragment, in a ``<div class="scroll">`` that scrolls a wide table inside the page.
     """
     cols = [(c, c) if isinstance(c, str) else (c[0], c[1]) for c in columns]
-    parts = ["<table>"]
+    parts = ['<div class="scroll"><table>']
     if caption:
         parts.append(f"<caption>{html.escape(caption)}</caption>")
     parts.append("<thead><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for _, h in cols) + "</tr></thead>")
@@ -172,7 +193,7 @@ def table_html(
             css = ' class="num"' if _is_numeric_cell(value) else ""
             cells.append(f"<td{css}>{html.escape(format_value(value, digits))}</td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")
-    parts.append("</tbody></table>")
+    parts.append("</tbody></table></div>")
     return "\n".join(parts)
 
 

@@ -1,11 +1,12 @@
 """The one path from a decoded X-ray to the network's square input: lung crop (optional), lung mask (optional),
 equalisation (optional), letterbox.
 
-:class:`InputPipeline` holds what the preprocessing record asks for (``covidxr.preprocess.Preprocess``'s
-``lung_crop``, ``lung_margin``, ``lung_mask``, ``lung_mask_dilation`` and ``equalize``) and, for a lung crop, the
-lung model. The prepared cache (``covidxr.data.cache``), the data loaders, the predictor (and so the app),
-cross-validation and ``explain score`` all call :meth:`InputPipeline.prepare`, so a model sees the same pixels in
-training, evaluation and prediction.
+:class:`InputPipeline` holds what the preprocessing record asks for (the
+:class:`~covidxr.input_settings.InputRecord` fields of ``covidxr.preprocess.Preprocess``: ``lung_crop``,
+``lung_margin``, ``lung_mask``, ``lung_mask_dilation`` and ``equalize``) and, for a lung crop, the lung model.
+The prepared cache (``covidxr.data.cache``), the data loaders, the predictor (and so the app), cross-validation and
+``explain score`` all call :meth:`InputPipeline.prepare`, so a model sees the same pixels in training, evaluation
+and prediction.
 
 A lung mask (``--lung-mask``) crops as the lung crop does and then blacks out (0, as the letterbox's padding) every
 pixel of the crop outside the lung mask widened by ``lung_mask_dilation`` of the crop's longer side, so that text
@@ -31,12 +32,11 @@ import numpy as np
 import torch
 
 from covidxr.errors import CheckpointError
+from covidxr.input_settings import EQUALIZE, InputRecord
 from covidxr.lungs import LungBox, LungModel, default_lung_model_path, lung_box
 from covidxr.lungs.geometry import dilate_mask
 from covidxr.lungs.model import read_lung_checkpoint
 from covidxr.preprocess import (
-    EQUALIZE,
-    LUNG_MASK_DILATION,
     Preprocess,
     cache_size,
     equalize,
@@ -89,29 +89,18 @@ class Prepared(NamedTuple):
 
 
 @dataclass(frozen=True)
-class InputPipeline:
+class InputPipeline(InputRecord):
     """Lung crop -> lung mask -> equalisation -> letterbox, as a preprocessing record asks (see the module
-    docstring).
+    docstring): the :class:`~covidxr.input_settings.InputRecord` fields and, with a lung crop, the lung model.
 
     Attributes:
-        lung_crop: crop to the lung box first (set by ``lung_mask`` too).
-        lung_margin: the box's margin (``covidxr.lungs.lung_box``).
-        equalize: "none", "hist" or "clahe" (``covidxr.preprocess.equalize``).
         lung_entry: the lung model's checkpoint entry (:func:`read_lung_entry`); required with ``lung_crop``.
-        lung_mask: after the crop, black out what lies outside the dilated lung mask; implies ``lung_crop``.
-        lung_mask_dilation: the mask's widening, as a share of the crop's longer side.
     """
 
-    lung_crop: bool = False
-    lung_margin: float = 0.05
-    equalize: str = "none"
     lung_entry: dict[str, Any] | None = field(default=None, repr=False, compare=False)
-    lung_mask: bool = False
-    lung_mask_dilation: float = LUNG_MASK_DILATION
 
     def __post_init__(self) -> None:
-        if self.lung_mask and not self.lung_crop:
-            object.__setattr__(self, "lung_crop", True)  # the mask is applied to the lung crop
+        super().__post_init__()
         if self.lung_mask_dilation < 0:
             raise ValueError(f"lung_mask_dilation must be >= 0, got {self.lung_mask_dilation}")
         if self.equalize not in EQUALIZE:
@@ -177,15 +166,12 @@ class InputPipeline:
 
     def record(self, pre: Preprocess) -> Preprocess:
         """``pre`` with this pipeline's lung crop, lung mask and equalisation."""
-        return replace(pre, lung_crop=self.lung_crop, lung_margin=self.lung_margin, equalize=self.equalize,
-                       lung_mask=self.lung_mask, lung_mask_dilation=self.lung_mask_dilation)
+        return replace(pre, **self.input_record())
 
     def loader_fields(self) -> dict[str, Any]:
         """This pipeline as ``covidxr.data.loaders.LoaderSettings`` fields (``dataclasses.replace(settings,
         **pipeline.loader_fields())`` prepares data as this pipeline does, with its lung model)."""
-        return {"lung_crop": self.lung_crop, "lung_margin": self.lung_margin, "equalize": self.equalize,
-                "lung_mask": self.lung_mask, "lung_mask_dilation": self.lung_mask_dilation,
-                "lung_entry": self.lung_entry}
+        return {**self.input_record(), "lung_entry": self.lung_entry}
 
     def checkpoint_entries(self) -> dict[str, Any]:
         """What a checkpoint carries besides the record: ``{"lung_model": entry}`` with a lung crop, else nothing."""
@@ -202,11 +188,10 @@ def pipeline_from_checkpoint(ckpt: dict[str, Any], pre: Preprocess, source: str 
         CheckpointError: the record asks for a lung crop (or mask) but the checkpoint lacks its lung model, or an
             unknown equalisation.
     """
-    if (pre.lung_crop or pre.lung_mask) and not isinstance(ckpt.get("lung_model"), dict):
+    if pre.lung_crop and not isinstance(ckpt.get("lung_model"), dict):
         raise CheckpointError(f"{source}: preprocessing crops to the lungs but the checkpoint has no lung model")
     try:
-        return InputPipeline(pre.lung_crop, pre.lung_margin, pre.equalize, ckpt.get("lung_model"), pre.lung_mask,
-                             pre.lung_mask_dilation)
+        return InputPipeline(**pre.input_record(), lung_entry=ckpt.get("lung_model"))
     except ValueError as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
 
@@ -218,16 +203,3 @@ def require_lung_model(path: str | os.PathLike | None) -> None:
         CheckpointError: "no lung model at PATH: run python -m covidxr.lungs train".
     """
     read_lung_checkpoint(Path(path).expanduser() if path else default_lung_model_path())
-
-
-def lung_pipeline(lung_crop: bool, lung_margin: float, equalize: str, lung_model: str | None,
-                  lung_mask: bool = False, lung_mask_dilation: float = LUNG_MASK_DILATION) -> InputPipeline:
-    """The pipeline of training settings; with ``lung_crop`` or ``lung_mask`` the lung model is read from
-    ``lung_model`` (a path; None: the default place).
-
-    Raises:
-        CheckpointError: a lung crop or mask without a lung model ("no lung model at PATH: run python -m
-            covidxr.lungs train").
-    """
-    entry = read_lung_entry(lung_model) if lung_crop or lung_mask else None
-    return InputPipeline(lung_crop, lung_margin, equalize, entry, lung_mask, lung_mask_dilation)

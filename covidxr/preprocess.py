@@ -11,7 +11,7 @@ always (1, S, S) floats in [0, 1].
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import cv2
 import numpy as np
@@ -21,21 +21,17 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from covidxr.input_settings import EQUALIZE, InputRecord
 from covidxr.style_augment import StyleRanges, apply_style
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
-EQUALIZE = ("none", "hist", "clahe")
 CLAHE_CLIP = 2.0  # OpenCV's contrast limit per tile (its default is 40, which amplifies noise on radiographs)
 CLAHE_TILES = (8, 8)
-LUNG_MARGIN = 0.05
-LUNG_MASK_DILATION = 0.02
-"""With a lung mask, the mask is widened by this share of the crop's longer side before the rest is blacked out, so
-the lung borders (pleura, costophrenic angles) that a mask of the lung model's resolution may miss stay visible."""
 
 
 @dataclass(frozen=True)
-class Preprocess:
+class Preprocess(InputRecord):
     """What turns a decoded X-ray into the network input; stored in every checkpoint.
 
     Attributes:
@@ -43,26 +39,15 @@ class Preprocess:
         mean: per-channel normalisation mean of the pretrained weights (applied inside the model).
         std: per-channel normalisation std of the pretrained weights (applied inside the model).
         geometry: how the image is made square; only "letterbox" (pad, then resize) exists.
-        lung_crop: crop each image to its lung box first (the lung model travels in the checkpoint).
-        lung_margin: margin added around the lung box, as a share of the image's height and width.
-        equalize: intensity equalisation after the crop: "none", "hist" (histogram) or "clahe".
-        lung_mask: also black out everything outside the (dilated) lung mask of the crop; implies ``lung_crop``.
-        lung_mask_dilation: how far the mask is widened first, as a share of the crop's longer side.
+
+    The lung crop, lung mask and equalisation are the :class:`~covidxr.input_settings.InputRecord` fields (with a
+    lung crop, the lung model travels in the checkpoint).
     """
 
     img_size: int = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     geometry: str = "letterbox"
-    lung_crop: bool = False
-    lung_margin: float = LUNG_MARGIN
-    equalize: str = "none"
-    lung_mask: bool = False
-    lung_mask_dilation: float = LUNG_MASK_DILATION
-
-    def __post_init__(self) -> None:
-        if self.lung_mask and not self.lung_crop:
-            object.__setattr__(self, "lung_crop", True)  # the mask is applied to the lung crop
 
     def to_dict(self) -> dict:
         """Return a JSON/checkpoint-friendly dict."""
@@ -72,9 +57,7 @@ class Preprocess:
     def from_dict(cls, d: dict) -> Preprocess:
         """Rebuild from :meth:`to_dict` output, ignoring unknown keys (records older than lung_crop, equalize or
         lung_mask read as without them)."""
-        names = ("img_size", "mean", "std", "geometry", "lung_crop", "lung_margin", "equalize", "lung_mask",
-                 "lung_mask_dilation")
-        known = {k: d[k] for k in names if k in d}
+        known = {f.name: d[f.name] for f in fields(cls) if f.name in d}
         for key in ("mean", "std"):
             if key in known:
                 known[key] = tuple(float(v) for v in known[key])

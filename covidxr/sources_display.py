@@ -10,7 +10,7 @@ Used by the app, the evaluation report and the data audit; it imports nothing fr
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 # Matched case-insensitively as substrings of the recorded source, in this order (the first match wins).
 _DATASETS: tuple[tuple[str, str], ...] = (
@@ -40,21 +40,6 @@ def source_name(source: object) -> str:
         return " + ".join(dict.fromkeys(source_name(part) for part in text.split(" + ")))
     lowered = text.lower()
     return next((name for key, name in _DATASETS if key in lowered), text)
-
-
-def source_names(sources: Iterable[object]) -> list[str]:
-    """:func:`source_name` of each source, in order."""
-    return [source_name(s) for s in sources]
-
-
-def rename_sources(table: Mapping[str, object]) -> dict[str, object]:
-    """A copy of a mapping keyed by source with readable keys; values of sources that read the same are kept apart
-    by appending the recorded name (two repositories of one dataset stay two rows)."""
-    out: dict[str, object] = {}
-    for key, value in table.items():
-        name = source_name(key)
-        out[f"{name} ({key})" if name in out else name] = value
-    return out
 
 
 def readable(text: str, sources: Iterable[object]) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,11 +33,17 @@ def shared_dicom_dir() -> Path:
     return shared_cxr().parent / "dicom"
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Keep the prepared-image cache of the test session out of the user's home, unless CI set one."""
+def pytest_configure(config: pytest.Config) -> None:
+    """Make the session hermetic before any test or fixture runs: covidxr's home (lung model, logs), the prepared-image
+    cache and matplotlib's cache live in fresh folders of this session, never in the user's home, so the suite behaves
+    the same on a machine that never ran covidxr as on one where earlier runs left a lung model behind. A cache folder
+    CI chose ($COVIDXR_CACHE, outside the home) is kept; subprocesses inherit all of it."""
+    root = Path(tempfile.mkdtemp(prefix="covidxr-tests-"))
+    os.environ["COVIDXR_HOME"] = str(root / "home")
+    os.environ["MPLCONFIGDIR"] = str(root / "matplotlib")
     if not os.environ.get("COVIDXR_CACHE"):
-        os.environ["COVIDXR_CACHE"] = str(tmp_path_factory.mktemp("prepared-cache"))
+        os.environ["COVIDXR_CACHE"] = str(root / "prepared-cache")
+    config.add_cleanup(lambda: shutil.rmtree(root, ignore_errors=True))
 
 
 @pytest.fixture(scope="module")

@@ -352,10 +352,11 @@ def own_run(app_env: Path, tiny_run: Path, tmp_path: Path, monkeypatch: pytest.M
 
 def evaluated_sha(run: Path) -> str:
     """The checkpoint digest a saved evaluation must record to be shown for this run."""
+    from covidxr.calibration_file import with_calibration
     from covidxr.checkpoint import load_checkpoint
     from covidxr.files import file_digest
 
-    summary = load_checkpoint(run / "best.pt").get("evaluation") or {}
+    summary = with_calibration(load_checkpoint(run / "best.pt"), run / "best.pt").get("evaluation") or {}
     return summary.get("checkpoint_sha256") or file_digest(run / "best.pt")
 
 
@@ -577,3 +578,23 @@ def test_audit_log_concurrent_appends_and_privacy(tmp_path: Path) -> None:
     last = read_records(path)[-1]
     assert last["dicom_header"] == {"Modality": "CR"} and last["model"]["temperature"] is None
     assert last["image_sha256"] == hashlib.sha256(pixels.tobytes()).hexdigest()
+
+
+def test_dicom_download_is_offered_for_dicom_uploads_only(with_model: Path, shared_dicom_dir: Path,
+                                                          shared_data: Path) -> None:
+    """Assessed and refused DICOMs get the button (a refused one without its output shown); a PNG does not, nor a
+    DICOM without a study to file the results in (it says why)."""
+    paths = sorted(shared_dicom_dir.glob("*.dcm"))
+    good = real_image(shared_data)
+    refused = pydicom.dcmread(io.BytesIO(lateral_dicom()))
+    refused.StudyInstanceUID, refused.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    buffer = io.BytesIO()
+    refused.save_as(buffer, enforce_file_format=True)
+    at = upload(run_app(), [*((p.name, p.read_bytes()) for p in paths), (good.name, good.read_bytes()),
+                            ("refused.dcm", buffer.getvalue()), ("no-study.dcm", lateral_dicom())])
+    assert sum(h.startswith("### Not assessed") and "lateral" in h for h in headlines(at)) == 2
+    labels = [b.proto.label for b in walk(at._tree) if getattr(b, "type", "") == "download_button"]
+    assert labels.count("Download as DICOM") == len(paths) + 1
+    assert [c.value for c in at.caption if c.value.startswith("No DICOM download")] == [
+        "No DICOM download: no-study.dcm: the DICOM file lacks SeriesInstanceUID, StudyInstanceUID, so results "
+        "cannot be filed in its study."]

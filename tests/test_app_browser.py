@@ -225,6 +225,45 @@ def test_the_input_gate_refuses_a_rotated_and_a_lateral_film(gated_run: Path, tm
     assert records[1]["verdict"]["by"] == "file and learned checks" and records[1]["verdict"]["view_probs"]
 
 
+def test_dicom_download_holds_the_labelled_heat_map_and_the_report(server: tuple[str, Path],
+                                                                    shared_dicom_dir: Path) -> None:
+    """A real DICOM upload: "Download as DICOM" gives a ZIP whose Secondary Capture is the heat-map PNG download,
+    pixel for pixel, and whose SR reports the shown output, both in the upload's study."""
+    import zipfile
+
+    import pydicom
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = server
+    film = sorted(shared_dicom_dir.glob("*.dcm"))[0]
+    source = pydicom.dcmread(film, stop_before_pixels=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            file_input = page.locator("[data-testid='stFileUploaderDropzoneInput']")
+            expect(file_input).to_be_attached(timeout=RESULT_TIMEOUT_MS)
+            file_input.set_input_files([film])
+            expect(page.get_by_text("Model output:", exact=False)).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+            expect(page.locator("[data-testid='stStatusWidget']")).to_have_count(0, timeout=RESULT_TIMEOUT_MS)
+            headline = page.get_by_text("Model output:", exact=False).first.inner_text()
+            png = np.asarray(Image.open(io.BytesIO(download_bytes(page, "Download heat map (PNG)"))).convert("RGB"))
+            archive = zipfile.ZipFile(io.BytesIO(download_bytes(page, "Download as DICOM")))
+        finally:
+            browser.close()
+    stem = film.stem
+    assert sorted(archive.namelist()) == [f"{stem}_sc.dcm", f"{stem}_sr.dcm"]
+    capture = pydicom.dcmread(io.BytesIO(archive.read(f"{stem}_sc.dcm")))
+    report = pydicom.dcmread(io.BytesIO(archive.read(f"{stem}_sr.dcm")))
+    assert np.array_equal(capture.pixel_array, png)
+    assert capture.StudyInstanceUID == report.StudyInstanceUID == source.StudyInstanceUID
+    assert capture.PatientID == report.PatientID == source.PatientID
+    output = next(i.TextValue for i in report.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue ==
+                  "model-output")
+    assert f"Model output: {output} (" in headline
+
+
 ABSOLUTE_PATH = re.compile(r"(?<![\w.:/+=~-])/(?:[\w.+@-]+/)+[\w.+@-]+")
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -13,14 +14,13 @@ from covidxr.bench import __main__ as bench
 from covidxr.bench.common import Measure
 from covidxr.bench.report import flops_notes, table_row
 
-pytestmark = pytest.mark.slow  # the benchmarks run end to end on real images
-
 
 def table_rows(out: str) -> dict[str, str]:
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| measurement")]
     return {row.split("|")[1].strip(): row for row in rows}
 
 
+@pytest.mark.slow
 def test_bench_measures_every_comparison(small_manifest: Path, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--data", str(small_manifest), "--arch", "resnet18", "--img-size", "32", "-b", "4", "--steps", "1",
@@ -48,8 +48,6 @@ def test_bench_reports_a_failed_measurement_in_its_row() -> None:
 
 
 def test_flops_notes_give_utilisation_against_the_known_peak() -> None:
-    import argparse
-
     args = argparse.Namespace(peak_tflops=None)
     plain = Measure(1000.0, "plain", extra={"flops_per_image": 24.3e9})
     ours = Measure(4000.0, "ours")
@@ -58,6 +56,7 @@ def test_flops_notes_give_utilisation_against_the_known_peak() -> None:
     assert any("MFU 9.8% of 989" in n for n in notes)  # 97.2 TFLOP/s of 989
 
 
+@pytest.mark.slow
 def test_onnx_benchmark_times_every_session_variant_and_profiles_the_operators() -> None:
     import subprocess
     import sys
@@ -74,6 +73,7 @@ def test_onnx_benchmark_times_every_session_variant_and_profiles_the_operators()
     assert re.search(r"operator \(project session\): Conv \d+\.\d% \(20 per run\)", proc.stdout), proc.stdout
 
 
+@pytest.mark.slow
 def test_scale_benchmark_runs_every_stage_at_200_images(shared_data: Path, tmp_path: Path) -> None:
     """``python -m covidxr.bench scale`` at N = 200 with tiny settings: every stage ran and left its output."""
     import json

@@ -12,6 +12,9 @@ from PIL import Image
 from covidxr import prepare as prepare_cli
 from covidxr.data import cache
 from covidxr.data.cache import fill_cache
+from covidxr.data.loaders import LoaderSettings, input_pipeline
+from covidxr.data.manifest import load_manifest
+from covidxr.preprocess import cache_size
 
 
 def _png(path: Path, value: int, size: tuple[int, int] = (40, 30)) -> Path:
@@ -44,6 +47,31 @@ def test_prepare_cli_fills_the_cache_then_reuses_it(folder: Path, tmp_path: Path
     assert prepare_cli.main(args) == 0
     assert "0 decoded, 6 already prepared" in capsys.readouterr().out
     assert len(_entries(cache_dir)) == 6
+
+
+def test_prepare_cli_fills_the_cache_of_the_input_pipeline_training_reads(
+        folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cache_dir = tmp_path / "cache"
+    args = ["--data", str(folder), "--img-size", "56", "--cache-dir", str(cache_dir), "--workers", "0"]
+    assert prepare_cli.main([*args, "--equalize", "clahe"]) == 0
+    assert "(eq=clahe)" in capsys.readouterr().out
+    settings = LoaderSettings(data=str(folder), img_size=56, cache_dir=str(cache_dir), workers=0, equalize="clahe")
+    table = load_manifest(folder)
+    filled = fill_cache(table["path"].tolist(), cache_size(56), cache_dir, pipeline=input_pipeline(settings),
+                        progress=False)
+    assert filled.reused == 6  # training with --equalize clahe decodes nothing again
+    assert prepare_cli.main(args) == 0 and "6 decoded" in capsys.readouterr().out  # the plain squares are others
+
+
+def test_prepare_cli_exit_statuses(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["--data", str(folder), "--cache-dir", str(tmp_path / "cache"), "--workers", "0"]
+    (folder / "covid" / "broken.png").write_bytes(b"not a png")
+    assert prepare_cli.main(args) == 1  # done, one input failed
+    assert "1 unreadable" in capsys.readouterr().out
+    lungs = tmp_path / "no-lungs.pt"
+    assert prepare_cli.main([*args, "--lung-crop", "--lung-model", str(lungs)]) == 2
+    assert capsys.readouterr().err.strip() == f"covidxr.prepare: error: no lung model at {lungs}: run python -m " \
+                                              "covidxr.lungs train"
 
 
 def test_prepare_cli_reports_a_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

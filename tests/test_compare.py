@@ -70,6 +70,31 @@ def test_evaluations_on_different_images_are_refused(two_evaluations: tuple[Path
     assert not (tmp_path / "cmp").exists()
 
 
+def test_checklist_differences_name_what_changed(two_evaluations: tuple[Path, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    run, again = two_evaluations
+    changed = tmp_path / "changed"
+    shutil.copytree(again, changed)
+    metrics = json.loads((changed / "metrics.json").read_text())
+    metrics["model_card"]["model"]["best_epoch"] = 7
+    for point in (metrics["operating_points"] or {}).get("points") or []:
+        point["threshold"] = 0.123
+    (changed / "metrics.json").write_text(json.dumps(metrics))
+    out = tmp_path / "cmp"
+    assert main([str(run), str(changed), "--out", str(out), "--bootstrap", "20"]) == 0
+    printed = capsys.readouterr().out
+    differences = json.loads((out / "comparison.json").read_text())["checklist_differences"]
+    facts = {d["fact"]: d for d in differences}
+    assert "selection" in facts and "data" not in facts
+    assert ["epoch 7" in str(v) for v in list(facts["selection"].values())[2:]] == [False, True]
+    assert ("thresholds" in facts) == bool(metrics["operating_points"])
+    assert "selection" in printed and "| selection |" in (out / "checklist-differences.md").read_text()
+    predictions = pd.read_csv(changed / "predictions.csv")
+    predictions.iloc[1:].to_csv(changed / "predictions.csv", index=False)
+    assert main([str(run), str(changed), "--out", str(tmp_path / "refused")]) == 2
+    assert "checklists differ in: selection" in one_line_error(capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("args", [
     ["only-one"], ["{run}", "{tmp}/nothing-here"], ["{run}", "{run}", "--bootstrap", "0"],
 ])

@@ -22,8 +22,6 @@ from covidxr.training import engine
 from covidxr.training.config import TrainConfig
 from covidxr.training.distributed import DistInfo, env_info, gather_epoch
 
-pytestmark = pytest.mark.slow  # torchrun launches
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -62,6 +60,7 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_resume_and_report_metrics_over_all_ranks(shared_data: Path,
                                                                                tmp_path: Path) -> None:
     manifest = _tiny_manifest(shared_data, tmp_path / "m.csv", per_class=5)

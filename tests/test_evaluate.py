@@ -14,12 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidxr.checkpoint import load_checkpoint
+from covidxr.calibration_file import calibration_path, with_calibration
+from covidxr.checkpoint import load_checkpoint, save_checkpoint
 from covidxr.evaluation.__main__ import main
 from covidxr.evaluation.analysis import SOURCE_CONFOUNDED
 from covidxr.evaluation.outputs import PLOT_FILES
 from covidxr.evaluation.report_external import NO_EXTERNAL
 from covidxr.html_page import format_value
+from covidxr.inference.predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_FILES = ("best.pt", "split.csv", "history.csv", "config.json")
@@ -124,10 +126,14 @@ def test_report_without_external_result_says_so_first(evaluated: dict) -> None:
     assert "external validation" in html[:html.index("Contents")]  # the headline card: none
 
 
-def test_checkpoint_carries_temperature_and_evaluation(evaluated: dict) -> None:
+def test_evaluation_leaves_the_checkpoint_and_pins_its_calibration(evaluated: dict) -> None:
     path = evaluated["run"] / "best.pt"
-    ckpt = load_checkpoint(path)
     m = evaluated["metrics"]
+    assert sha256(path) == evaluated["sha_before"] == m["checkpoint_sha256"]  # the report names the file on disk
+    assert "temperature" not in load_checkpoint(path) and "evaluation" not in load_checkpoint(path)
+    record = json.loads(calibration_path(path).read_text())
+    assert record["checkpoint_sha256"] == m["checkpoint_sha256"] and record["temperature_how"].startswith("fitted")
+    ckpt = with_calibration(load_checkpoint(path), path)
     assert ckpt["temperature"] == pytest.approx(m["calibration"]["temperature"])
     summary = ckpt["evaluation"]
     assert summary["split"] == "test" and summary["n_images"] == m["n_images"]
@@ -135,8 +141,16 @@ def test_checkpoint_carries_temperature_and_evaluation(evaluated: dict) -> None:
     assert summary["metrics"]["accuracy"] == pytest.approx(m["metrics"]["accuracy"])
     assert set(summary["metrics"]["per_class"]) == set(m["classes"])
     assert {"ci", "calibration", "operating_points"} <= set(summary)
-    assert sha256(path) == m["reproducibility"]["checkpoint_sha256_after_update"] != evaluated["sha_before"]
     assert m["summary"] == summary
+    assert Predictor.from_checkpoint(path, device="cpu").temperature == pytest.approx(record["temperature"])
+
+
+def test_a_calibration_made_for_other_bytes_is_ignored(evaluated: dict, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(evaluated["run"], run, ignore=shutil.ignore_patterns("eval*"))
+    ckpt = load_checkpoint(run / "best.pt")
+    save_checkpoint(run / "best.pt", {**ckpt, "epoch": -1})  # retrained in place: other bytes
+    assert with_calibration(load_checkpoint(run / "best.pt"), run / "best.pt").get("temperature") is None
 
 
 def _external_tree(run: Path, shared: Path, dest: Path) -> tuple[Path, list[str]]:

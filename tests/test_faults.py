@@ -19,8 +19,6 @@ import torch
 from covidxr.checkpoint import load_checkpoint, save_checkpoint
 from covidxr.errors import CheckpointError
 
-pytestmark = pytest.mark.slow  # training subprocesses killed and resumed
-
 TRAIN_ARGS = ["--arch", "resnet18", "--weights", "none", "--img-size", "48", "--epochs", "3", "--batch-size", "8",
               "--workers", "0", "--freeze-epochs", "1", "--patience", "0", "--seed", "7"]
 
@@ -49,6 +47,7 @@ def _resume_or_restart(manifest: Path, out: Path) -> subprocess.Popen:
     return _train(manifest, out, ["--resume", str(last)] if last.exists() else None)
 
 
+@pytest.mark.slow
 def test_sigkill_at_three_moments_then_resume_matches_uninterrupted_run(small_manifest: Path, tmp_path: Path) -> None:
     reference = _train(small_manifest, tmp_path / "ref")
     assert reference.wait() == 0, reference.stderr.read()
@@ -89,6 +88,7 @@ def _broken_dataset(small_manifest: Path, tmp_path: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_skipped_and_listed(small_manifest: Path, tmp_path: Path) -> None:
     manifest = _broken_dataset(small_manifest, tmp_path)
     proc = _train(manifest, tmp_path / "run", ["--data", str(manifest), *TRAIN_ARGS[:-8], "--epochs", "1",
@@ -100,6 +100,7 @@ def test_unreadable_images_are_skipped_and_listed(small_manifest: Path, tmp_path
     assert "3 unreadable image(s) skipped" in stderr
 
 
+@pytest.mark.slow
 def test_strict_makes_unreadable_images_fatal_before_training(small_manifest: Path, tmp_path: Path) -> None:
     manifest = _broken_dataset(small_manifest, tmp_path)
     proc = _train(manifest, tmp_path / "run", ["--data", str(manifest), *TRAIN_ARGS, "--strict",

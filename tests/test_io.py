@@ -6,7 +6,6 @@ import csv
 import io
 import os
 import struct
-import time
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -679,22 +678,19 @@ def test_over_max_pixels_small_png() -> None:
         (10_000, 8_000, MAX_PIXELS, "over the limit"),  # below PIL's guard: our header check refuses it
     ],
 )
-def test_png_bomb_header_refused_quickly_without_allocating(
+def test_png_bomb_header_refused_without_allocating(
     tmp_path: Path, width: int, height: int, max_pixels: int, reason: str
 ) -> None:
     path = tmp_path / "bomb.png"
     path.write_bytes(png_claiming(width, height))
     tracemalloc.start()
-    started = time.perf_counter()
     try:
         with pytest.raises(ImageReadError, match=reason) as excinfo:
             load_xray(path, max_pixels=max_pixels)
-        elapsed = time.perf_counter() - started
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert_read_error(excinfo, "bomb.png")
-    assert elapsed < 1.0
     assert peak < 20 * 2**20  # Python-side allocations; an 80-megapixel decode would need far more
 
 

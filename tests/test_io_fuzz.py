@@ -35,7 +35,7 @@ pytestmark = pytest.mark.filterwarnings(
 )
 FUZZ = settings(
     max_examples=300,
-    deadline=2000,
+    deadline=None,  # a shared, busy machine makes any per-example time limit flaky
     derandomize=True,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

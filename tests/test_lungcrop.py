@@ -27,13 +27,13 @@ from covidxr.errors import CheckpointError
 from covidxr.evaluation.__main__ import main as evaluate_main
 from covidxr.evaluation.lung_share import lung_share_summary
 from covidxr.inference.predictor import Predictor
+from covidxr.input_settings import LUNG_MASK_DILATION
 from covidxr.io import load_xray
 from covidxr.lungs.geometry import dilate_mask
-from covidxr.lungs.train import TrainConfig as LungTrainConfig
-from covidxr.lungs.train import default_lung_data
+from covidxr.lungs.train import LungTrainConfig, default_lung_data
 from covidxr.lungs.train import run as train_lungs
 from covidxr.model_input import PLAIN, InputPipeline, pipeline_from_checkpoint, read_lung_entry
-from covidxr.preprocess import LUNG_MASK_DILATION, Preprocess, cache_size, equalize, eval_transform
+from covidxr.preprocess import Preprocess, cache_size, equalize, eval_transform
 from covidxr.training.__main__ import main as train_main
 from covidxr.training.config import TrainConfig, config_from_args, get_args_parser
 
@@ -76,6 +76,11 @@ def film(shared_data: Path) -> Path:
 
 
 FAKE_ENTRY = {"sha256": "f" * 64}  # a lung model entry for pipelines whose lung model is monkeypatched
+
+
+def fake_lungs(margin: float, equalize: str, **more: object) -> InputPipeline:
+    """A lung-crop pipeline with the fake lung model entry."""
+    return InputPipeline(lung_crop=True, lung_margin=margin, equalize=equalize, lung_entry=FAKE_ENTRY, **more)
 
 
 class FixedMask:
@@ -130,8 +135,8 @@ def test_lung_mask_record_round_trip_and_records_without_it() -> None:
 
 def test_lung_mask_blacks_out_what_lies_outside_the_dilated_mask(fixed_lungs: np.ndarray) -> None:
     image = ramp_image()
-    crop = InputPipeline(True, 0.0, "none", FAKE_ENTRY).prepare(image, 60)  # box 60 x 60: letterboxed at 1:1
-    masked = InputPipeline(True, 0.0, "none", FAKE_ENTRY, lung_mask=True, lung_mask_dilation=0.05).prepare(image, 60)
+    crop = fake_lungs(0.0, "none").prepare(image, 60)  # box 60 x 60: letterboxed at 1:1
+    masked = fake_lungs(0.0, "none", lung_mask=True, lung_mask_dilation=0.05).prepare(image, 60)
     assert masked.box == crop.box and (crop.box.top, crop.box.bottom, crop.box.left, crop.box.right) == (20, 80, 20, 80)
     assert np.array_equal(crop.square, np.round(image[20:80, 20:80] * 255))  # the crop, unresized
     region = dilate_mask(fixed_lungs[crop.box.slices], 0.05)  # widened by round(0.05 * 60) = 3 pixels
@@ -149,8 +154,8 @@ def test_lung_mask_equalises_from_the_pixels_inside_it(fixed_lungs: np.ndarray, 
     outside = ~fixed_lungs
     outside[20:80, 20:80] &= ~dilate_mask(fixed_lungs[20:80, 20:80], LUNG_MASK_DILATION)
     other[outside] = np.random.default_rng(1).uniform(0.0, 1.0, int(outside.sum()))  # markers, body, borders
-    masked = InputPipeline(True, 0.0, method, FAKE_ENTRY, lung_mask=True)
-    crop = InputPipeline(True, 0.0, method, FAKE_ENTRY)
+    masked = fake_lungs(0.0, method, lung_mask=True)
+    crop = fake_lungs(0.0, method)
     # Nothing outside the mask changes the lungs' equalisation (it does without the mask).
     assert np.array_equal(masked.prepare(image, 60).square, masked.prepare(other, 60).square)
     assert not np.array_equal(crop.prepare(image, 60).square, crop.prepare(other, 60).square)
@@ -170,17 +175,17 @@ def test_lung_mask_leaves_a_fallen_back_image_whole(monkeypatch: pytest.MonkeyPa
     speck[50:52, 50:52] = True  # not a pair of lungs: the box falls back to the whole image
     monkeypatch.setattr(model_input, "lung_model_of", lambda entry: FixedMask(speck))
     image = ramp_image()
-    masked = InputPipeline(True, 0.0, "none", FAKE_ENTRY, lung_mask=True).prepare(image, 100)
+    masked = fake_lungs(0.0, "none", lung_mask=True).prepare(image, 100)
     assert masked.box.fell_back and masked.square.all()
-    assert np.array_equal(masked.square, InputPipeline(True, 0.0, "none", FAKE_ENTRY).prepare(image, 100).square)
+    assert np.array_equal(masked.square, fake_lungs(0.0, "none").prepare(image, 100).square)
 
 
 def test_lung_mask_key_record_and_rebuild_from_the_checkpoint() -> None:
-    crop = InputPipeline(True, 0.05, "hist", FAKE_ENTRY)
-    masked = InputPipeline(True, 0.05, "hist", FAKE_ENTRY, lung_mask=True)
-    wider = InputPipeline(True, 0.05, "hist", FAKE_ENTRY, lung_mask=True, lung_mask_dilation=0.04)
+    crop = fake_lungs(0.05, "hist")
+    masked = fake_lungs(0.05, "hist", lung_mask=True)
+    wider = fake_lungs(0.05, "hist", lung_mask=True, lung_mask_dilation=0.04)
     assert len({crop.key, masked.key, wider.key}) == 3 and "mask=" in masked.key and "mask=" not in crop.key
-    assert InputPipeline(False, 0.05, "hist", FAKE_ENTRY, lung_mask=True).lung_crop  # the mask implies the crop
+    assert InputPipeline(lung_entry=FAKE_ENTRY, lung_mask=True).lung_crop  # the mask implies the crop
     with pytest.raises(ValueError, match="a lung crop needs the lung model"):
         InputPipeline(lung_mask=True)
     pre = wider.record(Preprocess(img_size=64))
@@ -241,7 +246,7 @@ def test_lung_model_travels_in_the_checkpoint(crop_run: Path, tiny_lungs: Path) 
     assert {"arch", "img_size", "threshold", "model"} <= set(entry)
     predictor = Predictor.from_checkpoint(crop_run / "best.pt", device="cpu", backend="torch")
     assert predictor.pipeline.lung_crop and predictor.pipeline.key == InputPipeline(
-        True, 0.05, "clahe", read_lung_entry(tiny_lungs)).key
+        lung_crop=True, equalize="clahe", lung_entry=read_lung_entry(tiny_lungs)).key
 
 
 @pytest.mark.parametrize("run", ["crop_run", "mask_run"])

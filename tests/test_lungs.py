@@ -23,7 +23,7 @@ from covidxr.lungs import (
 from covidxr.lungs.__main__ import main
 from covidxr.lungs.model import metrics_path, read_lung_checkpoint, save_lung_checkpoint
 from covidxr.lungs.net import build_net, lite0_encoder_weights
-from covidxr.lungs.train import TrainConfig, default_lung_data, dice, load_lung_data, run, split_names
+from covidxr.lungs.train import LungTrainConfig, default_lung_data, dice, load_lung_data, run, split_names
 
 TINY_ARCH = {"name": "unet", "width": 4, "depth": 3}
 
@@ -40,7 +40,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -
     """The default network (Lite0 U-Net) trained on 8 real films at 64 px for 12 epochs of 2 steps (2 more films
     validate, 2 are held out)."""
     out = tmp_path_factory.mktemp("lungs") / "lung-seg.pt"
-    cfg = TrainConfig(data=str(lung_data()), out=str(out), img_size=64, epochs=12, batch_size=4, progress=False)
+    cfg = LungTrainConfig(data=str(lung_data()), out=str(out), img_size=64, epochs=12, batch_size=4, progress=False)
     return out, run(cfg, limit=12)
 
 
@@ -73,7 +73,7 @@ def test_trained_checkpoint_is_self_describing_and_safe(tiny_run: tuple[Path, di
     out, metrics = tiny_run
     ckpt = torch.load(out, map_location="cpu", weights_only=True)
     assert ckpt["format"] == "covidxr-lung-seg" and ckpt["img_size"] == 64
-    assert ckpt["arch"] == {"name": "lite0-unet"} == TrainConfig().arch_record
+    assert ckpt["arch"] == {"name": "lite0-unet"} == LungTrainConfig().arch_record
     assert ckpt["preprocess"]["geometry"] == "letterbox"
     assert set(ckpt["split"]["held_out"]) == set(metrics["held_out_per_film"])
     assert 0.0 <= metrics["held_out_dice"]["min"] <= metrics["held_out_dice"]["mean"] <= 1.0
@@ -221,14 +221,14 @@ def test_dice_hand_computed() -> None:
 
 
 def test_cli_says_one_line_when_the_data_folder_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "m.pt")]) == 2
+    assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("covidxr.lungs: error: no lung data at ") and "\n" not in err
-    assert not (tmp_path / "m.pt").exists()
+    assert not (tmp_path / "m").exists()
 
 
 def test_cli_says_one_line_when_the_model_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["check", "--model", str(tmp_path / "none.pt"), "--out", str(tmp_path / "sheet.png")]) == 2
+    assert main(["check", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "sheet")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"covidxr.lungs: error: no lung model at {tmp_path / 'none.pt'}: run python -m covidxr.lungs train"
 

@@ -39,25 +39,26 @@ from covidxr.bench.loader import measure_loader
 from covidxr.bench.probe import measure_probe
 from covidxr.bench.report import report
 from covidxr.bench.train import measure_train
-from covidxr.utils import pick_device
+from covidxr.utils import OneLineParser, add_device_arg, int_at_least, pick_device, run_cli
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Return the ``python -m covidxr.bench`` parser."""
-    p = argparse.ArgumentParser("python -m covidxr.bench", description=__doc__.splitlines()[0],
-                                epilog="python -m covidxr.bench scale --help: the data stages at dataset size N")
-    p.add_argument("--arch", default="resnet50")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("-b", "--batch-size", type=int, default=16, help="training and loader batch size")
-    p.add_argument("--steps", type=int, default=4, help="timed training steps and inference batches")
-    p.add_argument("--images", type=int, default=128, help="real images per loader / probe epoch")
-    p.add_argument("--loader-images", type=int, default=0, help="images per loader epoch (0: all)")
-    p.add_argument("--repeats", type=int, default=5,
+    p = OneLineParser("python -m covidxr.bench", description=__doc__.splitlines()[0],
+                      epilog="python -m covidxr.bench scale --help: the data stages at dataset size N")
+    p.add_argument("--arch", default="resnet50", help="architecture measured (default: %(default)s)")
+    p.add_argument("--img-size", type=int_at_least(16), default=224, help="network input side (default: %(default)s)")
+    p.add_argument("-b", "--batch-size", type=int_at_least(1), default=16, help="training and loader batch size")
+    p.add_argument("--steps", type=int_at_least(1), default=4, help="timed training steps and inference batches")
+    p.add_argument("--images", type=int_at_least(1), default=128, help="real images per loader / probe epoch")
+    p.add_argument("--loader-images", type=int_at_least(0), default=0, help="images per loader epoch (0: all)")
+    p.add_argument("--repeats", type=int_at_least(1), default=5,
                    help="short timings (loader epochs, head epochs, inference): median and range of this many runs")
-    p.add_argument("-j", "--workers", type=int, default=min(4, os.cpu_count() or 1), help="loader processes")
+    p.add_argument("-j", "--workers", type=int_at_least(0), default=min(4, os.cpu_count() or 1),
+                   help="loader processes")
     p.add_argument("--data", help="dataset (default: $COVIDXR_DATA, then data/cxr)")
     p.add_argument("--cache-dir", help="prepared cache to use (default: a fresh temporary one, timed)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    add_device_arg(p)
     p.add_argument("--only", nargs="+", choices=("train", "train-real", "loader", "probe", "infer"),
                    help="measurements to run (default: all; train-real, training fed by the real loaders, only "
                         "on CUDA, where the loader can be the bottleneck)")
@@ -81,22 +82,23 @@ def run_child(spec: dict) -> Measure:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
+    """Command-line entry point; returns the exit status (``covidxr.utils.run_cli``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["scale"]:
         return scale.main(argv[1:])
-    args = get_args_parser().parse_args(argv)
-    if args.child:
-        result = run_child(json.loads(args.child))
-        print(json.dumps(asdict(result)))
-        return 0
-    with contextlib.ExitStack() as stack:
-        if not args.cache_dir:
-            args.cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="covidxr-bench-"))
-        lines = report(args, argv)
-        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-        print("\n".join([*lines, f"- load average at the end: {load}"]))
-    return 0
+
+    def bench(args: argparse.Namespace) -> None:
+        if args.child:
+            print(json.dumps(asdict(run_child(json.loads(args.child)))))
+            return
+        with contextlib.ExitStack() as stack:
+            if not args.cache_dir:
+                args.cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="covidxr-bench-"))
+            lines = report(args, argv)
+            load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+            print("\n".join([*lines, f"- load average at the end: {load}"]))
+
+    return run_cli(get_args_parser(), bench, argv)
 
 
 if __name__ == "__main__":

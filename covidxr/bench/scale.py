@@ -32,9 +32,9 @@ import psutil
 
 from covidxr.bench.scale_data import folder_mb, load_films, make_dataset
 from covidxr.bench.scale_stages import STAGES, paths, pss_mb, run_stage
-from covidxr.errors import one_line
+from covidxr.errors import CovidxrError, one_line
 from covidxr.files import atomic_write_text
-from covidxr.utils import OneLineParser, int_at_least
+from covidxr.utils import OneLineParser, add_out_arg, int_at_least, run_cli
 
 TARGET = 30_000  # the size the issue asks about: extrapolated to when not measured
 SAMPLE_S = 0.2
@@ -45,7 +45,7 @@ def get_args_parser() -> OneLineParser:
     p = OneLineParser("python -m covidxr.bench scale", description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int_at_least(20), nargs="+", metavar="N",
                    help="dataset sizes to measure, e.g. 1000 5000 30000")
-    p.add_argument("--out", type=Path, default=Path("scale-results"), help="folder for scale.json and scale.md")
+    add_out_arg(p, "folder for scale.json and scale.md (default: %(default)s)", Path("scale-results"))
     p.add_argument("--keep", action="store_true", help="keep the temporary datasets (their folders are printed)")
     p.add_argument("--data", type=Path, default=None,
                    help="folder holding all.csv with the shared films (default: the parent of $COVIDXR_DATA)")
@@ -57,7 +57,7 @@ def get_args_parser() -> OneLineParser:
     p.add_argument("--bootstrap", type=int_at_least(1), default=1000, help="patient bootstrap resamples")
     p.add_argument("--max-side", type=int_at_least(64), default=1024, help="long side of the synthetic files")
     p.add_argument("--films", type=int_at_least(2), default=None, help="use only this many shared films (tests)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="which films and how they are varied (default: %(default)s)")
     p.add_argument("--stage", help=argparse.SUPPRESS)  # child side: run one stage, print its JSON
     p.add_argument("--spec", help=argparse.SUPPRESS)
     return p
@@ -216,24 +216,26 @@ def machine_line() -> str:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point of ``python -m covidxr.bench scale`` (``argv`` after ``scale``); returns the exit status."""
+    """Entry point of ``python -m covidxr.bench scale`` (``argv`` after ``scale``); returns the exit status
+    (``covidxr.utils.run_cli``)."""
     parser = get_args_parser()
-    args = parser.parse_args(argv)
+    return run_cli(parser, lambda args: run_scale(parser, args, argv), argv)
+
+
+def run_scale(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> None:
+    """Measure every size of ``args.images`` and write scale.json and scale.md (or, as a child, run one stage)."""
     if args.stage:
         print(json.dumps(run_stage(args.stage, json.loads(args.spec)), default=str))
-        return 0
+        return
     if not args.images:
         parser.error("--images N [N ...] is required")
     data = args.data or Path(os.environ.get("COVIDXR_DATA") or "../shared/data/cxr").parent
     if not (data / "all.csv").is_file():
-        print(f"covidxr.bench scale: error: {data / 'all.csv'} not found; pass --data (the folder of all.csv)",
-              file=sys.stderr)
-        return 2
+        raise CovidxrError(f"{data / 'all.csv'} not found; pass --data (the folder of all.csv)")
     try:
         films = load_films(data, args.max_side, args.films, args.seed)
     except Exception as exc:  # noqa: BLE001 - a shared film that cannot be read ends the benchmark with one line
-        print(f"covidxr.bench scale: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        raise CovidxrError(one_line(exc)) from exc
     results = [measure_size(n, films, args) for n in sorted(set(args.images))]
     report = {"date": datetime.date.today().isoformat(), "machine": machine_line(),
               "command": " ".join(["python -m covidxr.bench scale", *argv]),
@@ -244,4 +246,3 @@ def main(argv: list[str]) -> int:
     text = markdown(report)
     atomic_write_text(args.out / "scale.md", text)
     print(text, end="")
-    return 0

@@ -27,14 +27,22 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from covidxr.crossval.folds import MODES, CrossvalConfig, backbone_features, held_out_sources, load_all, train_fold
-from covidxr.crossval.results import fold_result, write_outputs, write_split
-from covidxr.errors import CovidxrError, DatasetError
+from covidxr.crossval.folds import (
+    MODES,
+    CrossvalConfig,
+    backbone_features,
+    classes_missing_elsewhere,
+    held_out_sources,
+    load_all,
+    train_fold,
+)
+from covidxr.crossval.results import fold_result, write_heldout_logits, write_outputs, write_split
+from covidxr.errors import DatasetError
 from covidxr.html_page import format_value
 from covidxr.model_input import require_lung_model
 from covidxr.models import ARCHS
 from covidxr.training.config import add_input_args, image_size
-from covidxr.utils import OneLineParser, cli_error, int_at_least, pick_device, setup_logging
+from covidxr.utils import OneLineParser, add_device_arg, add_out_arg, int_at_least, pick_device, run_cli, setup_logging
 
 PROG = "covidxr.crossval"
 
@@ -47,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       "intervals, metadata-only baselines).")
     p.add_argument("--by", choices=("source",), required=True, help="what to hold out: each value of this column")
     p.add_argument("--data", required=True, help="CSV manifest or folder with a source column")
-    p.add_argument("--out", type=Path, help="output folder (default: runs/crossval-<arch>-<date>-<time>)")
+    add_out_arg(p, "output folder (default: runs/crossval-<arch>-<date>-<time>)")
     p.add_argument("--mode", choices=MODES, default=d.mode,
                    help="probe: linear head on ImageNet features computed once (CPU); finetune: full training per fold")
     p.add_argument("--arch", default=d.arch, help=f"architecture, e.g. {', '.join(ARCHS)}")
@@ -56,13 +64,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-images", type=int_at_least(1), default=d.min_images,
                    help="hold out only sources with at least this many readable images")
     p.add_argument("--epochs", type=int_at_least(1), default=d.epochs, help="training epochs per fold")
-    p.add_argument("-b", "--batch-size", type=int_at_least(1), default=d.batch_size)
+    p.add_argument("-b", "--batch-size", type=int_at_least(1), default=d.batch_size,
+                   help="images per batch (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="split, training and bootstrap seed")
     p.add_argument("--bootstrap", type=int_at_least(0), default=d.bootstrap, metavar="N",
                    help="patient-level bootstrap resamples for the intervals (0: none)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=d.device)
-    p.add_argument("-j", "--workers", type=int_at_least(0), default=min(2, os.cpu_count() or 1))
+    add_device_arg(p)
+    p.add_argument("-j", "--workers", type=int_at_least(0), default=min(2, os.cpu_count() or 1),
+                   help="decoding and loader processes (default: %(default)s)")
     p.add_argument("--cache-dir", help="prepared cache folder (default: $COVIDXR_CACHE or ~/.cache/covidxr/prepared)")
+    p.add_argument("--balance", choices=("loss", "sampler", "group", "none"), default=d.balance,
+                   help="class imbalance in each fold's training, as python -m covidxr.train --balance")
     add_input_args(p)
     return p
 
@@ -80,6 +92,10 @@ def cross_validate(cfg: CrossvalConfig) -> dict:
     if not sources or data.table["source"].nunique() < 2:
         raise DatasetError(f"{cfg.data}: cross-validation by source needs two sources or more, one with "
                            f"{cfg.min_images}+ images (found {dict(data.table['source'].value_counts())})")
+    for source in sources:
+        missing = classes_missing_elsewhere(data.table, source)
+        print(f"fold {source}: " + (f"not valid (no other source has {', '.join(missing)})" if missing else "valid"),
+              file=sys.stderr)
     cfg.out.mkdir(parents=True, exist_ok=True)
     feature_set = backbone_features(data, cfg, device) if cfg.mode == "probe" else None
     folds = []
@@ -88,12 +104,12 @@ def cross_validate(cfg: CrossvalConfig) -> dict:
         split, logits, best = train_fold(data, source, cfg, feature_set, device)
         write_split(cfg.out, source, split)
         folds.append({**fold_result(source, split, logits, data.classes, cfg, best),
+                      "logits_csv": write_heldout_logits(cfg.out, source, split, logits, data.classes),
                       "seconds": round(time.perf_counter() - fold_start, 1)})
     content = {"by": cfg.by, "data": str(cfg.data), "mode": cfg.mode, "arch": cfg.arch, "weights": cfg.weights,
                "img_size": cfg.img_size, "min_images": cfg.min_images, "val_frac": cfg.val_frac, "epochs": cfg.epochs,
-               "seed": cfg.seed, "bootstrap": cfg.bootstrap, "classes": data.classes, "lung_crop": cfg.lung_crop,
-               "lung_margin": cfg.lung_margin, "equalize": cfg.equalize, "lung_mask": cfg.lung_mask,
-               "lung_mask_dilation": cfg.lung_mask_dilation,
+               "seed": cfg.seed, "bootstrap": cfg.bootstrap, "classes": data.classes, **cfg.input_record(),
+               "balance": cfg.balance,
                "n_images": int(len(data.table)), "unreadable": data.unreadable, "skipped_sources": skipped,
                "folds": folds, "command": cfg.command, "command_line": shlex.join(cfg.command),
                "device": str(device), "seconds": round(time.perf_counter() - start, 1),
@@ -103,37 +119,25 @@ def cross_validate(cfg: CrossvalConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
+    """Command-line entry point; returns the exit status (``covidxr.utils.run_cli``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = get_args_parser().parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    setup_logging()
-    out = args.out or Path("runs") / f"crossval-{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg = CrossvalConfig(data=args.data, out=out.expanduser().resolve(), by=args.by, mode=args.mode, arch=args.arch,
-                         weights=args.weights, img_size=args.img_size, min_images=args.min_images, epochs=args.epochs,
-                         batch_size=args.batch_size, seed=args.seed, bootstrap=args.bootstrap, device=args.device,
-                         workers=args.workers, cache_dir=args.cache_dir, lung_crop=args.lung_crop,
-                         lung_margin=args.lung_margin, equalize=args.equalize, lung_model=args.lung_model,
-                         lung_mask=args.lung_mask, lung_mask_dilation=args.lung_mask_dilation,
-                         command=["python", "-m", PROG, *argv])
-    try:
+
+    def crossval(args: argparse.Namespace) -> None:
+        setup_logging()
+        out = args.out or Path("runs") / f"crossval-{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg = CrossvalConfig.from_dict({**vars(args), "out": out.expanduser().resolve(),
+                                        "command": ["python", "-m", PROG, *argv]})
         if cfg.lung_crop:
             require_lung_model(cfg.lung_model)
         content = cross_validate(cfg)
-    except CovidxrError as exc:
-        return cli_error(PROG, exc)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    for fold in content["folds"]:
-        ci = (fold["ci"] or {}).get("metrics", {})
-        numbers = ", ".join(f"{k} {format_value(ci.get(k) or fold['metrics'].get(k))}"
-                            for k in ("balanced_accuracy", "roc_auc_macro"))
-        print(f"held out {fold['name']}: {fold['n_images']} images; {numbers}")
-    print(f"table: {cfg.out / 'crossval.md'}")
-    return 0
+        for fold in content["folds"]:
+            ci = (fold["ci"] or {}).get("metrics", {})
+            numbers = ", ".join(f"{k} {format_value(ci.get(k) or fold['metrics'].get(k))}"
+                                for k in ("balanced_accuracy", "roc_auc_macro"))
+            print(f"held out {fold['name']}: {fold['n_images']} images; {numbers}")
+        print(f"table: {cfg.out / 'crossval.md'}")
+
+    return run_cli(get_args_parser(), crossval, argv)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ from covidxr.data.loaders import LoaderSettings, RunData, input_pipeline, make_l
 from covidxr.data.manifest import class_names, dataset_root, load_manifest, resolve_data_path, validate_for_training
 from covidxr.data.split import check_no_leakage, make_split
 from covidxr.errors import DatasetError
+from covidxr.input_settings import InputSettings
 from covidxr.model_input import InputPipeline
 from covidxr.models import build_model, model_from_checkpoint
-from covidxr.preprocess import LUNG_MARGIN, LUNG_MASK_DILATION
 from covidxr.training import distributed
 from covidxr.training import head_features as features
 from covidxr.training.config import TrainConfig
@@ -39,9 +39,10 @@ log = logging.getLogger("covidxr.crossval")
 MODES = ("probe", "finetune")
 
 
-@dataclass
-class CrossvalConfig:
-    """Settings of one cross-validation (the command-line arguments)."""
+@dataclass(frozen=True)
+class CrossvalConfig(InputSettings):
+    """Settings of one cross-validation (the command-line arguments); the lung crop and mask, equalisation and lung
+    model are its :class:`~covidxr.input_settings.InputSettings`, which every fold trains with."""
 
     data: str
     out: Path
@@ -59,17 +60,8 @@ class CrossvalConfig:
     device: str = "auto"
     workers: int = 2
     cache_dir: str | None = None
-    lung_crop: bool = False  # crop to the lungs before the letterbox (python -m covidxr.train --lung-crop)
-    lung_margin: float = LUNG_MARGIN
-    equalize: str = "none"  # none | hist | clahe
-    lung_model: str | None = None
-    lung_mask: bool = False  # black out what lies outside the lungs (python -m covidxr.train --lung-mask)
-    lung_mask_dilation: float = LUNG_MASK_DILATION
+    balance: str = "loss"  # class imbalance in each fold's training (python -m covidxr.train --balance)
     command: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.lung_mask:
-            self.lung_crop = True  # the mask is applied to the lung crop
 
     def train_config(self, held_out: str, fold_dir: Path) -> TrainConfig:
         """The training run of the fold that leaves ``held_out`` out: train/val from the rest, ``held_out`` as test."""
@@ -77,9 +69,7 @@ class CrossvalConfig:
                            cache_dir=self.cache_dir, arch=self.arch, weights=self.weights, img_size=self.img_size,
                            epochs=self.epochs, batch_size=self.batch_size, linear_probe=self.mode == "probe",
                            device=self.device, workers=self.workers, seed=self.seed, out=str(fold_dir),
-                           lung_crop=self.lung_crop, lung_margin=self.lung_margin, equalize=self.equalize,
-                           lung_model=self.lung_model, lung_mask=self.lung_mask,
-                           lung_mask_dilation=self.lung_mask_dilation)
+                           balance=self.balance, **self.input_settings())
 
 
 @dataclass
@@ -104,9 +94,7 @@ def fold_name(source: str) -> str:
 def load_all(cfg: CrossvalConfig) -> AllData:
     """Read the manifest and decode (or read from the cache) every image once."""
     settings = LoaderSettings(data=cfg.data, cache_dir=cfg.cache_dir, img_size=cfg.img_size,
-                              batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed, lung_crop=cfg.lung_crop,
-                              lung_margin=cfg.lung_margin, equalize=cfg.equalize, lung_model=cfg.lung_model,
-                              lung_mask=cfg.lung_mask, lung_mask_dilation=cfg.lung_mask_dilation)
+                              batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed, **cfg.input_settings())
     path = resolve_data_path(cfg.data)
     manifest = load_manifest(path)
     validate_for_training(manifest, str(path))
@@ -121,6 +109,14 @@ def held_out_sources(data: AllData, min_images: int) -> tuple[list[str], dict[st
     """``(sources to hold out, {too small source: images})``, by readable images, largest first."""
     counts = data.table["source"].astype(str).value_counts()
     return [s for s, n in counts.items() if n >= min_images], {s: int(n) for s, n in counts.items() if n < min_images}
+
+
+def classes_missing_elsewhere(table: pd.DataFrame, held_out: str) -> list[str]:
+    """The classes of ``held_out``'s images that no other source has: a model trained without ``held_out`` never saw
+    them, so the fold cannot measure them (the fold is valid only when this is empty)."""
+    source = table["source"].astype(str)
+    here, elsewhere = set(table.loc[source == held_out, "label"]), set(table.loc[source != held_out, "label"])
+    return sorted(here - elsewhere)
 
 
 def fold_split(data: AllData, held_out: str, cfg: CrossvalConfig) -> pd.DataFrame:

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from covidxr.crossval.folds import CrossvalConfig, fold_name
+from covidxr.crossval.folds import CrossvalConfig, classes_missing_elsewhere, fold_name
 from covidxr.evaluation.analysis import column_baseline
+from covidxr.evaluation.covid_vs_rest import covid_vs_rest
 from covidxr.evaluation.heldout import flat_row, heldout_result, markdown_table, summary_columns, summary_row
 from covidxr.evaluation.outputs import jsonable
 from covidxr.files import atomic_write_bytes, atomic_write_text
@@ -54,13 +55,17 @@ def fold_result(held_out: str, split: pd.DataFrame, logits: np.ndarray, classes:
     result = heldout_result(held_out, y, softmax(logits), test["patient_id"].astype(str).tolist(), classes,
                             cfg.bootstrap, cfg.seed)
     result["baselines"] = {c: column_baseline(train, test, y, classes, c) for c in ("source", "view")}
+    positive = next((c for c in classes if "covid" in c.lower()), None)
+    if positive is not None:  # AUC only: a threshold would have to be chosen on these very folds
+        result["covid_vs_rest"] = covid_vs_rest(held_out, y, softmax(logits), test["patient_id"].astype(str).tolist(),
+                                                classes, positive, None, cfg.bootstrap, cfg.seed)
     y_val = val["label"].map(index).to_numpy(dtype=np.int64)
     return {**result, "n_train": int(len(train)), "n_val": int(len(val)),
             "train_sources": train["source"].value_counts().to_dict(),
             # In-distribution reference: how much the source alone tells on the other sources' validation images.
             "source_only_on_val": column_baseline(train, val, y_val, classes, "source") if len(val) else None,
             "best_epoch": best_epoch, "split_csv": split_csv_name(held_out), "run": f"fold-{fold_name(held_out)}",
-            "warnings": fold_warnings(split, classes)}
+            "valid": not classes_missing_elsewhere(split, held_out), "warnings": fold_warnings(split, classes)}
 
 
 def split_csv_name(held_out: str) -> str:
@@ -71,6 +76,22 @@ def write_split(out: Path, held_out: str, split: pd.DataFrame) -> None:
     """The fold's split as ``relpath,split,source,label,patient_id`` (every readable image, test = held-out)."""
     columns = [c for c in SPLIT_CSV_COLUMNS if c in split.columns]
     atomic_write_bytes(out / split_csv_name(held_out), split[columns].to_csv(index=False).encode("utf-8"))
+
+
+def logits_csv_name(held_out: str) -> str:
+    return f"heldout-logits-{fold_name(held_out)}.csv"
+
+
+def write_heldout_logits(out: Path, held_out: str, split: pd.DataFrame, logits: np.ndarray,
+                         classes: Sequence[str]) -> str:
+    """The held-out films' logits (``relpath,source,label,patient_id,logit_<class>...``): out-of-source predictions
+    that ``python -m covidxr.evaluate`` can calibrate on; return the file name."""
+    test = split[split["split"] == "test"]
+    frame = test[[c for c in ("relpath", "source", "label", "patient_id") if c in test.columns]].reset_index(drop=True)
+    frame = pd.concat([frame, pd.DataFrame(logits, columns=[f"logit_{c}" for c in classes])], axis=1)
+    name = logits_csv_name(held_out)
+    atomic_write_bytes(out / name, frame.to_csv(index=False).encode("utf-8"))
+    return name
 
 
 def crossval_markdown(content: dict[str, Any]) -> str:

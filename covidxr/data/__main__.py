@@ -2,12 +2,13 @@
 
 Examples::
 
-    python -m covidxr.data prepare kaggle-radiography --src ~/data/COVID-19_Radiography_Dataset --out data/kaggle.csv
-    python -m covidxr.data prepare covid-chestxray --src ~/data/covid-chestxray-dataset --out data/ieee.csv \\
+    python -m covidxr.data prepare kaggle-radiography --src ~/data/COVID-19_Radiography_Dataset --out data/kaggle
+    python -m covidxr.data prepare covid-chestxray --src ~/data/covid-chestxray-dataset --out data/ieee \\
         --classes "covid=covid;pneumonia=pneumonia"
     python -m covidxr.data fetch covid-chestxray --dest data/ieee8023
     python -m covidxr.data audit ../shared/data/cxr --out runs/audit --format html
 
+``prepare`` and ``fetch`` write ``manifest.csv`` into their ``--out`` folder, where ``--data FOLDER`` reads it.
 Failures a user can cause print one line ``covidxr.data: error: ...`` and exit with status 2.
 """
 
@@ -23,19 +24,21 @@ from covidxr.data.audit_report import html_report, markdown_report, report_block
 from covidxr.data.confounding import confounding_warnings
 from covidxr.data.download import COVID_CHESTXRAY_URL, fetch_covid_chestxray
 from covidxr.data.duplicates import NEAR_DUPLICATE_BITS
-from covidxr.data.manifest import load_manifest, write_manifest
+from covidxr.data.manifest import MANIFEST_NAMES, load_manifest, write_manifest
 from covidxr.data.sources import ADAPTERS, Manifest, build_manifest
 from covidxr.errors import CovidxrError
-from covidxr.utils import OneLineParser, cli_error
+from covidxr.utils import OneLineParser, add_checkpoint_arg, add_out_arg, out_file, run_cli
 
 PROG = "covidxr.data"
+MANIFEST = MANIFEST_NAMES[0]  # the file name prepare and fetch write, and --data FOLDER reads
 
 
 def add_prepare_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``prepare`` options to ``parser``."""
     parser.add_argument("kind", choices=list(ADAPTERS), help="dataset layout to read (see data/README.md)")
     parser.add_argument("--src", required=True, type=Path, help="the dataset's folder (or manifest for csv)")
-    parser.add_argument("--out", required=True, type=Path, help="manifest CSV to write")
+    parser.add_argument("--out", required=True, type=Path, metavar="FOLDER",
+                        help=f"folder to write the manifest into ({MANIFEST})")
     add_mapping_args(parser)
     return parser
 
@@ -55,7 +58,7 @@ def add_fetch_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--url", default=COVID_CHESTXRAY_URL, help="archive URL (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="S", help="network timeout in seconds")
     parser.add_argument("--archive", type=Path, default=None, help="use this local zip instead of downloading")
-    parser.add_argument("--out", type=Path, default=None, help="manifest CSV to write (default: DEST/manifest.csv)")
+    add_out_arg(parser, f"folder to write the manifest into ({MANIFEST}; default: DEST)")
     add_mapping_args(parser)
     return parser
 
@@ -65,11 +68,10 @@ def add_audit_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("data", type=Path, help="manifest CSV or dataset folder")
     parser.add_argument("--split", type=Path, default=None,
                         help="split.csv of a run, to find duplicates across splits")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for audit.md/audit.html and audit.json (default: print the report)")
+    add_out_arg(parser, "folder for audit.md/audit.html and audit.json (default: print the report)")
     parser.add_argument("--format", choices=["md", "html"], default="md", help="report format")
-    parser.add_argument("--probe", type=Path, default=None, metavar="CKPT",
-                        help="checkpoint whose features are probed for a source signature")
+    add_checkpoint_arg(parser, "checkpoint whose features are probed for a source signature", required=False,
+                       old_name="--probe")
     parser.add_argument("--near-bits", type=int, default=NEAR_DUPLICATE_BITS,
                         help="near-duplicate threshold in bits of the 256-bit dHash (default: %(default)s)")
     parser.add_argument("--tiny-side", type=int, default=TINY_SIDE,
@@ -104,7 +106,7 @@ def _print_manifest(manifest: Manifest, out: Path) -> None:
 def run_prepare(args: argparse.Namespace) -> int:
     """Run ``prepare``: write the manifest of a public dataset."""
     manifest = build_manifest(args.kind, args.src, args.classes, args.all_views)
-    _print_manifest(manifest, write_manifest(manifest.table, args.out))
+    _print_manifest(manifest, write_manifest(manifest.table, out_file(args.out, MANIFEST, PROG)))
     return 0
 
 
@@ -114,18 +116,18 @@ def run_fetch(args: argparse.Namespace) -> int:
                                  progress=sys.stderr.isatty())
     print(f"dataset in {root}")
     manifest = build_manifest("covid-chestxray", root, args.classes, args.all_views)
-    _print_manifest(manifest, write_manifest(manifest.table, args.out or args.dest / "manifest.csv"))
+    _print_manifest(manifest, write_manifest(manifest.table, out_file(args.out or args.dest, MANIFEST, PROG)))
     return 0
 
 
 def run_audit(args: argparse.Namespace) -> int:
     """Run ``audit`` and print or write the report."""
-    from covidxr.data.cache import default_cache_dir  # imports torch: seconds, for --probe only
+    from covidxr.data.cache import default_cache_dir  # imports torch: seconds, for --checkpoint only
 
     table = load_manifest(args.data)
-    result = audit(table, args.split, probe=args.probe, near_bits=args.near_bits, tiny_side=args.tiny_side,
+    result = audit(table, args.split, probe=args.checkpoint, near_bits=args.near_bits, tiny_side=args.tiny_side,
                    workers=args.workers, progress=sys.stderr.isatty(),
-                   cache_dir=default_cache_dir() if args.probe else None)
+                   cache_dir=default_cache_dir() if args.checkpoint else None)
     title = f"Dataset audit: {args.data}"
     if args.out is None:
         blocks = report_blocks(result, title)
@@ -146,12 +148,8 @@ COMMANDS = {"prepare": run_prepare, "fetch": run_fetch, "audit": run_audit}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 for errors a user can fix)."""
-    args = get_args_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except (CovidxrError, OSError) as exc:  # a data problem, not a usage error: no "(see --help)"
-        return cli_error(PROG, exc)
+    """Entry point; returns the exit status (``covidxr.utils.run_cli``; OSError too is a data problem)."""
+    return run_cli(get_args_parser(), lambda args: COMMANDS[args.command](args), argv, (CovidxrError, OSError))
 
 
 if __name__ == "__main__":

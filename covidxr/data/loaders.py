@@ -2,8 +2,9 @@
 
 Training and evaluation both load data through here; :class:`LoaderSettings` holds what this needs of a run's
 configuration (``covidxr.training.config.TrainConfig.loader_settings`` makes one, and
-:meth:`LoaderSettings.from_dict` reads one back from a stored config). Under ``torchrun`` each rank loads its
-share: ``rank`` and ``world_size`` (a single process: 0 and 1).
+:meth:`LoaderSettings.from_dict` reads one back from a stored config); the fields a run's configuration shares with
+it are declared once, in :class:`DataSettings` and its :class:`~covidxr.input_settings.InputSettings`. Under
+``torchrun`` each rank loads its share: ``rank`` and ``world_size`` (a single process: 0 and 1).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from covidxr.data.dataset import DeviceBatches, XrayDataset
 from covidxr.data.manifest import class_names, dataset_root, load_manifest, resolve_data_path, validate_for_training
 from covidxr.data.split import apply_split, check_no_leakage, make_split
 from covidxr.errors import DatasetError
-from covidxr.model_input import InputPipeline, lung_pipeline
-from covidxr.preprocess import LUNG_MARGIN, LUNG_MASK_DILATION, cache_size, eval_transform, train_transform
+from covidxr.input_settings import InputSettings
+from covidxr.model_input import InputPipeline, read_lung_entry
+from covidxr.preprocess import cache_size, eval_transform, train_transform
 from covidxr.style_augment import style_ranges
 
 log = logging.getLogger("covidxr.data.loaders")
@@ -46,9 +48,10 @@ GPU_CACHE_MAX_BYTES = 4 << 30
 GPU_CACHE_MAX_SHARE = 0.25
 
 
-@dataclass
-class LoaderSettings:
-    """The settings of a run that decide its data and loaders (names and defaults as in ``TrainConfig``)."""
+@dataclass(frozen=True, kw_only=True)
+class DataSettings(InputSettings):
+    """The settings of a run that decide its data and loaders: its input pipeline (:class:`InputSettings`) and the
+    fields below. ``covidxr.training.config.TrainConfig`` is data settings too."""
 
     data: str | None = None  # folder or manifest; else $COVIDXR_DATA, else data/cxr
     val_frac: float = 0.15
@@ -64,26 +67,18 @@ class LoaderSettings:
     batch_size: int = 32
     workers: int = min(4, os.cpu_count() or 1)
     gpu_cache: str = "auto"  # keep the prepared squares on the GPU and augment there: auto | on | off
-    augment: str = "standard"  # training augmentation: standard | style (adds scanner-style randomisation)
     seed: int = 0
-    lung_crop: bool = False  # crop every image to its lungs before the letterbox
-    lung_margin: float = LUNG_MARGIN
-    equalize: str = "none"  # none | hist | clahe, after the crop
-    lung_model: str | None = None  # lung model file for a lung crop; default $COVIDXR_HOME/lungs/lung-seg.pt
-    # The lung model itself (a checkpoint's "lung_model" entry), when it comes from a checkpoint rather than a file.
-    lung_entry: dict | None = field(default=None, repr=False, compare=False)
-    lung_mask: bool = False  # also black out what lies outside the lungs (implies lung_crop)
-    lung_mask_dilation: float = LUNG_MASK_DILATION  # the mask's widening, as a share of the crop's longer side
 
-    def __post_init__(self) -> None:
-        if self.lung_mask:
-            self.lung_crop = True
+    def data_settings(self) -> dict:
+        """These settings (:class:`DataSettings`'s fields) as a dict."""
+        return {f.name: getattr(self, f.name) for f in fields(DataSettings)}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> LoaderSettings:
-        """Read the settings from a stored run config (``config.json`` or a checkpoint's), ignoring other keys."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderSettings(DataSettings):
+    """Data settings, and the lung model itself when it comes from a checkpoint rather than a file."""
+
+    lung_entry: dict | None = field(default=None, repr=False, compare=False)  # a checkpoint's "lung_model" entry
 
 
 @dataclass
@@ -105,12 +100,10 @@ def input_pipeline(settings: LoaderSettings) -> InputPipeline:
         CheckpointError: a lung crop or mask without a lung model ("no lung model at PATH: run python -m
             covidxr.lungs train").
     """
-    crop = settings.lung_crop or settings.lung_mask
-    if crop and settings.lung_entry is None:
-        return lung_pipeline(True, settings.lung_margin, settings.equalize, settings.lung_model, settings.lung_mask,
-                             settings.lung_mask_dilation)
-    return InputPipeline(crop, settings.lung_margin, settings.equalize, settings.lung_entry, settings.lung_mask,
-                         settings.lung_mask_dilation)
+    entry = settings.lung_entry
+    if settings.lung_crop and entry is None:
+        entry = read_lung_entry(settings.lung_model)
+    return InputPipeline(**settings.input_record(), lung_entry=entry)
 
 
 def cache_dir(settings: LoaderSettings) -> Path | None:

@@ -14,6 +14,8 @@ from covidxr.data.confounding import confounding_warnings
 from covidxr.errors import DatasetError
 from covidxr.evaluation.bootstrap import bootstrap_ci
 from covidxr.evaluation.calibration import fit_temperature
+from covidxr.evaluation.covid_vs_rest import choose_threshold, internal_sets
+from covidxr.evaluation.heldout_calibration import HeldOutLogits
 from covidxr.evaluation.inputs import EvalData, EvalOptions
 from covidxr.evaluation.logits import SplitOutputs
 from covidxr.evaluation.metrics import classification_metrics, group_metrics
@@ -24,15 +26,18 @@ TARGET_SENSITIVITIES = (0.90, 0.95)
 SOURCE_CONFOUNDED = "this dataset cannot separate disease from source"
 
 
-def calibrate(pred: SplitOutputs, ckpt: dict[str, Any]) -> tuple[float, str]:
-    """``(temperature, how it was obtained)``: fitted on the validation logits, else the checkpoint's (external
-    data), else 1."""
+def calibrate(pred: SplitOutputs, ckpt: dict[str, Any], heldout: HeldOutLogits | None = None) -> tuple[float, str]:
+    """``(temperature, how it was obtained)``: fitted on the held-out sources' logits when there are some, else on the
+    validation logits, else the checkpoint's (external data), else 1."""
+    if heldout is not None:
+        return fit_temperature(heldout.logits, heldout.y), f"fitted out of source, on {heldout.describe()}"
     if pred.val_logits is not None and len(pred.val_y):
         temperature = fit_temperature(pred.val_logits, pred.val_y)
         return temperature, f"fitted on the run's validation split ({len(pred.val_y)} images)"
     stored = ckpt.get("temperature")
     if isinstance(stored, (int, float)) and math.isfinite(stored) and stored > 0:
-        return float(stored), "reused from the checkpoint (fitted on the run's validation split); not refitted"
+        how = (ckpt.get("calibration_record") or {}).get("temperature_how") or "fitted on the run's validation split"
+        return float(stored), f"reused from the checkpoint's calibration ({how}); not refitted"
     return 1.0, "none: no validation split and no temperature in the checkpoint (probabilities uncalibrated)"
 
 
@@ -182,15 +187,36 @@ def split_warnings(data: EvalData, pred: SplitOutputs, temperature_how: str) -> 
     return out
 
 
+def covid_block(pred: SplitOutputs, probs: np.ndarray, val_probs: np.ndarray | None, classes: Sequence[str],
+                positive: str | None, ckpt: dict[str, Any], heldout: HeldOutLogits | None, temperature: float,
+                opts: EvalOptions, split: str) -> dict[str, Any] | None:
+    """COVID-vs-rest with its threshold fixed before testing: on the held-out sources when there are some, else on
+    validation, else the stored one (:mod:`covidxr.evaluation.covid_vs_rest`)."""
+    if positive is None:
+        return None
+    k = list(classes).index(positive)
+    stored = (ckpt.get("evaluation") or {}).get("covid_vs_rest")
+    if heldout is not None:
+        threshold, chosen_on = choose_threshold(heldout.y == k, softmax(heldout.logits, temperature)[:, k], stored,
+                                                heldout.describe())
+    elif val_probs is not None:
+        threshold, chosen_on = choose_threshold(pred.val_y == k, val_probs[:, k], stored,
+                                                f"the run's validation split ({len(pred.val_y)} films)")
+    else:
+        threshold, chosen_on = choose_threshold(None, None, stored, "")
+    sets = internal_sets(pred.table, pred.y, probs, classes, positive, threshold, opts.bootstrap, opts.seed, split)
+    return {"positive": positive, "threshold": threshold, "chosen_on": chosen_on, "sets": sets}
+
+
 def analyse(ckpt: dict[str, Any], data: EvalData, pred: SplitOutputs, split_table: pd.DataFrame | None,
-            opts: EvalOptions) -> dict[str, Any]:
-    """Compute every number of the evaluation from the logits.
+            opts: EvalOptions, heldout: HeldOutLogits | None = None) -> dict[str, Any]:
+    """Compute every number of the evaluation from the logits (calibrated out of source when ``heldout`` is given).
 
     Returns:
         The analysis part of metrics.json plus ``_probs`` and ``_raw`` (probability arrays, not serialised).
     """
     classes = list(ckpt["classes"])
-    temperature, how = calibrate(pred, ckpt)
+    temperature, how = calibrate(pred, ckpt, heldout)
     raw, probs = softmax(pred.logits), softmax(pred.logits, temperature)
     val_probs = softmax(pred.val_logits, temperature) if pred.val_logits is not None else None
     metrics = classification_metrics(pred.y, probs, classes)
@@ -205,6 +231,8 @@ def analyse(ckpt: dict[str, Any], data: EvalData, pred: SplitOutputs, split_tabl
         "metrics": metrics, "metrics_uncalibrated": uncal, "ci": ci, "calibration": calibration,
         "operating_points": operating_point_table(pred, probs, val_probs, classes,
                                                   default_positive(classes, opts.positive), ckpt),
+        "covid_vs_rest": covid_block(pred, probs, val_probs, classes, default_positive(classes, opts.positive), ckpt,
+                                     heldout, temperature, opts, data.split),
         "by_source": breakdown(pred, probs, classes, "source"), "by_view": breakdown(pred, probs, classes, "view"),
         "baselines": {c: column_baseline(train, pred.table, pred.y, classes, c) for c in ("source", "view")},
         "_probs": probs, "_raw": raw,

@@ -71,7 +71,7 @@ def _resample_indices(groups: np.ndarray, rng: np.random.Generator) -> np.ndarra
     return order[np.repeat(starts[drawn], lengths) + offsets]
 
 
-def _interval(samples: np.ndarray, estimate: float, alpha: float) -> dict[str, Any]:
+def percentile_interval(samples: np.ndarray, estimate: float, alpha: float) -> dict[str, Any]:
     """``{"estimate", "lo", "hi", "n_valid", "n_skipped"}``: the percentile interval of the bootstrap ``samples``,
     skipping undefined (NaN) resamples; ``lo``/``hi`` are ``None`` without valid resamples."""
     valid = samples[np.isfinite(samples)]
@@ -88,7 +88,7 @@ def _interval(samples: np.ndarray, estimate: float, alpha: float) -> dict[str, A
     }
 
 
-def _bootstrap_draws(groups: Any, n: int, n_resamples: int, seed: int) -> tuple[list[np.ndarray], int]:
+def bootstrap_draws(groups: Any, n: int, n_resamples: int, seed: int) -> tuple[list[np.ndarray], int]:
     """``(n_resamples patient-level resamples as row-index arrays, number of distinct patients)``."""
     if n_resamples < 1:
         raise ValueError("n_resamples must be >= 1")
@@ -136,7 +136,7 @@ def bootstrap_ci(
     if not 0 < alpha < 1:
         raise ValueError("alpha must lie in (0, 1)")
     n_classes = len(classes)
-    draws, n_groups = _bootstrap_draws(groups, y.size, n_resamples, seed)
+    draws, n_groups = bootstrap_draws(groups, y.size, n_resamples, seed)
     pred = p.argmax(axis=1)
     cell = y * n_classes + pred
     present = np.bincount(y, minlength=n_classes) > 0
@@ -154,12 +154,12 @@ def bootstrap_ci(
     boot["balanced_accuracy"] = np.where(complete, boot["balanced_accuracy"], np.nan)
     boot["f1_macro"] = np.where(complete, boot["f1_macro"], np.nan)
 
-    metrics = {name: _interval(boot[name], full[name][0], alpha) for name in HEADLINE[:3]}
-    metrics["roc_auc_macro"] = _interval(boot_auc, full_auc, alpha)
+    metrics = {name: percentile_interval(boot[name], full[name][0], alpha) for name in HEADLINE[:3]}
+    metrics["roc_auc_macro"] = percentile_interval(boot_auc, full_auc, alpha)
     per_class = {
         name: {
-            "sensitivity": _interval(boot["sensitivity"][:, k], full["sensitivity"][0, k], alpha),
-            "specificity": _interval(boot["specificity"][:, k], full["specificity"][0, k], alpha),
+            "sensitivity": percentile_interval(boot["sensitivity"][:, k], full["sensitivity"][0, k], alpha),
+            "specificity": percentile_interval(boot["specificity"][:, k], full["specificity"][0, k], alpha),
         }
         for k, name in enumerate(classes)
     }
@@ -212,7 +212,7 @@ def paired_bootstrap_auc(
     if not 0 < alpha < 1:
         raise ValueError("alpha must lie in (0, 1)")
     n_classes = pa.shape[1]
-    draws, n_groups = _bootstrap_draws(groups, y.size, n_resamples, seed)
+    draws, n_groups = bootstrap_draws(groups, y.size, n_resamples, seed)
     auc_idx = auc_classes(y, n_classes)
     auc_a = macro_auc(y, pa, auc_idx)
     auc_b = macro_auc(y, pb, auc_idx)

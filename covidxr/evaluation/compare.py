@@ -10,8 +10,10 @@ Each argument is an evaluation folder (holding ``metrics.json`` and ``prediction
 
 Writes ``comparison.csv`` and ``comparison.html`` (headline metrics with 95% intervals, one row per run, the intervals
 recomputed on the same patient resamples for every run), ``pairs.csv`` (every pair's difference in macro ROC-AUC with
-its paired-bootstrap interval, p-value and Holm-adjusted p-value) and ``comparison.json``. Errors a user can cause print
-one line ``covidxr.compare: error: ...`` and exit with status 2.
+its paired-bootstrap interval, p-value and Holm-adjusted p-value), ``comparison.json`` and
+``checklist-differences.md``: the reporting-checklist facts (data, split, model selection, thresholds, calibration,
+...) that differ between the runs (when the runs were evaluated on different images, the refusal names them). Errors a
+user can cause print one line ``covidxr.compare: error: ...`` and exit with status 2.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ from tqdm.auto import tqdm
 
 from covidxr.errors import CovidxrError
 from covidxr.evaluation.bootstrap import bootstrap_ci, paired_bootstrap_auc
+from covidxr.evaluation.checklist_diff import differences_markdown, fact_differences
 from covidxr.evaluation.metrics import HEADLINE
 from covidxr.evaluation.results import load_evaluation
 from covidxr.files import atomic_write_bytes, atomic_write_text
 from covidxr.html_page import Section, format_value, paragraph_html, render_html, table_html
-from covidxr.utils import OneLineParser, cli_error, int_at_least
+from covidxr.utils import OneLineParser, add_out_arg, int_at_least, run_cli
 
 PROG = "covidxr.compare"
 ALPHA = 0.05
@@ -201,7 +204,8 @@ def _csv_rows(rows: list[dict[str, Any]]) -> pd.DataFrame:
                           for k, v in row.items()} for row in rows])
 
 
-def render(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], n_resamples: int, seed: int) -> str:
+def render(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], n_resamples: int, seed: int,
+           differences: list[dict[str, Any]] | None = None) -> str:
     """The comparison as a self-contained HTML page."""
     columns = ["run", "arch", "split", "n_images", "n_patients", "temperature",
                *[(m, f"{m.replace('_', ' ')} (95% CI)") for m in HEADLINE]]
@@ -216,6 +220,10 @@ def render(rows: list[dict[str, Any]], pairs: list[dict[str, Any]], n_resamples:
     sections = [Section("Headline metrics", table_html(rows, columns)),
                 Section("Pairwise differences in macro ROC-AUC", table_html(pairs, pair_columns, digits=4)),
                 Section("Method", paragraph_html(method))]
+    names = [r["run"] for r in rows]
+    sections.insert(2, Section("Checklist differences (data, selection, thresholds, ...)",
+                               table_html(differences, ["fact", ("items", "checklist items"), *names])
+                               if differences else paragraph_html("The runs' checklist facts are identical.")))
     return render_html(sections, title="Run comparison", subtitle=f"{len(rows)} runs on {rows[0]['n_images']} images")
 
 
@@ -223,9 +231,12 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], pairs: list[dict[str, A
     """Write comparison.csv, pairs.csv, comparison.html and comparison.json atomically into ``out``."""
     atomic_write_bytes(out / "comparison.csv", _csv_rows(rows).to_csv(index=False).encode("utf-8"))
     atomic_write_bytes(out / "pairs.csv", pd.DataFrame(pairs).to_csv(index=False).encode("utf-8"))
-    atomic_write_text(out / "comparison.html", render(rows, pairs, meta["n_resamples"], meta["seed"]))
+    atomic_write_text(out / "comparison.html", render(rows, pairs, meta["n_resamples"], meta["seed"],
+                                                      meta["checklist_differences"]))
     payload = {**meta, "runs": rows, "pairs": pairs}
     atomic_write_text(out / "comparison.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    names = [r["run"] for r in rows]
+    atomic_write_text(out / "checklist-differences.md", differences_markdown(meta["checklist_differences"], names))
 
 
 def compare(paths: Sequence[str | os.PathLike], out: str | os.PathLike, n_resamples: int = 1000,
@@ -245,12 +256,18 @@ def compare(paths: Sequence[str | os.PathLike], out: str | os.PathLike, n_resamp
         CovidxrError: Fewer than two evaluations, missing files, or evaluations on different images.
     """
     runs = load_runs(paths)
-    classes, y, groups, probs = align(runs)
+    differences = fact_differences([(r.name, r.metrics) for r in runs])
+    try:
+        classes, y, groups, probs = align(runs)
+    except CovidxrError as exc:
+        changed = ", ".join(d["fact"] for d in differences) or "nothing"
+        raise CovidxrError(f"{exc}; their reporting checklists differ in: {changed}") from exc
     rows = headline_rows(runs, classes, y, groups, probs, n_resamples, seed)
     pairs = pairwise(runs, y, groups, probs, n_resamples, seed)
     meta = {"classes": classes, "n_images": int(len(y)), "n_patients": int(len(set(groups))),
             "n_resamples": n_resamples, "seed": seed, "alpha": ALPHA,
-            "evaluations": [str(r.folder) for r in runs], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "evaluations": [str(r.folder) for r in runs], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "checklist_differences": differences}
     folder = Path(out).expanduser().resolve()
     if folder.exists() and not folder.is_dir():
         raise CovidxrError(f"--out {folder} exists and is not a folder")
@@ -267,7 +284,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       description="Compare evaluated runs on the same images: headline metrics with intervals and "
                                   "paired patient-bootstrap tests of macro ROC-AUC differences.")
     p.add_argument("paths", nargs="+", metavar="RUN_OR_EVAL_DIR", help="evaluation folders, or run folders (eval/)")
-    p.add_argument("--out", type=Path, default=Path("comparison"), help="output folder (default: ./comparison)")
+    add_out_arg(p, "output folder (default: %(default)s)", Path("comparison"))
     p.add_argument("--bootstrap", type=int_at_least(1), default=1000, metavar="N", help="bootstrap resamples (1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     return p
@@ -282,21 +299,15 @@ def _print_summary(result: dict[str, Any]) -> None:
         print(f"{pair['run_a']} vs {pair['run_b']}: macro AUC difference {format_value(pair['diff'])} "
               f"({format_value(pair['lo'])} to {format_value(pair['hi'])}), p {format_value(pair['p_value'])}, "
               f"Holm p {format_value(pair['p_holm'])}: {verdict}")
+    differences = result.get("checklist_differences") or []
+    print("checklist differences: " + (", ".join(d["fact"] for d in differences) or "none"))
     print(f"comparison: {Path(result['out']) / 'comparison.html'}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
-    try:
-        args = get_args_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    try:
-        result = compare(args.paths, args.out, args.bootstrap, args.seed)
-    except CovidxrError as exc:
-        return cli_error(PROG, exc)
-    _print_summary(result)
-    return 0
+    """Command-line entry point; returns the exit status (``covidxr.utils.run_cli``)."""
+    return run_cli(get_args_parser(),
+                   lambda args: _print_summary(compare(args.paths, args.out, args.bootstrap, args.seed)), argv)
 
 
 if __name__ == "__main__":

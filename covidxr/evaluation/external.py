@@ -18,6 +18,7 @@ import pandas as pd
 
 from covidxr.errors import CovidxrError, DatasetError, one_line
 from covidxr.evaluation.analysis import analyse, source_warnings, split_warnings
+from covidxr.evaluation.covid_vs_rest import absent_class_calls
 from covidxr.evaluation.inputs import EvalOptions, load_eval_data
 from covidxr.evaluation.logits import predict_splits
 from covidxr.evaluation.lung_share import lung_share_summary
@@ -32,7 +33,10 @@ def with_internal_calibration(ckpt: dict[str, Any], result: dict[str, Any]) -> d
     stored = dict(ckpt.get("evaluation") or {})
     if result.get("operating_points"):
         stored["operating_points"] = result["operating_points"]
-    return {**ckpt, "temperature": result["calibration"]["temperature"], "evaluation": stored}
+    if result.get("covid_vs_rest"):
+        stored["covid_vs_rest"] = {k: result["covid_vs_rest"][k] for k in ("positive", "threshold", "chosen_on")}
+    return {**ckpt, "temperature": result["calibration"]["temperature"], "evaluation": stored,
+            "calibration_record": {"temperature_how": result["calibration"]["how"]}}
 
 
 def external_names(folders: Sequence[Path]) -> list[str]:
@@ -77,6 +81,9 @@ def evaluate_external(ckpt: dict[str, Any], folder: Path, name: str, opts: EvalO
     frame = predictions_frame(pred, analysis["_probs"], analysis["_raw"], classes)
     atomic_write_bytes(out / predictions, frame.to_csv(index=False).encode("utf-8"))
     metrics = analysis["metrics"]
+    covid = analysis["covid_vs_rest"]
+    if covid is not None:
+        covid["sets"] = [{**covid["sets"][0], "name": f"external {name}"}]
     return {
         "name": name, "data": str(data.data_path), "n_images": int(len(pred.y)),
         "n_patients": int(pred.table["patient_id"].nunique()),
@@ -84,7 +91,8 @@ def evaluate_external(ckpt: dict[str, Any], folder: Path, name: str, opts: EvalO
         "metrics": metrics, "ci": analysis["ci"], "by_source": analysis["by_source"],
         "by_view": analysis["by_view"], "baselines": analysis["baselines"],
         "calibration": {**analysis["calibration"], "measured_on": f"external {name} (all images)"},
-        "operating_points": analysis["operating_points"],
+        "operating_points": analysis["operating_points"], "covid_vs_rest": covid,
+        "absent_class_calls": absent_class_calls(pred.y, analysis["_probs"], classes),
         "warnings": source_warnings(pred.table) + split_warnings(data, pred, analysis["calibration"]["how"]),
         "unreadable": dict(data.run.unreadable), "predictions": predictions,
         "lung_share": lung_share_summary(opts.checkpoint, pred.table, opts.lung_share_limit, opts.device, opts.seed),

@@ -18,13 +18,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from covidxr.checkpoint import load_checkpoint
 from covidxr.data.loaders import LoaderSettings, RunData, input_pipeline, load_run_data, prepare_rows
-from covidxr.data.manifest import MANIFEST_NAMES, dataset_root, load_manifest, resolve_data_path
-from covidxr.errors import CheckpointError, CovidxrError, DatasetError
+from covidxr.data.manifest import MANIFEST_NAMES, dataset_root, load_manifest
+from covidxr.data.run_folder import RunFolder
+from covidxr.errors import DatasetError
 from covidxr.files import file_digest, text_digest
-from covidxr.model_input import pipeline_from_checkpoint
-from covidxr.preprocess import Preprocess
 
 EXTERNAL = "external"
 
@@ -50,6 +48,9 @@ class EvalOptions:
     gate_check: list[Path] = field(default_factory=list)  # unlabelled folders whose refusal rate is reported
     gate_variants: bool = False  # also report the refusal rate of rotated and inverted copies of the evaluated images
     lung_share_limit: int = 200  # Grad-CAM lung share over at most this many images per split (0: skip)
+    gallery: int = 4  # most confident errors shown per true class and evaluated set (0: no failure gallery)
+    prevalence: float | None = None  # prevalence the decision curves assume (None: each set's own)
+    pdf: bool = False  # also print report.html to report.pdf with headless Chromium
 
 
 @dataclass
@@ -64,43 +65,6 @@ class EvalData:
     warnings: list[str]
     manifest: dict[str, str]  # manifest_file, manifest_sha256
     settings: LoaderSettings  # the run's, with this evaluation's data, image size, batch size and workers
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """``load_checkpoint`` that turns any unpickling failure into a one-line ``CheckpointError``."""
-    try:
-        return load_checkpoint(path)
-    except CovidxrError:
-        raise
-    except Exception as exc:  # torch.load raises many types on arbitrary bytes (IndexError, KeyError, ...)
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from exc
-
-
-def run_split_table(checkpoint: Path, ckpt: dict[str, Any]) -> tuple[pd.DataFrame | None, str | None]:
-    """Return the run's recorded split and where it came from.
-
-    Args:
-        checkpoint: The checkpoint file (``split.csv`` is looked for beside it).
-        ckpt: The loaded checkpoint.
-
-    Returns:
-        ``(table with relpath, label, patient_id, split and maybe source/view, origin)``; ``(None, None)`` when the
-        run recorded no split.
-    """
-    split_csv = checkpoint.parent / "split.csv"
-    if split_csv.is_file():
-        return pd.read_csv(split_csv, dtype=str, keep_default_na=False), str(split_csv)
-    recorded = ckpt.get("split")
-    if isinstance(recorded, dict) and "relpath" in recorded and "split" in recorded:
-        return pd.DataFrame(recorded).astype(str), "checkpoint"
-    return None, None
-
-
-def training_data(ckpt: dict[str, Any]) -> str | None:
-    """Return the dataset the checkpoint was trained on (``config.data``, else ``data.root``), or None."""
-    config = ckpt.get("config") or {}
-    data = ckpt.get("data") or {}
-    return config.get("data") or data.get("root") or None
 
 
 def manifest_record(data_path: Path, table: pd.DataFrame) -> dict[str, str]:
@@ -119,15 +83,11 @@ def is_run_data(table: pd.DataFrame, split: pd.DataFrame | None) -> bool:
     return split is not None and set(split["relpath"]) <= set(table["relpath"])
 
 
-def eval_settings(ckpt: dict[str, Any], opts: EvalOptions, data_path: Path) -> LoaderSettings:
-    """The run's data and loader settings with this evaluation's data, image size, batch size and workers; the lung
+def eval_settings(run: RunFolder, opts: EvalOptions, data_path: Path) -> LoaderSettings:
+    """The run's data and loader settings with this evaluation's data, batch size and workers; the image size, lung
     crop, lung mask and equalisation come from the checkpoint's preprocessing record, the lung model from the
     checkpoint."""
-    settings = LoaderSettings.from_dict(ckpt.get("config") or {})
-    pre = Preprocess.from_dict(ckpt["preprocess"])
-    pipeline = pipeline_from_checkpoint(ckpt, pre)
-    return replace(settings, data=str(data_path), img_size=int(pre.img_size), batch_size=opts.batch_size,
-                   workers=opts.workers, **pipeline.loader_fields())
+    return run.loader_settings(data_path, batch_size=opts.batch_size, workers=opts.workers)
 
 
 def loader_roles(run_split: pd.Series, split: str, own: bool) -> pd.Series:
@@ -257,14 +217,15 @@ def load_eval_data(ckpt: dict[str, Any], checkpoint: Path, opts: EvalOptions) ->
         checkpoint: Its file (``split.csv`` is looked for beside it).
         opts: The evaluation options.
     """
-    data_path = resolve_data_path(opts.data or training_data(ckpt))
+    run_folder = RunFolder(checkpoint, ckpt)
+    data_path = run_folder.data_path(opts.data)
     manifest = load_manifest(data_path)
     if manifest.empty:
         raise DatasetError(f"{data_path}: no images found")
-    split_table, _ = run_split_table(checkpoint, ckpt)
+    split_table, _ = run_folder.split()
     own = is_run_data(manifest, split_table)
     split = opts.split or ("test" if own else "all")
-    settings = eval_settings(ckpt, opts, data_path)
+    settings = eval_settings(run_folder, opts, data_path)
     warnings: list[str] = []
     if own:
         run = load_own_data(ckpt, settings, split_table, split)

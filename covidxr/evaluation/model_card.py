@@ -6,8 +6,9 @@ from typing import Any
 
 import pandas as pd
 
+from covidxr.data.run_folder import training_data
 from covidxr.evaluation.analysis import source_warnings
-from covidxr.evaluation.inputs import EvalData, training_data
+from covidxr.evaluation.inputs import EvalData
 from covidxr.evaluation.metrics import HEADLINE
 from covidxr.evaluation.outputs import jsonable
 

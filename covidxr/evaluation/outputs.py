@@ -19,8 +19,6 @@ import numpy as np
 import pandas as pd
 
 from covidxr import __version__
-from covidxr.checkpoint import save_checkpoint
-from covidxr.errors import CheckpointError
 from covidxr.evaluation import heldout, plots
 from covidxr.evaluation.inputs import EvalData, EvalOptions
 from covidxr.evaluation.logits import SplitOutputs
@@ -38,6 +36,7 @@ PLOT_FILES = {
     "pr": "pr.png",
     "reliability": "reliability.png",
     "history": "history.png",
+    "decision_curve": "decision_curve.png",  # drawn by covidxr.evaluation.publication
 }
 EXPLAIN_SUMMARY = "explain_summary.csv"
 
@@ -165,24 +164,13 @@ def evaluation_summary(result: dict[str, Any], checkpoint: Path, out: Path) -> d
         "metrics": {**{k: metrics[k] for k in (*HEADLINE, "average_precision_macro", "ece", "brier")},
                     "per_class": metrics["per_class"]},
         "ci": result["ci"], "calibration": result["calibration"], "operating_points": result["operating_points"],
+        "covid_vs_rest": ({k: result["covid_vs_rest"][k] for k in ("positive", "threshold", "chosen_on")}
+                          if result.get("covid_vs_rest") else None),
         "external": [heldout.headline(e) for e in result.get("external") or []],
         "report": os.path.relpath(out / "report.html", base),
         "metrics_json": os.path.relpath(out / "metrics.json", base),
         "checkpoint_sha256": result["checkpoint_sha256"], "created": result["reproducibility"]["created"],
     })
-
-
-def update_checkpoint(checkpoint: Path, ckpt: dict[str, Any], sha_before: str, temperature: float,
-                      summary: dict[str, Any]) -> str:
-    """Store the temperature and the evaluation summary in the checkpoint (atomic write); return its new SHA-256.
-
-    Raises:
-        CheckpointError: The file changed since it was evaluated (it is then left alone).
-    """
-    if file_digest(checkpoint) != sha_before:
-        raise CheckpointError(f"{checkpoint}: changed during the evaluation; not updated (evaluate again)")
-    save_checkpoint(checkpoint, {**ckpt, "temperature": float(temperature), "evaluation": summary})
-    return file_digest(checkpoint)
 
 
 def reproducibility(opts: EvalOptions, ckpt: dict[str, Any], data: EvalData, split_table: pd.DataFrame | None,

@@ -1,6 +1,6 @@
 """The evaluation from checkpoint to files: load the data, predict, analyse, write the outputs, and (for the run's
-own data) store the temperature and a summary in the checkpoint. The command line is
-:mod:`covidxr.evaluation.__main__` (``python -m covidxr.evaluate``).
+own data) write the temperature and a summary into the checkpoint's calibration sidecar (never into the checkpoint).
+The command line is :mod:`covidxr.evaluation.__main__` (``python -m covidxr.evaluate``).
 """
 
 from __future__ import annotations
@@ -16,12 +16,17 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from covidxr.calibration_file import with_calibration, write_calibration
+from covidxr.checkpoint import load_checkpoint
 from covidxr.data.manifest import resolve_data_path
+from covidxr.data.run_folder import RunFolder
 from covidxr.errors import CovidxrError, DatasetError
 from covidxr.evaluation.analysis import analyse, default_positive, source_warnings, split_warnings
+from covidxr.evaluation.checklist import write_checklist
 from covidxr.evaluation.external import evaluate_external, external_names, read_crossval, with_internal_calibration
 from covidxr.evaluation.gate_report import gate_report
-from covidxr.evaluation.inputs import EvalData, EvalOptions, load_eval_data, read_checkpoint, run_split_table
+from covidxr.evaluation.heldout_calibration import load_heldout_logits
+from covidxr.evaluation.inputs import EvalData, EvalOptions, load_eval_data
 from covidxr.evaluation.logits import SplitOutputs, predict_splits
 from covidxr.evaluation.lung_share import lung_share_summary
 from covidxr.evaluation.model_card import model_card
@@ -34,8 +39,9 @@ from covidxr.evaluation.outputs import (
     predictions_frame,
     read_explain,
     reproducibility,
-    update_checkpoint,
 )
+from covidxr.evaluation.pdf import write_pdf
+from covidxr.evaluation.publication import publication_extras
 from covidxr.evaluation.report_sections import build_report
 from covidxr.files import atomic_write_bytes, atomic_write_text, file_digest
 from covidxr.utils import pick_device
@@ -65,16 +71,30 @@ def assemble(ckpt: dict[str, Any], data: EvalData, pred: SplitOutputs, analysis:
     warnings = source_warnings(pred.table) + split_warnings(data, pred, result["calibration"]["how"])
     if result["ci"] is None:
         warnings.append("--bootstrap 0: no confidence intervals")
+    card = model_card(ckpt, data, pred.table, split_table, result["metrics"], result["ci"])
+    card["model"]["calibration"] = result["calibration"]["how"]  # the model card says which calibration was used
     return {
         "checkpoint": str(opts.checkpoint), "checkpoint_sha256": sha, "split": data.split,
         "data": str(data.data_path), "data_is_external": not data.own, "n_images": int(len(pred.y)),
         "n_patients": int(pred.table["patient_id"].nunique()), "classes": list(ckpt["classes"]),
         **result, "plots": {}, "reproducibility": {}, "warnings": warnings, "explain": read_explain(out),
         "unreadable": dict(data.run.unreadable),
-        "model_card": model_card(ckpt, data, pred.table, split_table, result["metrics"], result["ci"]),
+        "model_card": card,
         "external": [], "crossval": None,
         "lung_share": lung_share_summary(opts.checkpoint, pred.table, opts.lung_share_limit, opts.device, opts.seed),
     }
+
+
+def covid_summary(result: dict[str, Any]) -> dict[str, Any] | None:
+    """metrics.json's ``covid_vs_rest``: the threshold and where it was chosen, then the internal split (and each of
+    its sources with both kinds of film), each held-out source of the crossval and each external folder."""
+    internal = result.get("covid_vs_rest")
+    if internal is None:
+        return None
+    folds = [{**f["covid_vs_rest"], "name": f"held out: {f['name']}", "threshold": None}
+             for f in (result.get("crossval") or {}).get("folds", []) if f.get("covid_vs_rest")]
+    external = [s for e in result.get("external") or [] for s in (e.get("covid_vs_rest") or {}).get("sets", [])]
+    return {**internal, "sets": internal["sets"] + folds + external}
 
 
 def external_results(ckpt: dict[str, Any], result: dict[str, Any], split_table: pd.DataFrame | None,
@@ -93,19 +113,24 @@ def write_outputs(out: Path, result: dict[str, Any], pred: SplitOutputs, analysi
     atomic_write_bytes(out / "predictions.csv", frame.to_csv(index=False).encode("utf-8"))
     plots = make_plots(out, pred, analysis["_probs"], analysis["_raw"], classes,
                        result["metrics"]["confusion_matrix"], history)
+    for name, file in ((result.get("publication") or {}).get("plots") or {}).items():
+        plots[name] = (file, (out / file).read_bytes())
     result["plots"] = {name: file for name, (file, _) in plots.items()}
-    atomic_write_text(out / "report.html", build_report(result, plots))
+    result["checklist"] = write_checklist(out, result)
+    atomic_write_text(out / "report.html", build_report(result, plots, out))
 
 
 def finish(out: Path, result: dict[str, Any], ckpt: dict[str, Any], data: EvalData, pred: SplitOutputs,
            analysis: dict[str, Any], opts: EvalOptions) -> None:
-    """Write predictions, plots and report; store the summary in the checkpoint when it is the run's own data."""
+    """Write predictions, plots and report; for the run's own data, write the checkpoint's calibration sidecar
+    (temperature, thresholds, summary), pinned to the checkpoint's SHA-256. The checkpoint itself is never changed."""
     write_outputs(out, result, pred, analysis, load_history(opts.checkpoint, ckpt))
     result["summary"] = evaluation_summary(result, opts.checkpoint, out)
     if data.own:
-        after = update_checkpoint(opts.checkpoint, ckpt, result["checkpoint_sha256"],
-                                  result["calibration"]["temperature"], result["summary"])
-        result["reproducibility"]["checkpoint_sha256_after_update"] = after
+        cal = result["calibration"]
+        path = write_calibration(opts.checkpoint, result["checkpoint_sha256"], cal["temperature"], cal["how"],
+                                 result["summary"])
+        result["reproducibility"]["calibration_file"] = path.name
 
 
 def evaluate(opts: EvalOptions) -> dict[str, Any]:
@@ -122,18 +147,19 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     """
     start = time.perf_counter()
     opts = replace(opts, checkpoint=Path(opts.checkpoint).expanduser().resolve())
-    ckpt = read_checkpoint(opts.checkpoint)
+    ckpt = load_checkpoint(opts.checkpoint)
     sha = file_digest(opts.checkpoint)
+    ckpt = with_calibration(ckpt, opts.checkpoint, sha)
     default_positive(ckpt["classes"], opts.positive)  # fail early on a bad --positive or --device
     pick_device(opts.device)
     for folder in opts.gate_check:
         if not Path(folder).is_dir():
             raise CovidxrError(f"--gate-check {folder}: not a folder")
-    stages = _Stages(6, opts.progress)
+    stages = _Stages(7, opts.progress)
     try:
         with stages("load data"):
             data = load_eval_data(ckpt, opts.checkpoint, opts)
-            split_table, _ = run_split_table(opts.checkpoint, ckpt)
+            split_table, _ = RunFolder(opts.checkpoint, ckpt).split()
             crossval = read_crossval(opts.checkpoint, opts.crossval)
             for folder in opts.external:
                 resolve_data_path(str(folder))  # a missing --external folder fails before any prediction
@@ -145,17 +171,24 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
             if len(pred.y) == 0:
                 raise DatasetError(f"no readable image in the evaluated split ({data.split}) of {data.data_path}")
         with stages("metrics"):
-            analysis = analyse(ckpt, data, pred, split_table, opts)
+            heldout, why_not = load_heldout_logits(crossval, ckpt.get("config") or {}, list(ckpt["classes"]))
+            analysis = analyse(ckpt, data, pred, split_table, opts, heldout if data.own else None)
+            analysis["calibration"]["why_not_out_of_source"] = why_not or None
             result = assemble(ckpt, data, pred, analysis, split_table, opts, sha, out)
         with stages("external"):
             result["external"] = external_results(ckpt, result, split_table, opts, out)
             result["crossval"] = crossval
+            result["covid_vs_rest"] = covid_summary(result)
         with stages("input gate"):
             result["gate"] = gate_report(opts.checkpoint, pred.table, opts.gate_check, opts.gate_variants,
                                          opts.device, opts.batch_size, opts.progress)
+        with stages("gallery, subgroups, decision curves"):
+            result["publication"] = publication_extras(result, pred, analysis, opts, out)
         with stages("report"):
             result["reproducibility"] = reproducibility(opts, ckpt, data, split_table, sha, stages.timings)
             finish(out, result, ckpt, data, pred, analysis, opts)
+            if opts.pdf:
+                result["pdf"] = write_pdf(out / "report.html", out / "report.pdf")
     finally:
         stages.bar.close()
     result["reproducibility"]["timings_seconds"] = dict(stages.timings)

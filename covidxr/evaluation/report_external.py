@@ -63,13 +63,41 @@ def _external_detail(ext: dict[str, Any], classes: Sequence[str]) -> str:
         parts.append(table_html(baselines, ["column", "learned_on", ("seen_share", "share of images with a value "
                                             "seen in training"), "accuracy", "balanced_accuracy", "roc_auc_macro"],
                                 caption="Metadata-only baselines"))
-    parts.append(kv_html({"temperature (chosen on the run's validation split)": cal["temperature"],
+    parts.append(kv_html({"temperature": cal["temperature"], "how": cal["how"],
                           "ECE before / after": f"{cal['ece_before']:.3f} / {cal['ece_after']:.3f}",
                           "Brier before / after": f"{cal['brier_before']:.3f} / {cal['brier_after']:.3f}",
                           "measured on": cal["measured_on"]}, caption="Calibration on this folder"))
     parts.append(group_table_html("Metrics by data source", ext.get("by_source"), classes))
     parts.append(lung_share_html(ext.get("lung_share")))
     return "\n".join(p for p in parts if p)
+
+
+def covid_vs_rest_html(block: dict[str, Any] | None) -> str:
+    """The COVID-or-not table (metrics.json's ``covid_vs_rest``): AUC, and sensitivity and specificity at the one
+    threshold fixed before testing, for every set of films; empty without a COVID class."""
+    if not block:
+        return ""
+    rows = [{"name": s["name"], "covid": s["n_positive"], "other": s["n_negative"], "auc": s["auc"],
+             "sensitivity": s["sensitivity"] if s.get("threshold") is not None else "n/a (AUC only)",
+             "specificity": s["specificity"] if s.get("threshold") is not None else "n/a (AUC only)"}
+            for s in block["sets"]]
+    threshold = "none" if block["threshold"] is None else f"{block['threshold']:.3f}"
+    text = (f"COVID or not: the probability of {block['positive']!r} against every other class. Threshold "
+            f"{threshold}, chosen by {block['chosen_on']} before any of these films was scored, then applied "
+            "unchanged. A held-out source's folds report AUC only (their threshold would have to be chosen on them). "
+            "The siim rows (both classes from the same hospitals) are the cleanest measure of the disease signal.")
+    return paragraph_html(text) + table_html(rows, ["name", ("covid", "COVID films"), ("other", "other films"),
+                                                    ("auc", "AUC (95% CI)"), ("sensitivity", "sensitivity (95% CI)"),
+                                                    ("specificity", "specificity (95% CI)")],
+                                             caption="COVID vs rest")
+
+
+def absent_class_text(externals: Sequence[dict[str, Any]]) -> str:
+    """What the classes a folder lacks took: e.g. '98 of 199 films called pneumonia, which external has none of'."""
+    parts = [f"{e['name']}: {n} of {e['n_images']} films called {c!r}, a class it has none of"
+             for e in externals for c, n in (e.get("absent_class_calls") or {}).items() if n]
+    return paragraph_html("Three-class decisions on folders without every class: " + "; ".join(parts) + ".") \
+        if parts else ""
 
 
 def external_sections(result: dict[str, Any]) -> list[Section]:
@@ -85,10 +113,11 @@ def external_sections(result: dict[str, Any]) -> list[Section]:
         return [Section("External validation", paragraph_html(text), anchor="external")]
     rows = [summary_row(e, classes) for e in externals]
     intro = paragraph_html("Images from hospitals that appear nowhere in the training data. Nothing was fitted, "
-                           "tuned or chosen on them: the temperature and thresholds come from the run's validation "
-                           "split. Intervals: 95% patient-bootstrap. " + SOURCE_BASELINE_NOTE)
-    sections = [Section("External validation", intro + table_html(rows, summary_columns(classes, "external data"),
-                                                                  caption="External datasets"), anchor="external")]
+                           "tuned or chosen on them: the temperature (" + result["calibration"]["how"] + ") and the "
+                           "thresholds were fixed before. Intervals: 95% patient-bootstrap. " + SOURCE_BASELINE_NOTE)
+    sections = [Section("External validation", intro + covid_vs_rest_html(result.get("covid_vs_rest"))
+                        + table_html(rows, summary_columns(classes, "external data"), caption="External datasets")
+                        + absent_class_text(externals), anchor="external")]
     sections += [Section(f"External: {_set_name(e)}", _external_detail(e, classes)) for e in externals]
     return sections
 
@@ -125,6 +154,9 @@ def crossval_section(crossval: dict[str, Any] | None, classes: Sequence[str]) ->
 def headline_cards(result: dict[str, Any]) -> dict[str, Any]:
     """The cards at the top of the page: external results first, then the internal test split (labelled)."""
     cards: dict[str, Any] = {}
+    for s in (result.get("covid_vs_rest") or {}).get("sets", []):
+        if s["name"].startswith("external") and s["auc"]["estimate"] is not None:
+            cards[f"{s['name']}: COVID-vs-rest AUC"] = s["auc"]
     for ext in result.get("external") or []:
         name = ext["name"] if "external" in ext["name"].lower() else f"external {ext['name']}"
         ci = (ext["ci"] or {}).get("metrics", {})

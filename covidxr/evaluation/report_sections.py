@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import html
+from pathlib import Path
 from typing import Any
 
 from covidxr.evaluation.gate_report import gate_html
 from covidxr.evaluation.metrics import HEADLINE
 from covidxr.evaluation.outputs import EXPLAIN_SUMMARY
 from covidxr.evaluation.report_external import crossval_section, external_sections, group_table_html, headline_cards
+from covidxr.evaluation.report_paper import publication_sections
 from covidxr.html_page import Section, img_html, kv_html, paragraph_html, render_html, table_html
 
 
@@ -113,8 +115,9 @@ def _model_card_html(card: dict[str, Any], explain: list[dict[str, Any]] | None)
     return "\n".join(parts)
 
 
-def build_report(result: dict[str, Any], plots: dict[str, tuple[str, bytes]]) -> str:
-    """Assemble the self-contained HTML report from the metrics.json content and the rendered plots."""
+def build_report(result: dict[str, Any], plots: dict[str, tuple[str, bytes]], folder: Path | None = None) -> str:
+    """Assemble the self-contained HTML report from the metrics.json content and the rendered plots (``folder``: the
+    evaluation folder, whose failure-gallery pictures are embedded)."""
     warnings = "".join(f'<p style="color:#9c1f1f"><strong>Warning:</strong> {html.escape(str(w))}</p>'
                        for w in result["warnings"]) or paragraph_html("No warnings.")
     label = "External dataset" if result.get("data_is_external") else "Internal"
@@ -130,7 +133,8 @@ def build_report(result: dict[str, Any], plots: dict[str, tuple[str, bytes]]) ->
                            caption=caption)
                 + table_html(_per_class_rows(result), ["class", "support", "n_predicted", "sensitivity",
                                                        "specificity", "precision", "npv", "f1", "roc_auc",
-                                                       "average_precision"], caption="Per class")),
+                                                       "average_precision"], caption="Per class"),
+                anchor="metrics"),
         Section("Confusion matrix", _figure(plots, "confusion_counts", "Counts")
                 + _figure(plots, "confusion_normalized", "Row-normalised (recall on the diagonal)")),
         Section("ROC and precision-recall", _figure(plots, "roc", "ROC curves, one-vs-rest")
@@ -142,6 +146,8 @@ def build_report(result: dict[str, Any], plots: dict[str, tuple[str, bytes]]) ->
         Section("Training", _figure(plots, "history", "Training curves (history.csv)")
                 or paragraph_html("No training history recorded.")),
         Section("Model card", _model_card_html(result["model_card"], result["explain"])),
+        *publication_sections(result, _figure(plots, "decision_curve", "Decision curves, positive class vs the rest"),
+                              folder),
     ]
     if result["unreadable"]:
         rows = [{"relpath": k, "reason": v} for k, v in result["unreadable"].items()]

@@ -9,7 +9,7 @@ from pathlib import Path
 from covidxr.errors import CovidxrError
 from covidxr.explain.cam import CAM_METHODS
 from covidxr.explain.scoring import ROAD_PERCENTILES, markdown_table, score
-from covidxr.utils import OneLineParser, cli_error, setup_logging
+from covidxr.utils import OneLineParser, add_checkpoint_arg, add_device_arg, add_out_arg, run_cli, setup_logging
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -20,39 +20,38 @@ def get_args_parser() -> argparse.ArgumentParser:
                              description="Explain images with each method and score the heatmaps with "
                                          "pytorch-grad-cam's CamMultImageConfidenceChange and ROAD metrics, plus "
                                          "the share of heatmap mass in the image border band.")
-    sc.add_argument("--checkpoint", required=True, type=Path, help="the run's checkpoint (best.pt)")
-    sc.add_argument("--data", help="dataset folder or manifest (default: $COVIDXR_DATA or data/cxr)")
+    add_checkpoint_arg(sc, "the run's checkpoint (best.pt)")
+    sc.add_argument("--data", help="dataset folder or manifest (default: the run's training data)")
     sc.add_argument("--split", choices=("test", "val", "all"), default="test",
                     help="images of the run's split (needs the run's training data), or all images of --data")
     sc.add_argument("--methods", nargs="+", choices=CAM_METHODS, default=["gradcam", "gradcam++", "eigencam"],
                     metavar="METHOD", help=f"CAM methods ({', '.join(CAM_METHODS)}); default: %(default)s")
     sc.add_argument("--limit", type=int, help="at most N images, spread over the classes")
-    sc.add_argument("--out", type=Path, default=Path("explain"), help="output folder (default: %(default)s)")
+    add_out_arg(sc, "output folder (default: %(default)s)", Path("explain"))
     sc.add_argument("--road-percentiles", type=int, nargs="+", default=list(ROAD_PERCENTILES), metavar="P",
                     help="percentiles of pixels ROAD removes (default: %(default)s)")
     sc.add_argument("--batch-size", type=int, default=8, help="images per CAM call (default: %(default)s)")
-    sc.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
+    add_device_arg(sc)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns 0 when done and exits with status 2 (one line on stderr) on usage or data
-    errors."""
+    """Command-line entry point; returns the exit status (``covidxr.utils.run_cli``)."""
     parser = get_args_parser()
-    args = parser.parse_args(argv)
-    if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
-        parser.error("--limit and --batch-size must be positive")
-    if any(not 0 < p < 100 for p in args.road_percentiles):
-        parser.error("--road-percentiles must lie strictly between 0 and 100")
-    setup_logging()
-    try:
+
+    def run(args: argparse.Namespace) -> None:
+        if (args.limit is not None and args.limit < 1) or args.batch_size < 1:
+            parser.error("--limit and --batch-size must be positive")
+        if any(not 0 < p < 100 for p in args.road_percentiles):
+            parser.error("--road-percentiles must lie strictly between 0 and 100")
+        setup_logging()
         summary = score(args.checkpoint, args.data, args.split, list(dict.fromkeys(args.methods)), args.limit,
                         args.out, args.device, args.batch_size, args.road_percentiles)
-    except (CovidxrError, ValueError) as exc:
-        return cli_error(parser.prog, exc)
-    print(markdown_table(summary))
-    print(f"reports in {args.out}: explain_scores.csv, explain_summary.csv, explain_summary.md, explain_summary.html")
-    return 0
+        print(markdown_table(summary))
+        print(f"reports in {args.out}: explain_scores.csv, explain_summary.csv, explain_summary.md, "
+              "explain_summary.html")
+
+    return run_cli(parser, run, argv, (CovidxrError, ValueError))
 
 
 if __name__ == "__main__":

@@ -39,8 +39,10 @@ from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostReleva
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 from torch import nn
 
-from covidxr.checkpoint import load_checkpoint, read_temperature
-from covidxr.data.manifest import load_manifest, resolve_data_path
+from covidxr.calibration_file import with_calibration
+from covidxr.checkpoint import read_temperature
+from covidxr.data.manifest import load_manifest
+from covidxr.data.run_folder import RunFolder
 from covidxr.data.split import apply_split
 from covidxr.errors import CheckpointError, DatasetError, ImageReadError
 from covidxr.explain.cam import compute_cam, preserved_state
@@ -201,19 +203,6 @@ def select_images(table: pd.DataFrame, split: str, split_table: pd.DataFrame | N
     return table
 
 
-def load_run_split(checkpoint: Path, ckpt: dict) -> pd.DataFrame | None:
-    """Return the run's saved split: ``split.csv`` beside the checkpoint file, else the split stored in ``ckpt``.
-
-    Returns:
-        A table with ``relpath`` and ``split`` columns, or None.
-    """
-    split_csv = checkpoint.parent / "split.csv"
-    if split_csv.is_file():
-        return pd.read_csv(split_csv, dtype=str, keep_default_na=False)
-    stored = ckpt.get("split")
-    return pd.DataFrame(stored) if isinstance(stored, dict) and {"relpath", "split"} <= set(stored) else None
-
-
 def _score_batch(run: ScoredModel, rows: pd.DataFrame, methods: Sequence[str],
                  percentiles: Sequence[int]) -> list[dict]:
     """Explain and score one batch of manifest rows (``path``, ``relpath``, ``label``) with every method.
@@ -342,7 +331,7 @@ def score(checkpoint: Path, data: str | None, split: str, methods: Sequence[str]
 
     Args:
         checkpoint: the run's checkpoint.
-        data: dataset folder or manifest (None: ``$COVIDXR_DATA`` or ``data/cxr``).
+        data: dataset folder or manifest (None: the run's training data, as for ``python -m covidxr.evaluate``).
         split: ``"test"``, ``"val"`` or ``"all"``.
         methods: CAM methods.
         limit: at most this many images.
@@ -355,10 +344,12 @@ def score(checkpoint: Path, data: str | None, split: str, methods: Sequence[str]
         The per-method summary.
     """
     checkpoint = Path(checkpoint)
-    ckpt = load_checkpoint(checkpoint)
+    trained = RunFolder.read(checkpoint)
+    ckpt = with_calibration(trained.ckpt, checkpoint)
+    # The images are chosen before the model is loaded, so bad --data/--split fails with its one line and no warning.
+    data_path = trained.data_path(data)
+    table = select_images(load_manifest(data_path), split, trained.split()[0], limit)
     run = load_scored_model(ckpt, str(checkpoint), device)
-    data_path = resolve_data_path(data)
-    table = select_images(load_manifest(data_path), split, load_run_split(checkpoint, ckpt), limit)
     log.info("scoring %d image(s) of %s with %s", len(table), data_path, ", ".join(methods))
     results: list[dict] = []
     for start in range(0, len(table), batch_size):

@@ -3,19 +3,25 @@
 Command line::
 
     python -m covidxr.predict --checkpoint RUN/best.pt IMAGE_OR_FOLDER... [--cam METHOD|none] [--cam-class CLASS]
-        [--out DIR] [--device auto|cpu|cuda] [--batch-size N] [--backend auto|torch|onnx]
+        [--out FOLDER] [--device auto|cpu|cuda|mps] [--batch-size N] [--backend auto|torch|onnx]
+        [--dicom-out [--dicom-study-from FILE.dcm]]
 
 prints ``FILE: CLASS PROBABILITY`` per image, or ``FILE: not assessed: REASON`` when the input gate refuses it (not an
-assessable frontal chest radiograph, see :mod:`covidxr.inference.gate`), writes ``DIR/predictions.csv`` (path,
+assessable frontal chest radiograph, see :mod:`covidxr.inference.gate`), writes ``FOLDER/predictions.csv`` (path,
 predicted (empty for a refused image), gate (``assessed`` / ``borderline`` / ``not assessed``), gate_reason, one
 ``prob_CLASS`` column per class (the model's output, also for refused images), cam_class, overlay, note, error) and,
-unless ``--cam none``, one overlay PNG per assessed image in DIR. A borderline film ("unusual film: read with care")
-is predicted and printed with that note.
+unless ``--cam none``, one overlay PNG per assessed image in FOLDER. A borderline film ("unusual film: read with
+care") is predicted and printed with that note. With ``--dicom-out`` it also writes, per file, ``STEM_sr.dcm`` (a DICOM
+Structured Report) and, for an assessed image, ``STEM_sc.dcm`` (a Secondary Capture of the captioned overlay), in the
+input's study (see :mod:`covidxr.inference.dicom_out`); an input that is not DICOM needs ``--dicom-study-from`` to name
+a DICOM file of its study, else the command stops with a one-line error. These two files carry the patient's
+identity, copied from the source (every other output holds none).
 Folders are searched recursively for image files (:data:`SEARCHED_SUFFIXES`, and files without a suffix, which is
 how DICOM files often come); hidden files are skipped. Files named on the command line are always tried.
 Unreadable files get their own error line on stderr and a row with their error in the CSV; the other files are
 still predicted. Exit status: 0 when every file was predicted, 1 when some could not be read, 2 for usage errors
-(bad option, unusable checkpoint, nothing to predict), with one line on stderr and no traceback.
+(bad option, unusable checkpoint, nothing to predict), with one line on stderr and no traceback, 130 when
+interrupted (``covidxr.utils.run_cli``).
 
 The predictor itself is :class:`covidxr.inference.predictor.Predictor`.
 """
@@ -35,14 +41,26 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pydicom.dataset import Dataset
 
+from covidxr.dicom import is_dicom
 from covidxr.errors import CovidxrError, ImageReadError
 from covidxr.explain.cam import CAM_METHODS, resolve_layer
-from covidxr.explain.display import overlay
+from covidxr.explain.display import captioned, overlay
 from covidxr.files import atomic_write_bytes, atomic_write_text
-from covidxr.inference.predictor import BACKENDS, Predictor
+from covidxr.inference.dicom_out import caption_lines, dicom_bytes, read_header, results_as_dicom
+from covidxr.inference.predictor import BACKENDS, Prediction, Predictor
 from covidxr.io import Xray, load_xray
-from covidxr.utils import OneLineParser, cli_error, setup_logging
+from covidxr.utils import (
+    EXIT_DONE,
+    EXIT_SOME_FAILED,
+    OneLineParser,
+    add_checkpoint_arg,
+    add_device_arg,
+    add_out_arg,
+    run_cli,
+    setup_logging,
+)
 
 log = logging.getLogger("covidxr.predict")
 
@@ -62,6 +80,8 @@ class PredictOptions:
         batch_size: images per forward pass.
         alpha: overlay opacity of the heatmap, in ``[0, 1]``.
         max_side: longest side of the overlays, in pixels.
+        dicom_out: write a DICOM SR (and, for an assessed image, a Secondary Capture) per file.
+        dicom_study: for non-DICOM inputs, the header of a DICOM file of their study (``--dicom-study-from``).
     """
 
     cam: str | None = "gradcam"
@@ -70,6 +90,8 @@ class PredictOptions:
     batch_size: int = 8
     alpha: float = 0.4
     max_side: int = 1024
+    dicom_out: bool = False
+    dicom_study: Dataset | None = None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -78,19 +100,24 @@ def get_args_parser() -> argparse.ArgumentParser:
                            description="Predict chest X-rays (PNG, JPEG, DICOM, ... or folders of them) with a trained "
                                        "checkpoint and explain each prediction with a Grad-CAM overlay.")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders (recursive)")
-    parser.add_argument("--checkpoint", required=True, type=Path, help="the run's checkpoint (best.pt)")
+    add_checkpoint_arg(parser, "the run's checkpoint (best.pt)")
     parser.add_argument("--cam", default="gradcam", choices=(*CAM_METHODS, "none"), metavar="METHOD",
                         help=f"explanation method: {', '.join(CAM_METHODS)}, or none (default: %(default)s)")
     parser.add_argument("--cam-class", help="class to explain, by name or index (default: the predicted class)")
     parser.add_argument("--cam-layer", help="dotted name of the layer to explain (default: per architecture)")
-    parser.add_argument("--out", type=Path, default=Path("predictions"),
-                        help="folder for predictions.csv and the overlays (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
+    add_out_arg(parser, "folder for predictions.csv and the overlays (default: %(default)s)", Path("predictions"))
+    add_device_arg(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="plain predictions with torch, ONNX Runtime, or auto (default: %(default)s)")
     parser.add_argument("--alpha", type=float, default=0.4, help="overlay opacity of the heatmap (default: 0.4)")
     parser.add_argument("--max-side", type=int, default=1024, help="longest side of the overlays (default: 1024)")
+    parser.add_argument("--dicom-out", action="store_true",
+                        help="also write a DICOM Structured Report and a Secondary Capture of the overlay per file, in "
+                             "the input's study")
+    parser.add_argument("--dicom-study-from", type=Path, metavar="FILE.dcm",
+                        help="with --dicom-out: a DICOM file whose patient and study the results of non-DICOM inputs "
+                             "are filed under")
     return parser
 
 
@@ -125,16 +152,37 @@ def _png_bytes(rgb: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _overlay_name(path: Path, method: str, used: set[str]) -> str:
-    """A unique overlay file name for ``path``: ``STEM_METHOD.png``, then ``STEM_METHOD-2.png``, ... (``used``, the
-    names taken so far, is updated)."""
+def _output_name(path: Path, tag: str, used: set[str], suffix: str = ".png") -> str:
+    """A unique output file name for ``path``: ``STEM_TAG.png``, then ``STEM_TAG-2.png``, ... (``used``, the names
+    taken so far, is updated)."""
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem) or "image"
-    method_tag = method.replace("+", "p")
-    name, n = f"{stem}_{method_tag}.png", 2
+    tag = tag.replace("+", "p")
+    name, n = f"{stem}_{tag}{suffix}", 2
     while name in used:
-        name, n = f"{stem}_{method_tag}-{n}.png", n + 1
+        name, n = f"{stem}_{tag}-{n}{suffix}", n + 1
     used.add(name)
     return name
+
+
+def _write_dicom(file: Path, xray: Xray, result: Prediction, picture: np.ndarray | None, predictor: Predictor,
+                 out: Path, options: PredictOptions, used: set[str]) -> None:
+    """Write the SR and, for an assessed image, the Secondary Capture of its captioned overlay (``picture``, or the
+    plain image without a CAM), filed in the input's study or the ``--dicom-study-from`` one."""
+    is_source = xray.format == "DICOM"
+    study = read_header(file, str(file)) if is_source else options.dicom_study
+    if study is None:  # main() checks this before predicting; a file can still change in between
+        raise CovidxrError(f"{file}: not a DICOM file; --dicom-study-from must name a DICOM file of its study")
+    labelled = None
+    if result.assessable:
+        lines = caption_lines(result, predictor)
+        if picture is None:
+            labelled = captioned(overlay(xray.pixels, None, max_side=options.max_side), lines, colormap=None)
+        else:
+            labelled = captioned(picture, lines)
+    capture, report = results_as_dicom(result, predictor, study, is_source=is_source, labelled=labelled)
+    if capture is not None:
+        atomic_write_bytes(out / _output_name(file, "sc", used, ".dcm"), dicom_bytes(capture))
+    atomic_write_bytes(out / _output_name(file, "sr", used, ".dcm"), dicom_bytes(report))
 
 
 def run_predictions(predictor: Predictor, files: Sequence[Path], out: Path,
@@ -168,17 +216,47 @@ def run_predictions(predictor: Predictor, files: Sequence[Path], out: Path,
                    "overlay": "", "error": ""}
             row |= {f"prob_{c}": f"{p:.6f}" for c, p in result.probs.items()}
             rows.append(row)
+            picture = None
             if not result.assessable:
                 print(f"{file}: {gate.headline()}")
-                continue
-            if options.cam is not None:
-                name = _overlay_name(file, options.cam, used)
-                picture = overlay(xray.pixels, result.heatmap, options.alpha, options.max_side)
-                atomic_write_bytes(out / name, _png_bytes(picture))
-                row["overlay"] = name
-            notes = [n for n in (gate.headline() if gate.borderline else "", result.note) if n]
-            print(f"{file}: {result.label} {result.confidence:.3f}" + (f" ({'; '.join(notes)})" if notes else ""))
+            else:
+                if options.cam is not None:
+                    name = _output_name(file, options.cam, used)
+                    picture = overlay(xray.pixels, result.heatmap, options.alpha, options.max_side)
+                    atomic_write_bytes(out / name, _png_bytes(picture))
+                    row["overlay"] = name
+                notes = [n for n in (gate.headline() if gate.borderline else "", result.note) if n]
+                print(f"{file}: {result.label} {result.confidence:.3f}" + (f" ({'; '.join(notes)})" if notes else ""))
+            if options.dicom_out:
+                try:
+                    _write_dicom(file, xray, result, picture, predictor, out, options, used)
+                except CovidxrError as exc:
+                    failed += 1
+                    reason = str(exc).removeprefix(f"{file}: ")
+                    print(f"{file}: error: {reason}", file=sys.stderr)
+                    row["error"] = reason
     return rows, failed
+
+
+def _dicom_study(study_file: Path | None, files: Sequence[Path]) -> Dataset | None:
+    """The header of ``--dicom-study-from`` (None when not given).
+
+    Raises:
+        CovidxrError: when it is unreadable, or when it is missing and some input is not DICOM (results are never
+            filed under an invented patient or study).
+    """
+    if study_file is not None:
+        return read_header(study_file, str(study_file))
+    for file in files:
+        try:
+            with open(file, "rb") as handle:
+                head = handle.read(132)
+        except OSError:
+            continue  # reported as that file's read error
+        if head and not is_dicom(head):
+            raise CovidxrError(f"{file} is not a DICOM file: --dicom-out needs --dicom-study-from FILE.dcm to name a "
+                               "DICOM file of its study (patient and study are never invented)")
+    return None
 
 
 def write_csv(path: Path, rows: list[dict], classes: list[str]) -> None:
@@ -193,41 +271,43 @@ def write_csv(path: Path, rows: list[dict], classes: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point.
-
-    Returns:
-        0 when every file was predicted, 1 when some files could not be read; usage errors exit with status 2.
-    """
+    """Command-line entry point; returns the exit status (``covidxr.utils.run_cli``): 0 when every file was
+    predicted, 1 when some files could not be read, 2 for bad arguments or an unusable checkpoint."""
     parser = get_args_parser()
-    args = parser.parse_args(argv)
+    return run_cli(parser, lambda args: predict(parser, args), argv, (CovidxrError, ValueError, OSError))
+
+
+def predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Predict every file of ``args.inputs``; return ``EXIT_SOME_FAILED`` when some could not be read."""
     if args.batch_size < 1 or args.max_side < 1 or not 0 <= args.alpha <= 1:
         parser.error("--batch-size and --max-side must be positive and --alpha in [0, 1]")
     setup_logging()
-    options = PredictOptions(cam=None if args.cam == "none" else args.cam, cam_class=args.cam_class,
-                             cam_layer=args.cam_layer, batch_size=args.batch_size, alpha=args.alpha,
-                             max_side=args.max_side)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines list every module it copies
+    if args.dicom_study_from is not None and not args.dicom_out:
+        parser.error("--dicom-study-from needs --dicom-out")
     files = find_images(args.inputs)
     if not files:
         parser.error(f"no image files found in {', '.join(args.inputs)}")
-    try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend)
-        if (options.cam_class is not None or options.cam_layer is not None) and options.cam is None:
-            raise ValueError("--cam-class and --cam-layer need a --cam method")
-        if options.cam_class is not None:
-            predictor.class_index(options.cam_class)
-        if options.cam_layer is not None:
-            resolve_layer(predictor.model, options.cam_layer)
-        args.out.mkdir(parents=True, exist_ok=True)
-        if not predictor.gate.learned:
-            log.warning("input gate: %s", predictor.gate.unavailable)
-        rows, failed = run_predictions(predictor, files, args.out, options)
-        write_csv(args.out / "predictions.csv", rows, predictor.classes)
-    except (CovidxrError, ValueError, OSError) as exc:
-        return cli_error(parser.prog, exc)
+    study = _dicom_study(args.dicom_study_from, files) if args.dicom_out else None
+    options = PredictOptions(cam=None if args.cam == "none" else args.cam, cam_class=args.cam_class,
+                             cam_layer=args.cam_layer, batch_size=args.batch_size, alpha=args.alpha,
+                             max_side=args.max_side, dicom_out=args.dicom_out, dicom_study=study)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend)
+    if (options.cam_class is not None or options.cam_layer is not None) and options.cam is None:
+        raise ValueError("--cam-class and --cam-layer need a --cam method")
+    if options.cam_class is not None:
+        predictor.class_index(options.cam_class)
+    if options.cam_layer is not None:
+        resolve_layer(predictor.model, options.cam_layer)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not predictor.gate.learned:
+        log.warning("input gate: %s", predictor.gate.unavailable)
+    rows, failed = run_predictions(predictor, files, args.out, options)
+    write_csv(args.out / "predictions.csv", rows, predictor.classes)
     summary = {"predicted": len(files) - failed, "failed": failed, "csv": str(args.out / "predictions.csv"),
                "backend": predictor.backend}
     log.info("done: %s", json.dumps(summary))
-    return 1 if failed else 0
+    return EXIT_SOME_FAILED if failed else EXIT_DONE
 
 
 if __name__ == "__main__":

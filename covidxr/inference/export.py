@@ -2,14 +2,15 @@
 
 Usage::
 
-    python -m covidxr.export --checkpoint RUN/best.pt --format onnx [--out PATH] [--exporter dynamo|legacy]
+    python -m covidxr.export --checkpoint RUN/best.pt --format onnx [--out FOLDER] [--exporter dynamo|legacy]
 
-The file (default: beside the checkpoint, ``RUN/best.onnx``) is written atomically. Its input is ``image``,
-``(B, 1, S, S)`` float32 in ``[0, 1]`` with a dynamic batch size, its output ``logits`` ``(B, C)`` without softmax
-(apply the checkpoint's temperature and a softmax for probabilities); normalisation is inside the graph. The
-checkpoint's SHA-256 is recorded in the ONNX ``metadata_props`` (``covidxr.checkpoint_sha256``), with the
-architecture, classes and input size, so :class:`covidxr.inference.predictor.Predictor` never uses a stale export.
-Exit status: 0 on success, 2 on errors (one line on stderr).
+The file (``best.onnx`` for ``best.pt``, in ``--out`` or by default beside the checkpoint) is written atomically.
+Its input is ``image``, ``(B, 1, S, S)`` float32 in ``[0, 1]`` with a dynamic batch size, its output ``logits``
+``(B, C)`` without softmax (apply the checkpoint's temperature and a softmax for probabilities); normalisation is
+inside the graph. The checkpoint's SHA-256 is recorded in the ONNX ``metadata_props`` (``covidxr.checkpoint_sha256``),
+with the architecture, classes and input size, so :class:`covidxr.inference.predictor.Predictor` never uses a stale
+export.
+Exit status (``covidxr.utils.run_cli``): 0 on success, 2 on errors (one line on stderr).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from covidxr.files import file_digest
 from covidxr.inference.onnx_backend import EXPORTERS, default_onnx_path, export_bytes, export_metadata, write_onnx
 from covidxr.inference.predictor import load_classifier
 from covidxr.models import read_preprocess
-from covidxr.utils import OneLineParser, cli_error
+from covidxr.utils import OneLineParser, add_checkpoint_arg, add_out_arg, out_file, run_cli
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
@@ -56,24 +57,23 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
 def get_args_parser() -> argparse.ArgumentParser:
     """Return the parser of ``python -m covidxr.export``."""
     parser = OneLineParser(prog="python -m covidxr.export", description="Export a checkpoint's model for ONNX Runtime.")
-    parser.add_argument("--checkpoint", required=True, type=Path, help="the run's checkpoint (best.pt)")
+    add_checkpoint_arg(parser, "the run's checkpoint (best.pt)")
     parser.add_argument("--format", required=True, choices=("onnx",), help="export format")
-    parser.add_argument("--out", type=Path, help="output file (default: beside the checkpoint, .onnx)")
+    add_out_arg(parser, "folder for the .onnx file (default: the checkpoint's folder)")
     parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
                         help="torch.onnx exporter (default: %(default)s; legacy is faster but deprecated)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns 0 when done and exits with status 2 (one line on stderr) on errors."""
+    """Command-line entry point; returns the exit status (``covidxr.utils.run_cli``)."""
     parser = get_args_parser()
-    args = parser.parse_args(argv)
-    try:
-        path = export_checkpoint(args.checkpoint, args.out, args.exporter)
-    except (CovidxrError, OSError) as exc:
-        return cli_error(parser.prog, exc)
-    print(f"exported {args.checkpoint} to {path}")
-    return 0
+
+    def export(args: argparse.Namespace) -> None:
+        out = out_file(args.out, default_onnx_path(args.checkpoint).name, parser.prog) if args.out else None
+        print(f"exported {args.checkpoint} to {export_checkpoint(args.checkpoint, out, args.exporter)}")
+
+    return run_cli(parser, export, argv, (CovidxrError, OSError))
 
 
 if __name__ == "__main__":

@@ -40,17 +40,6 @@ class GateImages:
     info: dict = field(default_factory=dict)
 
 
-def run_split(checkpoint: Path, ckpt: dict) -> pd.DataFrame:
-    """The run's split (``split.csv`` beside the checkpoint, else the checkpoint's record), relpath-keyed."""
-    split_csv = checkpoint.parent / "split.csv"
-    if split_csv.is_file():
-        return pd.read_csv(split_csv, dtype=str, keep_default_na=False)
-    recorded = ckpt.get("split")
-    if isinstance(recorded, dict) and {"relpath", "split"} <= set(recorded):
-        return pd.DataFrame(recorded).astype(str)
-    raise DatasetError(f"{checkpoint}: the run recorded no split (no split.csv beside it, none in the checkpoint)")
-
-
 def default_kind_folder(data_path: Path, kind: str = "lateral") -> Path | None:
     """``notcxr/KIND`` beside the data (or one folder up), or None."""
     root = data_path if data_path.is_dir() else data_path.parent

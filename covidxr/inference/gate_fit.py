@@ -34,23 +34,32 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from covidxr.checkpoint import load_checkpoint, save_checkpoint
-from covidxr.data.loaders import LoaderSettings, RunData, load_run_data
+from covidxr.checkpoint import save_checkpoint
+from covidxr.data.loaders import RunData, load_run_data
 from covidxr.data.manifest import resolve_data_path
-from covidxr.errors import CovidxrError, DatasetError, one_line
+from covidxr.data.run_folder import RunFolder
+from covidxr.errors import CovidxrError, DatasetError
 from covidxr.inference.gate import FRONTAL, InputGate, OodModel, ViewModel, weights_sha256
-from covidxr.inference.gate_data import GateImages, default_kind_folder, gate_images, run_split
-from covidxr.model_input import pipeline_from_checkpoint
-from covidxr.models import XrayClassifier, model_from_checkpoint, read_preprocess
+from covidxr.inference.gate_data import GateImages, default_kind_folder, gate_images
+from covidxr.models import XrayClassifier, model_from_checkpoint
 from covidxr.preprocess import eval_transform
-from covidxr.utils import OneLineParser, pick_device, setup_logging
+from covidxr.utils import (
+    OneLineParser,
+    add_checkpoint_arg,
+    add_device_arg,
+    add_out_arg,
+    out_file,
+    pick_device,
+    run_cli,
+    setup_logging,
+)
 
 log = logging.getLogger("covidxr.gate")
 ROTATIONS = {"rot90": 1, "rot180": 2, "rot270": 3}
@@ -274,18 +283,15 @@ def fit_checkpoint(checkpoint: str | os.PathLike, opts: GateOptions | None = Non
     """
     opts = opts or GateOptions()
     path = Path(checkpoint)
-    ckpt = load_checkpoint(path)
+    trained = RunFolder.read(path)
+    ckpt = trained.ckpt
     model = model_from_checkpoint(ckpt, str(path)).to(pick_device(device))
-    pre = read_preprocess(ckpt, str(path))
-    img_size = pre.img_size
-    config = ckpt.get("config") or {}
+    img_size = trained.preprocess.img_size
     # The films go through the run's own input path (lung crop and mask, equalisation), with the checkpoint's lung
     # model.
-    pipeline = pipeline_from_checkpoint(ckpt, pre, str(path))
-    settings = replace(LoaderSettings.from_dict({**config, "data": data or config.get("data")}), img_size=img_size,
-                       **pipeline.loader_fields())
+    settings = trained.loader_settings(data)
     if run is None:
-        run = load_run_data(settings, run_split(path, ckpt))
+        run = load_run_data(settings, trained.require_split())
     data_path = resolve_data_path(settings.data)
     folders = {kind: Path(given) if given is not None else default_kind_folder(data_path, kind)
                for kind, given in (("lateral", laterals), ("ct", ct))}
@@ -302,9 +308,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     """Return the parser of ``python -m covidxr.gate``."""
     parser = OneLineParser(prog="python -m covidxr.gate", description="The input gate: is an image an assessable "
                            "frontal chest radiograph? Fit its learned checks for a trained checkpoint.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     fit = commands.add_parser("fit", help="fit the gate on the run's own split and store it in the checkpoint")
-    fit.add_argument("--checkpoint", required=True, type=Path, help="the run's checkpoint (best.pt)")
+    add_checkpoint_arg(fit, "the run's checkpoint (best.pt)")
     fit.add_argument("--data", help="the run's dataset (default: the one it was trained on)")
     fit.add_argument("--laterals", type=Path, help="folder of lateral chest films (default: notcxr/lateral beside "
                      "the data or one folder up)")
@@ -322,16 +328,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     fit.add_argument("--C", type=float, default=GateOptions.C, dest="C",
                      help="inverse regularisation of the view model (default: %(default)s)")
     fit.add_argument("--seed", type=int, default=0, help="picks the lateral patients fitted on (default: 0)")
-    fit.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
+    add_device_arg(fit)
     fit.add_argument("--batch-size", type=int, default=32, help="images per pass (default: %(default)s)")
-    fit.add_argument("--out", type=Path, help="write the checkpoint with its gate here instead of in place")
+    add_out_arg(fit, "write the checkpoint with its gate into this folder (same file name) instead of in place")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; 0 on success, 2 on usage or data errors (one line on stderr)."""
+    """Command-line entry point; returns the exit status (``covidxr.utils.run_cli``)."""
     parser = get_args_parser()
-    args = parser.parse_args(argv)
+    return run_cli(parser, lambda args: _fit(parser, args), argv, (CovidxrError, OSError))
+
+
+def _fit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not (0 < args.alpha < 1) or args.neighbours < 1 or args.C <= 0 or args.batch_size < 1 or args.band < 0 \
             or args.made < 0:
         parser.error("--alpha must be in (0, 1), --neighbours, --C and --batch-size positive, --band and --made not "
@@ -339,17 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     opts = GateOptions(args.neighbours, args.alpha, args.band, args.made, C=args.C, seed=args.seed,
                        batch_size=args.batch_size)
-    try:
-        gate = fit_checkpoint(args.checkpoint, opts, args.device, args.data, args.laterals, out=args.out, ct=args.ct)
-    except (CovidxrError, OSError) as exc:
-        print(f"covidxr.gate: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+    out = out_file(args.out, args.checkpoint.name, parser.prog) if args.out else None
+    gate = fit_checkpoint(args.checkpoint, opts, args.device, args.data, args.laterals, out=out, ct=args.ct)
     rates = ", ".join(f"{k} {v:.1%}" for k, v in gate.info["validation"].items())
     log.info("gate fitted (%d train, %d val films, %d + %d laterals, %d + %d CT slices) in %.0fs and stored in %s; %s",
              gate.info["n_train"], gate.info["n_val"], gate.info.get("n_lateral_fit", 0),
              gate.info.get("n_lateral_holdout", 0), gate.info.get("n_ct_fit", 0), gate.info.get("n_ct_holdout", 0),
-             gate.info["seconds"], args.out or args.checkpoint, rates)
-    return 0
+             gate.info["seconds"], out or args.checkpoint, rates)
 
 
 if __name__ == "__main__":

@@ -35,17 +35,17 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from covidxr.calibration_file import with_calibration
 from covidxr.checkpoint import load_checkpoint, read_temperature
 from covidxr.explain.cam import CAM_METHODS, compute_cam
 from covidxr.explain.display import heatmap_on_image
 from covidxr.files import file_digest
-from covidxr.inference.gate import GateVerdict, InputGate
+from covidxr.inference.gate import InputGate
 from covidxr.inference.onnx_backend import (
     OnnxRunner,
     default_onnx_path,
@@ -55,6 +55,7 @@ from covidxr.inference.onnx_backend import (
     onnxruntime_available,
     write_onnx,
 )
+from covidxr.inference.prediction import Prediction
 from covidxr.io import Xray
 from covidxr.lungs import cam_share_in_lungs
 from covidxr.model_input import PLAIN, InputPipeline, pipeline_from_checkpoint
@@ -65,52 +66,6 @@ from covidxr.utils import pick_device, softmax
 log = logging.getLogger("covidxr.predict")
 
 BACKENDS = ("auto", "torch", "onnx")
-
-
-@dataclass
-class Prediction:
-    """The model's output for one image.
-
-    Attributes:
-        name: the image's name (file name, or what the caller passed).
-        probs: class -> probability (temperature-calibrated when the checkpoint has a temperature).
-        label: predicted class.
-        confidence: ``probs[label]``.
-        heatmap: ``(H, W)`` float32 in ``[0, 1]`` on the original image geometry; None without a CAM or when no
-            explanation is available (see ``note``).
-        cam_method: the CAM method used, or None.
-        cam_class: the class explained, or None.
-        note: why there is no heatmap although one was asked for, e.g. ``"no explanation available (constant
-            heatmap)"``; None otherwise.
-        gate: the input gate's verdict; a refused image is "not assessed: REASON", and its probabilities are the
-            model's output on an input it was not made for.
-        lung_share: share of the heatmap's mass inside the lungs, when the checkpoint crops to the lungs (its lung
-            model gives the mask); None otherwise.
-    """
-
-    name: str
-    probs: dict[str, float]
-    label: str
-    confidence: float
-    heatmap: np.ndarray | None = None
-    cam_method: str | None = None
-    cam_class: str | None = None
-    note: str | None = None
-    gate: GateVerdict | None = None
-    lung_share: float | None = None
-
-    @property
-    def assessable(self) -> bool:
-        """False when the input gate refused the image."""
-        return self.gate is None or self.gate.assessable
-
-    def to_dict(self) -> dict:
-        """Return a JSON-friendly dict of everything but the heatmap."""
-        out = {"name": self.name, "label": self.label, "confidence": float(self.confidence),
-               "probs": {k: float(v) for k, v in self.probs.items()}, "cam_method": self.cam_method,
-               "cam_class": self.cam_class, "note": self.note,
-               "gate": None if self.gate is None else self.gate.to_dict()}
-        return out if self.lung_share is None else {**out, "lung_share": self.lung_share}
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -148,8 +103,10 @@ def _data_summary(ckpt: dict) -> dict:
 
 @contextlib.contextmanager
 def head_input(model: XrayClassifier) -> Iterator[list[torch.Tensor]]:
-    """Capture the pooled backbone features of the next forward pass (the head's input), on the CPU; only the
-    first call is kept (Score-CAM runs further passes on masked inputs)."""
+    """Capture the pooled backbone features of the next forward pass (the head's input), on the CPU.
+
+    Only the first call is kept: Score-CAM runs further passes on masked inputs.
+    """
     seen: list[torch.Tensor] = []
 
     def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -248,7 +205,7 @@ class Predictor:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         path = Path(path)
-        ckpt = load_checkpoint(path)
+        ckpt = with_calibration(load_checkpoint(path), path, sha := file_digest(path))
         model = load_classifier(ckpt, str(path))
         classes = list(ckpt["classes"])
         preprocess = read_preprocess(ckpt, str(path))
@@ -256,7 +213,6 @@ class Predictor:
         temperature = read_temperature(ckpt, str(path))
         torch_device = pick_device(device)
         model.to(torch_device)
-        sha = file_digest(path)
         gate = InputGate.from_checkpoint(ckpt, str(path))
         info = {"arch": model.arch, "classes": classes, "img_size": preprocess.img_size, "epoch": ckpt.get("epoch"),
                 "best_epoch": ckpt.get("best_epoch"), "best_auc": ckpt.get("best_auc"), "temperature": temperature,

@@ -31,10 +31,13 @@ def covidxr_home() -> Path:
     return Path(os.environ.get("COVIDXR_HOME") or Path.home() / ".cache" / "covidxr").expanduser()
 
 
+LUNG_MODEL_NAME = "lung-seg.pt"
+
+
 def default_lung_model_path() -> Path:
     """Return where ``python -m covidxr.lungs train`` saves the lung model and :func:`load_lung_model` finds it:
     ``$COVIDXR_HOME/lungs/lung-seg.pt``."""
-    return covidxr_home() / "lungs" / "lung-seg.pt"
+    return covidxr_home() / "lungs" / LUNG_MODEL_NAME
 
 
 def metrics_path(checkpoint: str | os.PathLike) -> Path:

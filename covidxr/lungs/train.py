@@ -43,7 +43,7 @@ def default_lung_data() -> Path:
 
 
 @dataclass(frozen=True)
-class AugmentRanges:
+class LungAugmentRanges:
     """Light augmentation, drawn per film; image and mask get the same geometry."""
 
     degrees: float = 8.0  # rotation up to +/- this
@@ -56,7 +56,7 @@ class AugmentRanges:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class LungTrainConfig:
     """Everything a lung training run depends on; stored in the checkpoint."""
 
     data: str = ""  # folder with images/ and masks/; "" means default_lung_data()
@@ -75,7 +75,7 @@ class TrainConfig:
     test_frac: float = 0.2
     val_frac: float = 0.15  # of the films left after the hold-out: picks the best epoch
     progress: bool = True
-    augment: AugmentRanges = field(default_factory=AugmentRanges)
+    augment: LungAugmentRanges = field(default_factory=LungAugmentRanges)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -163,7 +163,7 @@ def to_tensors(data: LungData, img_size: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,
-            ranges: AugmentRanges) -> tuple[torch.Tensor, torch.Tensor]:
+            ranges: LungAugmentRanges) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply one random affine map per film to film and mask, then contrast, brightness and gamma to the film."""
     n = images.shape[0]
 
@@ -206,7 +206,7 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def train_one_epoch(net: nn.Module, images: torch.Tensor, masks: torch.Tensor, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, batch_size: int, generator: torch.Generator,
-                    ranges: AugmentRanges) -> float:
+                    ranges: LungAugmentRanges) -> float:
     """Run one epoch over the (augmented) training tensors; return the mean loss."""
     net.train()
     order = torch.randperm(images.shape[0], generator=generator)
@@ -246,7 +246,7 @@ def held_out_dice(model: LungModel, data: LungData) -> dict[str, float]:
     return {name: dice(p, t) for name, p, t in zip(data.names, predicted, data.masks, strict=True)}
 
 
-def fit(cfg: TrainConfig, train: LungData, val: LungData) -> tuple[nn.Module, list[dict[str, float]]]:
+def fit(cfg: LungTrainConfig, train: LungData, val: LungData) -> tuple[nn.Module, list[dict[str, float]]]:
     """Train a network on ``train``; return it at the epoch with the best validation Dice, and the history."""
     with torch.random.fork_rng(devices=[]):  # seeds the initialisation without touching the caller's generator
         torch.manual_seed(cfg.seed)
@@ -285,7 +285,7 @@ def summary(scores: dict[str, float]) -> dict[str, Any]:
             "worst": {name: round(scores[name], 4) for name in worst}}
 
 
-def run(cfg: TrainConfig, limit: int | None = None) -> dict[str, Any]:
+def run(cfg: LungTrainConfig, limit: int | None = None) -> dict[str, Any]:
     """Train, pick the best epoch on validation, measure Dice on the held-out films, and save the checkpoint and
     its metrics JSON; return the metrics. ``limit`` reads only the first films (tests)."""
     started = time.perf_counter()

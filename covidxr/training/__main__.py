@@ -18,27 +18,27 @@ Speed (see also ``python -m covidxr.prepare`` and ``python -m covidxr.bench``):
   ``--resume`` works under torchrun as without it.
 """
 
+import argparse
 import logging
 import sys
 from collections.abc import Sequence
 
 from covidxr.checkpoint import load_checkpoint
-from covidxr.errors import CovidxrError
 from covidxr.model_input import require_lung_model
 from covidxr.training import distributed
-from covidxr.training.config import PROG, config_from_args, get_args_parser
+from covidxr.training.config import config_from_args, get_args_parser
 from covidxr.training.trainer import run
-from covidxr.utils import cli_error, setup_logging
+from covidxr.utils import run_cli, setup_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
+    """Command-line entry point; returns the exit status (``covidxr.utils.run_cli``)."""
     parser = get_args_parser()
-    args = parser.parse_args(argv)
-    setup_logging()
-    if not distributed.env_info().is_main:
-        logging.getLogger().setLevel(logging.ERROR)  # under torchrun only rank 0 reports
-    try:
+
+    def train(args: argparse.Namespace) -> None:
+        setup_logging()
+        if not distributed.env_info().is_main:
+            logging.getLogger().setLevel(logging.ERROR)  # under torchrun only rank 0 reports
         resume = load_checkpoint(args.resume) if args.resume else None
         cfg = config_from_args(args, resume["config"] if resume is not None else None)
         if cfg.val_frac + cfg.test_frac >= 1:
@@ -46,12 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg.lung_crop and resume is None:
             require_lung_model(cfg.lung_model)
         run(cfg, resume)
-    except CovidxrError as exc:
-        return cli_error(PROG, exc)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; continue with --resume RUN/last.pt", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_cli(parser, train, argv, interrupted="interrupted; continue with --resume RUN/last.pt")
 
 
 if __name__ == "__main__":

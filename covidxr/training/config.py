@@ -3,46 +3,30 @@
 from __future__ import annotations
 
 import argparse
-import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, replace
 
-from covidxr.data.loaders import LoaderSettings
+from covidxr.data.loaders import DataSettings, LoaderSettings
+from covidxr.input_settings import EQUALIZE, LUNG_MARGIN, LUNG_MASK_DILATION
 from covidxr.models import ARCHS
-from covidxr.preprocess import EQUALIZE, LUNG_MARGIN, LUNG_MASK_DILATION
 from covidxr.style_augment import AUGMENT_MODES
-from covidxr.utils import OneLineParser, int_at_least
+from covidxr.utils import OneLineParser, add_device_arg, int_at_least
 
 PROG = "covidxr.train"
 
 
-@dataclass
-class TrainConfig:
-    """Every setting of a training run; saved as config.json and inside each checkpoint."""
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(DataSettings):
+    """Every setting of a training run; saved as config.json and inside each checkpoint.
 
-    # data
-    data: str | None = None  # folder or manifest; else $COVIDXR_DATA, else data/cxr
-    val_frac: float = 0.15
-    test_frac: float = 0.15
-    holdout_source: list[str] = field(default_factory=list)  # sources that go entirely to test
-    balance: str = "loss"  # loss (weighted cross-entropy), sampler (by class), group (by class x source), none
-    exclude_source: list[str] = field(default_factory=list)  # sources left out entirely
-    exclude_where: list[str] = field(default_factory=list)  # COLUMN=VALUE filters on manifest columns
-    cache: bool = True  # decode each image once into the prepared cache
-    cache_dir: str | None = None
-    strict: bool = False  # unreadable images are fatal instead of skipped
-    lung_crop: bool = False  # crop every image to its lungs (the lung model then travels in the checkpoint)
-    lung_margin: float = LUNG_MARGIN
-    equalize: str = "none"  # none | hist | clahe, after the crop
-    lung_model: str | None = None  # default $COVIDXR_HOME/lungs/lung-seg.pt
-    lung_mask: bool = False  # also black out what lies outside the lungs (implies lung_crop)
-    lung_mask_dilation: float = LUNG_MASK_DILATION  # the mask's widening, as a share of the crop's longer side
+    The data, split, loader and input settings (lung crop and mask, equalisation, augmentation, lung model) are
+    :class:`~covidxr.data.loaders.DataSettings`'s; the rest follow.
+    """
+
     # model
     arch: str = "resnet50"
     weights: str = "imagenet"  # imagenet | none | PATH
-    img_size: int = 224
     # optimisation
     epochs: int = 20
-    batch_size: int = 32
     lr: float = 1e-3  # head learning rate; the backbone gets lr * backbone_lr_scale once unfrozen
     backbone_lr_scale: float = 0.1
     weight_decay: float = 1e-4
@@ -52,40 +36,25 @@ class TrainConfig:
     feature_cache: bool = True  # frozen epochs train the head on backbone features computed once (un-augmented)
     patience: int = 5  # early stopping on validation macro ROC-AUC (0: never stop early)
     label_smoothing: float = 0.0
-    augment: str = "standard"  # training augmentation: standard | style (adds scanner-style randomisation)
     adversary: float = 0.0  # source adversary's reversed-gradient weight on the backbone (0: off)
     # system
     device: str = "auto"
-    workers: int = min(4, os.cpu_count() or 1)
-    gpu_cache: str = "auto"  # keep the prepared squares on the GPU and augment there: auto | on | off
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with a grad scaler)
     channels_last: bool = True  # on CUDA only
     compile: bool = False  # torch.compile the network that trains (the saved weights stay un-compiled)
-    seed: int = 0
     out: str | None = None  # run folder; default runs/<arch>-<time>
     resume: str | None = None
     # input gate (covidxr.inference.gate), fitted for best.pt when the run ends
     gate: bool = True
     gate_laterals: str | None = None  # lateral films; default notcxr/lateral beside the data or one folder up
 
-    def __post_init__(self) -> None:
-        if self.lung_mask:
-            self.lung_crop = True  # the mask is applied to the lung crop, and recorded as one
-
     def to_dict(self) -> dict:
         """Return a JSON-friendly dict."""
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        """Rebuild from :meth:`to_dict`, ignoring unknown keys (older or newer runs)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
     def loader_settings(self) -> LoaderSettings:
         """The settings that decide the run's data and loaders."""
-        own = {f.name for f in fields(self)}
-        return LoaderSettings(**{f.name: getattr(self, f.name) for f in fields(LoaderSettings) if f.name in own})
+        return LoaderSettings(**self.data_settings())
 
 
 def non_negative_int(text: str) -> int:
@@ -184,11 +153,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     # None tells "not given" apart from "given as the default": with --resume only a given --epochs applies.
     g.add_argument("--epochs", type=int_at_least(1), default=None,
                    help=f"training epochs (default {d.epochs}; with --resume the run's own, or this many if more)")
-    g.add_argument("-b", "--batch-size", type=int_at_least(1), default=d.batch_size)
+    g.add_argument("-b", "--batch-size", type=int_at_least(1), default=d.batch_size,
+                   help="images per batch, per process under torchrun (default: %(default)s)")
     g.add_argument("--lr", type=_positive_float, default=d.lr, help="head learning rate (AdamW)")
     g.add_argument("--backbone-lr-scale", type=_positive_float, default=d.backbone_lr_scale,
                    help="backbone learning rate as a fraction of --lr once unfrozen")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay (default: %(default)s)")
     g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up before cosine decay")
     g.add_argument("--freeze-epochs", type=non_negative_int, default=d.freeze_epochs,
                    help="epochs that train the head only, backbone frozen")
@@ -200,7 +171,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "augmented images through the frozen backbone every epoch")
     g.add_argument("--patience", type=non_negative_int, default=d.patience,
                    help="stop after this many epochs without a better validation macro ROC-AUC (0: never)")
-    g.add_argument("--label-smoothing", type=_fraction, default=d.label_smoothing)
+    g.add_argument("--label-smoothing", type=_fraction, default=d.label_smoothing,
+                   help="cross-entropy label smoothing (default: %(default)s)")
     g.add_argument("--augment", choices=AUGMENT_MODES, default=d.augment,
                    help="training augmentation: standard (crops, rotations, shifts, brightness, contrast) or style "
                         "(also a random gamma, blur or sharpening, resolution loss and noise per image, so that "
@@ -210,7 +182,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "a gradient reversal of weight W, so the backbone unlearns the source while the backbone "
                         "trains (0: off; try 0.1-1)")
     g = p.add_argument_group("system")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=d.device)
+    add_device_arg(g)
     g.add_argument("-j", "--workers", type=non_negative_int, default=d.workers, help="data loading processes")
     g.add_argument("--gpu-cache", choices=("auto", "on", "off"), default=d.gpu_cache,
                    help="hold the prepared images on the device as one uint8 tensor and augment whole batches "
@@ -222,8 +194,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile,
                    help="torch.compile the training network (on one H100, ResNet50 at 224: 1.4x the steps per second "
                         "after a first step of about a minute; see benchmarks/bench_compile.py)")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--out", help="run folder (default: runs/<arch>-<date>-<time>)")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="initialisation, split, sampling and augmentation; each epoch's from (seed, epoch)")
+    g.add_argument("--out", metavar="FOLDER", help="run folder (default: runs/<arch>-<date>-<time>)")
     g.add_argument("--resume", help="continue from a run's last.pt")
     g = p.add_argument_group("input gate")
     g.add_argument("--gate", action=argparse.BooleanOptionalAction, default=d.gate,
@@ -247,6 +220,4 @@ def config_from_args(args: argparse.Namespace, resumed: dict | None = None) -> T
     if resumed is None:
         return TrainConfig.from_dict(given)
     cfg = TrainConfig.from_dict({**resumed, "resume": args.resume})
-    if args.epochs is not None:
-        cfg.epochs = max(cfg.epochs, args.epochs)
-    return cfg
+    return cfg if args.epochs is None else replace(cfg, epochs=max(cfg.epochs, args.epochs))
