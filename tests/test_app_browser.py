@@ -80,6 +80,21 @@ def file_box(page: object, name: str) -> object:
         has=page.get_by_text(f"File: {name}", exact=True))  # type: ignore[attr-defined]
 
 
+def upload_and_wait(page: object, url: str, files: list[Path]) -> object:
+    """Open the page, upload ``files`` and wait until the run has finished; returns the summary table."""
+    from playwright.sync_api import expect
+
+    page.goto(url)  # type: ignore[attr-defined]
+    file_input = page.locator("[data-testid='stFileUploaderDropzoneInput']")  # type: ignore[attr-defined]
+    expect(file_input).to_be_attached(timeout=RESULT_TIMEOUT_MS)
+    file_input.set_input_files(files)
+    summary = page.locator("[data-testid='stTable']", has_text="Verdict")  # type: ignore[attr-defined]
+    expect(summary).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+    expect(page.locator("[data-testid='stStatusWidget']")).to_have_count(  # type: ignore[attr-defined]
+        0, timeout=RESULT_TIMEOUT_MS)
+    return summary
+
+
 def caption_margin(png: Image.Image, image_shape: tuple[int, int]) -> np.ndarray:
     """What the app draws below an overlay of ``image_shape`` for the caption in ``png``'s Description chunk."""
     from covidxr.explain.display import captioned, display_size
@@ -196,13 +211,7 @@ def test_the_input_gate_refuses_a_rotated_and_a_lateral_film(gated_run: Path, tm
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(app.url)
-            file_input = page.locator("[data-testid='stFileUploaderDropzoneInput']")
-            expect(file_input).to_be_attached(timeout=RESULT_TIMEOUT_MS)
-            file_input.set_input_files([upright, rotated, lateral])
-            summary = page.locator("[data-testid='stTable']", has_text="Verdict")
-            expect(summary).to_be_visible(timeout=RESULT_TIMEOUT_MS)
-            expect(page.locator("[data-testid='stStatusWidget']")).to_have_count(0, timeout=RESULT_TIMEOUT_MS)
+            summary = upload_and_wait(page, app.url, [upright, rotated, lateral])
             full_page_screenshot(page, ARTIFACTS / "app-gate.png")
             refused = page.get_by_role("heading", name=re.compile("^Not assessed: "))
             expect(refused).to_have_count(2)
@@ -320,13 +329,7 @@ def test_ct_slice_borderline_film_and_no_server_paths(gated_run: Path, shared_da
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(app.url)
-            file_input = page.locator("[data-testid='stFileUploaderDropzoneInput']")
-            expect(file_input).to_be_attached(timeout=RESULT_TIMEOUT_MS)
-            file_input.set_input_files([ct_slice, borderline])
-            summary = page.locator("[data-testid='stTable']", has_text="Verdict")
-            expect(summary).to_be_visible(timeout=RESULT_TIMEOUT_MS)
-            expect(page.locator("[data-testid='stStatusWidget']")).to_have_count(0, timeout=RESULT_TIMEOUT_MS)
+            upload_and_wait(page, app.url, [ct_slice, borderline])
             refused = page.get_by_role("heading", name=re.compile("^Not assessed: "))
             expect(refused).to_have_count(1)
             assert refused.inner_text() == "Not assessed: This looks like a CT slice, not a chest X-ray"
