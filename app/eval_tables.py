@@ -186,6 +186,30 @@ def operating_points_table(points: list[Mapping[str, Any]]) -> pd.DataFrame:
                          for p in points if isinstance(p, Mapping)])
 
 
+def covid_set_name(name: str) -> str:
+    """A plain name for a set of metrics.json's ``covid_vs_rest`` (no raw source strings, no jargon)."""
+    if name.startswith("internal ") and ": " in name:
+        return f"Internal test, {source_name(name.split(': ', 1)[1])} only"
+    if name.startswith("internal "):
+        return "Internal test (same sources as training)"
+    if name.startswith("held out: "):
+        return f"{source_name(name[len('held out: '):])}, left out of training"
+    return f"External: {name.removeprefix('external ')}"
+
+
+def covid_table(block: Mapping[str, Any]) -> pd.DataFrame:
+    """COVID or not, per set of films: counts, AUC, and sensitivity and specificity at the fixed threshold."""
+    rows = []
+    for s in block.get("sets") or []:
+        fixed = s.get("threshold") is not None
+        rows.append({"Films": covid_set_name(str(s.get("name", ""))),
+                     "COVID / other": f"{s.get('n_positive', '?')} / {s.get('n_negative', '?')}",
+                     "AUC (chance 0.50)": interval(s.get("auc"), num),
+                     "Sensitivity": interval(s.get("sensitivity"), pct) if fixed else "not set here",
+                     "Specificity": interval(s.get("specificity"), pct) if fixed else "not set here"})
+    return pd.DataFrame(rows)
+
+
 def key_value_table(values: Mapping[str, Any]) -> pd.DataFrame:
     """A two-column table of settings (no raw JSON on the page): nested values flattened to ``a.b`` keys."""
     rows: list[tuple[str, str]] = []

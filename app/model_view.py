@@ -20,6 +20,7 @@ from app.eval_tables import (
     comparison_table,
     confusion_table,
     counts_table,
+    covid_table,
     crossval_table,
     gate_table,
     has_baselines,
@@ -160,9 +161,26 @@ def render_trust(evaluation: Evaluation) -> None:
     elif not evaluation.external:
         st.warning("No external test set has been evaluated; the held-out-source results below are the closest "
                    "measure of how the model does elsewhere.", icon=":material/warning:")
+    _render_covid(evaluation.data.get("covid_vs_rest"))
     for test_set in evaluation.external:
         _render_external(test_set)
     _render_crossval(evaluation)
+
+
+def _render_covid(block: Mapping[str, Any] | None) -> None:
+    """COVID or not, first: the question a clinician brings, on every set of films the evaluation has."""
+    if not block or not block.get("sets"):
+        return
+    st.markdown("#### COVID or not")
+    threshold = block.get("threshold")
+    rule = (f"The page calls a film COVID when its COVID probability is at least {pct(threshold)}, a threshold "
+            f"fixed before these films were scored ({block.get('chosen_on')})." if threshold is not None
+            else "No threshold was fixed for this model.")
+    st.markdown(f"{rule} AUC: how well the COVID probability ranks COVID films above the others (0.50 is chance, "
+                "1.00 perfect). The rows 'Internal test, SIIM ... only' come from one collection where COVID and "
+                "normal films share hospitals: the cleanest measure of the disease signal. Films from sources "
+                "left out of training were scored by a model trained without them (AUC only).")
+    _table(covid_table(block), "COVID against every other class, with 95% intervals.")
 
 
 def _render_plots(data: Mapping[str, Any], folder: Path | None) -> None:

@@ -26,6 +26,8 @@ _DATASETS: tuple[tuple[str, str], ...] = (
     ("kermany", "Kermany paediatric (Guangzhou)"),
     ("covid-chestxray-dataset", "ieee8023 COVID-19 image collection"),
     ("ieee8023", "ieee8023 COVID-19 image collection"),
+    ("siim-fisabio-rsna", "SIIM-FISABIO-RSNA (Valencia + RSNA RICORD)"),
+    ("vikasb512/capstone-project", "SIIM-FISABIO-RSNA (Valencia + RSNA RICORD)"),
     ("torchxrayvision", "RSNA Pneumonia / NIH (torchxrayvision test DICOMs)"),
 )
 

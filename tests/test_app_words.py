@@ -111,3 +111,24 @@ def test_gate_table_reads_each_kind_in_words() -> None:
     assert rows[3] == {"Images": "CT slices (patients the gate never saw)", "n": 13, "Passed": "8% (1)",
                        "Unusual (shown, marked)": "0%", "Refused": "92% (12)",
                        "Reasons given": "CT slice 11, photograph 1"}
+
+
+def test_covid_table_names_each_set_plainly_and_marks_unset_thresholds() -> None:
+    from app.eval_tables import covid_table
+
+    ci = {"estimate": 0.9, "lo": 0.8, "hi": 0.95}
+    block = {"positive": "covid", "threshold": 0.4, "chosen_on": "Youden's J on validation", "sets": [
+        {"name": "internal test", "n_positive": 10, "n_negative": 20, "threshold": 0.4, "auc": ci,
+         "sensitivity": ci, "specificity": ci},
+        {"name": "internal test: SIIM-FISABIO-RSNA COVID-19 (via vikasb512/Capstone-Project)", "n_positive": 5,
+         "n_negative": 5, "threshold": 0.4, "auc": ci, "sensitivity": ci, "specificity": ci},
+        {"name": "held out: NIH ChestX-ray8 (via muhammedtalo/COVID-19)", "n_positive": 0, "n_negative": 9,
+         "threshold": None, "auc": {"estimate": None}, "sensitivity": {}, "specificity": {}},
+        {"name": "external external", "n_positive": 99, "n_negative": 100, "threshold": 0.4, "auc": ci,
+         "sensitivity": ci, "specificity": ci}]}
+    table = covid_table(block)
+    names = table["Films"].tolist()
+    assert names[0].startswith("Internal test") and "only" in names[1] and "vikasb512" not in " ".join(names)
+    assert "SIIM" in names[1]
+    assert "left out of training" in names[2] and names[3] == "External: external"
+    assert table["Sensitivity"].tolist()[2] == "not set here" and table["AUC (chance 0.50)"][0] == "0.90 (0.80–0.95)"
