@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Fresh machine to a running app: install, train (with the input gate), cross-validate by source, explain, evaluate on
 # the internal test split and on external hospitals, then serve the clinician page.
-#   ARCH=resnet50 EPOCHS=10 IMG_SIZE=224 CROSSVAL=1 RECIPE="--balance group" bash scripts/quickstart.sh
-# RECIPE: the shortcut-resistant training flags that benchmarks/ablation.py chose on validation data only (README,
-# "External test set and ablation"); RECIPE="" trains plainly, RECIPE="--lung-crop --equalize hist" as its best
-# external row (which no validation measurement picked).
+#   ARCH=resnet50 EPOCHS=10 IMG_SIZE=224 CROSSVAL=1 CROSSVAL_MODE=probe RECIPE="--equalize hist" bash scripts/quickstart.sh
+# RECIPE: the training flags that benchmarks/recipe_selection.py chose by leave-one-source-out on all.csv, never on
+# the external set (README, "Choosing the recipe on held-out sources"); RECIPE="" trains plainly.
 # Data: $COVIDXR_DATA, else ../shared/data/all.csv beside the checkout (all training sources), else data/cxr (see
 # data/README.md). External test folder: $COVIDXR_EXTERNAL, else ../shared/data/external when it exists.
 set -euo pipefail
@@ -14,7 +13,7 @@ EPOCHS="${EPOCHS:-10}"
 IMG_SIZE="${IMG_SIZE:-224}"
 CROSSVAL="${CROSSVAL:-1}"
 CROSSVAL_MODE="${CROSSVAL_MODE:-probe}"
-RECIPE="${RECIPE---balance group}"
+RECIPE="${RECIPE---equalize hist}"
 if [ -z "${COVIDXR_DATA:-}" ] && [ -f ../shared/data/all.csv ]; then
   export COVIDXR_DATA="$(cd ../shared/data && pwd)/all.csv"
 fi
