@@ -66,14 +66,7 @@ def proxy(runs: Path, rows: list[str], seeds: list[int]) -> None:
     """Leave-one-source-out linear-probe folds per row and seed; writes ``runs/proxy-<row>.json``."""
     import torch
 
-    from covidxr.crossval.folds import (
-        CrossvalConfig,
-        backbone_features,
-        classes_missing_elsewhere,
-        held_out_sources,
-        load_all,
-        train_fold,
-    )
+    from covidxr.crossval import folds as cv
     from covidxr.crossval.results import fold_result
 
     torch.set_num_threads(1)
@@ -84,17 +77,17 @@ def proxy(runs: Path, rows: list[str], seeds: list[int]) -> None:
             print(f"{name}: reused {target}")
             continue
         start = time.perf_counter()
-        base = CrossvalConfig(data=DATA, out=runs / f"proxy-{name}", bootstrap=0, workers=0, device="cpu",
+        base = cv.CrossvalConfig(data=DATA, out=runs / f"proxy-{name}", bootstrap=0, workers=0, device="cpu",
                               **row_settings(name))
-        data = load_all(base)
-        sources, _ = held_out_sources(data, base.min_images)
-        feats = backbone_features(data, base, device)
+        data = cv.load_all(base)
+        sources, _ = cv.held_out_sources(data, base.min_images)
+        feats = cv.backbone_features(data, base, device)
         folds = []
         for seed in seeds:
             cfg = replace(base, seed=seed, out=base.out / f"s{seed}")
             for source in sources:
-                valid = not classes_missing_elsewhere(data.table, source)
-                split, logits, best = train_fold(data, source, cfg, feats, device)
+                valid = not cv.classes_missing_elsewhere(data.table, source)
+                split, logits, best = cv.train_fold(data, source, cfg, feats, device)
                 res = fold_result(source, split, logits, data.classes, cfg, best)
                 folds.append({"seed": seed, "source": source, "valid": valid,
                               "balanced_accuracy": res["metrics"]["balanced_accuracy"],
