@@ -191,7 +191,7 @@ def covid_set_name(name: str) -> str:
     if name.startswith("internal ") and ": " in name:
         return f"Internal test, {source_name(name.split(': ', 1)[1])} only"
     if name.startswith("internal "):
-        return "Internal test (same sources as training)"
+        return "Internal test films (same sources as training)"
     if name.startswith("held out: "):
         return f"{source_name(name[len('held out: '):])}, left out of training"
     return f"External: {name.removeprefix('external ')}"

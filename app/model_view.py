@@ -107,6 +107,11 @@ def _render_external(test_set: Mapping[str, Any]) -> None:
     _table(table[[bool(n) for n in table["Images"]]] if absent else table,
            "Per class on the external films, 95% intervals in brackets."
            + (f" No {', '.join(absent)} films in this set, so nothing is measured for that class." if absent else ""))
+    took = {c: n for c, n in (test_set.get("absent_class_calls") or {}).items() if n}
+    if took:
+        st.markdown("**Answers of a class this set does not have:** " + "; ".join(
+            f"{n} of {test_set.get('n_images', '?')} films were called {c}" for c, n in took.items())
+            + ". The COVID-or-not table above does not depend on them.")
     calibration = test_set.get("calibration") or {}
     ece = calibration.get("ece_after", calibration.get("ece", (test_set.get("metrics") or {}).get("ece")))
     if isinstance(ece, (int, float)):
