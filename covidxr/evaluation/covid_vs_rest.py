@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_curve
 
+from covidxr.evaluation.arrays import binary_auc
 from covidxr.evaluation.bootstrap import bootstrap_draws, percentile_interval
 from covidxr.evaluation.operating_points import binary_counts, sensitivity_specificity
 
@@ -33,7 +34,7 @@ def youden_threshold(y_bin: np.ndarray, score: np.ndarray) -> float | None:
 
 def _point(y_bin: np.ndarray, score: np.ndarray, threshold: float | None) -> tuple[float, float, float]:
     """``(AUC, sensitivity, specificity)`` with NaN where undefined."""
-    auc = float(roc_auc_score(y_bin, score)) if 0 < y_bin.sum() < y_bin.size else float("nan")
+    auc = binary_auc(y_bin, score)  # NaN without a positive or a negative
     if threshold is None:
         return auc, float("nan"), float("nan")
     sens, spec = sensitivity_specificity(binary_counts(y_bin, score, threshold))
