@@ -11,6 +11,7 @@ import pandas as pd
 
 from covidxr.evaluation.arrays import binary_auc, clean
 from covidxr.evaluation.bootstrap import bootstrap_ci
+from covidxr.evaluation.covid_vs_rest import covid_vs_rest
 
 MIN_IMAGES = 20
 SMALL_RULE = (f"too small: fewer than {MIN_IMAGES} images, or the positive class or the rest missing (no ROC-AUC); "
@@ -56,12 +57,9 @@ def _group(rows: pd.DataFrame, classes: Sequence[str], positive: str | None, n_b
         recall = {c: ci["per_class"][c]["sensitivity"] if counts[c] else None for c in classes}
     if has_both:
         k = index[positive]
-        y_bin = y == k
-        auc = clean(binary_auc(y_bin, probs[:, k]))
-        if n_boot:  # for two classes the macro one-vs-rest AUC is the positive class's AUC
-            binary = np.stack([1.0 - probs[:, k], probs[:, k]], axis=1)
-            ci = bootstrap_ci(y_bin.astype(np.int64), binary, patients, ["rest", positive], n_boot, seed)
-            auc = ci["metrics"]["roc_auc_macro"]
+        auc = clean(binary_auc(y == k, probs[:, k]))
+        if n_boot:
+            auc = covid_vs_rest("", y, probs, list(patients), classes, positive, None, n_boot, seed)["auc"]
     reasons = ([f"n < {MIN_IMAGES}"] if len(rows) < MIN_IMAGES else []) + \
         ([] if has_both else [f"no {positive} or no other image" if positive else "no positive class"])
     return {"n": int(len(rows)), "patients": int(len(set(patients))), "class_counts": counts, "recall": recall,
