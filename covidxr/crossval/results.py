@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from covidxr.crossval.folds import CrossvalConfig, classes_missing_elsewhere, fold_name
-from covidxr.evaluation.analysis import column_baseline
+from covidxr.evaluation.analysis import column_baseline, default_positive
 from covidxr.evaluation.covid_vs_rest import covid_vs_rest
 from covidxr.evaluation.heldout import flat_row, heldout_result, markdown_table, summary_columns, summary_row
 from covidxr.evaluation.outputs import jsonable
@@ -52,13 +52,13 @@ def fold_result(held_out: str, split: pd.DataFrame, logits: np.ndarray, classes:
     test, val = split[split["split"] == "test"], split[split["split"] == "val"]
     train = split[split["split"] == "train"]
     y = test["label"].map(index).to_numpy(dtype=np.int64)
-    result = heldout_result(held_out, y, softmax(logits), test["patient_id"].astype(str).tolist(), classes,
-                            cfg.bootstrap, cfg.seed)
+    probs, patients = softmax(logits), test["patient_id"].astype(str).tolist()
+    result = heldout_result(held_out, y, probs, patients, classes, cfg.bootstrap, cfg.seed)
     result["baselines"] = {c: column_baseline(train, test, y, classes, c) for c in ("source", "view")}
-    positive = next((c for c in classes if "covid" in c.lower()), None)
+    positive = default_positive(classes, None)
     if positive is not None:  # AUC only: a threshold would have to be chosen on these very folds
-        result["covid_vs_rest"] = covid_vs_rest(held_out, y, softmax(logits), test["patient_id"].astype(str).tolist(),
-                                                classes, positive, None, cfg.bootstrap, cfg.seed)
+        result["covid_vs_rest"] = covid_vs_rest(held_out, y, probs, patients, classes, positive, None, cfg.bootstrap,
+                                                cfg.seed)
     y_val = val["label"].map(index).to_numpy(dtype=np.int64)
     return {**result, "n_train": int(len(train)), "n_val": int(len(val)),
             "train_sources": train["source"].value_counts().to_dict(),
