@@ -171,8 +171,10 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
             if len(pred.y) == 0:
                 raise DatasetError(f"no readable image in the evaluated split ({data.split}) of {data.data_path}")
         with stages("metrics"):
-            heldout, why_not = load_heldout_logits(crossval, ckpt.get("config") or {}, list(ckpt["classes"]))
-            analysis = analyse(ckpt, data, pred, split_table, opts, heldout if data.own else None)
+            # External data reuses the checkpoint's calibration: the folds' logits are read for the run's own data only.
+            heldout, why_not = (load_heldout_logits(crossval, ckpt.get("config") or {}, list(ckpt["classes"]))
+                                if data.own else (None, ""))
+            analysis = analyse(ckpt, data, pred, split_table, opts, heldout)
             analysis["calibration"]["why_not_out_of_source"] = why_not or None
             result = assemble(ckpt, data, pred, analysis, split_table, opts, sha, out)
         with stages("external"):
