@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-RECIPE_KEYS = ("arch", "img_size", "lung_crop", "lung_mask", "equalize", "balance")
-DEFAULTS = {"lung_crop": False, "lung_mask": False, "equalize": "none", "balance": "loss"}
+from covidxr.data.loaders import DataSettings
+from covidxr.input_settings import InputRecord
 
 
 @dataclass(frozen=True)
@@ -33,12 +33,20 @@ class HeldOutLogits:
                 "them, same recipe)")
 
 
+def _recipe(settings: dict[str, Any]) -> dict[str, Any]:
+    """What must match between the folds and the checkpoint: architecture, input size, balance and the recorded input
+    pipeline (with its defaults and the lung-mask rule of :class:`~covidxr.input_settings.InputRecord`)."""
+    return {"arch": settings.get("arch"), "img_size": settings.get("img_size"),
+            "balance": settings.get("balance", DataSettings.balance), **InputRecord.from_dict(settings).input_record()}
+
+
 def recipe_mismatch(crossval: dict[str, Any], config: dict[str, Any]) -> str | None:
     """Why the folds' predictions cannot calibrate a checkpoint trained with ``config`` (None: they can)."""
     if crossval.get("mode") != "finetune":
         return f"the crossval folds are mode {crossval.get('mode')!r} (a linear probe, another model), not finetune"
-    for key in RECIPE_KEYS:
-        theirs, ours = crossval.get(key, DEFAULTS.get(key)), config.get(key, DEFAULTS.get(key))
+    folds, checkpoint = _recipe(crossval), _recipe(config)
+    for key, theirs in folds.items():
+        ours = checkpoint[key]
         if theirs != ours:
             return f"the crossval folds used {key}={theirs!r}, the checkpoint {key}={ours!r}"
     return None
