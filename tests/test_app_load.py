@@ -74,8 +74,9 @@ NO_ANIMATIONS_JS = """document.addEventListener("DOMContentLoaded", () => {
   document.head.appendChild(style);
 });"""
 # When the page shows all the given file names and as many probability captions and no script is running: in page
-# order, the file names ("File: NAME" lines, as FILE), the headings ("Model output: ...") and the captions of the
-# "Analyse images" tab; else null.
+# order, the file names ("File: NAME" lines, as FILE), the headings ("Model output: ..." or, for a film shown with a
+# caution, "Leans towards ..." and the percentage line under it) and the captions of the "Analyse images" tab; else
+# null.
 RESULTS_READY_JS = """names => {
   if (document.querySelector("[data-testid='stStatusWidget']")) return null;
   const panel = document.querySelector("[data-testid='stTabPanel']");
@@ -83,7 +84,7 @@ RESULTS_READY_JS = """names => {
   const isName = e => e.tagName === "P" && e.firstElementChild?.tagName === "STRONG"
     && e.firstElementChild.textContent === "File:";
   const items = [...panel.querySelectorAll("h3, p, [data-testid='stCaptionContainer']")]
-    .filter(e => e.tagName !== "P" || isName(e))
+    .filter(e => e.tagName !== "P" || isName(e) || e.textContent.startsWith("The model's probability for "))
     .map(e => isName(e) ? ["FILE", e.textContent.trim().replace(/^File:\\s*/, "")] : [e.tagName, e.textContent.trim()]);
   const headings = new Set(items.filter(([tag]) => tag === "FILE").map(([, text]) => text));
   const results = items.filter(([, text]) => text.startsWith("Probabilities: ")).length;
@@ -137,14 +138,21 @@ def pick_images(data: Path, checkpoint: Path, count: int) -> list[Expected]:
 
 
 def parse_results(items: list[list[str]]) -> dict[str, dict[str, Any]]:
-    """File name -> the class, headline percentage and per-class percentages shown in its box; a percentage is
+    """File name -> the class, headline percentage and per-class percentages shown in its box (a cautious headline's
+    percentage is on the line below it); a percentage is
     ``(bound, value)`` with bound "<" or ">" for the page's "< 1%" / "> 99%", else None."""
     shown: dict[str, dict[str, Any]] = {}
     current: dict[str, Any] | None = None
     for tag, text in items:
         headline = re.fullmatch(rf"Model output: (\S+) \({PERCENT}\)", text)
+        cautious = re.match(r"Leans towards (\S+); ", text)
+        below = re.match(rf"The model's probability for (\S+): {PERCENT},", text)
         if tag == "H3" and headline and current is not None:
             current["label"], current["percent"] = headline[1], (headline[2], float(headline[3]))
+        elif tag == "H3" and cautious and current is not None:
+            current["label"] = cautious[1]
+        elif tag == "P" and below and current is not None and current.get("label") == below[1]:
+            current["percent"] = (below[2], float(below[3]))
         elif tag == "FILE":
             assert text not in shown, f"{text} shown twice"
             current = shown[text] = {}
@@ -299,6 +307,20 @@ def test_upload_cap_is_the_readers_limit() -> None:
     """Streamlit's upload cap (MB) is covidxr.io.MAX_FILE_BYTES, so no accepted upload is refused by the reader."""
     config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
     assert config["server"]["maxUploadSize"] * 2**20 == MAX_FILE_BYTES
+
+
+def test_results_are_read_from_plain_and_cautious_headlines() -> None:
+    """A film shown with a caution ("Leans towards ...") keeps its class, and its percentage comes from the line
+    below the headline, so the load test checks both kinds of box."""
+    items = [["FILE", "a.png"], ["H3", "Model output: covid (81.2%)"],
+             ["STCAPTIONCONTAINER", "Probabilities: covid 81.2% · normal 10.0% · pneumonia 8.8%"],
+             ["FILE", "b.png"], ["H3", "Leans towards normal; unusual film"],
+             ["P", "The model's probability for normal: 50.0%, not to be taken at face value (see the caution)."],
+             ["STCAPTIONCONTAINER", "Probabilities: covid 23.8% · normal 50.0% · pneumonia 26.2%"]]
+    shown = parse_results(items)
+    assert shown["a.png"]["label"] == "covid" and shown["a.png"]["percent"] == (None, 81.2)
+    assert shown["b.png"]["label"] == "normal" and shown["b.png"]["percent"] == (None, 50.0)
+    assert shown["b.png"]["probs"]["pneumonia"] == (None, 26.2)
 
 
 @pytest.mark.browser
