@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Fresh machine to a running app: install, train (with the input gate), cross-validate by source, explain, evaluate on
 # the internal test split and on external hospitals, then serve the clinician page.
-#   ARCH=resnet50 EPOCHS=10 IMG_SIZE=224 CROSSVAL=1 CROSSVAL_MODE=probe RECIPE="--equalize hist" bash scripts/quickstart.sh
+#   ARCH=resnet50 EPOCHS=10 IMG_SIZE=224 CROSSVAL=1 CROSSVAL_MODE=probe RECIPE="--equalize hist" SERVE=1 \
+#     bash scripts/quickstart.sh
+# SERVE=0 stops after the report (timing runs, batch machines) instead of serving the app.
 # RECIPE: the training flags that benchmarks/recipe_selection.py chose by leave-one-source-out on all.csv, never on
 # the external set (README, "Choosing the recipe on held-out sources"); RECIPE="" trains plainly.
 # Data: $COVIDXR_DATA, else ../shared/data/all.csv beside the checkout (all training sources), else data/cxr (see
@@ -13,6 +15,7 @@ EPOCHS="${EPOCHS:-10}"
 IMG_SIZE="${IMG_SIZE:-224}"
 CROSSVAL="${CROSSVAL:-1}"
 CROSSVAL_MODE="${CROSSVAL_MODE:-probe}"
+SERVE="${SERVE:-1}"
 RECIPE="${RECIPE---equalize hist}"
 if [ -z "${COVIDXR_DATA:-}" ] && [ -f ../shared/data/all.csv ]; then
   export COVIDXR_DATA="$(cd ../shared/data && pwd)/all.csv"
@@ -62,4 +65,5 @@ fi
 python -m covidxr.explain score --checkpoint "$RUN/best.pt" --limit 24 --methods gradcam gradcam++ --out "$RUN/eval"
 python -m covidxr.evaluate --checkpoint "$RUN/best.pt" ${COVIDXR_EXTERNAL:+--external "$COVIDXR_EXTERNAL"}
 echo "report: $RUN/eval/report.html"
+[ "$SERVE" = 1 ] || exit 0
 exec streamlit run app/streamlit_app.py -- --checkpoint "$RUN/best.pt"
