@@ -16,6 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
+from covidxr.ensemble_model import ENSEMBLE, EnsembleClassifier
 from covidxr.errors import CheckpointError, CovidxrError, one_line
 from covidxr.preprocess import Preprocess
 
@@ -60,6 +61,14 @@ class XrayClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return class logits, (B, num_classes)."""
         return self.head(self.features(x))
+
+    def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Use ``mean``/``std`` (``(1, 3, 1, 1)``), as the checkpoint's preprocess record says."""
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+
+
+Classifier = XrayClassifier | EnsembleClassifier  # what a checkpoint holds
 
 
 def build_model(arch: str, num_classes: int, weights: str | os.PathLike = "imagenet") -> XrayClassifier:
@@ -220,8 +229,9 @@ def read_preprocess(ckpt: dict, source: str = "checkpoint") -> Preprocess:
     return pre
 
 
-def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> XrayClassifier:
-    """Rebuild a checkpoint's model exactly: architecture, head, weights (strict) and normalisation, on the CPU.
+def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> Classifier:
+    """Rebuild a checkpoint's model exactly: architecture (or a seed ensemble's members), head, weights (strict)
+    and normalisation, on the CPU.
 
     The normalisation mean/std are not in the state dict; they come from the checkpoint's preprocess record, so a
     model trained from weights with their own statistics (EfficientNet-Lite0, GoogLeNet) is rebuilt as trained.
@@ -237,7 +247,7 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> XrayClassif
         raise CheckpointError(f"{source}: the model entry is not a state dict")
     pre = read_preprocess(ckpt, source)
     try:
-        model = build_model(str(arch), len(classes), "none")
+        model = _untrained(ckpt, len(classes), source)
     except WeightsError as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
     try:
@@ -245,9 +255,21 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> XrayClassif
     except (RuntimeError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{source}: weights do not fit {arch} with {len(classes)} classes: {one_line(exc)}") \
             from exc
-    model.mean.copy_(torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1))
-    model.std.copy_(torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1))
+    model.set_normalization(torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1),
+                            torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1))
     return model
+
+
+def _untrained(ckpt: dict, num_classes: int, source: str) -> Classifier:
+    """The checkpoint's network with random weights: its architecture, or its ensemble record's members."""
+    if ckpt["arch"] != ENSEMBLE:
+        return build_model(str(ckpt["arch"]), num_classes, "none")
+    record = ckpt.get("ensemble")
+    count = record.get("members") if isinstance(record, dict) else None
+    if not isinstance(count, int) or count < 2 or not isinstance(record.get("arch"), str):
+        raise CheckpointError(f"{source}: an ensemble checkpoint needs an ensemble record with the members' "
+                              f"architecture and their number (at least 2), got {record!r}")
+    return EnsembleClassifier([build_model(record["arch"], num_classes, "none") for _ in range(count)], [1.0] * count)
 
 
 def target_layer(model: XrayClassifier) -> nn.Module:

@@ -130,6 +130,21 @@ def save_split(df: pd.DataFrame, path: Path) -> None:
     atomic_write_bytes(path, df[columns].to_csv(index=False).encode())
 
 
+def saved_split(given: str | Path | None) -> Path | None:
+    """The ``split.csv`` that ``--split-from`` names (a run folder or the file itself); None when not given.
+
+    Raises:
+        DatasetError: no split file there.
+    """
+    if not given:
+        return None
+    path = Path(given)
+    path = path / "split.csv" if path.is_dir() else path
+    if not path.is_file():
+        raise DatasetError(f"--split-from {given}: no split.csv there (give a run folder or its split.csv)")
+    return path
+
+
 def apply_split(df: pd.DataFrame, split_csv: Path | pd.DataFrame) -> pd.DataFrame:
     """Return ``df`` with the ``split`` column taken from a saved split (matched on ``relpath``).
 

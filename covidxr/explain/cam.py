@@ -91,26 +91,28 @@ def cam_class(method: str) -> type[BaseCAM]:
     return CAM_CLASSES[key]
 
 
-def resolve_layer(model: nn.Module, layer: str | nn.Module | None = None) -> nn.Module:
-    """Return the layer to explain: ``layer`` itself, the sub-module with that dotted name, or the default.
+def resolve_layers(model: nn.Module, layer: str | nn.Module | None = None) -> list[nn.Module]:
+    """Return the layers to explain: ``layer`` itself, the sub-module with that dotted name, or the default (the
+    last convolutional stage; for a seed ensemble, every member's, whose maps pytorch-grad-cam averages).
 
     Args:
-        model: the classifier (an :class:`~covidxr.models.XrayClassifier` when ``layer`` is None).
-        layer: None for :func:`covidxr.models.target_layer`, a dotted module name such as
-            ``"backbone.layer3"``, or a module of ``model``.
+        model: the classifier (an :class:`~covidxr.models.XrayClassifier` or an ensemble of them when ``layer`` is
+            None).
+        layer: None for the default, a dotted module name such as ``"backbone.layer3"``, or a module of ``model``.
 
     Returns:
-        The target module.
+        The target modules (one unless the default of an ensemble).
 
     Raises:
         ValueError: when the name does not name a sub-module of ``model``.
     """
     if layer is None:
-        return target_layer(model)
+        cam_layers = getattr(model, "cam_layers", None)
+        return cam_layers(target_layer) if cam_layers is not None else [target_layer(model)]
     if isinstance(layer, nn.Module):
-        return layer
+        return [layer]
     try:
-        return model.get_submodule(layer)
+        return [model.get_submodule(layer)]
     except AttributeError as exc:
         raise ValueError(f"no layer named {layer!r} in the model (dotted module name, e.g. 'backbone.layer4')") from exc
 
@@ -137,15 +139,15 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def backward_to_layer(model: nn.Module, layer: nn.Module) -> Iterator[None]:
-    """Make autograd start at ``layer``'s output: parameters frozen, the output turned into a graph leaf.
+def backward_to_layer(model: nn.Module, layers: Sequence[nn.Module]) -> Iterator[None]:
+    """Make autograd start at the ``layers``' outputs: parameters frozen, each output turned into a graph leaf.
 
     The hook is registered with ``prepend=True``, so pytorch-grad-cam's hooks, registered later, see the leaf.
     It does nothing when gradients are disabled (ScoreCAM's extra forward passes run under ``no_grad``).
 
     Args:
         model: the model; its parameters' ``requires_grad`` flags are restored on exit.
-        layer: the target layer.
+        layers: the target layers.
 
     Yields:
         Nothing.
@@ -158,13 +160,14 @@ def backward_to_layer(model: nn.Module, layer: nn.Module) -> Iterator[None]:
         return output.detach().requires_grad_(True).clone()
 
     flags = [(param, param.requires_grad) for param in model.parameters()]
-    handle = layer.register_forward_hook(start_graph_here, prepend=True)
+    handles = [layer.register_forward_hook(start_graph_here, prepend=True) for layer in layers]
     try:
         for param, _ in flags:
             param.requires_grad_(False)
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         for param, flag in flags:
             param.requires_grad_(flag)
 
@@ -184,7 +187,7 @@ def compute_cam(
         inputs: ``(B, 1, S, S)`` letterboxed images in ``[0, 1]`` (any device; moved to the model's).
         method: one of :data:`CAM_METHODS`.
         targets: class index to explain per image; None explains each image's predicted class.
-        layer: target layer (see :func:`resolve_layer`).
+        layer: target layer (see :func:`resolve_layers`).
         efficient: stop the backward pass at the target layer (:func:`backward_to_layer`); False runs
             pytorch-grad-cam the usual way (the model's ``requires_grad`` flags as they are).
 
@@ -195,7 +198,7 @@ def compute_cam(
         ValueError: unknown method or layer, a negative or out-of-range class index, or ``targets`` not one per image.
     """
     cam_type = cam_class(method)
-    module = resolve_layer(model, layer)
+    modules = resolve_layers(model, layer)
     if targets is not None:
         targets = [int(t) for t in targets]
         if len(targets) != len(inputs) or min(targets, default=0) < 0:
@@ -204,8 +207,8 @@ def compute_cam(
     chosen = None if targets is None else [ClassifierOutputTarget(t) for t in targets]
     with torch.inference_mode(False), torch.enable_grad(), preserved_state(model):
         x = inputs.detach().to(device=device, dtype=torch.float32).clone()  # a normal tensor even if made in inference
-        guard = backward_to_layer(model, module) if efficient else contextlib.nullcontext()
-        with guard, cam_type(model=model, target_layers=[module]) as cam:
+        guard = backward_to_layer(model, modules) if efficient else contextlib.nullcontext()
+        with guard, cam_type(model=model, target_layers=modules) as cam:
             try:
                 maps = cam(input_tensor=x, targets=chosen)
             except IndexError as exc:  # BaseCAM.__exit__ would swallow (and print) an IndexError

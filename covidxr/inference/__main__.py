@@ -45,7 +45,7 @@ from pydicom.dataset import Dataset
 
 from covidxr.dicom import is_dicom
 from covidxr.errors import CovidxrError, ImageReadError
-from covidxr.explain.cam import CAM_METHODS, resolve_layer
+from covidxr.explain.cam import CAM_METHODS, resolve_layers
 from covidxr.explain.display import captioned, overlay
 from covidxr.files import atomic_write_bytes, atomic_write_text
 from covidxr.inference.dicom_out import caption_lines, dicom_bytes, read_header, results_as_dicom
@@ -298,7 +298,7 @@ def predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if options.cam_class is not None:
         predictor.class_index(options.cam_class)
     if options.cam_layer is not None:
-        resolve_layer(predictor.model, options.cam_layer)
+        resolve_layers(predictor.model, options.cam_layer)
     args.out.mkdir(parents=True, exist_ok=True)
     if not predictor.gate.learned:
         log.warning("input gate: %s", predictor.gate.unavailable)

@@ -44,6 +44,7 @@ class TrainConfig(DataSettings):
     compile: bool = False  # torch.compile the network that trains (the saved weights stay un-compiled)
     out: str | None = None  # run folder; default runs/<arch>-<time>
     resume: str | None = None
+    split_from: str | None = None  # another run's split.csv (or run folder): train on its patient split
     # input gate (covidxr.inference.gate), fitted for best.pt when the run ends
     gate: bool = True
     gate_laterals: str | None = None  # lateral films; default notcxr/lateral beside the data or one folder up
@@ -198,6 +199,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="initialisation, split, sampling and augmentation; each epoch's from (seed, epoch)")
     g.add_argument("--out", metavar="FOLDER", help="run folder (default: runs/<arch>-<date>-<time>)")
     g.add_argument("--resume", help="continue from a run's last.pt")
+    g.add_argument("--split-from", metavar="RUN",
+                   help="train on another run's patient split (its folder or split.csv) instead of drawing one from "
+                        "--seed: members of a seed ensemble (python -m covidxr.ensemble) must share their split")
     g = p.add_argument_group("input gate")
     g.add_argument("--gate", action=argparse.BooleanOptionalAction, default=d.gate,
                    help="when the run ends, fit the input gate of best.pt on the run's own split, as python -m "

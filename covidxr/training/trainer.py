@@ -33,6 +33,7 @@ from covidxr.data.loaders import (
     use_device_cache,
 )
 from covidxr.data.manifest import resolve_data_path
+from covidxr.data.split import saved_split
 from covidxr.errors import CovidxrError, DatasetError, one_line
 from covidxr.files import remove_stale_temporaries
 from covidxr.inference.gate_fit import fit_checkpoint
@@ -79,7 +80,8 @@ def shared_run_data(cfg: TrainConfig, run_dir: Path, resuming: bool, dist: DistI
     """
     settings = replace(cfg.loader_settings(), lung_entry=lung_entry)
     split_csv = run_dir / "split.csv"
-    data = load_run_data(settings, split_csv if resuming and split_csv.is_file() else None) if dist.is_main else None
+    split = split_csv if resuming and split_csv.is_file() else saved_split(cfg.split_from)
+    data = load_run_data(settings, split) if dist.is_main else None
     if not dist.enabled:
         return data
     shared = distributed.broadcast_object(None if data is None else replace(data, images=None), dist)
