@@ -19,9 +19,11 @@ Usage::
     python benchmarks/recipe_selection.py full --runs /tmp/sel [--rows none group lungcrop lchist]
     python benchmarks/recipe_selection.py choose --runs /tmp/sel
     python benchmarks/recipe_selection.py goals --runs /tmp/sel [--rows ROW ...]   # default: the chosen row
+    python benchmarks/recipe_selection.py ensemble --runs /tmp/sel [--rows ROW] [--seeds 0 1 2]   # after goals
+    python benchmarks/recipe_selection.py table --runs /tmp/sel   # every goals/ensemble result in one table
 
-Runs already present are reused, so each step can be stopped and run again. Only ``goals`` reads ``external/``,
-after the choice, to report the chosen recipe's results.
+Runs already present are reused, so each step can be stopped and run again. Only ``goals`` and ``ensemble`` read
+``external/``, after the choice, to report results; nothing is chosen on them.
 """
 
 from __future__ import annotations
@@ -117,41 +119,84 @@ def full(runs: Path, rows: list[str]) -> None:
                 subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
+def run_logged(runs: Path, log_name: str, commands: list[list[str]]) -> None:
+    """Run ``commands`` one after the other on one thread each, appending their output to ``runs/log_name``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for cmd in commands:
+        print("$", shlex.join(cmd), flush=True)
+        with open(runs / log_name, "a") as log:
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def train_and_evaluate(runs: Path, out: Path, train_flags: list[str]) -> None:
+    """Train ``out`` with the quickstart's protocol and ``train_flags`` and evaluate it on its internal test split and
+    on ``external/`` (reported only), skipping what is already there."""
+    train = [sys.executable, "-m", "covidxr.train", "--data", DATA, *TRAIN, *train_flags, "--out", str(out)]
+    evaluate = [sys.executable, "-m", "covidxr.evaluate", "--checkpoint", str(out / "best.pt"), "--external",
+                EXTERNAL, "--lung-share-limit", "40", "--bootstrap", "200"]
+    run_logged(runs, f"{out.name}.log", ([] if (out / "best.pt").is_file() else [train])
+               + ([] if (out / "eval" / "metrics.json").is_file() else [evaluate]))
+
+
 def goals(runs: Path, rows: list[str], seeds: list[int]) -> None:
     """Train each row on all of all.csv per seed (the quickstart's protocol) and evaluate it on the internal test split
-    and on ``external/`` (reported only: it chooses nothing); writes ``runs/goals.md``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    and on ``external/`` (reported only: it chooses nothing); ``table`` collects the results."""
     for name in rows:
         for seed in seeds:
-            out = runs / f"goal-{name}-s{seed}"
-            train = [sys.executable, "-m", "covidxr.train", "--data", DATA, *TRAIN, "--seed", str(seed), *ROWS[name],
-                     "--out", str(out)]
-            evaluate = [sys.executable, "-m", "covidxr.evaluate", "--checkpoint", str(out / "best.pt"), "--external",
-                        EXTERNAL, "--lung-share-limit", "40", "--bootstrap", "200"]
-            todo = ([] if (out / "best.pt").is_file() else [train]) + \
-                ([] if (out / "eval" / "metrics.json").is_file() else [evaluate])
-            for cmd in todo:
-                print("$", shlex.join(cmd), flush=True)
-                with open(runs / f"goal-{name}-s{seed}.log", "a") as log:
-                    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+            train_and_evaluate(runs, runs / f"goal-{name}-s{seed}", ["--seed", str(seed), *ROWS[name]])
+
+
+def ensemble(runs: Path, name: str, seeds: list[int]) -> None:
+    """A seed ensemble of row ``name``: the row's seed-0 run of ``goals`` and further seeds trained on its patient
+    split (``--split-from``), each evaluated (its own temperature), combined by ``python -m covidxr.ensemble`` and
+    evaluated as the goals are."""
+    first = runs / f"goal-{name}-s0"
+    if not (first / "eval" / "metrics.json").is_file():
+        sys.exit(f"run `goals --rows {name} --seeds 0` first: {first} is the ensemble's first member")
+    members = [first]
+    for seed in (s for s in seeds if s != 0):
+        out = runs / f"ens-{name}-s{seed}"
+        train_and_evaluate(runs, out, ["--seed", str(seed), "--split-from", str(first), *ROWS[name]])
+        members.append(out)
+    out = runs / f"ens-{name}"
+    combine = [sys.executable, "-m", "covidxr.ensemble", *map(str, members), "--no-gate", "--out", str(out)]
+    if not (out / "best.pt").is_file():
+        run_logged(runs, f"{out.name}.log", [combine])
+    train_and_evaluate(runs, out, [])
+
+
+def result_line(label: str, seed: str, metrics: dict) -> str:
+    """One row of the results table from an evaluation's ``metrics.json``."""
+    ext = metrics["external"][0]
+    sets = {s["name"]: s for s in metrics["covid_vs_rest"]["sets"]}
+    e = sets[f"external {ext['name']}"]
+    siim = next((s for n, s in sets.items() if n.startswith("internal test: SIIM")), None)
+    rec = ext["metrics"]["per_class"]
+    return (f"| {label} | {seed} | {e['auc']['estimate']:.3f} | {e['sensitivity']['estimate']:.2f}"
+            f" / {e['specificity']['estimate']:.2f} ({metrics['covid_vs_rest']['threshold']:.3f}) | "
+            f"{rec['covid']['recall']:.2f} / {rec['normal']['recall']:.2f} | "
+            f"{siim['auc']['estimate'] if siim else float('nan'):.3f} | {ext['metrics']['ece']:.3f} | "
+            f"{(ext.get('lung_share') or {}).get('mean') or float('nan'):.3f} |")
+
+
+def table(runs: Path) -> str:
+    """Every evaluated goal and ensemble run in ``runs`` as one markdown table, written to ``runs/goals.md``."""
     lines = ["| row | seed | external COVID-vs-rest AUC | external COVID sensitivity / specificity (threshold) | "
              "external recall covid / normal | siim test COVID-vs-normal AUC | external ECE | external lung share |",
              "|---|---|---|---|---|---|---|---|"]
-    for name in rows:
-        for seed in seeds:
-            m = json.loads((runs / f"goal-{name}-s{seed}" / "eval" / "metrics.json").read_text())
-            ext = m["external"][0]
-            sets = {s["name"]: s for s in m["covid_vs_rest"]["sets"]}
-            e = sets[f"external {ext['name']}"]
-            siim = next((s for n, s in sets.items() if n.startswith("internal test: SIIM")), None)
-            rec = ext["metrics"]["per_class"]
-            lines.append(f"| {LABELS[name]} | {seed} | {e['auc']['estimate']:.3f} | {e['sensitivity']['estimate']:.2f}"
-                         f" / {e['specificity']['estimate']:.2f} ({m['covid_vs_rest']['threshold']:.3f}) | "
-                         f"{rec['covid']['recall']:.2f} / {rec['normal']['recall']:.2f} | "
-                         f"{siim['auc']['estimate'] if siim else float('nan'):.3f} | {ext['metrics']['ece']:.3f} | "
-                         f"{(ext.get('lung_share') or {}).get('mean') or float('nan'):.3f} |")
-    (runs / "goals.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    for name in SIMPLICITY:
+        for path in sorted(runs.glob(f"goal-{name}-s*/eval/metrics.json")):
+            seed = path.parent.parent.name.rsplit("-s", 1)[1]
+            lines.append(result_line(LABELS[name], seed, json.loads(path.read_text())))
+        for path in sorted(runs.glob(f"ens-{name}-s*/eval/metrics.json")):
+            seed = path.parent.parent.name.rsplit("-s", 1)[1]
+            lines.append(result_line(f"{LABELS[name]} (ensemble member)", seed, json.loads(path.read_text())))
+        path = runs / f"ens-{name}" / "eval" / "metrics.json"
+        if path.is_file():
+            lines.append(result_line(f"{LABELS[name]}, seed ensemble", "all", json.loads(path.read_text())))
+    text = "\n".join(lines) + "\n"
+    (runs / "goals.md").write_text(text)
+    return text
 
 
 def proxy_scores(runs: Path) -> dict[str, dict]:
@@ -241,7 +286,8 @@ def choose(runs: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=("proxy", "full", "choose", "goals"), help="what to run")
+    parser.add_argument("step", choices=("proxy", "full", "choose", "goals", "ensemble", "table"),
+                        help="what to run")
     parser.add_argument("--runs", type=Path, required=True, help="folder of the runs and their results")
     parser.add_argument("--rows", nargs="+", choices=tuple(ROWS), help="rows to run (default: all, or the four "
                         "checked rows for 'full')")
@@ -255,6 +301,11 @@ def main() -> None:
     elif args.step == "goals":
         chosen = json.loads((args.runs / "choice.json").read_text())["chosen"]
         goals(args.runs, args.rows or [chosen], args.seeds)
+    elif args.step == "ensemble":
+        chosen = json.loads((args.runs / "choice.json").read_text())["chosen"]
+        ensemble(args.runs, (args.rows or [chosen])[0], args.seeds)
+    elif args.step == "table":
+        print(table(args.runs), end="")
     else:
         choose(args.runs)
 
