@@ -101,6 +101,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--prevalence", type=_prevalence, metavar="P",
                    help="COVID prevalence the decision curves assume, in (0, 1) (default: each set's own)")
     p.add_argument("--pdf", action="store_true", help="also write report.pdf with headless Chromium")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average each film's probabilities over 5 views (as it is, zoomed "
+                        "in and out 10%%, rotated 5 degrees each way); a measurement: the results go to eval-tta/ and "
+                        "the checkpoint's calibration is left as it is")
     return p
 
 
@@ -160,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            command=["python", "-m", PROG, *argv], external=list(args.external),
                            crossval=args.crossval, gate_check=args.gate_check, gate_variants=args.gate_variants,
                            lung_share_limit=args.lung_share_limit, gallery=args.gallery, prevalence=args.prevalence,
-                           pdf=args.pdf)
+                           pdf=args.pdf, tta=args.tta)
         _print_summary(evaluate(opts))
 
     return run_cli(get_args_parser(), run, argv)

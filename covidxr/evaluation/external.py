@@ -72,7 +72,7 @@ def evaluate_external(ckpt: dict[str, Any], folder: Path, name: str, opts: EvalO
     data = load_eval_data(ckpt, opts.checkpoint, replace(opts, data=str(folder), split="all"))
     if data.own:
         raise CovidxrError(f"--external {folder}: this is the run's own data, not an external dataset")
-    pred = predict_splits(ckpt, data, opts.device)
+    pred = predict_splits(ckpt, data, opts.device, opts.tta)
     if len(pred.y) == 0:
         raise DatasetError(f"--external {folder}: no readable image")
     analysis = analyse(ckpt, data, pred, split_table, opts)

@@ -13,6 +13,7 @@ from covidxr.batches import predict_loader
 from covidxr.data.loaders import make_loaders
 from covidxr.evaluation.inputs import EvalData
 from covidxr.models import XrayClassifier, model_from_checkpoint
+from covidxr.tta import TTAClassifier
 from covidxr.utils import amp_dtype, autocast, pick_device
 
 
@@ -32,12 +33,15 @@ def build_eval_model(ckpt: dict[str, Any], device: torch.device) -> XrayClassifi
     return model_from_checkpoint(ckpt, str(ckpt.get("path", "checkpoint"))).to(device).eval()
 
 
-def predict_splits(ckpt: dict[str, Any], data: EvalData, device_name: str) -> SplitOutputs:
+def predict_splits(ckpt: dict[str, Any], data: EvalData, device_name: str, tta: bool = False) -> SplitOutputs:
     """Predict logits for the validation and evaluated rows with the run's loaders (``data.run.table.split`` is
-    each row's loader role); the validation rows' are None when there are none."""
+    each row's loader role); the validation rows' are None when there are none. With ``tta`` the logits are the
+    log mean probabilities over :data:`covidxr.tta.VIEWS`."""
     config = ckpt.get("config") or {}
     device = pick_device(device_name)
     model = build_eval_model(ckpt, device)
+    if tta:
+        model = TTAClassifier(model).eval()
     # As in training: channels_last and mixed precision unless the run turned them off (both on by default).
     channels_last = bool(config.get("channels_last", True)) and device.type == "cuda"
     if channels_last:

@@ -24,6 +24,7 @@ from covidxr.evaluation.inputs import EvalData, EvalOptions
 from covidxr.evaluation.logits import SplitOutputs
 from covidxr.evaluation.metrics import HEADLINE
 from covidxr.files import atomic_write_bytes, file_digest, text_digest
+from covidxr.tta import VIEWS
 from covidxr.utils import library_versions
 
 log = logging.getLogger("covidxr.evaluate")
@@ -140,13 +141,15 @@ def read_explain(out: Path) -> list[dict[str, Any]] | None:
     return jsonable(frame.astype(object).where(frame.notna(), None).to_dict("records"))
 
 
-def default_out(checkpoint: Path, data: EvalData) -> Path:
-    """``eval/`` beside the checkpoint for the run's data, ``eval-<dataset>/`` for an external dataset."""
+def default_out(checkpoint: Path, data: EvalData, tta: bool = False) -> Path:
+    """``eval/`` beside the checkpoint for the run's data, ``eval-<dataset>/`` for an external dataset; with
+    test-time augmentation ``eval-tta/`` and ``eval-<dataset>-tta/``."""
+    suffix = "-tta" if tta else ""
     if data.own:
-        return checkpoint.parent / "eval"
+        return checkpoint.parent / f"eval{suffix}"
     path = data.data_path
     name = path.name if path.is_dir() else f"{path.parent.name}-{path.stem}"
-    return checkpoint.parent / f"eval-{_slug(name)}"
+    return checkpoint.parent / f"eval-{_slug(name)}{suffix}"
 
 
 def _slug(text: str) -> str:
@@ -194,6 +197,7 @@ def reproducibility(opts: EvalOptions, ckpt: dict[str, Any], data: EvalData, spl
         "checkpoint_sha256": sha, "library_versions": library_versions(),
         "seeds": {"bootstrap": opts.seed, "training": (ckpt.get("config") or {}).get("seed")},
         "bootstrap": {"n_resamples": opts.bootstrap, "seed": opts.seed, "unit": "patient", "alpha": 0.05},
+        "test_time_augmentation": {"views": [list(v) for v in VIEWS]} if opts.tta else None,
         "device": opts.device, "batch_size": opts.batch_size, "workers": opts.workers,
         "timings_seconds": dict(timings),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -44,6 +44,7 @@ from covidxr.evaluation.pdf import write_pdf
 from covidxr.evaluation.publication import publication_extras
 from covidxr.evaluation.report_sections import build_report
 from covidxr.files import atomic_write_bytes, atomic_write_text, file_digest
+from covidxr.tta import VIEWS
 from covidxr.utils import pick_device
 
 
@@ -71,6 +72,9 @@ def assemble(ckpt: dict[str, Any], data: EvalData, pred: SplitOutputs, analysis:
     warnings = source_warnings(pred.table) + split_warnings(data, pred, result["calibration"]["how"])
     if result["ci"] is None:
         warnings.append("--bootstrap 0: no confidence intervals")
+    if opts.tta:
+        warnings.append(f"--tta: every probability is the mean over {len(VIEWS)} views of the film (covidxr.tta); the "
+                        "app and predict show single-view probabilities, so these numbers are not theirs")
     card = model_card(ckpt, data, pred.table, split_table, result["metrics"], result["ci"])
     card["model"]["calibration"] = result["calibration"]["how"]  # the model card says which calibration was used
     return {
@@ -123,10 +127,12 @@ def write_outputs(out: Path, result: dict[str, Any], pred: SplitOutputs, analysi
 def finish(out: Path, result: dict[str, Any], ckpt: dict[str, Any], data: EvalData, pred: SplitOutputs,
            analysis: dict[str, Any], opts: EvalOptions) -> None:
     """Write predictions, plots and report; for the run's own data, write the checkpoint's calibration sidecar
-    (temperature, thresholds, summary), pinned to the checkpoint's SHA-256. The checkpoint itself is never changed."""
+    (temperature, thresholds, summary), pinned to the checkpoint's SHA-256, unless the evaluation used test-time
+    augmentation (a temperature fitted on averaged views does not fit single predictions). The checkpoint itself is
+    never changed."""
     write_outputs(out, result, pred, analysis, load_history(opts.checkpoint, ckpt))
     result["summary"] = evaluation_summary(result, opts.checkpoint, out)
-    if data.own:
+    if data.own and not opts.tta:
         cal = result["calibration"]
         path = write_calibration(opts.checkpoint, result["checkpoint_sha256"], cal["temperature"], cal["how"],
                                  result["summary"])
@@ -163,11 +169,11 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
             crossval = read_crossval(opts.checkpoint, opts.crossval)
             for folder in opts.external:
                 resolve_data_path(str(folder))  # a missing --external folder fails before any prediction
-            out = Path(opts.out).expanduser().resolve() if opts.out else default_out(opts.checkpoint, data)
+            out = Path(opts.out).expanduser().resolve() if opts.out else default_out(opts.checkpoint, data, opts.tta)
             if out.exists() and not out.is_dir():
                 raise CovidxrError(f"--out {out} exists and is not a folder")
         with stages("predict"):
-            pred = predict_splits(ckpt, data, opts.device)
+            pred = predict_splits(ckpt, data, opts.device, opts.tta)
             if len(pred.y) == 0:
                 raise DatasetError(f"no readable image in the evaluated split ({data.split}) of {data.data_path}")
         with stages("metrics"):
