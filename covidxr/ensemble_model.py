@@ -26,6 +26,14 @@ from torch.nn import functional as F
 ENSEMBLE = "ensemble"
 
 
+def architecture_name(ckpt: dict) -> str:
+    """How a checkpoint's network is named to people: its architecture, or "ensemble of 3 efficientnet_lite0"."""
+    record = ckpt.get("ensemble")
+    if ckpt.get("arch") == ENSEMBLE and isinstance(record, dict):
+        return f"ensemble of {record.get('members')} {record.get('arch')}"
+    return str(ckpt.get("arch"))
+
+
 class EnsembleHead(nn.Module):
     """The members' linear heads over their concatenated features, averaged as calibrated probabilities."""
 

@@ -78,7 +78,7 @@ def test_the_ensemble_predicts_the_mean_of_its_members_calibrated_probabilities(
     expected = np.mean([[list(r.probs.values()) for r in p.predict_batch(xrays)] for p in singles], axis=0)
     got = np.array([list(r.probs.values()) for r in combined.predict_batch(xrays)])
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    assert combined.classes == singles[0].classes and combined.arch == ENSEMBLE
+    assert combined.classes == singles[0].classes and combined.arch == "ensemble of 2 resnet18"
 
 
 def test_grad_cam_of_an_ensemble_averages_every_members_map(ensemble: Path, shared_data: Path) -> None:
@@ -162,7 +162,7 @@ def test_the_input_gate_is_fitted_on_the_ensembles_features(members: list[Path],
     assert verdict is not None and verdict.learned and verdict.ood_distance is not None
 
 
-def test_evaluate_reports_an_ensemble_on_its_members_test_split(ensemble: Path, members: list[Path],
+def test_evaluate_reports_an_ensemble_on_its_members_test_split_and_names_it(ensemble: Path, members: list[Path],
                                                                tmp_path: Path) -> None:
     import json
 
@@ -178,6 +178,7 @@ def test_evaluate_reports_an_ensemble_on_its_members_test_split(ensemble: Path, 
     assert set(predictions["relpath"]) == set(split.loc[split["split"] == "test", "relpath"])
     assert metrics["n_images"] == len(predictions) > 0
     assert (run / "best.calibration.json").is_file()
+    assert metrics["model_card"]["model"]["arch"] == "ensemble of 2 resnet18"
 
 
 def test_an_ensemble_exports_to_onnx_with_the_same_probabilities(ensemble: Path, shared_data: Path,
@@ -188,3 +189,4 @@ def test_an_ensemble_exports_to_onnx_with_the_same_probabilities(ensemble: Path,
     onnx = Predictor.from_checkpoint(tmp_path / "best.pt", device="cpu", backend="onnx")
     assert onnx.backend == "onnx"
     assert onnx.predict(xray, cam=None).probs == pytest.approx(eager.probs, abs=1e-4)
+

@@ -7,6 +7,7 @@ from typing import Any
 import pandas as pd
 
 from covidxr.data.run_folder import training_data
+from covidxr.ensemble_model import architecture_name
 from covidxr.evaluation.analysis import source_warnings
 from covidxr.evaluation.inputs import EvalData
 from covidxr.evaluation.metrics import HEADLINE
@@ -60,7 +61,8 @@ def model_card(ckpt: dict[str, Any], data: EvalData, evaluated: pd.DataFrame, sp
     keys = ("weights", "epochs", "batch_size", "lr", "backbone_lr_scale", "weight_decay", "warmup_epochs",
             "freeze_epochs", "patience", "balance", "label_smoothing", "val_frac", "test_frac", "holdout_source",
             "exclude_source", "exclude_where", "seed")
-    model = {"arch": ckpt["arch"], "classes": list(ckpt["classes"]), "img_size": ckpt["preprocess"].get("img_size"),
+    model = {"arch": architecture_name(ckpt), "classes": list(ckpt["classes"]),
+             "img_size": ckpt["preprocess"].get("img_size"),
              "preprocess": ckpt["preprocess"], "epochs_trained": ckpt.get("epoch"),
              "best_epoch": ckpt.get("best_epoch"), "best_val_macro_auc": ckpt.get("best_auc"),
              "training": {k: cfg.get(k) for k in keys if k in cfg}, "created": ckpt.get("created")}

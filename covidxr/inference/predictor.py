@@ -42,6 +42,7 @@ import torch
 
 from covidxr.calibration_file import with_calibration
 from covidxr.checkpoint import load_checkpoint, read_temperature
+from covidxr.ensemble_model import architecture_name
 from covidxr.explain.cam import CAM_METHODS, compute_cam
 from covidxr.explain.display import heatmap_on_image
 from covidxr.files import file_digest
@@ -214,7 +215,8 @@ class Predictor:
         torch_device = pick_device(device)
         model.to(torch_device)
         gate = InputGate.from_checkpoint(ckpt, str(path))
-        info = {"arch": model.arch, "classes": classes, "img_size": preprocess.img_size, "epoch": ckpt.get("epoch"),
+        info = {"arch": architecture_name(ckpt), "classes": classes, "img_size": preprocess.img_size,
+                "epoch": ckpt.get("epoch"),
                 "best_epoch": ckpt.get("best_epoch"), "best_auc": ckpt.get("best_auc"), "temperature": temperature,
                 "created": ckpt.get("created"), "versions": ckpt.get("versions") or {},
                 "data": _data_summary(ckpt), "config": ckpt.get("config") or {},
@@ -222,6 +224,7 @@ class Predictor:
         predictor = cls(model, classes, preprocess, temperature, path, sha, ckpt.get("evaluation"), info,
                         torch_device, gate=gate, pipeline=pipeline)
         predictor.runner = predictor._open_runner(backend)
+        predictor.arch = architecture_name(ckpt)  # "ensemble of 3 efficientnet_lite0" for a seed ensemble
         return predictor
 
     def _open_runner(self, backend: str) -> OnnxRunner | None:
