@@ -3,6 +3,7 @@ into one checkpoint that the predictor, Grad-CAM, the input gate and evaluate ta
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -164,8 +165,6 @@ def test_the_input_gate_is_fitted_on_the_ensembles_features(members: list[Path],
 
 def test_evaluate_reports_an_ensemble_on_its_members_test_split_and_names_it(ensemble: Path, members: list[Path],
                                                                tmp_path: Path) -> None:
-    import json
-
     from covidxr.evaluation.__main__ import main as evaluate
 
     run = tmp_path / "ens"
@@ -190,3 +189,20 @@ def test_an_ensemble_exports_to_onnx_with_the_same_probabilities(ensemble: Path,
     assert onnx.backend == "onnx"
     assert onnx.predict(xray, cam=None).probs == pytest.approx(eager.probs, abs=1e-4)
 
+
+
+def test_the_app_shows_an_ensembles_prediction_heat_map_and_name(ensemble: Path, shared_data: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("COVIDXR_CHECKPOINT", str(ensemble / "best.pt"))
+    monkeypatch.setenv("COVIDXR_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("COVIDXR_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"), default_timeout=120)
+    at.run()
+    film = sorted((shared_data / "covid").iterdir())[0]
+    at.file_uploader[0].set_value([(film.name, film.read_bytes(), "application/octet-stream")]).run()
+    assert not at.exception, at.exception
+    assert any(c.value.startswith("Probabilities: ") for c in at.caption)
+    record = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[0])
+    assert record["model"]["arch"] == "ensemble of 2 resnet18" and record["cam_method"] == "gradcam"
