@@ -20,6 +20,7 @@ Usage::
     python benchmarks/recipe_selection.py choose --runs /tmp/sel
     python benchmarks/recipe_selection.py goals --runs /tmp/sel [--rows ROW ...]   # default: the chosen row
     python benchmarks/recipe_selection.py ensemble --runs /tmp/sel [--rows ROW] [--seeds 0 1 2]   # after goals
+    python benchmarks/recipe_selection.py tta --runs /tmp/sel   # after full: --tta on the held-out siim fold
     python benchmarks/recipe_selection.py table --runs /tmp/sel   # every goals/ensemble result in one table
 
 Runs already present are reused, so each step can be stopped and run again. Only ``goals`` and ``ensemble`` read
@@ -117,6 +118,34 @@ def full(runs: Path, rows: list[str]) -> None:
             print("$", shlex.join(cmd), flush=True)
             with open(runs / f"full-siim-{name}.log", "a") as log:
                 subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def tta(runs: Path, rows: list[str], spread: float) -> list[str]:
+    """Test-time augmentation on the held-out source: each row's ``full`` model (fine-tuned without siim, seed 0)
+    evaluated on siim again with ``--tta``; it joins the recipe only if it raises every row's held-out balanced
+    accuracy by more than ``spread`` (the chosen row's seed spread), else the tie goes to the simpler recipe."""
+    lines = ["| row | siim held out: balanced accuracy | with --tta | change | COVID-vs-rest AUC | with --tta |",
+             "|---|---|---|---|---|---|"]
+    gains = []
+    for name in rows:
+        out = runs / f"full-siim-{name}"
+        evaluate = [sys.executable, "-m", "covidxr.evaluate", "--checkpoint", str(out / "best.pt"), "--tta",
+                    "--bootstrap", "0", "--lung-share-limit", "0", "--gallery", "0",
+                    "--out", str(out / "eval-heldout-tta")]
+        if not (out / "eval-heldout-tta" / "metrics.json").is_file():
+            run_logged(runs, f"full-siim-{name}.log", [evaluate])
+        plain, augmented = (json.loads((out / folder / "metrics.json").read_text())
+                            for folder in ("eval-heldout", "eval-heldout-tta"))
+        aucs = [next(s["auc"]["estimate"] for s in m["covid_vs_rest"]["sets"] if s["name"] == "internal test")
+                if m.get("covid_vs_rest") else float("nan") for m in (plain, augmented)]
+        before, after = plain["metrics"]["balanced_accuracy"], augmented["metrics"]["balanced_accuracy"]
+        gains.append(after - before)
+        lines.append(f"| {LABELS[name]} | {before:.3f} | {after:.3f} | {after - before:+.3f} | {aucs[0]:.3f} | "
+                     f"{aucs[1]:.3f} |")
+    adopted = bool(gains) and min(gains) > spread
+    lines += ["", f"Rule: adopt --tta only if every row gains more than {spread:.3f}; smallest gain {min(gains):+.3f}: "
+              + ("adopted" if adopted else "not adopted (a tie goes to the simpler recipe, without TTA)")]
+    return lines
 
 
 def run_logged(runs: Path, log_name: str, commands: list[list[str]]) -> None:
@@ -286,7 +315,7 @@ def choose(runs: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=("proxy", "full", "choose", "goals", "ensemble", "table"),
+    parser.add_argument("step", choices=("proxy", "full", "choose", "goals", "ensemble", "tta", "table"),
                         help="what to run")
     parser.add_argument("--runs", type=Path, required=True, help="folder of the runs and their results")
     parser.add_argument("--rows", nargs="+", choices=tuple(ROWS), help="rows to run (default: all, or the four "
@@ -304,6 +333,9 @@ def main() -> None:
     elif args.step == "ensemble":
         chosen = json.loads((args.runs / "choice.json").read_text())["chosen"]
         ensemble(args.runs, (args.rows or [chosen])[0], args.seeds)
+    elif args.step == "tta":
+        choice = json.loads((args.runs / "choice.json").read_text())
+        print("\n".join(tta(args.runs, args.rows or list(FULL_ROWS), choice["scores"][choice["chosen"]]["spread"])))
     elif args.step == "table":
         print(table(args.runs), end="")
     else:
