@@ -103,7 +103,6 @@ def proxy(runs: Path, rows: list[str], seeds: list[int]) -> None:
 
 def full(runs: Path, rows: list[str]) -> None:
     """The full protocol on the siim fold (seed 0): fine-tune without siim, evaluate on it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     for name in rows:
         out = runs / f"full-siim-{name}"
         metrics = out / "eval-heldout" / "metrics.json"
@@ -114,10 +113,7 @@ def full(runs: Path, rows: list[str]) -> None:
                  "--holdout-source", SIIM, *ROWS[name], "--out", str(out)]
         evaluate = [sys.executable, "-m", "covidxr.evaluate", "--checkpoint", str(out / "best.pt"), "--bootstrap",
                     "0", "--lung-share-limit", "0", "--out", str(out / "eval-heldout")]
-        for cmd in ([] if (out / "best.pt").is_file() else [train]) + [evaluate]:
-            print("$", shlex.join(cmd), flush=True)
-            with open(runs / f"full-siim-{name}.log", "a") as log:
-                subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+        run_logged(runs, f"full-siim-{name}.log", ([] if (out / "best.pt").is_file() else [train]) + [evaluate])
 
 
 def tta(runs: Path, rows: list[str], spread: float) -> list[str]:

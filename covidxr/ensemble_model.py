@@ -8,7 +8,7 @@ ONNX export and evaluation take an ensemble checkpoint as they take a single mod
 - ``head`` (:class:`EnsembleHead`) splits them again, applies each member's own linear head and temperature, and
   returns ``log(mean_i softmax(logits_i / T_i))``: a softmax of the output is the members' mean calibrated
   probability, so a further temperature (evaluate's, fitted on the ensemble) applies on top as for any model.
-- Grad-CAM explains every member's last convolutional stage (:meth:`EnsembleClassifier.cam_layers`);
+- Grad-CAM explains every member's last convolutional stage (:func:`covidxr.models.target_layers`);
   pytorch-grad-cam averages the per-layer maps.
 
 This module knows nothing of checkpoints; :func:`covidxr.models.model_from_checkpoint` builds the members.
@@ -17,21 +17,13 @@ This module knows nothing of checkpoints; :func:`covidxr.models.model_from_check
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 ENSEMBLE = "ensemble"
-
-
-def architecture_name(ckpt: dict) -> str:
-    """How a checkpoint's network is named to people: its architecture, or "ensemble of 3 efficientnet_lite0"."""
-    record = ckpt.get("ensemble")
-    if ckpt.get("arch") == ENSEMBLE and isinstance(record, dict):
-        return f"ensemble of {record.get('members')} {record.get('arch')}"
-    return str(ckpt.get("arch"))
 
 
 class EnsembleHead(nn.Module):
@@ -76,7 +68,6 @@ class EnsembleClassifier(nn.Module):
         if len(archs) != 1:
             raise ValueError(f"ensemble members must share one architecture, got {sorted(archs)}")
         self.arch = ENSEMBLE
-        self.member_arch = archs.pop()
         heads = []
         for member in members:
             heads.append(member.head)
@@ -102,10 +93,6 @@ class EnsembleClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return ``(B, C)`` log mean calibrated probabilities (logits for a softmax)."""
         return self.head(self.features(x))
-
-    def cam_layers(self, layer_of: Callable[[nn.Module], nn.Module]) -> list[nn.Module]:
-        """The layer that ``layer_of`` picks in each member (Grad-CAM averages their maps)."""
-        return [layer_of(member) for member in self.members]
 
     def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Use ``mean``/``std`` (``(1, 3, 1, 1)``) in every member, as the checkpoint's preprocess record says."""

@@ -260,6 +260,14 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> Classifier:
     return model
 
 
+def architecture_name(ckpt: dict) -> str:
+    """How a checkpoint's network is named to people: its architecture, or "ensemble of 3 efficientnet_lite0"."""
+    record = ckpt.get("ensemble")
+    if ckpt.get("arch") == ENSEMBLE and isinstance(record, dict):
+        return f"ensemble of {record.get('members')} {record.get('arch')}"
+    return str(ckpt.get("arch"))
+
+
 def _untrained(ckpt: dict, num_classes: int, source: str) -> Classifier:
     """The checkpoint's network with random weights: its architecture, or its ensemble record's members."""
     if ckpt["arch"] != ENSEMBLE:
@@ -290,6 +298,12 @@ def target_layer(model: XrayClassifier) -> nn.Module:
     if not convs:
         raise CheckpointError(f"no convolutional layer in {arch} to explain")
     return convs[-1]
+
+
+def target_layers(model: Classifier) -> list[nn.Module]:
+    """The layers Grad-CAM explains by default: :func:`target_layer`, or each member's for a seed ensemble."""
+    members = model.members if isinstance(model, EnsembleClassifier) else [model]
+    return [target_layer(member) for member in members]
 
 
 def _reason(exc: BaseException) -> str:

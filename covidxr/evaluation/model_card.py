@@ -7,11 +7,11 @@ from typing import Any
 import pandas as pd
 
 from covidxr.data.run_folder import training_data
-from covidxr.ensemble_model import architecture_name
 from covidxr.evaluation.analysis import source_warnings
 from covidxr.evaluation.inputs import EvalData
 from covidxr.evaluation.metrics import HEADLINE
 from covidxr.evaluation.outputs import jsonable
+from covidxr.models import architecture_name
 
 INTENDED_USE = ("Research and education only: a worked example of transfer learning and of evaluating a medical "
                 "image classifier honestly. It is not a diagnostic device, has no regulatory clearance, and must "

@@ -41,7 +41,7 @@ from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from covidxr.models import target_layer
+from covidxr.models import target_layers
 
 CAM_METHODS: tuple[str, ...] = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam")
 """Method names accepted everywhere (``--cam``, ``Predictor.predict(cam=...)``)."""
@@ -107,8 +107,7 @@ def resolve_layers(model: nn.Module, layer: str | nn.Module | None = None) -> li
         ValueError: when the name does not name a sub-module of ``model``.
     """
     if layer is None:
-        cam_layers = getattr(model, "cam_layers", None)
-        return cam_layers(target_layer) if cam_layers is not None else [target_layer(model)]
+        return target_layers(model)
     if isinstance(layer, nn.Module):
         return [layer]
     try:

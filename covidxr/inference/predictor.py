@@ -42,7 +42,6 @@ import torch
 
 from covidxr.calibration_file import with_calibration
 from covidxr.checkpoint import load_checkpoint, read_temperature
-from covidxr.ensemble_model import architecture_name
 from covidxr.explain.cam import CAM_METHODS, compute_cam
 from covidxr.explain.display import heatmap_on_image
 from covidxr.files import file_digest
@@ -60,7 +59,7 @@ from covidxr.inference.prediction import Prediction
 from covidxr.io import Xray
 from covidxr.lungs import cam_share_in_lungs
 from covidxr.model_input import PLAIN, InputPipeline, pipeline_from_checkpoint
-from covidxr.models import XrayClassifier, model_from_checkpoint, read_preprocess
+from covidxr.models import XrayClassifier, architecture_name, model_from_checkpoint, read_preprocess
 from covidxr.preprocess import Preprocess
 from covidxr.utils import pick_device, softmax
 
@@ -167,7 +166,7 @@ class Predictor:
                  device: torch.device, runner: OnnxRunner | None = None, gate: InputGate | None = None,
                  pipeline: InputPipeline = PLAIN) -> None:
         self.model = model
-        self.arch: str = model.arch
+        self.arch: str = info.get("arch") or model.arch  # "ensemble of 3 efficientnet_lite0" for a seed ensemble
         self.classes = list(classes)
         self.preprocess = preprocess
         self.temperature = float(temperature)
@@ -224,7 +223,6 @@ class Predictor:
         predictor = cls(model, classes, preprocess, temperature, path, sha, ckpt.get("evaluation"), info,
                         torch_device, gate=gate, pipeline=pipeline)
         predictor.runner = predictor._open_runner(backend)
-        predictor.arch = architecture_name(ckpt)  # "ensemble of 3 efficientnet_lite0" for a seed ensemble
         return predictor
 
     def _open_runner(self, backend: str) -> OnnxRunner | None:

@@ -102,10 +102,10 @@ def combine(paths: Sequence[str | Path]) -> dict[str, Any]:
     names = [str(p) for p in paths]
     check_members(ckpts, names)
     temperatures = [read_temperature(c, n) for c, n in zip(ckpts, names, strict=True)]
-    for ckpt, name in zip(ckpts, names, strict=True):
+    for ckpt, name, temperature in zip(ckpts, names, temperatures, strict=True):
         if "calibration_record" not in ckpt:
             log.warning("%s: no calibration of its own (python -m covidxr.evaluate writes one); its probabilities "
-                        "enter the ensemble at temperature %.3g", name, read_temperature(ckpt, name))
+                        "enter the ensemble at temperature %.3g", name, temperature)
     model = EnsembleClassifier([model_from_checkpoint(c, n) for c, n in zip(ckpts, names, strict=True)], temperatures)
     first = ckpts[0]
     members = [{"checkpoint": str(p), "sha256": d, "seed": (c.get("config") or {}).get("seed"), "temperature": t,
