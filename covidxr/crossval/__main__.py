@@ -41,7 +41,7 @@ from covidxr.errors import DatasetError
 from covidxr.html_page import format_value
 from covidxr.model_input import require_lung_model
 from covidxr.models import ARCHS
-from covidxr.training.config import add_input_args, image_size
+from covidxr.training.config import add_balance_args, add_input_args, image_size
 from covidxr.utils import OneLineParser, add_device_arg, add_out_arg, int_at_least, pick_device, run_cli, setup_logging
 
 PROG = "covidxr.crossval"
@@ -73,8 +73,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--workers", type=int_at_least(0), default=min(2, os.cpu_count() or 1),
                    help="decoding and loader processes (default: %(default)s)")
     p.add_argument("--cache-dir", help="prepared cache folder (default: $COVIDXR_CACHE or ~/.cache/covidxr/prepared)")
-    p.add_argument("--balance", choices=("loss", "sampler", "group", "none"), default=d.balance,
-                   help="class imbalance in each fold's training, as python -m covidxr.train --balance")
+    p.add_argument("--fold", action="append", default=[], metavar="SOURCE",
+                   help="hold out only this source (repeatable; default: every source with --min-images images)")
+    add_balance_args(p, d)
     add_input_args(p)
     return p
 
@@ -89,6 +90,12 @@ def cross_validate(cfg: CrossvalConfig) -> dict:
     device = pick_device(cfg.device)
     data = load_all(cfg)
     sources, skipped = held_out_sources(data, cfg.min_images)
+    if cfg.fold:
+        unknown = sorted(set(cfg.fold) - set(sources))
+        if unknown:
+            raise DatasetError(f"--fold {unknown[0]!r}: not a source with {cfg.min_images}+ readable images "
+                               f"(sources: {', '.join(sources)})")
+        sources = [s for s in sources if s in cfg.fold]
     if not sources or data.table["source"].nunique() < 2:
         raise DatasetError(f"{cfg.data}: cross-validation by source needs two sources or more, one with "
                            f"{cfg.min_images}+ images (found {dict(data.table['source'].value_counts())})")
@@ -109,7 +116,7 @@ def cross_validate(cfg: CrossvalConfig) -> dict:
     content = {"by": cfg.by, "data": str(cfg.data), "mode": cfg.mode, "arch": cfg.arch, "weights": cfg.weights,
                "img_size": cfg.img_size, "min_images": cfg.min_images, "val_frac": cfg.val_frac, "epochs": cfg.epochs,
                "seed": cfg.seed, "bootstrap": cfg.bootstrap, "classes": data.classes, **cfg.input_record(),
-               "balance": cfg.balance,
+               "balance": cfg.balance, "loss": cfg.loss, "epoch_size": cfg.epoch_size,
                "n_images": int(len(data.table)), "unreadable": data.unreadable, "skipped_sources": skipped,
                "folds": folds, "command": cfg.command, "command_line": shlex.join(cfg.command),
                "device": str(device), "seconds": round(time.perf_counter() - start, 1),

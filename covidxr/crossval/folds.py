@@ -9,7 +9,10 @@ and checkpoints). ``finetune`` runs ``python -m covidxr.train``'s whole recipe p
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +23,8 @@ import torch
 from torch.utils.data import BatchSampler, SequentialSampler
 
 from covidxr.batches import predict_loader
-from covidxr.checkpoint import load_checkpoint
-from covidxr.data.loaders import LoaderSettings, RunData, input_pipeline, make_loaders, prepare_rows
+from covidxr.checkpoint import load_checkpoint, save_checkpoint
+from covidxr.data.loaders import LoaderSettings, RunData, cache_dir, input_pipeline, make_loaders, prepare_rows
 from covidxr.data.manifest import class_names, dataset_root, load_manifest, resolve_data_path, validate_for_training
 from covidxr.data.split import check_no_leakage, make_split
 from covidxr.errors import DatasetError
@@ -61,6 +64,9 @@ class CrossvalConfig(InputSettings):
     workers: int = 2
     cache_dir: str | None = None
     balance: str = "loss"  # class imbalance in each fold's training (python -m covidxr.train --balance)
+    loss: str = "softmax"  # python -m covidxr.train --loss
+    epoch_size: int = 0  # python -m covidxr.train --epoch-size
+    fold: list[str] = field(default_factory=list)  # hold out only these sources (default: every large enough one)
     command: list[str] = field(default_factory=list)
 
     def train_config(self, held_out: str, fold_dir: Path) -> TrainConfig:
@@ -69,7 +75,8 @@ class CrossvalConfig(InputSettings):
                            cache_dir=self.cache_dir, arch=self.arch, weights=self.weights, img_size=self.img_size,
                            epochs=self.epochs, batch_size=self.batch_size, linear_probe=self.mode == "probe",
                            device=self.device, workers=self.workers, seed=self.seed, out=str(fold_dir),
-                           balance=self.balance, **self.input_settings())
+                           balance=self.balance, loss=self.loss, epoch_size=self.epoch_size,
+                           **self.input_settings())
 
 
 @dataclass
@@ -135,7 +142,17 @@ def fold_split(data: AllData, held_out: str, cfg: CrossvalConfig) -> pd.DataFram
 
 
 def backbone_features(data: AllData, cfg: CrossvalConfig, device: torch.device) -> features.FeatureSet:
-    """The ImageNet backbone's features of every readable image (eval mode, evaluation preprocessing), once."""
+    """The ImageNet backbone's features of every readable image (eval mode, evaluation preprocessing), once.
+
+    They depend on neither the seed nor the fold, so they are kept in the prepared cache's ``features/`` folder, keyed
+    by the architecture, weights, size, input pipeline and the prepared images' cache entries: the seeds of a recipe
+    (and a rerun) compute them once.
+    """
+    cache = _features_file(data, cfg)
+    if cache is not None and cache.is_file():
+        stored = torch.load(cache, map_location=device, weights_only=True)
+        if stored["features"].shape[0] == len(data.table):
+            return features.FeatureSet(stored["features"], stored["targets"])
     seed_everything(cfg.seed)
     model = build_model(cfg.arch, len(data.classes), cfg.weights).to(device)
     everything = RunData(data.table.assign(split="test"), data.classes, data.root, data.images, data.unreadable,
@@ -143,7 +160,20 @@ def backbone_features(data: AllData, cfg: CrossvalConfig, device: torch.device) 
     loader = make_loaders(everything, data.settings, device, cfg.seed)["test"]
     amp = autocast(device, amp_dtype(device))
     feats, targets, indices = features.extract_features(model, loader, device, amp)
-    return features.assemble(feats, targets, indices, len(data.table))
+    result = features.assemble(feats, targets, indices, len(data.table))
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(cache, {"features": result.features.cpu(), "targets": result.targets.cpu()})
+    return result
+
+
+def _features_file(data: AllData, cfg: CrossvalConfig) -> Path | None:
+    if not data.settings.cache or cfg.weights not in ("imagenet", "none"):
+        return None
+    ident = json.dumps([cfg.arch, cfg.weights, cfg.img_size, data.pipeline.key, data.classes,
+                        [os.path.abspath(data.root / p) for p in data.table["relpath"]],
+                        [int(os.stat(data.root / p).st_mtime_ns) for p in data.table["relpath"]]])
+    return cache_dir(data.settings) / "features" / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.pt"
 
 
 def _fold_data(data: AllData, split: pd.DataFrame) -> RunData:

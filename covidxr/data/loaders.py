@@ -57,7 +57,11 @@ class DataSettings(InputSettings):
     val_frac: float = 0.15
     test_frac: float = 0.15
     holdout_source: list[str] = field(default_factory=list)  # sources that go entirely to test
-    balance: str = "loss"  # loss (weighted cross-entropy), sampler (by class), group (by class x source), none
+    balance: str = "loss"  # loss (weighted cross-entropy), sampler (by class), group (by class x source), sqrt, none
+    # softmax: every film against every class; contrast: against its own source's classes (covidxr.training.contrast),
+    # so films of a single-class source are never drawn
+    loss: str = "softmax"
+    epoch_size: int = 0  # films drawn per training epoch (with replacement, by the balance's weights); 0: the split
     exclude_source: list[str] = field(default_factory=list)  # sources left out entirely
     exclude_where: list[str] = field(default_factory=list)  # COLUMN=VALUE filters on manifest columns
     cache: bool = True  # decode each image once into the prepared cache
@@ -173,10 +177,30 @@ def exclude_rows(table: pd.DataFrame, sources: list[str], where: list[str]) -> p
     return table[keep].reset_index(drop=True)
 
 
-def sample_weights(table: pd.DataFrame, balance: str) -> np.ndarray:
-    """Per-image sampling weights that give every class (or every (class, source) group) the same total weight."""
-    keys = table["label"] if balance == "sampler" else table["label"] + "\x1f" + table["source"]
-    return (1.0 / keys.map(keys.value_counts())).to_numpy(dtype=np.float64)
+def sample_weights(table: pd.DataFrame, balance: str, contrast: bool = False) -> np.ndarray:
+    """Per-image sampling weights.
+
+    ``sampler`` gives every class the same total weight, ``group`` every (class, source) group, ``sqrt`` every
+    (class, source) group a total weight proportional to the square root of its size (a large collection still
+    counts more than a small one, but no longer drowns it; a handful of films is not repeated hundreds of times),
+    anything else every image the same. With ``contrast`` the images of a source holding a single class get weight 0:
+    the source-contrast loss learns nothing from them.
+    """
+    if balance == "sampler":
+        keys = table["label"]
+    elif balance in ("group", "sqrt"):
+        keys = table["label"] + "\x1f" + table["source"].astype(str)
+    else:
+        keys = pd.Series(0, index=table.index)
+    sizes = keys.map(keys.value_counts()).to_numpy(dtype=np.float64)
+    weights = 1.0 / np.sqrt(sizes) if balance == "sqrt" else 1.0 / sizes
+    if contrast:
+        classes_here = table.groupby(table["source"].astype(str))["label"].transform("nunique").to_numpy()
+        weights = np.where(classes_here >= 2, weights, 0.0)
+        if not weights.any():
+            raise DatasetError("--loss contrast: no training source holds two classes (each source's films are "
+                               "only compared with that source's other classes)")
+    return weights
 
 
 class DistributedWeightedSampler(Sampler[int]):
@@ -209,14 +233,17 @@ def split_sampler(sub: pd.DataFrame, train: bool, settings: LoaderSettings, epoc
                   rank: int = 0, world_size: int = 1) -> Sampler:
     """Return the order of one split's samples for one epoch (this rank's share under ``torchrun``).
 
-    Training: shuffled, or drawn with replacement by ``--balance sampler/group`` weights; seeded by the epoch
+    Training: shuffled, or drawn with replacement by ``--balance sampler/group/sqrt`` weights (also with
+    ``--loss contrast`` or ``--epoch-size``, which draws that many films); seeded by the epoch
     (``DistributedSampler`` by ``--seed`` plus ``set_epoch``). Under ``torchrun`` the weighted draw is one
     global draw split over ranks (:class:`DistributedWeightedSampler`). Evaluation: in order; under ``torchrun``
     sharded with padding repeats, which :func:`covidxr.training.distributed.gather_epoch` drops again.
     """
     n = len(sub)
-    if train and settings.balance in ("sampler", "group"):
-        weights = sample_weights(sub, settings.balance)
+    contrast = settings.loss == "contrast"
+    if train and (settings.balance in ("sampler", "group", "sqrt") or contrast or settings.epoch_size):
+        weights = sample_weights(sub, settings.balance, contrast)
+        n = settings.epoch_size or n
         if world_size > 1:
             return DistributedWeightedSampler(weights, n, rank, world_size, epoch_seed)
         return WeightedRandomSampler(weights.tolist(), n, replacement=True,

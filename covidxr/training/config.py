@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from covidxr.data.loaders import DataSettings, LoaderSettings
 from covidxr.input_settings import EQUALIZE, LUNG_MARGIN, LUNG_MASK_DILATION
 from covidxr.models import ARCHS
 from covidxr.style_augment import AUGMENT_MODES
+from covidxr.training.contrast import LOSSES
 from covidxr.utils import OneLineParser, add_device_arg, int_at_least
 
 PROG = "covidxr.train"
+BALANCES = ("loss", "sampler", "group", "sqrt", "none")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,6 +126,22 @@ def add_input_args(p: argparse.ArgumentParser, lung_margin: float = LUNG_MARGIN)
                         "the pixels inside the mask alone)")
 
 
+def add_balance_args(g: argparse._ArgumentGroup, d: Any) -> None:
+    """Add --balance, --loss and --epoch-size (training and cross-validation share them); ``d`` holds their defaults
+    (a :class:`TrainConfig` or a cross-validation config)."""
+    g.add_argument("--balance", choices=BALANCES, default=d.balance,
+                   help="imbalance: weighted loss, sampler by class, sampler by (class, source) group "
+                        "(weakens source shortcuts), sampler by group with weights growing as the square root of "
+                        "the group's size (sqrt), or nothing")
+    g.add_argument("--loss", choices=LOSSES, default=d.loss,
+                   help="softmax: each film against every class; contrast: each film only against the classes its "
+                        "own source holds, so no class is learned as a collection's look (single-class sources "
+                        "are not drawn; the best epoch is chosen by the within-source validation AUC)")
+    g.add_argument("--epoch-size", type=non_negative_int, default=d.epoch_size, metavar="N",
+                   help="films drawn per training epoch, with replacement and the --balance weights (0: the whole "
+                        "training split once): more data then means more variety, not longer epochs")
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Return the ``python -m covidxr.train`` parser (reusable by tests and other entry points)."""
     d = TrainConfig()
@@ -134,9 +153,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--test-frac", type=_fraction, default=d.test_frac, help="share of each class for test")
     g.add_argument("--holdout-source", action="append", default=[], metavar="SOURCE",
                    help="put every image of this source in test (repeatable): external validation")
-    g.add_argument("--balance", choices=("loss", "sampler", "group", "none"), default=d.balance,
-                   help="imbalance: weighted loss, sampler by class, sampler by (class, source) group "
-                        "(weakens source shortcuts), or nothing")
+    add_balance_args(g, d)
     g.add_argument("--exclude-source", action="append", default=[], metavar="SOURCE",
                    help="leave out every image of this source (repeatable)")
     g.add_argument("--exclude-where", action="append", default=[], metavar="COLUMN=VALUE",

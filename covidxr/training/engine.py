@@ -48,10 +48,10 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
         with amp():
             if sources is None:
                 logits = model(images)
-                loss = objective = criterion(logits, targets)
+                loss = objective = class_loss(criterion, logits, targets, indices)
             else:
                 logits, source_loss = model(images, targets, sources[torch.as_tensor(indices)].to(device))
-                loss = criterion(logits, targets)
+                loss = class_loss(criterion, logits, targets, indices)
                 objective = loss + source_loss
                 source_total += source_loss.detach().float() * len(targets)
         optimizer.zero_grad(set_to_none=True)
@@ -68,6 +68,14 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
         targets_all.append(targets)
         index_all.append(indices)
     return collect(total.item(), count, [t.cpu() for t in logits_all], [t.cpu() for t in targets_all], index_all)
+
+
+def class_loss(criterion: nn.Module, logits: torch.Tensor, targets: torch.Tensor, rows) -> torch.Tensor:
+    """``criterion``'s loss; a criterion with ``needs_rows`` (:class:`~covidxr.training.contrast.SourceContrastLoss`)
+    also gets the films' positions in the training split."""
+    if getattr(criterion, "needs_rows", False):
+        return criterion(logits, targets, rows)
+    return criterion(logits, targets)
 
 
 def summary_metrics(logits: np.ndarray, targets: np.ndarray, num_classes: int) -> dict[str, float]:

@@ -95,7 +95,7 @@ def train_head_epoch(head: nn.Module, features: FeatureSet, batches: Iterable[li
         x, y = features.features[on_device], features.targets[on_device]
         with amp():
             logits = head(x)
-            loss = criterion(logits, y)
+            loss = criterion(logits, y, positions) if getattr(criterion, "needs_rows", False) else criterion(logits, y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if after_backward is not None:

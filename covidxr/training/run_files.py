@@ -20,7 +20,7 @@ from covidxr.utils import library_versions
 
 log = logging.getLogger("covidxr.train")
 HISTORY_FIELDS = ("epoch", "phase", "lr", "seconds", "train_loss", "train_acc", "train_f1", "train_auc",
-                  "val_loss", "val_acc", "val_f1", "val_auc")
+                  "val_loss", "val_acc", "val_f1", "val_auc", "val_auc_within_source")
 
 
 def checkpoint_dict(model: XrayClassifier, cfg: TrainConfig, data: RunData, state: dict, full: bool,

@@ -42,9 +42,10 @@ from covidxr.training import distributed, engine
 from covidxr.training import head_features as features
 from covidxr.training.adversary import AdversarialNetwork, build_adversarial
 from covidxr.training.config import TrainConfig
+from covidxr.training.contrast import contrast_criterion, within_source_auc
 from covidxr.training.distributed import DistInfo
 from covidxr.training.run_files import checkpoint_dict, write_history, write_run_files
-from covidxr.utils import amp_dtype, autocast, pick_device, seed_everything
+from covidxr.utils import amp_dtype, autocast, pick_device, seed_everything, softmax
 
 log = logging.getLogger("covidxr.train")
 EVAL_FEATURE_BATCH = 4096  # head-only evaluation on cached features: large batches cost nothing
@@ -288,6 +289,8 @@ def build_trainer(cfg: TrainConfig, data: RunData, dist: DistInfo, device: torch
                  device_images.numel() / 2**20)
     train_targets = np.array([data.classes.index(c) for c in data.table.loc[data.table["split"] == "train", "label"]])
     weight = class_weights(train_targets, len(data.classes)).to(device) if cfg.balance == "loss" else None
+    train_loss = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing) if cfg.loss == "softmax" \
+        else contrast_criterion(data.table[data.table["split"] == "train"], data.classes).to(device)
     steps = len(make_loaders(data, settings, device, cfg.seed, 1, dist.rank, dist.world_size, device_images)["train"])
     adversarial, sources = None, None
     if cfg.adversary > 0:
@@ -298,8 +301,7 @@ def build_trainer(cfg: TrainConfig, data: RunData, dist: DistInfo, device: torch
             adversarial.adversary.load_state_dict(resume["adversary"])
     optimizer, scheduler = build_optimizer(model, cfg, steps, adversarial)
     return Trainer(model, cfg, settings, data, dist, device, autocast(device, dtype), channels_last,
-                   nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing),
-                   nn.CrossEntropyLoss(weight=weight), optimizer, scheduler,
+                   train_loss, nn.CrossEntropyLoss(weight=weight), optimizer, scheduler,
                    torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), device_images,
                    adversarial=adversarial, sources=sources)
 
@@ -362,12 +364,15 @@ def run_epoch(trainer: Trainer, epoch: int, state: dict, run_dir: Path) -> None:
     n_classes = len(trainer.data.classes)
     trm = engine.summary_metrics(tr.logits, tr.targets, n_classes)
     vam = engine.summary_metrics(va.logits, va.targets, n_classes)
+    if cfg.loss == "contrast":  # the best epoch by the contrasts inside each validation source only
+        vam["auc_within_source"] = within_source_auc(softmax(va.logits), va.targets,
+                                                     trainer._split("val")["source"].astype(str).to_numpy()[va.indices])
     row = {"epoch": epoch, "phase": "head" if frozen else "full", "lr": trainer.optimizer.param_groups[0]["lr"],
            "seconds": round(seconds, 2), "train_loss": tr.loss, **{f"train_{k}": v for k, v in trm.items()},
            "val_loss": va.loss, **{f"val_{k}": v for k, v in vam.items()}}
     state["history"].append(row)
     state["epoch"] = epoch
-    score = vam["auc"] if vam["auc"] == vam["auc"] else vam["acc"]
+    score = next(v for v in (vam.get("auc_within_source"), vam["auc"], vam["acc"]) if v is not None and v == v)
     improved = score > state["best_auc"]
     if improved:
         state |= {"best_auc": score, "best_epoch": epoch, "epochs_since_best": 0}
