@@ -18,6 +18,9 @@ Usage::
     python benchmarks/contrast_selection.py finetune --runs DIR [--rows ...] [--seeds 0]
     python benchmarks/contrast_selection.py choose --runs DIR      # writes DIR/selection.md and prints it
     python benchmarks/contrast_selection.py goals --runs DIR --rows contrast --seeds 0 1 2   # after the choice
+    python benchmarks/contrast_selection.py ensemble --runs DIR --rows contrast   # the goal seeds as one model
+    python benchmarks/contrast_selection.py tta --runs DIR --rows contrast        # seed 0 with --tta
+    python benchmarks/contrast_selection.py table --runs DIR                      # every result in one table
 
 Data: ``$COVIDXR_DATA`` or ``../shared/data/all.csv`` beside the checkout; ``goals`` reports ``external/`` beside it
 (``$COVIDXR_EXTERNAL``), after the choice. Finished runs are reused, so every step can be stopped and rerun.
@@ -229,8 +232,10 @@ def goals(runs: Path, rows: list[str], seeds: list[int]) -> None:
     for name in rows:
         for seed in seeds:
             out = runs / f"goals-{name}-s{seed}"
+            # Seeds after 0 train on seed 0's patient split, so that they also make a seed ensemble.
+            split = ["--split-from", str(runs / f"goals-{name}-s0")] if seed != 0 else []
             train = [sys.executable, "-m", "covidxr.train", "--data", DATA, *TRAIN, "--seed", str(seed),
-                     *ROWS[name], "--out", str(out)]
+                     *ROWS[name], *split, "--out", str(out)]
             evaluate = [sys.executable, "-m", "covidxr.evaluate", "--checkpoint", str(out / "best.pt"),
                         "--external", EXTERNAL]
             if not (out / "eval" / "metrics.json").is_file():
@@ -239,9 +244,62 @@ def goals(runs: Path, rows: list[str], seeds: list[int]) -> None:
             print(f"{name} seed {seed}: {out / 'eval' / 'metrics.json'}", flush=True)
 
 
+def ensemble(runs: Path, name: str) -> None:
+    """Combine the row's goal seeds (one patient split) into a seed ensemble and evaluate it with ``external/``."""
+    members = sorted(runs.glob(f"goals-{name}-s*/best.pt"))
+    out = runs / f"ens-{name}"
+    commands = [] if (out / "best.pt").is_file() else [
+        [sys.executable, "-m", "covidxr.ensemble", *(str(m.parent) for m in members), "--out", str(out)]]
+    commands.append([sys.executable, "-m", "covidxr.evaluate", "--checkpoint", str(out / "best.pt"), "--external",
+                     EXTERNAL])
+    run_logged(runs, f"ens-{name}.log", commands)
+
+
+def tta(runs: Path, name: str) -> None:
+    """Test-time augmentation of the row's seed-0 goal run, with ``external/`` (writes ``eval-tta/``)."""
+    run = runs / f"goals-{name}-s0"
+    run_logged(runs, f"tta-{name}.log", [[sys.executable, "-m", "covidxr.evaluate", "--checkpoint",
+                                          str(run / "best.pt"), "--tta", "--external", EXTERNAL]])
+
+
+def result_row(label: str, path: Path) -> str:
+    """One results row from an evaluation folder's ``metrics.json`` and external predictions (first external set)."""
+    metrics = json.loads(path.read_text())
+    ext = metrics["external"][0]
+    sets = {s["name"]: s for s in metrics["covid_vs_rest"]["sets"]}
+    e = sets[f"external {ext['name']}"]
+    siim = next((s for n, s in sets.items() if n.startswith("internal test: SIIM")), None)
+    rec = ext["metrics"]["per_class"]
+    preds = pd.read_csv(path.parent / f"predictions-external-{ext['name']}.csv")
+    two = preds[["covid", "normal"]].idxmax(axis=1)  # the decision with the pneumonia output set aside
+    two_recall = [float((two[preds["label"] == c] == c).mean()) for c in ("covid", "normal")]
+    return (f"| {label} | {e['auc']['estimate']:.3f} | {e['sensitivity']['estimate']:.2f} / "
+            f"{e['specificity']['estimate']:.2f} ({metrics['covid_vs_rest']['threshold']:.3f}) | "
+            f"{rec['covid']['recall']:.2f} / {rec['normal']['recall']:.2f} | "
+            f"{ext.get('absent_class_calls', {}).get('pneumonia', 'n/a')} | "
+            f"{two_recall[0]:.2f} / {two_recall[1]:.2f} | "
+            f"{siim['auc']['estimate'] if siim else float('nan'):.3f} | {ext['metrics']['ece']:.3f} | "
+            f"{(ext.get('lung_share') or {}).get('mean') or float('nan'):.3f} |")
+
+
+def table(runs: Path) -> str:
+    """Every goals, ensemble and TTA evaluation in ``runs`` as one markdown table (``runs/goals.md``)."""
+    lines = ["| run | external COVID-vs-rest AUC | sensitivity / specificity (threshold) | recall covid / normal | "
+             "films called pneumonia (of 199) | recall covid / normal, argmax over covid and normal | siim test "
+             "COVID-vs-normal AUC | ECE | lung share |", "|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(runs.glob("*/eval*/metrics.json")):
+        if path.parent.name in ("eval", "eval-tta") and (path.parent.parent.name.startswith(("goals-", "ens-"))):
+            label = path.parent.parent.name + (" + TTA" if path.parent.name == "eval-tta" else "")
+            lines.append(result_row(label, path))
+    text = "\n".join(lines) + "\n"
+    (runs / "goals.md").write_text(text)
+    print(text)
+    return text
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("step", choices=("probe", "finetune", "choose", "goals"))
+    p.add_argument("step", choices=("probe", "finetune", "choose", "goals", "ensemble", "tta", "table"))
     p.add_argument("--runs", type=Path, required=True)
     p.add_argument("--rows", nargs="+", default=list(SIMPLICITY), choices=list(ROWS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -253,8 +311,14 @@ def main() -> None:
         finetune(args.runs, args.rows, args.seeds)
     elif args.step == "choose":
         choose(args.runs)
-    else:
+    elif args.step == "goals":
         goals(args.runs, args.rows, args.seeds)
+    elif args.step == "ensemble":
+        ensemble(args.runs, args.rows[0])
+    elif args.step == "tta":
+        tta(args.runs, args.rows[0])
+    else:
+        table(args.runs)
 
 
 if __name__ == "__main__":

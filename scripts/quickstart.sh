@@ -59,7 +59,7 @@ if [ "$CROSSVAL" = 1 ]; then
   # shellcheck disable=SC2086  # the recipe's input and balance flags, which crossval takes too
   python -m covidxr.crossval --by source --data "${COVIDXR_DATA:-data/cxr}" --arch "$ARCH" --img-size "$IMG_SIZE" \
     --mode "$CROSSVAL_MODE" $([ "$CROSSVAL_MODE" = finetune ] && echo --epochs "$EPOCHS") \
-    $(echo " $RECIPE " | grep -oE -- ' --(lung-crop|lung-mask|equalize [a-z]+|balance [a-z]+)' | tr '\n' ' ') \
+    $(echo " $RECIPE " | grep -oE -- ' --(lung-crop|lung-mask|equalize [a-z]+|balance [a-z]+|loss [a-z]+|epoch-size [0-9]+)' | tr '\n' ' ') \
     --out "$RUN/crossval"
 fi
 python -m covidxr.explain score --checkpoint "$RUN/best.pt" --limit 24 --methods gradcam gradcam++ --out "$RUN/eval"

@@ -221,7 +221,8 @@ def _train(cfg: TrainConfig, resume: dict | None, dist: DistInfo, device: torch.
         log.info("resuming %s after epoch %d", cfg.resume, state["epoch"])
 
     fit(trainer, state, run_dir)
-    summary = (f"done: best validation macro ROC-AUC {state['best_auc']:.3f} at epoch {state['best_epoch']}; "
+    score = "within-source ROC-AUC" if cfg.loss == "contrast" else "macro ROC-AUC"
+    summary = (f"done: best validation {score} {state['best_auc']:.3f} at epoch {state['best_epoch']}; "
                f"run folder {run_dir}")
     if data.unreadable:
         summary += f"; {len(data.unreadable)} unreadable image(s) skipped (unreadable.csv)"
