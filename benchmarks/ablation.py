@@ -6,14 +6,14 @@ head-only, nine fine-tuning the whole network) on ``--data`` (the 798-film manif
 1 and 2 per row (each seed also draws its own patient split). Every run is evaluated with ``python -m covidxr.evaluate
 --checkpoint RUN/best.pt --external EXTERNAL`` (reported only) and on its own validation split (``--split val``).
 
-Rows: ``none`` (the quickstart: inverse-frequency loss weights), ``group`` (``--balance group``), ``lungcrop``
-(``--lung-crop``), ``hist`` (``--equalize hist``), ``lchist`` (both), ``lungmask`` (``--lung-mask``: the crop with
-everything outside the lungs blacked out), ``lmhist`` (mask and equalisation), ``style`` (``--augment style``),
-``adversary`` (``--adversary 0.5``), ``advgroup`` (adversary and group balance). The recipe is the row with the
-highest **validation worst-group recall** on the first seed: the lowest recall over the (source, class) groups of
-the validation split with at least five images. The validation split shares the training sources, so its AUC cannot
-see a source shortcut, but its groups can: a model that calls web-collected films covid and NIH-looking films normal
-fails the ieee8023 pneumonia and the Hannover covid groups (Sagawa et al. 2020 select robust models this way).
+Rows: ``none`` (inverse-frequency loss weights, the quickstart's recipe at the time), ``group`` (``--balance group``),
+``lungcrop`` (``--lung-crop``), ``hist`` (``--equalize hist``), ``lchist`` (both), ``lungmask`` (``--lung-mask``: the
+crop with everything outside the lungs blacked out), ``lmhist`` (mask and equalisation), ``style`` (``--augment
+style``), ``adversary`` (``--adversary 0.5``), ``advgroup`` (adversary and group balance). The recipe is the row with
+the highest **validation worst-group recall** on the first seed: the lowest recall over the (source, class) groups of
+the validation split with at least five images. The validation split shares the training sources, so its AUC cannot see
+a source shortcut, but its groups can: a model that calls web-collected films covid and NIH-looking films normal fails
+the ieee8023 pneumonia and the Hannover covid groups (Sagawa et al. 2020 select robust models this way).
 Nothing is chosen on the external set: it is only reported.
 
 Usage::
@@ -47,7 +47,7 @@ ROWS = {"none": [], "group": ["--balance", "group"], "lungcrop": ["--lung-crop"]
         "lchist": ["--lung-crop", "--equalize", "hist"], "lungmask": ["--lung-mask"],
         "lmhist": ["--lung-mask", "--equalize", "hist"], "style": ["--augment", "style"],
         "adversary": ["--adversary", "0.5"], "advgroup": ["--adversary", "0.5", "--balance", "group"]}
-LABELS = {"none": "none (quickstart: loss weights)", "group": "group balance (--balance group)",
+LABELS = {"none": "none (loss weights: the quickstart's recipe then)", "group": "group balance (--balance group)",
           "lungcrop": "lung crop (--lung-crop)", "hist": "equalisation (--equalize hist)",
           "lchist": "lung crop + equalisation", "lungmask": "lung mask (--lung-mask)",
           "lmhist": "lung mask + equalisation", "style": "scanner-style augmentation (--augment style)",
