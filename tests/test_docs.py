@@ -322,15 +322,17 @@ def test_options_named_in_the_prose_exist() -> None:
 # ---------------------------------------------------------------------------------------- the README and the site
 
 
-def test_the_readme_trains_with_the_quickstarts_recipe() -> None:
-    """The README's "train and evaluate" commands carry the recipe scripts/quickstart.sh trains with by default."""
+def test_the_examples_train_with_the_quickstarts_recipe() -> None:
+    """The README's "train and evaluate" section and every example training run on ``data/kaggle`` (the documents'
+    running example) carry the recipe scripts/quickstart.sh trains with by default."""
     quickstart = (REPO / "scripts" / "quickstart.sh").read_text(encoding="utf-8")
     recipe = re.search(r'^RECIPE="\$\{RECIPE-(.*)\}"$', quickstart, re.M).group(1)
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("### 2. Train and evaluate"):readme.index("### 3.")]
-    trains = [line for line in section.splitlines() if "-m covidxr.train " in line]
-    assert trains and all(recipe in line for line in trains), (recipe, trains)
     assert f"`{recipe}`" in section
+    examples = [shown for path in DOCS for shown in shown_code(path)
+                if "-m covidxr.train " in shown.text and "--data data/kaggle" in shown.text]
+    assert len(examples) >= 2 and [s.where for s in examples if recipe not in s.text] == [], recipe
 
 
 def test_readme_links_resolve() -> None:
