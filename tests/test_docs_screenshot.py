@@ -6,7 +6,8 @@ Runs only when asked (``COVIDXR_DOCS_SCREENSHOTS=1``), because it rewrites a com
     COVIDXR_DOCS_SCREENSHOTS=1 COVIDXR_DOCS_CHECKPOINT=RUN/best.pt python -m pytest -q tests/test_docs_screenshot.py
 
 The checkpoint is ``$COVIDXR_DOCS_CHECKPOINT`` (a trained model: the picture is meant to show a real result), else the
-tests' tiny run. The film is ``$COVIDXR_DOCS_FILM`` or the first pneumonia film of the shared data's metadata.csv.
+tests' tiny run. The film is ``$COVIDXR_DOCS_FILM`` or the first pneumonia film of the shared data's metadata.csv
+under CC BY 4.0 (a licence that lets the picture be committed with a credit; the docs' caption gives it).
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ MAX_BYTES = 300_000  # the repository keeps the picture small
 WIDTH = 1000  # pixels of the saved picture
 
 
-def chosen_film(data: Path) -> Path:
-    """``$COVIDXR_DOCS_FILM``, else the first pneumonia film of ``data/metadata.csv``."""
+def chosen_film(data: Path) -> tuple[Path, str]:
+    """``$COVIDXR_DOCS_FILM``, else the first pneumonia film of ``data/metadata.csv`` under CC BY 4.0; and its
+    licence."""
     if os.environ.get("COVIDXR_DOCS_FILM"):
-        return Path(os.environ["COVIDXR_DOCS_FILM"])
+        return Path(os.environ["COVIDXR_DOCS_FILM"]), "as given"
     meta = pd.read_csv(data / "metadata.csv", dtype=str, keep_default_na=False)
-    return data / meta[meta["label"] == "pneumonia"]["path"].iloc[0]
+    row = meta[(meta["label"] == "pneumonia") & meta["license"].str.startswith("CC BY 4.0")].iloc[0]
+    return data / row["path"], row["license"]
 
 
 def small_png(png: bytes) -> bytes:
@@ -54,7 +57,7 @@ def test_screenshot_of_a_real_result(request: pytest.FixtureRequest, shared_data
     require_chromium()
     chosen = os.environ.get("COVIDXR_DOCS_CHECKPOINT")
     checkpoint = Path(chosen) if chosen else request.getfixturevalue("tiny_run") / "best.pt"
-    film = chosen_film(shared_data)
+    film, licence = chosen_film(shared_data)
     with run_app(checkpoint, tmp_path) as app, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
@@ -82,4 +85,4 @@ def test_screenshot_of_a_real_result(request: pytest.FixtureRequest, shared_data
     assert len(png) < MAX_BYTES, f"{len(png)} bytes"
     SHOT.parent.mkdir(parents=True, exist_ok=True)
     SHOT.write_bytes(png)
-    print(f"\nwrote {SHOT.relative_to(REPO)} ({len(png) // 1024} KB) from {film.name} with {checkpoint}")
+    print(f"\nwrote {SHOT.relative_to(REPO)} ({len(png) // 1024} KB) from {film.name} ({licence}) with {checkpoint}")
