@@ -354,7 +354,7 @@ def test_every_module_has_a_docstring() -> None:
 def test_the_site_builds_strictly(tmp_path: Path) -> None:
     """``mkdocs build --strict``: a broken link or anchor, a page missing from the nav, a missing picture all fail."""
     pytest.importorskip("mkdocs")
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(tmp_path)],
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path)],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     modules = (tmp_path / "modules" / "index.html").read_text(encoding="utf-8")
