@@ -265,8 +265,8 @@ def test_real_films_pass_and_other_images_are_refused(gate_run: Path, shared_dat
     rows = table[table["split"] == "test"]
     notcxr = shared_data.parent / "notcxr"
     report = gate_report(gate_run / "best.pt", rows, [notcxr], variants=True, device="cpu", progress=False)
-    # An ImageNet backbone at 96 px tells the views apart less well than a trained model at 224 (README: the gate of
-    # a trained run passes 96% of its test films): simulated over six splits, 84-97% of untouched films passed,
+    # An ImageNet backbone at 96 px tells the views apart less well than a trained model at 224 (docs/gate.md: the gate
+    # of a trained run passes 96% of its test films): simulated over six splits, 84-97% of untouched films passed,
     # 93-100% of inverted and all rotated, lateral and CT images were refused.
     assert report["learned"] and report["evaluated"]["n"] == len(rows) >= 25
     assert report["evaluated"]["rate"] <= 0.25, report["refused_files"]

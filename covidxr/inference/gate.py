@@ -188,7 +188,7 @@ class ViewModel:
 class OodModel:
     """How far features lie from the training films: one minus the mean cosine similarity to the ``k`` most similar
     training films. The features are not centred: their overall direction is what sets CT slices and photographs
-    apart from radiographs (a Mahalanobis distance after PCA whitening missed most CT slices, see the README).
+    apart from radiographs (a Mahalanobis distance after PCA whitening missed most CT slices, see docs/gate.md).
 
     Attributes:
         reference: ``(N, F)`` unit-length backbone features of (up to a cap of) the training split's films.
