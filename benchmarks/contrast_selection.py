@@ -1,6 +1,6 @@
 """Issue 26: choose the recipe on the contrasts a held-out source can really measure, never on the external set.
 
-The rule (README, "Choosing the recipe, round two", written 2026-12-06 before any of these runs):
+The rule (docs/results.md, "Choosing the recipe, round two", written 2026-12-06 before any of these runs):
 - Scored folds: a held-out source that gives both classes of a contrast from one collection, scored threshold-free on
   that contrast alone: ``siim`` COVID vs normal, NIH pneumonia vs normal, Kermany pneumonia vs normal (the ROC-AUC of
   p(a) / (p(a) + p(b)) on the source's films of classes a and b). Score = 0.5 siim + 0.25 NIH + 0.25 Kermany.
@@ -55,6 +55,9 @@ SHORT = {SIIM: "siim", NIH: "NIH", KERMANY: "Kermany", "hida6/covid-chestxray-da
 CONTRAST = ["--loss", "contrast", "--balance", "sqrt", "--epoch-size", "1400"]
 ROWS = {"hist": ["--equalize", "hist"], "contrast": ["--equalize", "hist", *CONTRAST],
         "lungcrop-contrast": ["--lung-crop", "--equalize", "hist", *CONTRAST]}
+# What the quickstart trains for a row: on a 2-core CPU at most 1,400 films an epoch (drawn uniformly unless the row
+# balances otherwise), so that 4,150 films take the time 1,398 took; a GPU sets --epoch-size 0 (every film, every epoch).
+BUDGET = ["--epoch-size", "1400"]
 SIMPLICITY = ("hist", "contrast", "lungcrop-contrast")  # ties go left
 TRAIN = ["--arch", "efficientnet_lite0", "--weights", "imagenet", "--img-size", "224", "--epochs", "10",
          "--workers", "0"]
@@ -99,6 +102,7 @@ def probe(runs: Path, rows: list[str], seeds: list[int]) -> None:
     from covidxr.crossval import folds as cv
     from covidxr.utils import softmax
 
+    torch.set_num_threads(1)  # a linear head's tiny steps: more threads only wait for each other
     device = torch.device("cpu")
     for name in rows:
         target = runs / f"probe-{name}.json"
@@ -234,8 +238,9 @@ def goals(runs: Path, rows: list[str], seeds: list[int]) -> None:
             out = runs / f"goals-{name}-s{seed}"
             # Seeds after 0 train on seed 0's patient split, so that they also make a seed ensemble.
             split = ["--split-from", str(runs / f"goals-{name}-s0")] if seed != 0 else []
+            budget = [] if "--epoch-size" in ROWS[name] else BUDGET
             train = [sys.executable, "-m", "covidxr.train", "--data", DATA, *TRAIN, "--seed", str(seed),
-                     *ROWS[name], *split, "--out", str(out)]
+                     *ROWS[name], *budget, *split, "--out", str(out)]
             evaluate = [sys.executable, "-m", "covidxr.evaluate", "--checkpoint", str(out / "best.pt"),
                         "--external", EXTERNAL]
             if not (out / "eval" / "metrics.json").is_file():

@@ -1,6 +1,6 @@
 """Issue 19: choose the training recipe by leave-one-source-out, never on the external set.
 
-The rule (README, "Choosing the recipe on held-out sources", written before any row ran):
+The rule (docs/results.md, "Choosing the recipe on held-out sources", written before any row ran):
 - A fold holds one source of ``all.csv`` out of training and tests on it; it is valid only when every class of the
   held-out source is still in training from another source.
 - A recipe's score is the held-out balanced accuracy averaged over the valid folds, per seed (0, 1, 2), then over the
@@ -280,7 +280,7 @@ def choose(runs: Path) -> Path:
     if len(checked) >= 4 and not agree:  # the rule's fallback: the full protocol's siim fold decides among its rows
         chosen = full_order[0]
     lines = [f"# Recipe selection by held-out sources ({time.strftime('%Y-%m-%d')})", "",
-             "Rule: README, 'Choosing the recipe on held-out sources'. Proxy: `python benchmarks/recipe_selection.py "
+             "Rule: docs/results.md, 'Choosing the recipe on held-out sources'. Proxy: `python benchmarks/recipe_selection.py "
              f"proxy --runs {runs}` (linear probe per fold, seeds {scores[chosen]['seeds']}). Nothing here reads "
              "`external/`.", "",
              "| row | flags | score (mean held-out bal. acc.) | seed spread | per seed | worst fold | "

@@ -5,7 +5,7 @@
 #     bash scripts/quickstart.sh
 # SERVE=0 stops after the report (timing runs, batch machines) instead of serving the app.
 # RECIPE: the training flags that benchmarks/recipe_selection.py chose by leave-one-source-out on all.csv, never on
-# the external set (README, "Choosing the recipe on held-out sources"); RECIPE="" trains plainly.
+# the external set (docs/results.md, "Choosing the recipe, round two"); RECIPE="" trains plainly.
 # Data: $COVIDXR_DATA, else ../shared/data/all.csv beside the checkout (all training sources), else data/cxr (see
 # data/README.md). External test folder: $COVIDXR_EXTERNAL, else ../shared/data/external when it exists.
 set -euo pipefail
