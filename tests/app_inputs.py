@@ -86,6 +86,7 @@ def fake_evaluation(classes: list[str], checkpoint_sha256: str, external: bool) 
                         "ece_before": 0.12, "ece_after": 0.05},
         "by_source": {HELD_OUT[1]: {"n": 30, "accuracy": 0.6, "balanced_accuracy": 0.5, "roc_auc_macro": 0.7}},
         "model_card": {"limitations": ["Made-up limitation for the test."]},
+        "covid_vs_rest": covid_block(external),
     }
     if external:
         outside = [c for c in classes if c != "pneumonia"]
@@ -97,6 +98,43 @@ def fake_evaluation(classes: list[str], checkpoint_sha256: str, external: bool) 
              "source_only_on_val": {"column": "source", "balanced_accuracy": 0.9}}
             for i, source in enumerate(HELD_OUT)]}
     return data
+
+
+THRESHOLD = 0.38
+
+
+def _covid_set(name: str, positives: int, negatives: int, auc: float, sens: float | None,
+               spec: float | None) -> dict[str, Any]:
+    """One set of metrics.json's ``covid_vs_rest`` (made-up numbers); no threshold for a held-out source."""
+    point = (lambda v: {"estimate": None} if v is None else _ci(v))
+    return {"name": name, "n_positive": positives, "n_negative": negatives,
+            "threshold": None if sens is None else THRESHOLD, "auc": _ci(auc), "sensitivity": point(sens),
+            "specificity": point(spec)}
+
+
+def covid_block(external: bool) -> dict[str, Any]:
+    """metrics.json's ``covid_vs_rest``: the shipped threshold, the internal test (and one of its sources), and with
+    ``external`` the held-out sources (AUC only) and the external set: 99 COVID and 100 other films, sensitivity 77%,
+    specificity 80%."""
+    sets = [_covid_set("internal test", 20, 41, 0.89, 0.84, 0.82),
+            _covid_set(f"internal test: {HELD_OUT[1]}", 10, 8, 0.91, 0.8, 0.75)]
+    if external:
+        sets += [_covid_set(f"held out: {HELD_OUT[0]}", 0, 100, 0.70, None, None),
+                 _covid_set(f"held out: {HELD_OUT[1]}", 50, 50, 0.60, None, None),
+                 _covid_set(f"external {EXTERNAL_NAME}", 99, 100, 0.81, 0.77, 0.80)]
+    return {"positive": "covid", "threshold": THRESHOLD, "chosen_on": "Youden's J on the held-out sources",
+            "sets": sets}
+
+
+def ship_threshold(run: Path, sha256: str, threshold: float | None = THRESHOLD) -> None:
+    """Store the evaluation summary with the COVID threshold beside the run's checkpoint (its calibration sidecar),
+    as ``covidxr.evaluate`` does: the page's operating point."""
+    from covidxr.calibration_file import write_calibration
+
+    block = None if threshold is None else {"positive": "covid", "threshold": threshold,
+                                            "chosen_on": "Youden's J on the held-out sources"}
+    write_calibration(run / "best.pt", sha256, 1.0, "none (test)", {"checkpoint_sha256": sha256,
+                                                                      "covid_vs_rest": block})
 
 
 def write_evaluation(run: Path, data: dict[str, Any]) -> Path:
