@@ -37,12 +37,20 @@ if TYPE_CHECKING:  # torch loads with the first model, after the page's first li
 
 log = logging.getLogger("covidxr.app")
 
-# Long file names wrap in full (summary table, file boxes). Narrow screens (phones, a split window): tables wrap
-# inside the page instead of scrolling sideways.
+# Long file names wrap in full (summary table, file boxes; the uploader's own list shortens them, the boxes do not). Narrow screens (phones, a split
+# window): tables wrap inside the page instead of scrolling sideways, and the title, the intended-use banner and the
+# uploader shrink so that a film's verdict is on the first screen.
 NARROW_CSS = """<style>
 .st-key-file-summary td:nth-child(1) * { white-space: normal; overflow-wrap: anywhere; }
 [class*="st-key-filebox-"] [data-testid="stMarkdownContainer"] p { overflow-wrap: anywhere; }
 @media (max-width: 640px) {
+  [data-testid="stMainBlockContainer"] { padding-top: 2.5rem; }
+  .st-key-page-head h1 { font-size: 1.35rem; padding: 0.25rem 0; }
+  .st-key-page-head [data-testid="stCaptionContainer"] { display: none; }
+  .st-key-page-head [data-testid="stAlert"] p { font-size: 0.75rem; line-height: 1.25; }
+  .st-key-page-head [data-testid="stAlertContainer"] { padding: 0.4rem 0.6rem; }
+  [data-testid="stFileUploaderDropzone"] { padding: 0.4rem 0.6rem; }
+  [data-testid="stFileUploaderDropzoneInstructions"] small { display: none; }
   [data-testid="stTable"] table { font-size: 0.78rem; }
   [data-testid="stTable"] th, [data-testid="stTable"] td { padding: 0.25rem 0.35rem; }
   [data-testid="stTable"] th *, [data-testid="stTable"] td * { overflow-wrap: anywhere; }
@@ -168,10 +176,11 @@ def main() -> None:
                        layout="wide")
     settings = load_settings()
     st.html(NARROW_CSS)
-    st.title("Chest X-ray classifier", anchor=False)
-    st.caption("COVID-19 / normal / pneumonia from a frontal chest radiograph, with a Grad-CAM heat map")
-    st.warning(f"**Intended use:** {INTENDED_USE} Results can be wrong; always rely on a qualified reader.",
-               icon=":material/info:")
+    with st.container(key="page-head"):
+        st.title("Chest X-ray classifier", anchor=False)
+        st.caption("COVID-19 / normal / pneumonia from a frontal chest radiograph, with a Grad-CAM heat map")
+        st.warning(f"**Intended use:** {INTENDED_USE} Results can be wrong; always rely on a qualified reader.",
+                   icon=":material/info:")
     chosen = _sidebar(settings)
     if chosen is None:
         _no_model(None)
