@@ -106,7 +106,9 @@ THRESHOLD = 0.38
 def _covid_set(name: str, positives: int, negatives: int, auc: float, sens: float | None,
                spec: float | None) -> dict[str, Any]:
     """One set of metrics.json's ``covid_vs_rest`` (made-up numbers); no threshold for a held-out source."""
-    point = (lambda v: {"estimate": None} if v is None else _ci(v))
+    def point(value: float | None) -> dict[str, Any]:
+        return {"estimate": None} if value is None else _ci(value)
+
     return {"name": name, "n_positive": positives, "n_negative": negatives,
             "threshold": None if sens is None else THRESHOLD, "auc": _ci(auc), "sensitivity": point(sens),
             "specificity": point(spec)}
