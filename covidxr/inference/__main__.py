@@ -6,23 +6,22 @@ Command line::
         [--out FOLDER] [--device auto|cpu|cuda|mps] [--batch-size N] [--backend auto|torch|onnx]
         [--dicom-out [--dicom-study-from FILE.dcm]]
 
-prints ``FILE: CLASS PROBABILITY`` per image, or ``FILE: not assessed: REASON`` when the input gate refuses it (not an
-assessable frontal chest radiograph, see :mod:`covidxr.inference.gate`), writes ``FOLDER/predictions.csv`` (path,
-predicted (empty for a refused image), decision (the words the app shows: "COVID: no; most likely pneumonia", see
-:mod:`covidxr.inference.decision`), gate (``assessed`` / ``borderline`` / ``not assessed``), gate_reason, one
-``prob_CLASS`` column per class (the model's output, also for refused images), cam_class, overlay, note, error) and,
-unless ``--cam none``, one overlay PNG per assessed image in FOLDER. A borderline film ("unusual film: read with
-care") is predicted and printed with that note. With ``--dicom-out`` it also writes, per file, ``STEM_sr.dcm`` (a DICOM
-Structured Report) and, for an assessed image, ``STEM_sc.dcm`` (a Secondary Capture of the captioned overlay), in the
-input's study (see :mod:`covidxr.inference.dicom_out`); an input that is not DICOM needs ``--dicom-study-from`` to name
-a DICOM file of its study, else the command stops with a one-line error. These two files carry the patient's
-identity, copied from the source (every other output holds none).
-Folders are searched recursively for image files (:data:`SEARCHED_SUFFIXES`, and files without a suffix, which is
-how DICOM files often come); hidden files are skipped. Files named on the command line are always tried.
-Unreadable files get their own error line on stderr and a row with their error in the CSV; the other files are
-still predicted. Exit status: 0 when every file was predicted, 1 when some could not be read, 2 for usage errors
-(bad option, unusable checkpoint, nothing to predict), with one line on stderr and no traceback, 130 when
-interrupted (``covidxr.utils.run_cli``).
+prints ``FILE: DECISION (COVID probability P (yes from T))`` per image, or ``FILE: not assessed: REASON`` when the
+input gate refuses it (not an assessable frontal chest radiograph, see :mod:`covidxr.inference.gate`), writes
+``FOLDER/predictions.csv`` (path, predicted (empty for a refused image), decision (the words the app shows: "COVID:
+no; most likely pneumonia", see :mod:`covidxr.inference.decision`), gate (``assessed`` / ``borderline`` / ``not
+assessed``), gate_reason, one ``prob_CLASS`` column per class (the model's output, also for refused images),
+cam_class, overlay, note, error) and, unless ``--cam none``, one overlay PNG per assessed image in FOLDER. A
+borderline film ("unusual film: read with care") is predicted and printed with that note. With ``--dicom-out`` it also
+writes, per file, ``STEM_sr.dcm`` (a DICOM Structured Report) and, for an assessed image, ``STEM_sc.dcm`` (a Secondary
+Capture of the captioned overlay), in the input's study (see :mod:`covidxr.inference.dicom_out`); an input that is not
+DICOM needs ``--dicom-study-from`` to name a DICOM file of its study, else the command stops with a one-line error.
+These two files carry the patient's identity, copied from the source (every other output holds none). Folders are
+searched recursively for image files (:data:`SEARCHED_SUFFIXES`, and files without a suffix, which is how DICOM files
+often come); hidden files are skipped. Files named on the command line are always tried. Unreadable files get their
+own error line on stderr and a row with their error in the CSV; the other files are still predicted. Exit status: 0
+when every file was predicted, 1 when some could not be read, 2 for usage errors (bad option, unusable checkpoint,
+nothing to predict), with one line on stderr and no traceback, 130 when interrupted (``covidxr.utils.run_cli``).
 
 The predictor itself is :class:`covidxr.inference.predictor.Predictor`.
 """
@@ -231,7 +230,8 @@ def run_predictions(predictor: Predictor, files: Sequence[Path], out: Path,
                     atomic_write_bytes(out / name, _png_bytes(picture))
                     row["overlay"] = name
                 notes = [n for n in (gate.headline() if gate.borderline else "", result.note) if n]
-                print(f"{file}: {result.label} {result.confidence:.3f}" + (f" ({'; '.join(notes)})" if notes else ""))
+                words = f"{decision.text} ({decision.figures})" if decision else result.label
+                print(f"{file}: {words}" + (f" ({'; '.join(notes)})" if notes else ""))
             if options.dicom_out:
                 try:
                     _write_dicom(file, xray, result, picture, predictor, out, options, used, decision)

@@ -11,7 +11,6 @@ Content tree (highdicom's ``MeasurementReport`` inside a Comprehensive SR)::
           Source image for the group (DICOM inputs)
           Finding (DCM 121071) = the class named (SCT COVID-19 / Pneumonia / Normal)      assessed only
           COVID-19 (SCT 840539006) = Yes / No (SCT 373066001 / 373067005)                 assessed only
-          Probability (DCM 122157) of the COVID class, in %                               assessed only
           Conclusion (DCM 121077): the decision words every output carries, cautions included, or
                                    "Not assessed: REASON" for a refused image
           Comment (DCM 121106): research use only; how the answer is made
@@ -126,9 +125,6 @@ def _decision_group(facts: ReportFacts, source: Dataset | None,
         if facts.covid is not None:
             kwargs["qualitative_evaluations"] = [hd.sr.QualitativeEvaluation(
                 COVID19, codes.SCT.Yes if facts.covid else codes.SCT.No)]
-            covid_class = next((c for c in facts.probs if finding_code(c) == COVID19), None)
-            if covid_class is not None:
-                kwargs["measurements"] = [_probability(facts.probs[covid_class])]
     group = _group(DECISION_TRACKING, facts, source, **kwargs)
     items = group[0].ContentSequence
     items.append(_text(codes.DCM.Conclusion, facts.conclusion))
