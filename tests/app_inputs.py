@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +148,17 @@ def write_evaluation(run: Path, data: dict[str, Any]) -> Path:
     path = folder / "metrics.json"
     path.write_text(json.dumps(data))
     return path
+
+
+def sr_conclusion(sr: bytes) -> str:
+    """The decision words of a DICOM SR written by covidxr (its Conclusion item)."""
+    import pydicom
+
+    def items(seq: Any) -> Iterator[Any]:
+        for item in seq:
+            yield item
+            yield from items(item.get("ContentSequence") or [])
+
+    report = pydicom.dcmread(io.BytesIO(sr))
+    return next(i.TextValue for i in items(report.ContentSequence)
+                if i.ConceptNameCodeSequence[0].CodeMeaning == "Conclusion")

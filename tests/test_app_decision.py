@@ -19,9 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
-import pydicom
 import pytest
-from app_inputs import fake_evaluation, lateral_dicom, ship_threshold, write_evaluation
+from app_inputs import fake_evaluation, lateral_dicom, ship_threshold, sr_conclusion, write_evaluation
 from app_server import CHROMIUM, CHROMIUM_ARGS, RESULT_TIMEOUT_MS, AppServer, require_chromium, run_app
 from PIL import Image
 
@@ -101,18 +100,6 @@ def download(page: object, where: object, label: str) -> bytes:
     return Path(info.value.path()).read_bytes()
 
 
-def conclusion(sr: bytes) -> str:
-    """The decision words of the SR (its Conclusion item)."""
-    def items(seq: object) -> Iterator[object]:
-        for item in seq:  # type: ignore[attr-defined]
-            yield item
-            yield from items(item.get("ContentSequence") or [])
-
-    report = pydicom.dcmread(io.BytesIO(sr))
-    return next(i.TextValue for i in items(report.ContentSequence)
-                if i.ConceptNameCodeSequence[0].CodeMeaning == "Conclusion")
-
-
 def test_one_film_says_the_same_everywhere_and_a_film_without_caution_shows_none(
         served: tuple[AppServer, Path, Path], browser: object) -> None:
     app, film, other = served
@@ -142,7 +129,7 @@ def test_one_film_says_the_same_everywhere_and_a_film_without_caution_shows_none
     png = Image.open(io.BytesIO(download(page, where, "Download heat map (PNG)")))
     assert png.text["Description"].split("\n")[0] == cautious
     archive = zipfile.ZipFile(io.BytesIO(download(page, where, "Download as DICOM")))
-    assert conclusion(archive.read(f"{film.stem}_sr.dcm")) == cautious
+    assert sr_conclusion(archive.read(f"{film.stem}_sr.dcm")) == cautious
 
 
 def test_model_tab_summary_fits_one_screen_without_internal_figures_under_the_external_heading(
