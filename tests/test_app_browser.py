@@ -364,6 +364,8 @@ def test_ct_slice_borderline_film_and_no_server_paths(gated_run: Path, shared_da
             offered = [download_bytes(page, "Download all results as CSV"),
                        download_bytes(page, "Download result (JSON)")]
             page.get_by_role("tab", name="Model and evaluation").click()
+            page.locator("[data-testid='stExpander']", has_text="On films from sources it never saw").locator(
+                "summary").click()  # the details are folded under the summary
             expect(page.get_by_text("External validation:", exact=False).first).to_be_visible()
             offered.append(download_bytes(page, "Download the full evaluation report"))
             texts = [page.evaluate("() => document.body.innerText"),
