@@ -83,7 +83,7 @@ def per_class_table(data: Mapping[str, Any], images_label: str = "Test images") 
     return pd.DataFrame(rows)
 
 
-def _held_out_row(row: Mapping[str, Any]) -> dict[str, Any]:
+def held_out_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """A cross-validation entry in one shape: ``{"held_out", "n_images", "n_patients", "balanced_accuracy",
     "roc_auc_macro", "recall": {class: interval}, "source_only"}``, from a ``folds`` entry (metrics and intervals of
     a held-out result) or a summary ``rows`` entry (intervals already)."""
@@ -104,7 +104,7 @@ def crossval_table(rows: list[Mapping[str, Any]]) -> pd.DataFrame:
     """One row per source left out of training: images, patients, balanced accuracy beside its chance level, macro
     ROC-AUC, recall of each class present (with intervals), and how well the source alone told the classes apart
     among the sources the model did learn from."""
-    rows = [_held_out_row(r) for r in rows]
+    rows = [held_out_row(r) for r in rows]
     classes = list(dict.fromkeys(c for row in rows for c in (row.get("recall") or {})))
     table = []
     for row in rows:

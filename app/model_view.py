@@ -26,6 +26,7 @@ from app.eval_tables import (
     crossval_table,
     gate_table,
     has_baselines,
+    held_out_row,
     key_value_table,
     operating_points_table,
     per_class_table,
@@ -146,16 +147,12 @@ def _render_external(test_set: Mapping[str, Any]) -> None:
 def crossval_sentence(rows: list[Mapping[str, Any]]) -> str:
     """Each left-out source's balanced accuracy in words against its chance level."""
     parts = []
-    for row in rows:
-        line = crossval_table([row]).iloc[0]
-        metrics = row.get("metrics") or {}
-        ci = ((row.get("ci") or {}).get("metrics") or {}).get("balanced_accuracy") or row.get("balanced_accuracy")
-        ci = ci if isinstance(ci, Mapping) else {}
-        estimate = ci.get("estimate", metrics.get("balanced_accuracy"))
-        present = [m for m in (metrics.get("per_class") or {}).values() if isinstance(m, Mapping) and m.get("support")]
-        chance = 1 / len(present) if present else 1 / max(1, len(row.get("recall") or {}) or 2)
-        parts.append(f"{line['Source left out of training']} {pct(estimate)} (chance {pct(chance)}): "
-                     f"**{judge(estimate, chance, ci.get('lo'), ci.get('hi'), good=0.8)}**")
+    for row in map(held_out_row, rows):
+        ci = row.get("balanced_accuracy") or {}
+        recall = row.get("recall") or {}
+        chance = row.get("chance") or (1 / len(recall) if recall else 0.5)
+        parts.append(f"{source_name(row.get('held_out'))} {pct(ci.get('estimate'))} (chance {pct(chance)}): "
+                     f"**{judge(ci.get('estimate'), chance, ci.get('lo'), ci.get('hi'), good=0.8)}**")
     return "Balanced accuracy on each left-out source: " + "; ".join(parts) + "."
 
 

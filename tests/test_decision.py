@@ -55,6 +55,7 @@ def test_without_a_threshold_the_most_likely_class_decides() -> None:
     assert decide({"covid": 0.5, "normal": 0.3, "pneumonia": 0.2}, point).text == "COVID: yes"
     assert decide({"covid": 0.2, "normal": 0.3, "pneumonia": 0.5}, point).text == "COVID: no; most likely pneumonia"
     assert "yes when it is the most likely class" in decide({"covid": 0.2, "normal": 0.8}, point).figures
+    assert decide({"covid": 0.34, "normal": 0.33, "pneumonia": 0.33}, point).cautions == ()  # no threshold to be near
     other = decide({"a": 0.2, "b": 0.8}, OperatingPoint(None))
     assert other.covid is None and other.text == "Most likely: b"
 

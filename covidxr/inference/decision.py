@@ -167,7 +167,7 @@ def decide(probs: Mapping[str, float], point: OperatingPoint, *, borderline: boo
         margin = abs(p - point.threshold)
     else:
         covid = not others or p >= others[runner_up]
-        margin = abs(p - others.get(runner_up, 0.0))
+        margin = None  # no threshold: nothing to be close to
     cautions = _cautions(margin, point, borderline, lung_share)
     return Decision(covid, point.positive if covid else runner_up, p, point, cautions)
 
@@ -175,7 +175,7 @@ def decide(probs: Mapping[str, float], point: OperatingPoint, *, borderline: boo
 def _cautions(margin: float | None, point: OperatingPoint, borderline: bool,
               lung_share: float | None) -> tuple[str, ...]:
     """The film's cautions, in a fixed order."""
-    near = margin is not None and point.positive is not None and margin < NEAR_THRESHOLD
+    near = margin is not None and margin < NEAR_THRESHOLD
     return tuple(words for flag, words in ((near, NEAR), (borderline, UNUSUAL),
                                            (lung_share is not None and lung_share < LUNG_SHARE_LIMIT, OUTSIDE_LUNGS))
                  if flag)
