@@ -73,7 +73,8 @@ NO_ANIMATIONS_JS = """document.addEventListener("DOMContentLoaded", () => {
   style.textContent = "*, *::before, *::after { animation: none !important; transition: none !important; }";
   document.head.appendChild(style);
 });"""
-# When the page shows all the given file names and as many probability captions and no script is running: in page
+# When the page shows all the given file names, as many probability captions and as many headlines (the headline is
+# drawn after the heat map, so the captions alone may come before it) and no script is running: in page
 # order, the file names ("File: NAME" lines, as FILE), the headings ("COVID: yes" or "COVID: no; most likely X", with
 # any caution), the figures line under them ("COVID probability P% ...") and the captions of the "Analyse images" tab;
 # else null.
@@ -88,7 +89,8 @@ RESULTS_READY_JS = """names => {
     .map(e => isName(e) ? ["FILE", e.textContent.trim().replace(/^File:\\s*/, "")] : [e.tagName, e.textContent.trim()]);
   const headings = new Set(items.filter(([tag]) => tag === "FILE").map(([, text]) => text));
   const results = items.filter(([, text]) => text.startsWith("Probabilities: ")).length;
-  return names.every(n => headings.has(n)) && results === names.length ? items : null;
+  const answers = items.filter(([tag, text]) => tag === "H3" && /^(COVID: |Most likely)/.test(text)).length;
+  return names.every(n => headings.has(n)) && results === names.length && answers === names.length ? items : null;
 }"""
 # The empty page: the upload prompt, no results, no script running.
 EMPTY_JS = """() => !document.querySelector("[data-testid='stStatusWidget']")

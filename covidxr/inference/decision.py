@@ -137,7 +137,7 @@ class Decision:
         return self.headline + (f"; caution: {'; '.join(self.cautions)}" if self.cautions else "")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly dict (result download, audit log)."""
+        """A JSON-friendly dict (the result download)."""
         return {"text": self.text, "covid": self.covid, "label": self.label, "covid_probability": self.probability,
                 "threshold": self.point.threshold, "threshold_chosen_on": self.point.chosen_on or None,
                 "cautions": list(self.cautions)}
