@@ -22,7 +22,15 @@ from app.assessment import BORDERLINE, Assessment
 from app.evaluation import Evaluation, reliability_line
 from app.format import escape_markdown, probability
 from app.headline import caution_notes, figures_line
-from app.heatmap import CAM_LABELS, DISPLAY_MAX_SIDE, cam_settings, overlay_png, render_controls, render_heatmap
+from app.heatmap import (
+    CAM_LABELS,
+    DISPLAY_MAX_SIDE,
+    cam_settings,
+    heatmap_share,
+    overlay_png,
+    render_controls,
+    render_heatmap,
+)
 from app.redact import strip_paths
 from covidxr.errors import CovidxrError
 from covidxr.inference.decision import Decision, OperatingPoint, decide_prediction
@@ -115,7 +123,7 @@ def _image(xray: Xray, assessment: Assessment) -> None:
     height, width = xray.pixels.shape
     caption = "Image as read" + (" (DICOM, windowed by the reader)" if xray.format == "DICOM" else "")
     st.image(overlay(xray.pixels, None, max_side=DISPLAY_MAX_SIDE), caption=f"{caption}, {width} x {height} px",
-             width="stretch", alt=image_alt(assessment, width, height))
+             width="stretch", alt=image_alt(assessment, width, height), output_format="JPEG")
     _header_table(xray)
 
 
@@ -188,14 +196,18 @@ def _dicom_download(upload: Upload, xray: Xray, prediction: Prediction, ctx: Con
 
 
 def _output(upload: Upload, xray: Xray, ctx: Context, evaluation: Evaluation | None) -> FileResult:
-    """Predict, then lay out the verdict or the output, the image and the heat map."""
+    """Predict and decide, then lay out the verdict or the decision first (it reaches the browser before any picture
+    is encoded), the probabilities, the image and the heat map."""
     classes = list(ctx.predictor.classes)
     cam, cam_class = cam_settings(upload, ctx.predictor)
     prediction, assessment, sha = analyse(upload, xray, cam, cam_class, ctx)
-    headline_slot = None
-    if assessment.assessable:
+    point = ctx.predictor.operating_point
+    share = heatmap_share(upload, xray, prediction, ctx)
+    decision = decide_prediction(prediction, point, share) if assessment.assessable else None
+    if decision is not None:
         words_col, bars_col = st.columns(2, gap="large")
-        headline_slot = words_col.container()  # filled once the heat map's lung share is known
+        with words_col:
+            _headline(decision, prediction, assessment, evaluation, point)
         with bars_col:
             _probabilities(prediction, classes)
         show = True
@@ -215,12 +227,7 @@ def _output(upload: Upload, xray: Xray, ctx: Context, evaluation: Evaluation | N
         heat_slot = st.container()
         alpha = render_controls(upload, classes, ctx.predictor)
     with heat_slot:
-        share = render_heatmap(upload, xray, prediction, alpha, ctx, refused=not assessment.assessable)
-    point = ctx.predictor.operating_point
-    decision = decide_prediction(prediction, point, share) if assessment.assessable else None
-    if headline_slot is not None and decision is not None:
-        with headline_slot:
-            _headline(decision, prediction, assessment, evaluation, point)
+        render_heatmap(xray, prediction, alpha, share, refused=not assessment.assessable)
     lines = caption_lines(prediction, ctx.predictor, decision, method=CAM_LABELS.get(prediction.cam_method or ""),
                           lung_share=share)
     _downloads(upload, xray, prediction,
