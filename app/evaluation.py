@@ -205,6 +205,9 @@ def reliability_line(evaluation: Evaluation | None, point: OperatingPoint) -> st
         return "This model has not been evaluated, so there is no measured basis for its answer at all."
     if point.positive is None:
         return "This model has no COVID class, so no COVID figures are quoted."
+    if point.threshold is None:
+        return ("No COVID threshold was stored with this model (evaluate it to fix one), so no figures are quoted "
+                "for its answer.")
     for covid_set in _covid_sets(evaluation, "external "):
         counts = _counts(covid_set, point)
         if counts is not None:

@@ -87,6 +87,7 @@ def test_one_line_of_natural_frequencies_at_the_shipped_threshold() -> None:
     other = reliability_line(evaluation(True, False), OperatingPoint("covid", 0.5))
     assert "76 of 99" not in other and "no COVID figures were saved" in other
     assert reliability_line(None, POINT).startswith("This model has not been evaluated")
+    assert reliability_line(evaluation(True, True), OperatingPoint("covid")).startswith("No COVID threshold was stored")
 
 
 @pytest.mark.parametrize(("value", "lo", "hi", "words"), [
