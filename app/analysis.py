@@ -25,6 +25,7 @@ from covidxr.inference.prediction_log import (
 from covidxr.io import MAX_FILE_BYTES, Xray, load_xray
 
 if TYPE_CHECKING:  # torch and friends load on first use, so the page shows its first lines at once
+    from covidxr.inference.decision import Decision
     from covidxr.inference.predictor import Prediction, Predictor
 
 log = logging.getLogger("covidxr.app")
@@ -85,6 +86,7 @@ class FileResult:
         assessment: the verdict on the image, or None when the file failed.
         image_sha256: SHA-256 of the decoded pixels ("" when the file failed).
         error: why the file failed, or None.
+        decision: what the page said about an assessed film (``covidxr.inference.decision``), or None.
     """
 
     name: str
@@ -92,6 +94,7 @@ class FileResult:
     assessment: Assessment | None = None
     image_sha256: str = ""
     error: str | None = None
+    decision: Decision | None = None
 
     @property
     def verdict(self) -> str:

@@ -83,7 +83,7 @@ def per_class_table(data: Mapping[str, Any], images_label: str = "Test images") 
     return pd.DataFrame(rows)
 
 
-def _held_out_row(row: Mapping[str, Any]) -> dict[str, Any]:
+def held_out_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """A cross-validation entry in one shape: ``{"held_out", "n_images", "n_patients", "balanced_accuracy",
     "roc_auc_macro", "recall": {class: interval}, "source_only"}``, from a ``folds`` entry (metrics and intervals of
     a held-out result) or a summary ``rows`` entry (intervals already)."""
@@ -104,7 +104,7 @@ def crossval_table(rows: list[Mapping[str, Any]]) -> pd.DataFrame:
     """One row per source left out of training: images, patients, balanced accuracy beside its chance level, macro
     ROC-AUC, recall of each class present (with intervals), and how well the source alone told the classes apart
     among the sources the model did learn from."""
-    rows = [_held_out_row(r) for r in rows]
+    rows = [held_out_row(r) for r in rows]
     classes = list(dict.fromkeys(c for row in rows for c in (row.get("recall") or {})))
     table = []
     for row in rows:
@@ -186,27 +186,34 @@ def operating_points_table(points: list[Mapping[str, Any]]) -> pd.DataFrame:
                          for p in points if isinstance(p, Mapping)])
 
 
-def covid_set_name(name: str) -> str:
-    """A plain name for a set of metrics.json's ``covid_vs_rest`` (no raw source strings, no jargon)."""
+def covid_set_name(name: str, external_names: Mapping[str, str] | None = None) -> str:
+    """A plain name for a set of metrics.json's ``covid_vs_rest`` (no raw source strings, no folder names).
+
+    Args:
+        name: the set's recorded name ("internal test", "held out: SOURCE", "external FOLDER").
+        external_names: the external folder's recorded name -> its datasets' names.
+    """
     if name.startswith("internal ") and ": " in name:
         return f"Internal test, {source_name(name.split(': ', 1)[1])} only"
     if name.startswith("internal "):
         return "Internal test films (same sources as training)"
     if name.startswith("held out: "):
         return f"{source_name(name[len('held out: '):])}, left out of training"
-    return f"External: {name.removeprefix('external ')}"
+    folder = name.removeprefix("external ")
+    return f"Never seen in training: {(external_names or {}).get(folder, source_name(folder))}"
 
 
-def covid_table(block: Mapping[str, Any]) -> pd.DataFrame:
-    """COVID or not, per set of films: counts, AUC, and sensitivity and specificity at the fixed threshold."""
+def covid_table(sets: list[Mapping[str, Any]], external_names: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """COVID or not, per set of films: counts, AUC, and sensitivity and specificity at the shipped threshold ("–"
+    where the set was scored by a model of its own, without that threshold: the held-out sources)."""
     rows = []
-    for s in block.get("sets") or []:
+    for s in sets:
         fixed = s.get("threshold") is not None
-        rows.append({"Films": covid_set_name(str(s.get("name", ""))),
+        rows.append({"Films": covid_set_name(str(s.get("name", "")), external_names),
                      "COVID / other": f"{s.get('n_positive', '?')} / {s.get('n_negative', '?')}",
                      "AUC (chance 0.50)": interval(s.get("auc"), num),
-                     "Sensitivity": interval(s.get("sensitivity"), pct) if fixed else "not set here",
-                     "Specificity": interval(s.get("specificity"), pct) if fixed else "not set here"})
+                     "Sensitivity": interval(s.get("sensitivity"), pct) if fixed else "–",
+                     "Specificity": interval(s.get("specificity"), pct) if fixed else "–"})
     return pd.DataFrame(rows)
 
 

@@ -1,4 +1,5 @@
-"""The loaded model's saved evaluation, read defensively, and what a single prediction's trust rests on.
+"""The loaded model's saved evaluation, read defensively, and the one line of figures the page quotes under a film's
+answer (:func:`reliability_line`).
 
 Numbers come from ``python -m covidxr.evaluate`` only (``eval/metrics.json`` beside the checkpoint, or the summary
 stored in the checkpoint); nothing is recomputed. External results come from two places: an ``external`` list of test
@@ -11,6 +12,7 @@ these being absent or partial, so older runs still show what they have.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any
 
 import streamlit as st
 
-from app.format import interval, pct, probability
+from covidxr.inference.decision import OperatingPoint
 from covidxr.sources_display import source_name
 
 
@@ -106,7 +108,7 @@ def external_runs(predictor: Any, shas: set[Any]) -> list[dict[str, Any]]:
         if not external or data.get("checkpoint_sha256") not in shas:
             continue
         keys = ("n_images", "n_patients", "metrics", "ci", "by_source", "baselines", "calibration", "warnings",
-                "gate")
+                "gate", "covid_vs_rest")
         found.append({"name": dataset_name(data), **{k: data.get(k) for k in keys}})
     return found
 
@@ -137,84 +139,86 @@ def load_evaluation(predictor: Any) -> Evaluation | None:
     return Evaluation(full, path.parent, [], external)
 
 
-def _class_recall(test_set: Mapping[str, Any], label: str) -> str | None:
-    """The recall of ``label`` on a test set with its interval, or None when the set has no such images."""
-    per_class = (test_set.get("metrics") or {}).get("per_class") or {}
-    values = per_class.get(label) if isinstance(per_class, Mapping) else None
-    if not isinstance(values, Mapping) or not values.get("support"):
+def _covid_sets(evaluation: Evaluation, prefix: str) -> list[Mapping[str, Any]]:
+    """metrics.json's COVID-or-not sets whose name starts with ``prefix`` ("external ", "internal "), then those of
+    the external evaluations found beside the checkpoint."""
+    found = [s for s in (evaluation.data.get("covid_vs_rest") or {}).get("sets") or [] if isinstance(s, Mapping)]
+    if prefix == "external ":
+        found += [s for run in evaluation.external_runs for s in (run.get("covid_vs_rest") or {}).get("sets") or []
+                  if isinstance(s, Mapping)]
+    return [s for s in found if str(s.get("name", "")).startswith(prefix) and ": " not in str(s.get("name"))]
+
+
+def _counts(covid_set: Mapping[str, Any], point: OperatingPoint) -> tuple[int, int, int, int] | None:
+    """``(COVID films found, COVID films, other films called COVID, other films)`` of a set scored at ``point``'s
+    threshold, or None when it was scored at another one or lacks a number."""
+    threshold = covid_set.get("threshold")
+    sens = (covid_set.get("sensitivity") or {}).get("estimate")
+    spec = (covid_set.get("specificity") or {}).get("estimate")
+    positives, negatives = covid_set.get("n_positive"), covid_set.get("n_negative")
+    if point.threshold is None or not isinstance(threshold, (int, float)) or abs(threshold - point.threshold) > 1e-6:
         return None
-    ci = (((test_set.get("ci") or {}).get("per_class") or {}).get(label) or {}).get("sensitivity")
-    return interval(ci, pct, values.get("recall"))
-
-
-def _ece(test_set: Mapping[str, Any]) -> Any:
-    """The expected calibration error measured on a test set (after temperature scaling), or None."""
-    calibration = test_set.get("calibration") or {}
-    for value in (calibration.get("ece_after"), calibration.get("ece"), (test_set.get("metrics") or {}).get("ece")):
-        if isinstance(value, (int, float)):
-            return value
-    return None
-
-
-def external_ece(evaluation: Evaluation | None) -> float | None:
-    """The worst expected calibration error measured on films from sources the model never saw (the external test
-    sets, then the held-out sources of cross-validation), or None when none was measured."""
-    if evaluation is None:
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (sens, spec)) or not positives or \
+            not negatives:
         return None
-    found = [_ece(s) for s in [*evaluation.external, *evaluation.crossval_rows]]
-    found = [float(e) for e in found if e is not None]
-    return max(found) if found else None
+    return round(sens * positives), int(positives), round((1 - spec) * negatives), int(negatives)
 
 
-def _crossval_basis(rows: list[Mapping[str, Any]]) -> str | None:
-    """One sentence on held-out-source cross-validation: each source left out of training in turn."""
-    values = [v for r in rows if isinstance(v := (r.get("metrics") or {}).get("balanced_accuracy")
-                                             or (r.get("balanced_accuracy") or {}).get("estimate"), (int, float))]
-    if not values:
-        return None
-    spread = pct(min(values)) if pct(min(values)) == pct(max(values)) else f"{pct(min(values))} to {pct(max(values))}"
-    return (f"When each of {len(rows)} sources was in turn left out of training, the recipe's balanced accuracy on "
-            f"the left-out source was {spread}.")
+def _one_collection(evaluation: Evaluation, covid_set: Mapping[str, Any], positive: str) -> bool:
+    """Whether the COVID films of an external COVID-or-not set all come from one collection that gives no other
+    class (its test set's per-source class counts say so)."""
+    name = str(covid_set.get("name", "")).removeprefix("external ")
+    sets = [s for s in evaluation.external if s.get("name") == name] or (
+        evaluation.external if len(evaluation.external) == 1 else [])
+    for test_set in sets:
+        groups = test_set.get("by_source") or {}
+        with_covid = [g.get("class_counts") or {} for g in groups.values() if isinstance(g, Mapping)
+                      and isinstance(g.get("class_counts"), Mapping) and (g["class_counts"].get(positive) or 0)]
+        if len(with_covid) == 1 and sum(bool(n) for n in with_covid[0].values()) == 1:
+            return True
+    return False
 
 
-def internal_basis(data: Mapping[str, Any]) -> str:
-    """"N internal test images (same sources as training; balanced accuracy X (lo–hi))"."""
-    ci = ((data.get("ci") or {}).get("metrics") or {}).get("balanced_accuracy")
-    balanced = interval(ci, pct, (data.get("metrics") or {}).get("balanced_accuracy"))
-    return (f"{data.get('n_images', '?')} internal test images from the same sources it learned from "
-            f"(balanced accuracy {balanced})")
+def _frequencies(counts: tuple[int, int, int, int]) -> str:
+    found, positives, false, negatives = counts
+    calls = found + false
+    right = f"; {found} of its {calls} COVID calls were right" if calls else ""
+    return (f"it found {found} of {positives} COVID films and wrongly called {false} of {negatives} other films "
+            f"COVID{right}")
 
 
-def trust_basis(evaluation: Evaluation | None, label: str) -> list[str]:
-    """Sentences saying what a prediction of ``label`` rests on, what matters most first: films from hospitals the
-    model never saw (external test sets, held-out-source cross-validation), then the internal test.
+def reliability_line(evaluation: Evaluation | None, point: OperatingPoint) -> str:
+    """How the page's COVID answer did, in natural frequencies, films from hospitals the model never saw first.
+
+    The one place the page and the model tab quote the model's COVID figures from: metrics.json's COVID-or-not sets
+    scored at the shipped threshold (``point``), so every sentence quotes one sensitivity per set and operating
+    point. Without an external set it says so and quotes the internal test as an upper bound.
 
     Args:
         evaluation: the saved evaluation, or None.
-        label: the predicted class.
+        point: the operating point the page applies (``Predictor.operating_point``).
 
     Returns:
-        Markdown sentences (no paths).
+        One Markdown sentence (no paths).
     """
     if evaluation is None:
-        return ["This model has not been evaluated, so there is no measured basis for this output at all."]
-    internal = f"On {internal_basis(evaluation.data)}."
-    crossval = _crossval_basis(evaluation.crossval_rows)
-    external = evaluation.external
-    if not external and not crossval:
-        return [f"This model has **not** been tested on films from hospitals it never saw, so how it does elsewhere "
-                f"is unknown; it was tested only on {internal_basis(evaluation.data)}."]
-    sentences = []
-    for test_set in external:
-        name = dataset_name(test_set)
-        recall = _class_recall(test_set, label)
-        what = (f"its {label} recall was {recall}" if recall else
-                f"its {label} recall could not be measured (no {label} films there)")
-        sentence = (f"On films from hospitals it never saw ({name}, {test_set.get('n_images', '?')} images), "
-                    f"{what}")
-        ece = _ece(test_set)
-        if ece is not None:
-            sentence += (f"; its stated probabilities were off by {probability(ece)} on average there "
-                         "(expected calibration error)")
-        sentences.append(sentence + ".")
-    return [*sentences, *([crossval] if crossval else []), internal]
+        return "This model has not been evaluated, so there is no measured basis for its answer at all."
+    if point.positive is None:
+        return "This model has no COVID class, so no COVID figures are quoted."
+    if point.threshold is None:
+        return ("No COVID threshold was stored with this model (evaluate it to fix one), so no figures are quoted "
+                "for its answer.")
+    for covid_set in _covid_sets(evaluation, "external "):
+        counts = _counts(covid_set, point)
+        if counts is not None:
+            one = _one_collection(evaluation, covid_set, point.positive)
+            caution = (f" All {counts[1]} COVID films there come from one collection, so part of this may be "
+                       "recognising the collection rather than the disease." if one else "")
+            return (f"On {counts[1] + counts[3]} films from hospitals it never saw, {_frequencies(counts)}."
+                    + caution)
+    internal = next((c for s in _covid_sets(evaluation, "internal ") if (c := _counts(s, point))), None)
+    untested = "It has **not** been tested at this threshold on films from hospitals it never saw"
+    if internal is None:
+        return untested + ", and no COVID figures were saved for it."
+    return (f"{untested}; on {internal[1] + internal[3]} internal test films from the sources it learned from, "
+            f"{_frequencies(internal)} (an upper bound for other hospitals).")

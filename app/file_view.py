@@ -11,7 +11,6 @@ import json
 import logging
 import secrets
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,13 +19,22 @@ import streamlit as st
 
 from app.analysis import Context, FileResult, Upload, analyse, decode
 from app.assessment import BORDERLINE, Assessment
-from app.evaluation import Evaluation, external_ece, trust_basis
-from app.format import escape_markdown, model_says, probability
-from app.headline import headline
-from app.heatmap import CAM_LABELS, DISPLAY_MAX_SIDE, cam_settings, overlay_png, render_controls, render_heatmap
+from app.evaluation import Evaluation, reliability_line
+from app.format import escape_markdown, probability
+from app.headline import caution_notes, figures_line
+from app.heatmap import (
+    CAM_LABELS,
+    DISPLAY_MAX_SIDE,
+    cam_settings,
+    heatmap_share,
+    overlay_png,
+    render_controls,
+    render_heatmap,
+)
 from app.redact import strip_paths
 from covidxr.errors import CovidxrError
-from covidxr.inference.dicom_out import dicom_zip, read_header
+from covidxr.inference.decision import Decision, OperatingPoint, decide_prediction
+from covidxr.inference.dicom_out import caption_lines, dicom_zip, read_header
 from covidxr.inference.prediction_log import safe_header
 from covidxr.io import Xray
 
@@ -40,8 +48,8 @@ INTENDED_USE = ("Research and education only. This is not a medical device and m
 
 
 def _gate_notes(assessment: Assessment) -> None:
-    """The gate's caveats (a small image; an unusual film has its own box) and, when its learned checks did not run,
-    why."""
+    """The gate's caveats (a small image; an unusual film is one of the decision's cautions) and, when its learned
+    checks did not run, why."""
     for warning in assessment.warnings:
         if not (assessment.borderline and warning.lower().startswith(BORDERLINE.split(":")[0])):
             st.caption(f"Caution: {warning}.")
@@ -49,28 +57,26 @@ def _gate_notes(assessment: Assessment) -> None:
         st.caption(f"Input gate: {assessment.note}.")
 
 
-def _headline(prediction: Prediction, assessment: Assessment, evaluation: Evaluation | None,
-              lung_share: float | None) -> None:
-    """The model's output, prominent (with its caveats in words when it must not be taken at face value), then what
-    it rests on, films from other hospitals first."""
-    words = headline(prediction.label, prediction.confidence, external_ece(evaluation), lung_share,
-                     assessment.borderline)
-    if assessment.borderline:
-        st.warning(f"**{BORDERLINE[:1].upper() + BORDERLINE[1:]}.** The input gate found this film further from the "
-                   "films the model learned from than most (another hospital or scanner?); its output is shown, "
-                   "marked.", icon=":material/visibility:")
-    st.markdown(f"### {words.title}")
-    if words.below:
-        st.markdown(words.below)
-    basis = trust_basis(evaluation, prediction.label)
-    st.markdown(" ".join(basis if words.below else [*basis, model_says(prediction.label, prediction.confidence)]))
+def _headline(decision: Decision, prediction: Prediction, assessment: Assessment, evaluation: Evaluation | None,
+              point: OperatingPoint) -> None:
+    """The decision in the words every download carries, the figures behind it, one line on how such answers did
+    on films from hospitals the model never saw, and what this film's cautions mean."""
+    st.markdown(f"### {decision.text}")
+    st.markdown(figures_line(decision, prediction.probs))
+    st.markdown(reliability_line(evaluation, point))
+    for note in caution_notes(decision):
+        st.markdown(note)
     _gate_notes(assessment)
-    st.caption("A research result, not a diagnosis.")
+    st.caption(f"{point.rule()} A research result, not a diagnosis.")
+
+
+REFUSAL_HEADING = "Not assessed"
 
 
 def _not_assessed(assessment: Assessment, upload: Upload) -> bool:
-    """The refusal in place of the headline; returns whether the user asked to see the model's output anyway."""
-    st.markdown(f"### Not assessed: {assessment.reason}")
+    """The refusal in place of the headline (red, with a stop icon, its words saying the same for screen readers);
+    returns whether the user asked to see the model's output anyway."""
+    st.error(f"### {REFUSAL_HEADING}: {assessment.reason}", icon=":material/block:")
     st.caption(f"The input gate ({assessment.by}) found that this is not an image the model was made for (a "
                "frontal chest X-ray), so its output would mean nothing and is not shown.")
     _gate_notes(assessment)
@@ -117,7 +123,7 @@ def _image(xray: Xray, assessment: Assessment) -> None:
     height, width = xray.pixels.shape
     caption = "Image as read" + (" (DICOM, windowed by the reader)" if xray.format == "DICOM" else "")
     st.image(overlay(xray.pixels, None, max_side=DISPLAY_MAX_SIDE), caption=f"{caption}, {width} x {height} px",
-             width="stretch", alt=image_alt(assessment, width, height))
+             width="stretch", alt=image_alt(assessment, width, height), output_format="JPEG")
     _header_table(xray)
 
 
@@ -132,36 +138,24 @@ def image_alt(assessment: Assessment, width: int, height: int) -> str:
 
 
 def result_dict(upload: Upload, xray: Xray, image_sha: str, prediction: Prediction, assessment: Assessment,
-                ctx: Context, lung_share: float | None = None) -> dict[str, Any]:
-    """The downloadable JSON result of one file (no heat map array, no patient data)."""
+                ctx: Context, decision: Decision | None, lung_share: float | None = None) -> dict[str, Any]:
+    """The downloadable JSON result of one file (no heat map array, no patient data): the decision in the page's
+    words (None for a refused image), the verdict, the probabilities, the image and the model."""
     predictor = ctx.predictor
+    shown = ("probs", "cam_method", "cam_class", "note", "lung_share")  # no argmax label beside the decision
     return {
         "file": upload.name,
         "intended_use": INTENDED_USE,
+        "decision": None if decision is None else decision.to_dict(),
         "verdict": assessment.to_dict(),
-        "prediction": {k: v for k, v in prediction.to_dict().items() if k not in ("heatmap", "gate")},
+        "prediction": {k: v for k, v in prediction.to_dict().items() if k in shown},
         "cam_share_in_lungs": lung_share,
         "image": {"sha256_of_pixels": image_sha, "shape": list(xray.pixels.shape), "format": xray.format,
                   "dicom_header": safe_header(xray.header)},
         "model": {"arch": predictor.arch, "classes": list(predictor.classes),
                   "checkpoint_sha256": predictor.checkpoint_sha256, "preprocess": predictor.preprocess.to_dict(),
-                  "temperature": predictor.temperature},
+                  "temperature": predictor.temperature, "covid_rule": predictor.operating_point.rule()},
     }
-
-
-def caption_lines(prediction: Prediction, assessment: Assessment, ctx: Context,
-                  lung_share: float | None = None) -> list[str]:
-    """The lines drawn under a downloaded heat map: output, method (and lung share), model, date, intended use."""
-    method = CAM_LABELS.get(prediction.cam_method or "", prediction.cam_method or "no")
-    output = f"Model output: {prediction.label} ({probability(prediction.confidence)})"
-    if not assessment.assessable:
-        output = f"NOT ASSESSED ({assessment.reason}); output shown on request: {prediction.label} " \
-                 f"({probability(prediction.confidence)})"
-    inside = f"; {100 * lung_share:.0f}% of it inside the lungs" if lung_share is not None else ""
-    return [output, f"{method} heat map for '{prediction.cam_class}'{inside}",
-            f"Model: {ctx.predictor.arch}, checkpoint {ctx.predictor.checkpoint_sha256[:12]}; "
-            f"made {datetime.now(UTC):%Y-%m-%d} (UTC)",
-            "Research use only: not a medical device, not for diagnosis."]
 
 
 def _downloads(upload: Upload, xray: Xray, prediction: Prediction, result: dict[str, Any], lines: list[str],
@@ -180,9 +174,9 @@ def _downloads(upload: Upload, xray: Xray, prediction: Prediction, result: dict[
 
 
 def _dicom_download(upload: Upload, xray: Xray, prediction: Prediction, ctx: Context,
-                    overlay: Callable[[], bytes] | None) -> None:
-    """For a DICOM upload: a ZIP of the DICOM SR and, for an assessed image, the Secondary Capture of the labelled
-    heat map (``overlay`` makes its PNG), in the upload's study; made only when clicked."""
+                    overlay: Callable[[], bytes] | None, decision: Decision | None) -> None:
+    """For a DICOM upload: a ZIP of the DICOM SR (with the page's decision) and, for an assessed image, the Secondary
+    Capture of the labelled heat map (``overlay`` makes its PNG), in the upload's study; made only when clicked."""
     if xray.format != "DICOM":
         return
     try:
@@ -193,7 +187,8 @@ def _dicom_download(upload: Upload, xray: Xray, prediction: Prediction, ctx: Con
     stem = Path(upload.name).stem or "image"
     st.download_button(
         "Download as DICOM",
-        lambda: dicom_zip(upload.data, prediction, ctx.predictor, None if overlay is None else overlay(), stem),
+        lambda: dicom_zip(upload.data, prediction, ctx.predictor, None if overlay is None else overlay(), stem,
+                          decision),
         file_name=f"{stem}_dicom.zip", mime="application/zip", key=f"{upload.key}:dicom", on_click="ignore",
         icon=":material/download:", help="A DICOM Structured Report (and, for an assessed image, a Secondary Capture "
                                          "of the labelled heat map) in the study of the uploaded file; research use "
@@ -201,15 +196,18 @@ def _dicom_download(upload: Upload, xray: Xray, prediction: Prediction, ctx: Con
 
 
 def _output(upload: Upload, xray: Xray, ctx: Context, evaluation: Evaluation | None) -> FileResult:
-    """Predict, then lay out the verdict or the output, the image and the heat map."""
+    """Predict and decide, then lay out the verdict or the decision first (it reaches the browser before any picture
+    is encoded), the probabilities, the image and the heat map."""
     classes = list(ctx.predictor.classes)
     cam, cam_class = cam_settings(upload, ctx.predictor)
     prediction, assessment, sha = analyse(upload, xray, cam, cam_class, ctx)
-    result = FileResult(upload.name, prediction, assessment, sha)
-    headline_slot = None
-    if assessment.assessable:
+    point = ctx.predictor.operating_point
+    share = heatmap_share(upload, xray, prediction, ctx)
+    decision = decide_prediction(prediction, point, share) if assessment.assessable else None
+    if decision is not None:
         words_col, bars_col = st.columns(2, gap="large")
-        headline_slot = words_col.container()  # filled once the heat map's lung share is known
+        with words_col:
+            _headline(decision, prediction, assessment, evaluation, point)
         with bars_col:
             _probabilities(prediction, classes)
         show = True
@@ -223,22 +221,20 @@ def _output(upload: Upload, xray: Xray, ctx: Context, evaluation: Evaluation | N
     with image_col:
         _image(xray, assessment)
     if not show:
-        _dicom_download(upload, xray, prediction, ctx, None)
-        return result
+        _dicom_download(upload, xray, prediction, ctx, None, None)
+        return FileResult(upload.name, prediction, assessment, sha)
     with cam_col:
         heat_slot = st.container()
         alpha = render_controls(upload, classes, ctx.predictor)
     with heat_slot:
-        share = render_heatmap(upload, xray, prediction, alpha, ctx, refused=not assessment.assessable)
-    if headline_slot is not None:
-        with headline_slot:
-            _headline(prediction, assessment, evaluation, share)
-    lines = caption_lines(prediction, assessment, ctx, share)
-    _downloads(upload, xray, prediction, result_dict(upload, xray, sha, prediction, assessment, ctx, share), lines,
-               alpha)
+        render_heatmap(xray, prediction, alpha, share, refused=not assessment.assessable)
+    lines = caption_lines(prediction, ctx.predictor, decision, method=CAM_LABELS.get(prediction.cam_method or ""),
+                          lung_share=share)
+    _downloads(upload, xray, prediction,
+               result_dict(upload, xray, sha, prediction, assessment, ctx, decision, share), lines, alpha)
     _dicom_download(upload, xray, prediction, ctx, (lambda: overlay_png(xray.pixels, prediction.heatmap, alpha, lines))
-                    if assessment.assessable else None)
-    return result
+                    if assessment.assessable else None, decision)
+    return FileResult(upload.name, prediction, assessment, sha, decision=decision)
 
 
 def render_upload(upload: Upload, ctx: Context, evaluation: Evaluation | None) -> FileResult:

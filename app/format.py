@@ -1,8 +1,9 @@
-"""How the page writes numbers: probabilities that never claim certainty, shares, intervals, and confidence in words.
+"""How the page writes numbers: probabilities that never claim certainty, shares and intervals.
 
 A model's softmax output of 0.9996 is not a certainty, and a test set of 61 images cannot support one; so the page
 never prints 100% or 0.0%: above 99% it says "> 99%", below 1% "< 1%". Every probability on the page (headline,
-bars, tables, the results CSV's display column) goes through :func:`probability`.
+bars, tables, the results CSV's display column) goes through :func:`probability`, which is the package's
+(``covidxr.inference.decision``), so the downloads made there read the same.
 """
 
 from __future__ import annotations
@@ -12,10 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-HIGH, LOW = 0.99, 0.01
-# Words for how strongly the model favours its top class; the thresholds are on the calibrated probability.
-LEANINGS = ((0.95, "is fairly sure of"), (0.80, "favours"), (0.50, "leans towards"), (0.0, "is unsure; it slightly "
-                                                                                          "prefers"))
+from covidxr.inference.decision import probability  # noqa: F401 - the page's formatter is the package's
 
 
 def _number(value: Any) -> float | None:
@@ -23,26 +21,6 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
-
-
-def probability(value: Any, decimals: int = 0) -> str:
-    """A probability as a percentage that never reads 100% or 0%: "> 99%", "< 1%", else e.g. "73%" / "73.4%".
-
-    Args:
-        value: a probability in ``[0, 1]``.
-        decimals: decimals of the percentage between 1% and 99%.
-
-    Returns:
-        The text, or "–" when the value is not a number.
-    """
-    p = _number(value)
-    if p is None:
-        return "–"
-    if p > HIGH:
-        return "> 99%"
-    if p < LOW:
-        return "< 1%"
-    return f"{100 * p:.{decimals}f}%"
 
 
 def pct(value: Any) -> str:
@@ -70,14 +48,3 @@ def interval(ci: Mapping[str, Any] | None, fmt: Any = pct, value: Any = None) ->
 def escape_markdown(text: str) -> str:
     """``text`` with Markdown's special characters escaped (a file name shown as it is)."""
     return re.sub(r"([\\`*_{}\[\]()<>#+!|~$-])", r"\\\1", text)
-
-
-def leaning(p: Any) -> str:
-    """How the model's top probability reads in words ("leans towards", "favours", ...)."""
-    value = _number(p) or 0.0
-    return next(words for floor, words in LEANINGS if value >= floor)
-
-
-def model_says(label: str, p: Any) -> str:
-    """One sentence: "The model leans towards pneumonia (73%)." with :func:`leaning` and :func:`probability`."""
-    return f"The model {leaning(p)} **{label}** ({probability(p)})."

@@ -1,62 +1,33 @@
-"""The headline of an assessed file: the class, and in words next to it why it should not be taken at face value.
+"""The headline of an assessed film: the decision's words, the figure behind them, what its cautions mean.
 
-A rule, kept small and pure (:func:`headline`): the headline names the class with the percentage beside it, unless
-the model is known to be unreliable for this film; then it says *leans towards CLASS* with the caveats in words next
-to it, and the percentage moves to the line below. The caveats:
-
-- the model's probabilities were poorly calibrated on films from hospitals it never saw: expected calibration error
-  above :data:`ECE_LIMIT` on an external test set (or held-out-source results), the worst one counting;
-- the heat map lies mostly outside the lungs: less than :data:`LUNG_SHARE_LIMIT` of its mass inside them (only
-  when a lung model measured it);
-- the input gate marked the film as unusual (the borderline band).
+The decision itself (COVID yes or no at the shipped threshold, the other classes, the film's cautions) is made once,
+in ``covidxr.inference.decision``; this module only lays its words out on the page, so the headline, the summary
+table, the CSV, the JSON, the PNG caption and the DICOM SR all carry the same text.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
 
-from app.format import probability
+from covidxr.inference.decision import NEAR, NEAR_THRESHOLD, OUTSIDE_LUNGS, UNUSUAL, Decision, probability
 
-ECE_LIMIT = 0.10
-LUNG_SHARE_LIMIT = 0.5
-OTHER_HOSPITALS = "low confidence on films from other hospitals"
-OUTSIDE_LUNGS = "the heat map lies mostly outside the lungs"
-UNUSUAL = "unusual film"
-
-
-@dataclass(frozen=True)
-class Headline:
-    """What the headline says.
-
-    Attributes:
-        title: the headline's markdown ("Model output: **pneumonia** (91%)" or "Leans towards **pneumonia**; low
-            confidence on films from other hospitals").
-        below: the percentage line under a cautious headline ("" when the percentage is in the title).
-        cautions: the caveats named in the title (empty when none).
-    """
-
-    title: str
-    below: str
-    cautions: tuple[str, ...]
+CAUTION_HELP = {
+    NEAR: f"**Close to the threshold:** the COVID probability is within {100 * NEAR_THRESHOLD:.0f} points of it, so a "
+          "slightly different film or calibration would give the other answer.",
+    UNUSUAL: "**Unusual film: read with care.** The input gate found this film further from the films the model "
+             "learned from than most (another hospital or scanner?); its answer is shown, marked.",
+    OUTSIDE_LUNGS: "**Heat map mostly outside the lungs:** the model looked mostly elsewhere (markers, borders, "
+                   "text), so its answer may not rest on the lungs.",
+}
 
 
-def headline(label: str, confidence: float, external_ece: float | None = None, lung_share: float | None = None,
-             borderline: bool = False) -> Headline:
-    """The headline of one assessed prediction.
+def figures_line(decision: Decision, probs: Mapping[str, float]) -> str:
+    """The numbers under the headline: "COVID probability 12% (yes from 38%). Other classes: pneumonia 70%, ..."."""
+    others = sorted(((c, p) for c, p in probs.items() if c != decision.point.positive), key=lambda cp: -cp[1])
+    rest = ", ".join(f"{c} {probability(p)}" for c, p in others)
+    return f"{decision.figures}." + (f" Other classes: {rest}." if rest and decision.covid is not None else "")
 
-    Args:
-        label: the predicted class.
-        confidence: its probability.
-        external_ece: the worst expected calibration error measured on films from other hospitals, or None.
-        lung_share: the share of the heat map inside the lungs, or None when not measured.
-        borderline: the input gate marked the film as unusual.
-    """
-    cautions = tuple(words for cond, words in (
-        (external_ece is not None and external_ece > ECE_LIMIT, OTHER_HOSPITALS),
-        (lung_share is not None and lung_share < LUNG_SHARE_LIMIT, OUTSIDE_LUNGS),
-        (borderline, UNUSUAL)) if cond)
-    if not cautions:
-        return Headline(f"Model output: **{label}** ({probability(confidence)})", "", ())
-    return Headline(f"Leans towards **{label}**; " + "; ".join(cautions),
-                    f"The model's probability for {label}: {probability(confidence)}, not to be taken at face value "
-                    "(see the caution next to it).", cautions)
+
+def caution_notes(decision: Decision) -> list[str]:
+    """One sentence per caution of the film, saying what it means (none for a film without cautions)."""
+    return [CAUTION_HELP.get(c, f"**Caution:** {c}.") for c in decision.cautions]

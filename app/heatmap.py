@@ -109,34 +109,37 @@ def lung_share(upload: Upload, xray: Xray, heatmap: np.ndarray, ctx: Context) ->
     return share if np.isfinite(share) else None
 
 
-def render_heatmap(upload: Upload, xray: Xray, prediction: Prediction, alpha: float, ctx: Context,
-                   refused: bool = False) -> float | None:
-    """The heat map over the image with its colour scale and lung share, or the reason there is none (``refused``:
-    the image was not assessed, which its alt text says).
+def heatmap_share(upload: Upload, xray: Xray, prediction: Prediction, ctx: Context) -> float | None:
+    """The share of the prediction's heat map inside the lungs: the lung-cropping checkpoint's own measure, else the
+    installed lung model's (:func:`lung_share`); None without a heat map or a lung model."""
+    if prediction.heatmap is None:
+        return None
+    share = getattr(prediction, "lung_share", None)
+    return share if share is not None else lung_share(upload, xray, prediction.heatmap, ctx)
 
-    Returns:
-        The share of the heat map inside the lungs, or None (no heat map or no lung model).
-    """
+
+def render_heatmap(xray: Xray, prediction: Prediction, alpha: float, share: float | None,
+                   refused: bool = False) -> None:
+    """The heat map over the image with its colour scale and lung share (:func:`heatmap_share`), or the reason there
+    is none (``refused``: the image was not assessed, which its alt text says). Drawn as JPEG: a PNG of a 1024 px
+    overlay takes a second or more to encode on a busy CPU, and the lossless picture is the PNG download."""
     from covidxr.explain.display import overlay
 
     if prediction.heatmap is None:
         st.info(prediction.note or "Explanation is switched off.")
-        return None
+        return
     method = CAM_LABELS.get(prediction.cam_method or "", prediction.cam_method)
     rgb = overlay(xray.pixels, prediction.heatmap, alpha=alpha, max_side=DISPLAY_MAX_SIDE)
-    st.image(rgb, caption=f"{method} heat map for '{prediction.cam_class}'", width="stretch",
+    st.image(rgb, caption=f"{method} heat map for '{prediction.cam_class}'", width="stretch", output_format="JPEG",
              alt=f"{method} heat map for the class {prediction.cam_class} over the "
                  + ("refused image (shown on request)" if refused else "uploaded chest X-ray")
                  + f": coloured where the image pushed the model towards {prediction.cam_class}")
     st.markdown(_colour_bar(), unsafe_allow_html=True)
-    share = getattr(prediction, "lung_share", None)
-    share = share if share is not None else lung_share(upload, xray, prediction.heatmap, ctx)
     if share is not None:
         st.markdown(f"**{100 * share:.0f}%** of the heat map lies inside the lungs (as found by the lung "
                     "segmentation model). A low share means the model looked elsewhere: markers, borders, text.")
     st.caption("Colour marks the regions that pushed the model most towards this class. It shows where the model "
                "looked, not where disease is.")
-    return share
 
 
 def png_bytes(rgb: np.ndarray, text: dict[str, Any] | None = None) -> bytes:

@@ -31,7 +31,15 @@ NO_EXTERNAL = (
 PLOT_CAPTIONS = {"confusion_counts": "Confusion matrix (counts)", "roc": "ROC curves, one class against the rest",
                  "confusion_normalized": "Confusion matrix (share of each true class)",
                  "pr": "Precision-recall curves", "reliability": "Calibration (reliability diagram)",
-                 "history": "Training curves"}
+                 "history": "Training curves",
+                 "decision_curve": "Decision curve: the net benefit of acting on the model's COVID call at each "
+                                   "threshold, against acting on every film or on none"}
+"""Plots the tab shows, each with what it is; a saved plot without an entry here is not shown (no unexplained
+labels)."""
+
+CANNOT = ("It answers one question on one kind of image: COVID / normal / pneumonia on a frontal chest X-ray. It is "
+          "not a diagnosis, it was never tested on patients as they arrive, and its results on other hospitals "
+          "(above) are what to expect elsewhere, not the internal ones.")
 
 
 CROSSVAL_MODES = {"probe": "a quick version: only the network's last layer retrained each time",
@@ -87,3 +95,22 @@ def temperature_text(temperature: float, data: Mapping[str, Any], external: list
     elif not external:
         text += " It has not been measured on external films."
     return text
+
+
+def judge(estimate: Any, chance: float, lo: Any = None, hi: Any = None, good: float | None = None) -> str:
+    """A result in words against its chance level: "below chance", "at chance", "better than chance" or "good".
+
+    Args:
+        estimate: the value (balanced accuracy, AUC).
+        chance: its chance level (one over the classes present; 0.5 for an AUC).
+        lo, hi: its 95% interval, when known: chance inside it reads "at chance".
+        good: the value from which a result above chance reads "good" (None: never).
+    """
+    if not isinstance(estimate, (int, float)):
+        return "not measured"
+    bounds = isinstance(lo, (int, float)) and isinstance(hi, (int, float))
+    if (bounds and hi < chance) or (not bounds and estimate < chance - 0.02):
+        return "below chance"
+    if (bounds and lo <= chance) or (not bounds and estimate <= chance + 0.02):
+        return "at chance"
+    return "good" if good is not None and estimate >= good else "better than chance"

@@ -1,10 +1,12 @@
-"""The "Model and evaluation" tab: how far the loaded model can be trusted, most honest numbers first.
+"""The "Model and evaluation" tab: a plain summary that fits one screen, then the details, folded.
 
-Order: results on films from sources the model never saw (external validation, then held-out-source
-cross-validation) beside what a classifier that sees only the source or other metadata achieves; then the internal
-test (held-out patients of the same sources, clearly labelled internal); then training (validation AUC,
-calibration temperature and what it was fitted on, data) and the model's identity. Without an external result the
-tab says so first. Numbers come from the saved evaluation only (:mod:`app.evaluation`); nothing is recomputed.
+The summary says what the model was trained on, how its COVID answer did on films from hospitals it never saw (the
+same line of natural frequencies each film's answer quotes, ``app.evaluation.reliability_line``), how it answers and
+what it cannot do. The details, each in an expander, start with how to read the numbers, then results on films from
+sources the model never saw (external validation, held-out-source cross-validation), the internal test (held-out
+patients of the same sources, under its own heading), the input gate, training and the model's identity. Every
+table has one sentence saying what it shows and whether the result is good, at chance or below chance. Numbers come
+from the saved evaluation only (:mod:`app.evaluation`); nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -24,23 +26,27 @@ from app.eval_tables import (
     crossval_table,
     gate_table,
     has_baselines,
+    held_out_row,
     key_value_table,
     operating_points_table,
     per_class_table,
     subgroup_table,
 )
-from app.evaluation import Evaluation, dataset_name
+from app.evaluation import Evaluation, dataset_name, reliability_line
 from app.format import num, pct
 from app.model_texts import (
+    CANNOT,
     EXPLANATIONS,
     NO_EXTERNAL,
     PLOT_CAPTIONS,
     crossval_how,
+    judge,
     not_evaluated,
     single_class_sources,
     temperature_text,
 )
 from app.redact import public_report, setting_rows
+from covidxr.inference.decision import OperatingPoint
 from covidxr.sources_display import readable, source_name
 
 
@@ -83,6 +89,23 @@ def _table(frame: Any, caption: str | None = None) -> None:
             st.caption(caption)
 
 
+def _ci(data: Mapping[str, Any], key: str) -> tuple[Any, Any, Any]:
+    """``(estimate, lo, hi)`` of a headline metric (balanced accuracy, macro ROC-AUC)."""
+    ci = ((data.get("ci") or {}).get("metrics") or {}).get(key) or {}
+    return ci.get("estimate", (data.get("metrics") or {}).get(key)), ci.get("lo"), ci.get("hi")
+
+
+def comparison_sentence(data: Mapping[str, Any], where: str) -> str:
+    """What a comparison table shows and how the model did against chance there."""
+    estimate, lo, hi = _ci(data, "balanced_accuracy")
+    chance = chance_level(data) or 0.5
+    verdict = judge(estimate, chance, lo, hi, good=0.8)
+    return (f"This model {where} beside a guess and beside classifiers that see only metadata (learned on the "
+            f"training split). Its balanced accuracy, {pct(estimate)} against a chance level of {pct(chance)}, is "
+            f"**{verdict}**. A metadata-only classifier far above chance means the films can be told apart by their "
+            "source or view alone; one below chance (an AUC under 0.50) points the wrong way on these films.")
+
+
 def _render_external(test_set: Mapping[str, Any]) -> None:
     """One external test set: size, headline with intervals, per-class recall and AUC, baselines, calibration."""
     name = dataset_name(test_set)
@@ -98,14 +121,12 @@ def _render_external(test_set: Mapping[str, Any]) -> None:
                    f"{'gives' if len(single) == 1 else 'each give'} films of a single class here, so on "
                    f"{'it' if len(single) == 1 else 'them'} these numbers cannot tell recognising the disease from "
                    "recognising the source.", icon=":material/warning:")
-    _table(comparison_table(test_set), "This model beside a guess (the chance level of balanced accuracy is one "
-           "over the number of classes present) and classifiers that see only metadata, learned on the "
-           "training split and tested on these films. They have never seen these sources, so they can only guess the "
-           "commonest training class of a similar film: a model far above them is not just reading the source.")
+    _table(comparison_table(test_set), comparison_sentence(test_set, "on these films"))
     table = per_class_table(test_set, "Images")
     absent = [str(c) for c, n in zip(table.get("Class", []), table.get("Images", []), strict=True) if not n]
     _table(table[[bool(n) for n in table["Images"]]] if absent else table,
-           "Per class on the external films, 95% intervals in brackets."
+           "Per class on these films, when the model names its most likely class (95% intervals in brackets); the "
+           "page's COVID answer uses the threshold instead, and its figures are in the COVID-or-not table above."
            + (f" No {', '.join(absent)} films in this set, so nothing is measured for that class." if absent else ""))
     took = {c: n for c, n in (test_set.get("absent_class_calls") or {}).items() if n}
     if took:
@@ -118,8 +139,21 @@ def _render_external(test_set: Mapping[str, Any]) -> None:
         st.markdown(f"**Calibration on these films:** a stated probability was off by {pct(ece)} on average "
                     "(expected calibration error).")
     if isinstance(test_set.get("by_source"), Mapping) and test_set["by_source"]:
-        with st.expander("By source within this external set"):
-            _table(subgroup_table(test_set["by_source"], source_name))
+        st.markdown("**By source within this external set**")
+        _table(subgroup_table(test_set["by_source"], source_name), "Each source of these films on its own; a "
+               "source with films of one class has no balanced accuracy worth reading.")
+
+
+def crossval_sentence(rows: list[Mapping[str, Any]]) -> str:
+    """Each left-out source's balanced accuracy in words against its chance level."""
+    parts = []
+    for row in map(held_out_row, rows):
+        ci = row.get("balanced_accuracy") or {}
+        recall = row.get("recall") or {}
+        chance = row.get("chance") or (1 / len(recall) if recall else 0.5)
+        parts.append(f"{source_name(row.get('held_out'))} {pct(ci.get('estimate'))} (chance {pct(chance)}): "
+                     f"**{judge(ci.get('estimate'), chance, ci.get('lo'), ci.get('hi'), good=0.8)}**")
+    return "Balanced accuracy on each left-out source: " + "; ".join(parts) + "."
 
 
 def _render_crossval(evaluation: Evaluation) -> None:
@@ -133,11 +167,8 @@ def _render_crossval(evaluation: Evaluation) -> None:
     st.markdown("The training recipe was run again once per source, each time **without** that source's films, and "
                 "tested on the films it left out" + (f" ({how})" if how else "") + ". The model could not have "
                 "learned anything about that hospital or collection, so this shows how the recipe does on a new one.")
-    _table(crossval_table(rows), "One row per source left out, 95% intervals in brackets. Chance level: the balanced "
-           "accuracy of a guess (one over the classes present). The last column says how well the source alone told "
-           "the classes apart among the sources the model did learn from (the shortcut it could take there; "
-           "'–' where it was not measured). A source alone says nothing about the left-out source: it was never "
-           "seen.")
+    _table(crossval_table(rows), crossval_sentence(rows) + " The last column says how well the source alone told the "
+           "classes apart among the sources the model did learn from ('–' where it was not measured).")
     skipped = crossval.get("skipped_sources") or {}
     if isinstance(skipped, Mapping) and skipped:
         st.caption("Too small to hold out: " + ", ".join(f"{source_name(s)} ({n} images)" for s, n in skipped.items()))
@@ -150,101 +181,109 @@ def render_gate(evaluation: Evaluation) -> None:
     reports = [(label, r) for label, r in reports if isinstance(r, Mapping) and r.get("evaluated")]
     if not reports:
         return
-    st.subheader("When the page does not answer", anchor=False)
-    st.markdown("Before the model's output is shown, an input gate checks that the image is a frontal chest X-ray "
-                "like those the model learned from. *Unusual* films are shown and marked \"read with care\"; "
-                "refused images show the most likely reason instead of an output.")
-    for label, report in reports:
-        _table(gate_table(report, label), f"{label}: share of images passed, marked unusual and refused.")
+    with st.expander("When the page does not answer: the input gate"):
+        st.markdown("Before the model's output is shown, an input gate checks that the image is a frontal chest X-ray "
+                    "like those the model learned from. *Unusual* films are shown and marked \"read with care\"; "
+                    "refused images show the most likely reason instead of an output.")
+        for label, report in reports:
+            _table(gate_table(report, label), f"{label}: the share of images passed, marked unusual and refused. "
+                   "Good is near 100% passed for chest films and near 100% refused for everything else.")
 
 
-def render_trust(evaluation: Evaluation) -> None:
-    """The honest numbers: external validation and cross-validation first, or a clear note that there are none."""
-    st.subheader("On films from sources it never saw", anchor=False)
+def render_trust(evaluation: Evaluation, point: OperatingPoint) -> None:
+    """Films from sources the model never saw: the COVID answer on each set, external validation, cross-validation;
+    or a clear note that there are none. No internal figure appears here."""
     if not evaluation.external and not evaluation.crossval_rows:
         st.warning(NO_EXTERNAL, icon=":material/warning:")
-    elif not evaluation.external:
+        return
+    if not evaluation.external:
         st.warning("No external test set has been evaluated; the held-out-source results below are the closest "
                    "measure of how the model does elsewhere.", icon=":material/warning:")
-    _render_covid(evaluation.data.get("covid_vs_rest"))
+    _render_covid(evaluation, point, internal=False)
     for test_set in evaluation.external:
         _render_external(test_set)
     _render_crossval(evaluation)
 
 
-def _render_covid(block: Mapping[str, Any] | None) -> None:
-    """COVID or not, first: the question a clinician brings, on every set of films the evaluation has."""
-    if not block or not block.get("sets"):
+def _covid_sentence(sets: list[Mapping[str, Any]], names: Mapping[str, str]) -> str:
+    """Each set's COVID-or-not AUC in words against chance (0.50)."""
+    parts = []
+    for covid_set in sets:
+        auc = covid_set.get("auc") or {}
+        name = covid_table([covid_set], names)["Films"].iloc[0]
+        parts.append(f"{name} {num(auc.get('estimate'))}: "
+                     f"**{judge(auc.get('estimate'), 0.5, auc.get('lo'), auc.get('hi'), good=0.85)}**")
+    return "AUC: " + "; ".join(parts) + "." if parts else ""
+
+
+def _render_covid(evaluation: Evaluation, point: OperatingPoint, internal: bool) -> None:
+    """COVID or not, the question a clinician brings, on the sets of one kind: the internal test and its sources
+    (``internal``), or the external sets and the left-out sources."""
+    block = evaluation.data.get("covid_vs_rest") or {}
+    sets = [s for s in block.get("sets") or [] if isinstance(s, Mapping)
+            and str(s.get("name", "")).startswith("internal ") == internal]
+    sets += [] if internal else [s for run in evaluation.external_runs
+                                 for s in (run.get("covid_vs_rest") or {}).get("sets") or []]
+    if not sets:
         return
-    st.markdown("#### COVID or not")
-    threshold = block.get("threshold")
-    rule = (f"The page calls a film COVID when its COVID probability is at least {pct(threshold)}, a threshold "
-            f"fixed before these films were scored ({block.get('chosen_on')})." if threshold is not None
-            else "No threshold was fixed for this model.")
-    st.markdown(f"{rule} AUC: how well the COVID probability ranks COVID films above the others (0.50 is chance, "
-                "1.00 perfect). The rows 'Internal test, SIIM ... only' come from one collection where COVID and "
-                "normal films share hospitals: the cleanest measure of the disease signal. Films from sources "
-                "left out of training were scored by a model trained without them (AUC only).")
-    _table(covid_table(block), "COVID against every other class, with 95% intervals.")
+    names = {str(s.get("name")): dataset_name(s) for s in evaluation.external}
+    st.markdown("#### COVID or not" + ("" if internal else ", on films from sources it never saw"))
+    st.markdown(f"{point.rule()} AUC: how well the COVID probability ranks COVID films above the others (0.50 is "
+                "chance, 1.00 perfect); sensitivity: the share of COVID films it said yes to; specificity: the share "
+                "of other films it said no to." + ("" if internal else " The left-out sources were scored by models "
+                                                   "trained without them, with no threshold fixed, so they have an AUC "
+                                                   "only ('–')."))
+    _table(covid_table(sets, names), _covid_sentence(sets, names))
 
 
 def _render_plots(data: Mapping[str, Any], folder: Path | None) -> None:
-    """The saved plot images: confusion matrix and ROC first, the others in an expander."""
+    """The saved plot images that have an explanation (:data:`PLOT_CAPTIONS`), two per row."""
     if folder is None:
         return
-    plots = {name: folder / str(file) for name, file in (data.get("plots") or {}).items()
-             if (folder / str(file)).is_file()}
-    main = [name for name in ("confusion_counts", "roc") if name in plots]
-    if main:
-        cols = st.columns(len(main))
-        for col, name in zip(cols, main, strict=True):
-            col.image(str(plots[name]), caption=PLOT_CAPTIONS[name], width="stretch", alt=PLOT_CAPTIONS[name])
-    others = [name for name in plots if name not in main]
-    if others:
-        with st.expander("More plots"):
-            cols = st.columns(2)
-            for index, name in enumerate(others):
-                label = PLOT_CAPTIONS.get(name, name)
-                cols[index % 2].image(str(plots[name]), caption=label, width="stretch", alt=label)
+    plots = [(name, folder / str(file)) for name, file in (data.get("plots") or {}).items()
+             if name in PLOT_CAPTIONS and (folder / str(file)).is_file()]
+    cols = st.columns(2) if plots else []
+    for index, (name, path) in enumerate(plots):
+        cols[index % 2].image(str(path), caption=PLOT_CAPTIONS[name], width="stretch", alt=PLOT_CAPTIONS[name])
 
 
-def render_internal(evaluation: Evaluation) -> None:
+def render_internal(evaluation: Evaluation, point: OperatingPoint) -> None:
     """The internal test: held-out patients of the same sources as training, labelled as such."""
     data = evaluation.data
-    st.subheader("Internal test (same sources as training)", anchor=False)
     parts = [f"**{data.get('n_images', '?')}** images"]
     if data.get("n_patients"):
         parts.append(f"**{data['n_patients']}** patients")
     st.markdown(f"Held-out {' and '.join(parts)} of the {data.get('split', 'test')} split: not used for training, "
                 "but from the same hospitals and collections. These numbers are an upper bound for other places.")
     _warning_list("Caution about these numbers", list(data.get("warnings") or []), _sources(data))
+    _render_covid(evaluation, point, internal=True)
     _headline_metrics(data)
-    chance = chance_level(data)
-    if chance is not None:
-        st.caption(f"Chance level of balanced accuracy here: {pct(chance)} (a guess among the classes present).")
     if has_baselines(data):
-        _table(comparison_table(data), "The model beside classifiers that see only metadata (learned on the "
-               "training split, tested on the same images).")
+        _table(comparison_table(data), comparison_sentence(data, "on the internal test"))
     else:
-        st.caption("No source-only or metadata-only baseline was saved with this evaluation.")
-    st.markdown(EXPLANATIONS)
-    _table(per_class_table(data), "– : not defined on this test set (e.g. PPV of a class the model never predicted).")
+        estimate, lo, hi = _ci(data, "balanced_accuracy")
+        chance = chance_level(data) or 0.5
+        st.caption(f"Balanced accuracy {pct(estimate)} against a chance level of {pct(chance)}: "
+                   f"{judge(estimate, chance, lo, hi, good=0.8)}. No source-only or metadata-only baseline was saved.")
+    _table(per_class_table(data), "Per class when the model names its most likely class (95% intervals in "
+           "brackets; – : not defined here, e.g. the PPV of a class the model never named). The page's COVID answer "
+           "uses the threshold: its figures are in the COVID-or-not table above.")
     confusion = confusion_table(data)
     if confusion is not None:
-        st.markdown("**Confusion matrix** (rows: the true class; columns: what the model said; counts of images)")
+        st.markdown("**Confusion matrix** (rows: the true class; columns: the most likely class; counts of images)")
         st.table(confusion, alt="Confusion matrix of the internal test")
     _render_plots(data, evaluation.folder)
     table = data.get("operating_points") or {}
     if isinstance(table, Mapping) and table.get("points"):
         positive = table.get("positive", "the positive class")
-        st.markdown(f"**Operating points for '{positive}'**: thresholds chosen on the validation images for a target "
-                    "share of cases found; the last columns show what they gave on the test images.")
-        _table(operating_points_table(table["points"]))
+        _table(operating_points_table(table["points"]), f"Other thresholds for '{positive}', chosen on the validation "
+               "images for a target share of cases found; the last columns show what they gave on the test images. "
+               "The page uses the threshold above, not these.")
     for key, title, name_of in (("by_source", "By image source", source_name), ("by_view", "By view", str)):
         groups = data.get(key)
         if isinstance(groups, Mapping) and groups:
-            with st.expander(f"{title}: does the model work equally well everywhere?"):
-                _table(subgroup_table(groups, name_of))
+            _table(subgroup_table(groups, name_of), f"{title}: does the model work equally well everywhere? A group "
+                   "marked too small cannot tell.")
 
 
 def render_training(predictor: Any, evaluation: Evaluation | None) -> None:
@@ -252,7 +291,6 @@ def render_training(predictor: Any, evaluation: Evaluation | None) -> None:
     info = dict(getattr(predictor, "info", {}) or {})
     data = evaluation.data if evaluation else {}
     card = data.get("model_card") or {}
-    st.subheader("Training", anchor=False)
     cols = st.columns(3)
     cols[0].metric("Validation macro ROC-AUC", num(info.get("best_auc")),
                    help="on the validation split used to pick the epoch: optimistic by construction")
@@ -261,49 +299,83 @@ def render_training(predictor: Any, evaluation: Evaluation | None) -> None:
                    + (f" of {planned}" if planned else ""), help="the epoch with the best validation macro ROC-AUC")
     cols[2].metric("Temperature", num(predictor.temperature), help="probability calibration; 1.00 = none")
     st.markdown(temperature_text(predictor.temperature, data, evaluation.external if evaluation else []))
-    facts = card.get("data") or info.get("data") or {}
-    if facts.get("images") or facts.get("n_images"):
-        st.markdown(f"**Training data:** {facts.get('images') or facts.get('n_images')} images"
-                    + (f", {facts['patients']} patients" if facts.get("patients") else ""))
+    facts = _training_facts(predictor, evaluation)
     if isinstance(facts.get("split_counts"), Mapping):
-        _table(counts_table(facts["split_counts"]).reset_index(names="Class"), "Images per class and split")
+        _table(counts_table(facts["split_counts"]).reset_index(names="Class"), "Images per class and split.")
     if isinstance(facts.get("class_by_source"), Mapping):
         _table(counts_table(facts["class_by_source"], rename_rows=True).reset_index(names="Source"),
-               "Images per source and class")
+               "Images per source and class: a source that gives one class only lets the model learn the source.")
     _warning_list("Caution: the training data are confounded", list(facts.get("confounding") or []), _sources(data))
     if card.get("limitations"):
         st.markdown("**Known limitations**\n\n" + "\n".join(f"- {item}" for item in card["limitations"]))
     if info.get("config"):
-        with st.expander("Training settings"):
-            _table(key_value_table(setting_rows(info["config"])), "Files are named, not located: the full paths are in "
-                   "the run folder's records.")
+        st.markdown("**Training settings**")
+        _table(key_value_table(setting_rows(info["config"])), "The settings of the training run, for researchers; "
+               "files are named, not located (the full paths are in the run folder's records).")
 
 
 def render_model_identity(predictor: Any) -> None:
     """Architecture, classes, input size and the checkpoint's digest (no server paths)."""
-    st.subheader("The model", anchor=False)
     st.markdown(f"**Architecture:** {predictor.arch}  \n**Classes:** {', '.join(predictor.classes)}  \n"
                 f"**Input size:** {predictor.preprocess.img_size} px  \n"
                 f"**Checkpoint SHA-256:** `{predictor.checkpoint_sha256}`")
 
 
+def _training_facts(predictor: Any, evaluation: Evaluation | None) -> Mapping[str, Any]:
+    """What the model was trained on: the model card's data facts, else the checkpoint's."""
+    card = (evaluation.data.get("model_card") or {}) if evaluation else {}
+    info = dict(getattr(predictor, "info", {}) or {})
+    facts = card.get("data") or info.get("data") or {}
+    return facts if isinstance(facts, Mapping) else {}
+
+
+def trained_on(predictor: Any, evaluation: Evaluation | None) -> str:
+    """One sentence: how many films of which classes from which collections the model learned from."""
+    facts = _training_facts(predictor, evaluation)
+    images = facts.get("images") or facts.get("n_images")
+    table = facts.get("class_by_source") if isinstance(facts.get("class_by_source"), Mapping) else {}
+    sources = list(dict.fromkeys(source_name(s) for counts in table.values() if isinstance(counts, Mapping)
+                                 for s in counts))
+    what = f"{images} chest X-rays" if images else "chest X-rays (the number was not recorded)"
+    patients = f" of {facts['patients']} patients" if facts.get("patients") else ""
+    origin = f" from {', '.join(sources)}" if sources else ""
+    return f"{what}{patients} labelled {', '.join(predictor.classes)}{origin}."
+
+
+def render_summary(predictor: Any, evaluation: Evaluation | None, point: OperatingPoint) -> None:
+    """The plain summary that fits one screen: trained on what, how it did on hospitals it never saw, how it
+    answers, what it cannot do."""
+    with st.container(key="model-summary"):
+        st.subheader("This model in short", anchor=False)
+        st.markdown(f"- **Trained on:** {trained_on(predictor, evaluation)}\n"
+                    f"- **On hospitals it never saw:** {reliability_line(evaluation, point)}\n"
+                    f"- **How it answers:** {point.rule()}\n"
+                    f"- **What it cannot do:** {CANNOT}")
+        if evaluation is None:
+            st.info(not_evaluated(predictor))
+
+
 def render_model_view(predictor: Any, evaluation: Evaluation | None) -> None:
-    """The whole "Model and evaluation" tab."""
-    if evaluation is None:
-        st.info(not_evaluated(predictor))
-    else:
-        for note in evaluation.notes:
-            st.warning(note)
+    """The whole "Model and evaluation" tab: the summary, then the details folded."""
+    point = predictor.operating_point
+    for note in evaluation.notes if evaluation else []:
+        st.warning(note)
+    render_summary(predictor, evaluation, point)
+    if evaluation is not None:
         if evaluation.report is not None:
             st.download_button("Download the full evaluation report (HTML)",
                                public_report(evaluation.report.read_bytes()),
                                file_name="covidxr_evaluation_report.html", mime="text/html", on_click="ignore",
                                icon=":material/download:")
-        render_trust(evaluation)
-        st.divider()
-        render_internal(evaluation)
+        st.markdown("**Details**")
+        with st.expander("How to read these numbers"):
+            st.markdown(EXPLANATIONS)
+        with st.expander("On films from sources it never saw"):
+            render_trust(evaluation, point)
+        with st.expander("Internal test (same sources as training)"):
+            render_internal(evaluation, point)
         render_gate(evaluation)
-    st.divider()
-    render_training(predictor, evaluation)
-    st.divider()
-    render_model_identity(predictor)
+    with st.expander("Training"):
+        render_training(predictor, evaluation)
+    with st.expander("The model"):
+        render_model_identity(predictor)

@@ -30,6 +30,7 @@ from app.settings import TRAIN_COMMANDS, AppSettings, checkpoint_choices, load_s
 from app.summary import results_csv, summary_frame
 from covidxr.errors import CovidxrError
 from covidxr.inference.prediction_log import PredictionLog, new_session_id
+from covidxr.inference.stamp import model_stamp
 from covidxr.io import MAX_FILE_BYTES
 
 if TYPE_CHECKING:  # torch loads with the first model, after the page's first lines are shown
@@ -37,12 +38,20 @@ if TYPE_CHECKING:  # torch loads with the first model, after the page's first li
 
 log = logging.getLogger("covidxr.app")
 
-# Long file names wrap in full (summary table, file boxes). Narrow screens (phones, a split window): tables wrap
-# inside the page instead of scrolling sideways.
+# Long file names wrap in full (summary table, file boxes; the uploader's own list shortens them, the boxes do not).
+# Narrow screens (phones, a split window): tables wrap inside the page instead of scrolling sideways, and the title,
+# the intended-use banner and the uploader shrink so that a film's verdict is on the first screen.
 NARROW_CSS = """<style>
 .st-key-file-summary td:nth-child(1) * { white-space: normal; overflow-wrap: anywhere; }
 [class*="st-key-filebox-"] [data-testid="stMarkdownContainer"] p { overflow-wrap: anywhere; }
 @media (max-width: 640px) {
+  [data-testid="stMainBlockContainer"] { padding-top: 2.5rem; }
+  .st-key-page-head h1 { font-size: 1.35rem; padding: 0.25rem 0; }
+  .st-key-page-head [data-testid="stCaptionContainer"] { display: none; }
+  .st-key-page-head [data-testid="stAlert"] p { font-size: 0.75rem; line-height: 1.25; }
+  .st-key-page-head [data-testid="stAlertContainer"] { padding: 0.4rem 0.6rem; }
+  [data-testid="stFileUploaderDropzone"] { padding: 0.4rem 0.6rem; }
+  [data-testid="stFileUploaderDropzoneInstructions"] small { display: none; }
   [data-testid="stTable"] table { font-size: 0.78rem; }
   [data-testid="stTable"] th, [data-testid="stTable"] td { padding: 0.25rem 0.35rem; }
   [data-testid="stTable"] th *, [data-testid="stTable"] td * { overflow-wrap: anywhere; }
@@ -59,14 +68,15 @@ ANY_NAME_KEY = "accept_any_name"
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model...")
-def load_model(path: str, mtime_ns: int) -> Predictor:
-    """Load a checkpoint once per process (the cache key includes its modification time, so a new file reloads).
+def load_model(path: str, stamp: tuple[int, int]) -> Predictor:
+    """Load a checkpoint once per process (the cache key includes the modification times of the checkpoint and its
+    calibration sidecar, so a retrained or newly evaluated model reloads with its new threshold).
 
     The predictor is shared by all sessions; it serialises its own model calls (explanations hook into the model).
 
     Args:
         path: the checkpoint file.
-        mtime_ns: its modification time (cache key only).
+        stamp: ``covidxr.inference.stamp.model_stamp`` of it (cache key only).
 
     Raises:
         CovidxrError: the checkpoint is missing, unsafe or invalid.
@@ -168,17 +178,18 @@ def main() -> None:
                        layout="wide")
     settings = load_settings()
     st.html(NARROW_CSS)
-    st.title("Chest X-ray classifier", anchor=False)
-    st.caption("COVID-19 / normal / pneumonia from a frontal chest radiograph, with a Grad-CAM heat map")
-    st.warning(f"**Intended use:** {INTENDED_USE} Results can be wrong; always rely on a qualified reader.",
-               icon=":material/info:")
+    with st.container(key="page-head"):
+        st.title("Chest X-ray classifier", anchor=False)
+        st.caption("COVID-19 / normal / pneumonia from a frontal chest radiograph, with a Grad-CAM heat map")
+        st.warning(f"**Intended use:** {INTENDED_USE} Results can be wrong; always rely on a qualified reader.",
+                   icon=":material/info:")
     chosen = _sidebar(settings)
     if chosen is None:
         _no_model(None)
         return
-    mtime_ns = chosen.stat().st_mtime_ns if chosen.is_file() else 0
+    stamp = model_stamp(chosen)
     try:
-        predictor = load_model(str(chosen), mtime_ns)
+        predictor = load_model(str(chosen), stamp)
     except CovidxrError as exc:
         _no_model(f"The model could not be loaded: {str(exc).replace(str(chosen), chosen.name)}")
         return
@@ -191,7 +202,7 @@ def main() -> None:
     evaluation = load_evaluation(predictor)
     results, model_tab = st.tabs(["Analyse images", "Model and evaluation"])
     with results:
-        _results_tab(predictor, f"{chosen}:{mtime_ns}", audit, evaluation)
+        _results_tab(predictor, f"{chosen}:{stamp}", audit, evaluation)
     with model_tab:
         render_model_view(predictor, evaluation)
 

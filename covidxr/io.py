@@ -127,14 +127,21 @@ def load_xray(
     except MemoryError as exc:
         raise read_error(label, "not enough memory to decode the image") from exc
     except Exception as exc:  # any decoder failure becomes our error, by contract
-        raise read_error(label, f"could not decode the image ({type(exc).__name__}: {exc})") from exc
+        raise read_error(label, f"could not decode the image ({_detail(exc)})") from exc
     except BaseException as exc:
         # Rust decoders built with pyo3 (pylibjpeg-rle, ...) turn a panic on corrupt data into
         # pyo3_runtime.PanicException, which derives from BaseException. Only that one is converted here;
         # KeyboardInterrupt, SystemExit and friends propagate untouched.
         if type(exc).__name__ != "PanicException":
             raise
-        raise read_error(label, f"the decoder crashed on corrupt data (PanicException: {exc})") from exc
+        raise read_error(label, f"the decoder crashed on corrupt data ({_detail(exc)})") from exc
+
+
+def _detail(exc: BaseException) -> str:
+    """What went wrong, in the decoder's words, without its exception class: a clinician reads these lines (the
+    class is kept in the chained exception for the server log)."""
+    text = " ".join(str(getattr(exc, "strerror", None) or exc).split())
+    return text or "no detail given"
 
 
 # --------------------------------------------------------------------------------------------------------- input
@@ -201,7 +208,7 @@ def _read_path(path: str | os.PathLike, name: str, max_bytes: int) -> bytes:
     except IsADirectoryError as exc:
         raise read_error(name, "is a directory, not a file") from exc
     except (OSError, ValueError, TypeError) as exc:
-        raise read_error(name, f"cannot read file ({type(exc).__name__}: {exc})") from exc
+        raise read_error(name, f"cannot read file ({_detail(exc)})") from exc
 
 
 def _read_file_object(handle: typing.BinaryIO, name: str, max_bytes: int) -> bytes:
@@ -218,7 +225,7 @@ def _read_file_object(handle: typing.BinaryIO, name: str, max_bytes: int) -> byt
     except TypeError as exc:
         raise read_error(name, "file object must be opened in binary mode") from exc
     except Exception as exc:  # arbitrary file-like objects may raise anything
-        raise read_error(name, f"cannot read file object ({type(exc).__name__}: {exc})") from exc
+        raise read_error(name, f"cannot read file object ({_detail(exc)})") from exc
 
 
 def _read_capped(handle: typing.BinaryIO, limit: int) -> bytes:
@@ -293,7 +300,7 @@ def _load_pil(data: bytes, name: str, max_pixels: int) -> Xray:
         try:
             image.load()
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise read_error(name, f"corrupt or truncated {fmt} file ({type(exc).__name__}: {exc})") from exc
+            raise read_error(name, f"corrupt or truncated {fmt} file ({_detail(exc)})") from exc
         upright = ImageOps.exif_transpose(image)
         pixels, color = _pil_to_gray(upright)
     return Xray(pixels=unit_image(pixels), format=fmt, color=color, header={}, name=name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ NOTCXR = Path(os.environ.get("COVIDXR_DATA") or Path(__file__).resolve().parents
               ).parent / "notcxr"
 EXTERNAL_NAME = "COVID-CXNet (armiro/COVID-CXNet)"
 HELD_OUT = ("lecuong1502/BTL_Machine_Learning", "hida6/covid-chestxray-dataset")
+THRESHOLD = 0.38
 
 
 def lateral_film(index: int = 0) -> Path:
@@ -78,14 +80,17 @@ def _test_set(classes: list[str], n: int, recall: float) -> dict[str, Any]:
     }
 
 
-def fake_evaluation(classes: list[str], checkpoint_sha256: str, external: bool) -> dict[str, Any]:
-    """A metrics.json with an internal test, baselines and (when asked) external and cross-validation results."""
+def fake_evaluation(classes: list[str], checkpoint_sha256: str, external: bool,
+                    threshold: float = THRESHOLD) -> dict[str, Any]:
+    """A metrics.json with an internal test, baselines, COVID-or-not figures at ``threshold`` and (when asked)
+    external and cross-validation results."""
     data = _test_set(classes, 61, 0.7) | {
         "split": "test", "checkpoint_sha256": checkpoint_sha256,
         "calibration": {"temperature": 1.3, "how": "fitted on the run's validation split (60 images)",
                         "ece_before": 0.12, "ece_after": 0.05},
         "by_source": {HELD_OUT[1]: {"n": 30, "accuracy": 0.6, "balanced_accuracy": 0.5, "roc_auc_macro": 0.7}},
         "model_card": {"limitations": ["Made-up limitation for the test."]},
+        "covid_vs_rest": covid_block(external, threshold),
     }
     if external:
         outside = [c for c in classes if c != "pneumonia"]
@@ -99,6 +104,42 @@ def fake_evaluation(classes: list[str], checkpoint_sha256: str, external: bool) 
     return data
 
 
+def _covid_set(name: str, positives: int, negatives: int, auc: float, sens: float | None, spec: float | None,
+               threshold: float) -> dict[str, Any]:
+    """One set of metrics.json's ``covid_vs_rest`` (made-up numbers); no threshold for a held-out source."""
+    def point(value: float | None) -> dict[str, Any]:
+        return {"estimate": None} if value is None else _ci(value)
+
+    return {"name": name, "n_positive": positives, "n_negative": negatives,
+            "threshold": None if sens is None else threshold, "auc": _ci(auc), "sensitivity": point(sens),
+            "specificity": point(spec)}
+
+
+def covid_block(external: bool, threshold: float = THRESHOLD) -> dict[str, Any]:
+    """metrics.json's ``covid_vs_rest``: the shipped threshold, the internal test (and one of its sources), and with
+    ``external`` the held-out sources (AUC only) and the external set: 99 COVID and 100 other films, sensitivity 77%,
+    specificity 80%."""
+    sets = [_covid_set("internal test", 20, 41, 0.89, 0.84, 0.82, threshold),
+            _covid_set(f"internal test: {HELD_OUT[1]}", 10, 8, 0.91, 0.8, 0.75, threshold)]
+    if external:
+        sets += [_covid_set(f"held out: {HELD_OUT[0]}", 0, 100, 0.70, None, None, threshold),
+                 _covid_set(f"held out: {HELD_OUT[1]}", 50, 50, 0.60, None, None, threshold),
+                 _covid_set(f"external {EXTERNAL_NAME}", 99, 100, 0.81, 0.77, 0.80, threshold)]
+    return {"positive": "covid", "threshold": threshold, "chosen_on": "Youden's J on the held-out sources",
+            "sets": sets}
+
+
+def ship_threshold(run: Path, sha256: str, threshold: float | None = THRESHOLD) -> None:
+    """Store the evaluation summary with the COVID threshold beside the run's checkpoint (its calibration sidecar),
+    as ``covidxr.evaluate`` does: the page's operating point."""
+    from covidxr.calibration_file import write_calibration
+
+    block = None if threshold is None else {"positive": "covid", "threshold": threshold,
+                                            "chosen_on": "Youden's J on the held-out sources"}
+    write_calibration(run / "best.pt", sha256, 1.0, "none (test)", {"checkpoint_sha256": sha256,
+                                                                      "covid_vs_rest": block})
+
+
 def write_evaluation(run: Path, data: dict[str, Any]) -> Path:
     """Write ``data`` as the run's eval/metrics.json (and a stand-in report); returns the metrics file."""
     folder = run / "eval"
@@ -107,3 +148,17 @@ def write_evaluation(run: Path, data: dict[str, Any]) -> Path:
     path = folder / "metrics.json"
     path.write_text(json.dumps(data))
     return path
+
+
+def sr_conclusion(sr: bytes) -> str:
+    """The decision words of a DICOM SR written by covidxr (its Conclusion item)."""
+    import pydicom
+
+    def items(seq: Any) -> Iterator[Any]:
+        for item in seq:
+            yield item
+            yield from items(item.get("ContentSequence") or [])
+
+    report = pydicom.dcmread(io.BytesIO(sr))
+    return next(i.TextValue for i in items(report.ContentSequence)
+                if i.ConceptNameCodeSequence[0].CodeMeaning == "Conclusion")

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-from app_inputs import EXTERNAL_NAME, fake_evaluation, lateral_dicom, write_evaluation
+from app_inputs import EXTERNAL_NAME, fake_evaluation, lateral_dicom, ship_threshold, write_evaluation
 from streamlit.testing.v1 import AppTest
 
 from app.format import probability
@@ -29,6 +29,8 @@ from covidxr.io import load_xray
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "app" / "streamlit_app.py")
+NATURAL_FREQUENCIES = ("On 199 films from hospitals it never saw, it found 76 of 99 COVID films and wrongly called 20 "
+                       "of 100 other films COVID; 76 of its 96 COVID calls were right.")
 
 
 @pytest.fixture
@@ -142,7 +144,7 @@ def test_image_and_bad_file(with_model: Path, shared_data: Path) -> None:
     at = run_app()
     truncated = good.read_bytes()[:2000]
     upload(at, [(good.name, good.read_bytes()), ("broken.png", truncated), ("notes.txt", b"hello")])
-    headline = [m.value for m in at.markdown if m.value.startswith("### Model output")]
+    headline = [m.value for m in at.markdown if m.value.startswith("### COVID: ")]
     assert len(headline) == 1
     captions = [c.value for c in at.caption]
     assert any(c.startswith("Probabilities: ") for c in captions)
@@ -209,9 +211,11 @@ def test_dicom_header_without_patient_data(with_model: Path, shared_dicom_dir: P
 
 
 def headlines(at: AppTest) -> list[str]:
-    """The per-file headlines: "### Model output: ...", "### Leans towards ..." or "### Not assessed: ..."."""
-    return [m.value for m in at.markdown if m.value.startswith(("### Model output", "### Leans towards",
-                                                                "### Not assessed"))]
+    """The per-file headlines in page order: "### COVID: ..." (markdown) or "### Not assessed: ..." (in a red error
+    box)."""
+    found = [m for m in walk(at._tree) if getattr(m, "type", "") in ("markdown", "error")]
+    return [m.value for m in found if isinstance(getattr(m, "value", None), str)
+            and m.value.startswith(("### COVID: ", "### Most likely", "### Not assessed"))]
 
 
 def test_refused_images_show_no_class_and_no_probability(with_model: Path) -> None:
@@ -231,10 +235,12 @@ def test_refused_images_show_no_class_and_no_probability(with_model: Path) -> No
     assert "side (lateral) view" in shown[1] and "LL" in shown[1]
     assert any(c.value.startswith("Input gate: ") and "only the file checks ran" in c.value for c in at.caption)
     text = rendered_text(at)
-    assert "Probabilities: " not in text and "heat map for" not in text and "Model output" not in text
+    assert "Probabilities: " not in text and "heat map for" not in text
+    assert not re.search(r"COVID probability \S*\d", text)
+    assert all(e.icon == ":material/block:" for e in at.error)  # red, with a stop icon, the words say the same
     summary = next(t.value for t in at.table if "Verdict" in t.value.columns)
     assert list(summary["Verdict"]) == ["not assessed", "not assessed"]
-    assert list(summary["Class"]) == ["", ""] and list(summary["Probability"]) == ["", ""]
+    assert list(summary["Decision"]) == ["", ""] and list(summary["COVID probability"]) == ["", ""]
     records = read_records(with_model)
     assert [r["verdict"]["assessable"] for r in records] == [False, False]
     assert any("colour" in w for w in records[0]["warnings"])
@@ -253,11 +259,12 @@ def test_summary_table_lists_failed_files_and_progress_ends(with_model: Path, sh
     at = upload(run_app(), [(good.name, good.read_bytes()), ("broken.png", good.read_bytes()[:2000]),
                             ("lateral.dcm", lateral_dicom())])
     summary = next(t.value for t in at.table if "Verdict" in t.value.columns)
-    assert list(summary.columns) == ["File", "Verdict", "Class", "Probability", "Reason or error"]
+    assert list(summary.columns) == ["File", "Verdict", "Decision", "COVID probability", "Reason or error"]
     rows = summary.set_index("File")
-    assert rows.loc[good.name, "Verdict"] == "assessed" and rows.loc[good.name, "Class"] in {"covid", "normal",
-                                                                                            "pneumonia"}
-    assert rows.loc[good.name, "Probability"].endswith("%") and rows.loc[good.name, "Probability"] != "100%"
+    title = next(h for h in headlines(at) if h.startswith("### COVID"))
+    assert rows.loc[good.name, "Verdict"] == "assessed" and rows.loc[good.name, "Decision"] == title[4:]
+    covid = rows.loc[good.name, "COVID probability"]
+    assert covid.endswith("%") and covid != "100%" and f"COVID probability {covid} " in rendered_text(at)
     assert rows.loc["broken.png", "Verdict"] == "failed" and "truncated" in rows.loc["broken.png", "Reason or error"]
     assert rows.loc["lateral.dcm", "Verdict"] == "not assessed"
     assert "lateral" in rows.loc["lateral.dcm", "Reason or error"]
@@ -271,15 +278,20 @@ def test_results_csv_keeps_failed_and_refused_rows() -> None:
     from app.analysis import FileResult
     from app.assessment import Assessment
     from app.summary import results_csv
+    from covidxr.inference.decision import OperatingPoint, decide
     from covidxr.inference.predictor import Prediction
 
-    good = Prediction("a.png", {"covid": 0.9999, "normal": 0.00005, "pneumonia": 0.00005}, "covid", 0.9999)
-    results = [FileResult("a.png", good, Assessment(True), "sha-a"),
+    probs = {"covid": 0.9999, "normal": 0.00005, "pneumonia": 0.00005}
+    good = Prediction("a.png", probs, "covid", 0.9999)
+    decision = decide(probs, OperatingPoint("covid", 0.38), borderline=True)
+    results = [FileResult("a.png", good, Assessment(True, borderline=True), "sha-a", decision=decision),
                FileResult("b.png", good, Assessment(False, ("a lateral view",)), "sha-b"),
                FileResult("c.png", error="the file is truncated")]
     table = pd.read_csv(io.BytesIO(results_csv(results, ["covid", "normal", "pneumonia"])), keep_default_na=False)
     assert list(table["verdict"]) == ["assessed", "not assessed", "failed"]
-    assert list(table["probability"]) == ["> 99%", "", ""] and list(table["predicted_class"]) == ["covid", "", ""]
+    assert list(table["decision"]) == ["COVID: yes; caution: unusual film for this model", "", ""]
+    assert list(table["covid"]) == ["yes", "", ""] and list(table["covid_probability"]) == ["> 99%", "", ""]
+    assert table.loc[0, "cautions"] == "unusual film for this model" and float(table.loc[0, "threshold"]) == 0.38
     assert table.loc[1, "reason"] == "A lateral view" and table.loc[2, "error"] == "the file is truncated"
     assert float(table.loc[0, "p_covid"]) == 0.9999 and table.loc[1, "p_covid"] == ""
 
@@ -339,6 +351,7 @@ def test_model_view_not_evaluated_then_evaluated(app_env: Path, tiny_run: Path, 
     assert {"Confusion matrix (counts)", "ROC curves, one class against the rest"} <= {
         i.caption for p in plots for i in p.proto.imgs}
     assert "Confusion matrix" in text
+    assert re.search(r"On \d+ films from hospitals it never saw, it found \d+ of \d+ COVID films", text)
 
 
 @pytest.fixture
@@ -369,11 +382,14 @@ def positions(text: str, *needles: str) -> list[int]:
 
 def test_model_tab_leads_with_external_results_and_baselines(own_run: Path, shared_data: Path) -> None:
     classes = ["covid", "normal", "pneumonia"]
-    write_evaluation(own_run, fake_evaluation(classes, evaluated_sha(own_run), external=True))
+    sha = evaluated_sha(own_run)
+    ship_threshold(own_run, sha)
+    write_evaluation(own_run, fake_evaluation(classes, sha, external=True))
     at = run_app()
     text = rendered_text(at)
-    order = positions(text, "External validation: COVID-CXNet", "Each source left out of training in turn",
-                      "Internal test (same sources as training)", "Training", "Validation macro ROC-AUC")
+    order = positions(text, "This model in short", NATURAL_FREQUENCIES, "External validation: COVID-CXNet",
+                      "Each source left out of training in turn", "Internal test (same sources as training)",
+                      "Training", "Validation macro ROC-AUC")
     assert order == sorted(order)
     assert "No external validation" not in text
     assert "Kermany paediatric (Guangzhou)" in text and "ieee8023 COVID-19 image collection" in text
@@ -397,20 +413,24 @@ def test_model_tab_leads_with_external_results_and_baselines(own_run: Path, shar
     assert any("evaluation report" in b.proto.label for b in walk(at._tree)
                if getattr(b, "type", "") == "download_button")
 
+    external = next(e for e in at.expander if e.label == "On films from sources it never saw")
+    inside = "\n".join(proto for node in walk(external) if getattr(node, "proto", None) is not None
+                       for proto in proto_strings(node.proto))
+    assert "Never seen in training: COVID-CXNet" in inside and "Internal test" not in inside  # no internal figure
+    assert "0.89" not in inside and "84%" not in inside  # the internal test's COVID AUC and sensitivity
+
     good = real_image(shared_data)
     upload(at, [(good.name, good.read_bytes())])
-    words = next(m.value for m in at.markdown if m.value.startswith("On films from hospitals it never saw"))
-    assert f"hospitals it never saw ({EXTERNAL_NAME.split(' (')[0]}, 199 images)" in words
-    assert "off by 23%" in words and words.index("off by 23%") < words.index("On 61 internal test images")
+    assert [m.value for m in at.markdown if m.value.startswith("On 199 films")] == [NATURAL_FREQUENCIES]
     title = next(h for h in headlines(at) if not h.startswith("### Not assessed"))
-    assert title.startswith("### Leans towards **") and title.endswith("low confidence on films from other hospitals")
-    assert not re.search(r"\d%", title)  # the percentage moves below the words
-    assert any(m.value.startswith("The model's probability for ") for m in at.markdown)
+    assert re.fullmatch(r"### COVID: (yes|no; most likely \w+)(; caution: .+)?", title)
+    assert any(m.value.startswith("COVID probability ") and "(yes from 38%)" in m.value for m in at.markdown)
 
 
 def test_model_tab_says_first_that_there_is_no_external_result(own_run: Path, shared_data: Path) -> None:
-    write_evaluation(own_run, fake_evaluation(["covid", "normal", "pneumonia"], evaluated_sha(own_run),
-                                              external=False))
+    sha = evaluated_sha(own_run)
+    ship_threshold(own_run, sha)
+    write_evaluation(own_run, fake_evaluation(["covid", "normal", "pneumonia"], sha, external=False))
     at = run_app()
     text = rendered_text(at)
     order = positions(text, "No external validation", "Internal test (same sources as training)",
@@ -420,8 +440,9 @@ def test_model_tab_says_first_that_there_is_no_external_result(own_run: Path, sh
     assert "Source only" in text and "It has not been measured on external films." in text
     good = real_image(shared_data)
     upload(at, [(good.name, good.read_bytes())])
-    words = next(m.value for m in at.markdown if m.value.startswith("This model has **not** been tested"))
-    assert "films from hospitals it never saw" in words and "61 internal test images" in words
+    words = next(m.value for m in at.markdown if m.value.startswith("It has **not** been tested"))
+    assert "films from hospitals it never saw" in words and "on 61 internal test films" in words
+    assert "found 17 of 20 COVID films" in words and "upper bound" in words
 
 
 def test_crossval_summary_rows_read_too() -> None:
@@ -519,7 +540,7 @@ def test_oversized_empty_and_crashing_files_stay_contained(with_model: Path, sha
     errors = [e.value for e in at.error]
     assert len(errors) == 1 and errors[0].startswith("first.png: could not be processed because of an internal error")
     assert "secret internal detail" not in rendered_text(at)
-    assert len([m for m in at.markdown if m.value.startswith("### Model output")]) == 1
+    assert len([m for m in at.markdown if m.value.startswith("### COVID: ")]) == 1
     summary = next(t.value for t in at.table if "Verdict" in t.value.columns).set_index("File")
     assert summary.loc["first.png", "Verdict"] == "failed"
     assert summary.loc["first.png", "Reason or error"].startswith("internal error (reference ")
@@ -598,3 +619,28 @@ def test_dicom_download_is_offered_for_dicom_uploads_only(with_model: Path, shar
     assert [c.value for c in at.caption if c.value.startswith("No DICOM download")] == [
         "No DICOM download: no-study.dcm: the DICOM file lacks SeriesInstanceUID, StudyInstanceUID, so results "
         "cannot be filed in its study."]
+
+
+def test_a_caution_only_where_the_film_calls_for_it(own_run: Path, shared_data: Path) -> None:
+    """A film far from the shipped threshold (no gate band, no lung model) carries no caution anywhere; with the
+    threshold at its own COVID probability the same film is "close to the threshold", in the title and the table."""
+    from covidxr.files import file_digest
+    from covidxr.inference.predictor import Predictor
+
+    good = real_image(shared_data)
+    sha = file_digest(own_run / "best.pt")
+    covid = Predictor.from_checkpoint(own_run / "best.pt", backend="torch").predict(load_xray(good), cam=None).probs
+    far = 0.99 if covid["covid"] < 0.5 else 0.01
+    for threshold, caution in ((far, False), (covid["covid"] + 0.01, True)):
+        ship_threshold(own_run, sha, threshold)
+        at = upload(run_app(), [(good.name, good.read_bytes()), ("other.png", good.read_bytes())])
+        titles = headlines(at)
+        summary = next(t.value for t in at.table if "Verdict" in t.value.columns)
+        assert len(titles) == 2 and list(summary["Decision"]) == [t[4:] for t in titles]
+        text = rendered_text(at)
+        if caution:
+            assert all(t.endswith("; caution: COVID probability close to the threshold") for t in titles), titles
+            assert "Close to the threshold:" in text
+        else:
+            assert not any("caution" in t for t in titles) and "Close to the threshold" not in text, titles
+            assert "Unusual film" not in text and "outside the lungs" not in text

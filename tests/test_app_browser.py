@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from app_inputs import NOTCXR, lateral_dicom, rotated_png
+from app_inputs import NOTCXR, lateral_dicom, rotated_png, sr_conclusion
 from app_server import CHROMIUM, CHROMIUM_ARGS, RESULT_TIMEOUT_MS, require_chromium, run_app
 from PIL import Image
 
@@ -127,7 +127,7 @@ def test_several_files_refused_failed_and_downloads(server: tuple[str, Path], sh
             expect(file_input).to_be_attached(timeout=RESULT_TIMEOUT_MS)  # after the model has loaded
             started = time.perf_counter()
             file_input.set_input_files([good, corrupt, lateral])
-            expect(page.get_by_text("Model output:", exact=False)).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+            expect(page.get_by_role("heading", name=re.compile("^COVID: "))).to_be_visible(timeout=RESULT_TIMEOUT_MS)
             heatmap = page.locator("[data-testid='stImage']", has_text="heat map for").locator("img")
             expect(heatmap).to_be_visible(timeout=RESULT_TIMEOUT_MS)
             page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=heatmap.element_handle(),
@@ -145,14 +145,15 @@ def test_several_files_refused_failed_and_downloads(server: tuple[str, Path], sh
             expect(refused).to_have_count(1)
             assert "lateral" in refused.inner_text()
             box = file_box(page, lateral.name)
-            assert "Model output" not in box.inner_text() and "Probabilities:" not in box.inner_text()
+            assert "COVID: " not in box.inner_text() and "Probabilities:" not in box.inner_text()
             assert not re.search(r"\d%", box.inner_text()), box.inner_text()  # no probability anywhere in it
             expect(page.get_by_text("Probabilities: ", exact=False)).to_have_count(1)
             rows = summary.locator("tbody tr")
             expect(rows).to_have_count(3)
             cells = [[c.inner_text().strip() for c in r.locator("td, th").all()] for r in rows.all()]
             table = {row[0]: row[1:] for row in cells}  # file: verdict, class, probability, reason or error
-            assert table[good.name][0] == "assessed" and re.fullmatch(r"(> 99|\d{1,2})%", table[good.name][2])
+            assert table[good.name][0] == "assessed" and table[good.name][1].startswith("COVID: ")
+            assert re.fullmatch(r"(> 99|< 1|\d{1,2})%", table[good.name][2])
             assert table[corrupt.name][:3] == ["failed", "", ""] and "truncated" in table[corrupt.name][3]
             assert table[lateral.name][:3] == ["not assessed", "", ""] and "lateral" in table[lateral.name][3]
             full_page_screenshot(page, ARTIFACTS / "app.png")
@@ -162,7 +163,7 @@ def test_several_files_refused_failed_and_downloads(server: tuple[str, Path], sh
             png = Image.open(io.BytesIO(download_bytes(page, "Download heat map (PNG)")))
             assert png.format == "PNG"
             caption = png.text["Description"]
-            assert caption.startswith("Model output: ") and "Grad-CAM heat map for '" in caption
+            assert caption.startswith("COVID: ") and "Grad-CAM heat map for '" in caption
             assert "Research use only" in caption and datetime.now(UTC).strftime("%Y-%m-%d") in caption
             shape = load_xray(good).pixels.shape
             margin = caption_margin(png, shape)
@@ -219,9 +220,9 @@ def test_the_input_gate_refuses_a_rotated_and_a_lateral_film(gated_run: Path, tm
             assert "This film looks rotated" in texts[0] and "side (lateral) view" in texts[1], texts
             for name in (rotated.name, lateral.name):
                 box = file_box(page, name)
-                assert "Model output" not in box.inner_text() and not re.search(r"\d%", box.inner_text())
+                assert "COVID: " not in box.inner_text() and not re.search(r"\d%", box.inner_text())
                 assert "file and learned checks" in box.inner_text()
-            expect(page.get_by_role("heading", name=re.compile("^Model output: "))).to_have_count(1)
+            expect(page.get_by_role("heading", name=re.compile("^COVID: "))).to_have_count(1)
             rows = {r.locator("td").first.inner_text().strip(): [c.inner_text().strip() for c in r.locator("td").all()]
                     for r in summary.locator("tbody tr").all()}
             assert rows[upright.name][1] == "assessed"
@@ -254,9 +255,10 @@ def test_dicom_download_holds_the_labelled_heat_map_and_the_report(server: tuple
             file_input = page.locator("[data-testid='stFileUploaderDropzoneInput']")
             expect(file_input).to_be_attached(timeout=RESULT_TIMEOUT_MS)
             file_input.set_input_files([film])
-            expect(page.get_by_text("Model output:", exact=False)).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+            title = page.get_by_role("heading", name=re.compile("^COVID: "))
+            expect(title).to_be_visible(timeout=RESULT_TIMEOUT_MS)
             expect(page.locator("[data-testid='stStatusWidget']")).to_have_count(0, timeout=RESULT_TIMEOUT_MS)
-            headline = page.get_by_text("Model output:", exact=False).first.inner_text()
+            headline = title.inner_text().strip()
             png = np.asarray(Image.open(io.BytesIO(download_bytes(page, "Download heat map (PNG)"))).convert("RGB"))
             archive = zipfile.ZipFile(io.BytesIO(download_bytes(page, "Download as DICOM")))
         finally:
@@ -268,9 +270,7 @@ def test_dicom_download_holds_the_labelled_heat_map_and_the_report(server: tuple
     assert np.array_equal(capture.pixel_array, png)
     assert capture.StudyInstanceUID == report.StudyInstanceUID == source.StudyInstanceUID
     assert capture.PatientID == report.PatientID == source.PatientID
-    output = next(i.TextValue for i in report.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue ==
-                  "model-output")
-    assert f"Model output: {output} (" in headline
+    assert sr_conclusion(archive.read(f"{stem}_sr.dcm")) == headline
 
 
 ABSOLUTE_PATH = re.compile(r"(?<![\w.:/+=~-])/(?:[\w.+@-]+/)+[\w.+@-]+")
@@ -340,9 +340,10 @@ def test_ct_slice_borderline_film_and_no_server_paths(gated_run: Path, shared_da
             box = file_box(page, borderline.name)
             text = box.inner_text()
             assert "Unusual film: read with care" in text and "Not assessed" not in text, text
-            title = box.get_by_role("heading", name=re.compile("^Leans towards "))
+            title = box.get_by_role("heading", name=re.compile("^COVID: "))
             expect(title).to_have_count(1)
-            assert "unusual film" in title.inner_text() and re.search(r"probability for \w+: (> 99|< 1|\d+)%", text)
+            assert "caution: " in title.inner_text() and "unusual film" in title.inner_text()
+            assert re.search(r"COVID probability (> 99|< 1|\d+)%", text)
             alts = [a or "" for a in box.locator("img").evaluate_all("els => els.map(e => e.alt)")]
             assert any(a.startswith("The uploaded chest X-ray, marked as an unusual film") for a in alts), alts
             assert any("heat map for the class" in a for a in alts), alts
@@ -363,6 +364,8 @@ def test_ct_slice_borderline_film_and_no_server_paths(gated_run: Path, shared_da
             offered = [download_bytes(page, "Download all results as CSV"),
                        download_bytes(page, "Download result (JSON)")]
             page.get_by_role("tab", name="Model and evaluation").click()
+            page.locator("[data-testid='stExpander']", has_text="On films from sources it never saw").locator(
+                "summary").click()  # the details are folded under the summary
             expect(page.get_by_text("External validation:", exact=False).first).to_be_visible()
             offered.append(download_bytes(page, "Download the full evaluation report"))
             texts = [page.evaluate("() => document.body.innerText"),

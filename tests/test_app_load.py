@@ -73,10 +73,11 @@ NO_ANIMATIONS_JS = """document.addEventListener("DOMContentLoaded", () => {
   style.textContent = "*, *::before, *::after { animation: none !important; transition: none !important; }";
   document.head.appendChild(style);
 });"""
-# When the page shows all the given file names and as many probability captions and no script is running: in page
-# order, the file names ("File: NAME" lines, as FILE), the headings ("Model output: ..." or, for a film shown with a
-# caution, "Leans towards ..." and the percentage line under it) and the captions of the "Analyse images" tab; else
-# null.
+# When the page shows all the given file names, as many probability captions and as many headlines (the headline is
+# drawn after the heat map, so the captions alone may come before it) and no script is running: in page
+# order, the file names ("File: NAME" lines, as FILE), the headings ("COVID: yes" or "COVID: no; most likely X", with
+# any caution), the figures line under them ("COVID probability P% ...") and the captions of the "Analyse images" tab;
+# else null.
 RESULTS_READY_JS = """names => {
   if (document.querySelector("[data-testid='stStatusWidget']")) return null;
   const panel = document.querySelector("[data-testid='stTabPanel']");
@@ -84,11 +85,12 @@ RESULTS_READY_JS = """names => {
   const isName = e => e.tagName === "P" && e.firstElementChild?.tagName === "STRONG"
     && e.firstElementChild.textContent === "File:";
   const items = [...panel.querySelectorAll("h3, p, [data-testid='stCaptionContainer']")]
-    .filter(e => e.tagName !== "P" || isName(e) || e.textContent.startsWith("The model's probability for "))
+    .filter(e => e.tagName !== "P" || isName(e) || e.textContent.startsWith("COVID probability "))
     .map(e => isName(e) ? ["FILE", e.textContent.trim().replace(/^File:\\s*/, "")] : [e.tagName, e.textContent.trim()]);
   const headings = new Set(items.filter(([tag]) => tag === "FILE").map(([, text]) => text));
   const results = items.filter(([, text]) => text.startsWith("Probabilities: ")).length;
-  return names.every(n => headings.has(n)) && results === names.length ? items : null;
+  const answers = items.filter(([tag, text]) => tag === "H3" && /^(COVID: |Most likely)/.test(text)).length;
+  return names.every(n => headings.has(n)) && results === names.length && answers === names.length ? items : null;
 }"""
 # The empty page: the upload prompt, no results, no script running.
 EMPTY_JS = """() => !document.querySelector("[data-testid='stStatusWidget']")
@@ -138,21 +140,18 @@ def pick_images(data: Path, checkpoint: Path, count: int) -> list[Expected]:
 
 
 def parse_results(items: list[list[str]]) -> dict[str, dict[str, Any]]:
-    """File name -> the class, headline percentage and per-class percentages shown in its box (a cautious headline's
-    percentage is on the line below it); a percentage is
-    ``(bound, value)`` with bound "<" or ">" for the page's "< 1%" / "> 99%", else None."""
+    """File name -> the class the headline names ("COVID: yes" names covid), the COVID percentage of the line under
+    it and the per-class percentages shown in its box; a percentage is ``(bound, value)`` with bound "<" or ">" for
+    the page's "< 1%" / "> 99%", else None."""
     shown: dict[str, dict[str, Any]] = {}
     current: dict[str, Any] | None = None
     for tag, text in items:
-        headline = re.fullmatch(rf"Model output: (\S+) \({PERCENT}\)", text)
-        cautious = re.match(r"Leans towards (\S+); ", text)
-        below = re.match(rf"The model's probability for (\S+): {PERCENT},", text)
+        headline = re.match(r"COVID: (yes|no; most likely (\S+?))(;|$)", text)
+        below = re.match(rf"COVID probability {PERCENT} ", text)
         if tag == "H3" and headline and current is not None:
-            current["label"], current["percent"] = headline[1], (headline[2], float(headline[3]))
-        elif tag == "H3" and cautious and current is not None:
-            current["label"] = cautious[1]
-        elif tag == "P" and below and current is not None and current.get("label") == below[1]:
-            current["percent"] = (below[2], float(below[3]))
+            current["label"] = "covid" if headline[1] == "yes" else headline[2]
+        elif tag == "P" and below and current is not None:
+            current["covid"] = (below[1], float(below[2]))
         elif tag == "FILE":
             assert text not in shown, f"{text} shown twice"
             current = shown[text] = {}
@@ -184,7 +183,7 @@ def check_page(shown: dict[str, dict[str, Any]], files: list[Expected], where: s
         top, second = sorted(f.probs.values())[-1], sorted(f.probs.values())[-2]
         if top - second > CSV_TOLERANCE:
             assert box["label"] == f.label, f"{where} {f.name}: {box} vs {f.label}"
-        assert shown_matches(box["percent"], f.probs[box["label"]], 0.51), f"{where} {f.name}: {box}"
+        assert shown_matches(box["covid"], f.probs["covid"], 0.51), f"{where} {f.name}: {box}"
 
 
 def check_csv(data: bytes, files: list[Expected], where: str) -> None:
@@ -310,16 +309,17 @@ def test_upload_cap_is_the_readers_limit() -> None:
 
 
 def test_results_are_read_from_plain_and_cautious_headlines() -> None:
-    """A film shown with a caution ("Leans towards ...") keeps its class, and its percentage comes from the line
-    below the headline, so the load test checks both kinds of box."""
-    items = [["FILE", "a.png"], ["H3", "Model output: covid (81.2%)"],
+    """A "COVID: yes" box names covid, a "COVID: no" box its most likely other class, with or without a caution; the
+    COVID percentage comes from the line below the headline, so the load test checks both kinds of box."""
+    items = [["FILE", "a.png"], ["H3", "COVID: yes"],
+             ["P", "COVID probability 81% (yes when it is the most likely class). Other classes: normal 10%."],
              ["STCAPTIONCONTAINER", "Probabilities: covid 81.2% · normal 10.0% · pneumonia 8.8%"],
-             ["FILE", "b.png"], ["H3", "Leans towards normal; unusual film"],
-             ["P", "The model's probability for normal: 50.0%, not to be taken at face value (see the caution)."],
+             ["FILE", "b.png"], ["H3", "COVID: no; most likely normal; caution: unusual film for this model"],
+             ["P", "COVID probability 24% (yes when it is the most likely class). Other classes: normal 50%."],
              ["STCAPTIONCONTAINER", "Probabilities: covid 23.8% · normal 50.0% · pneumonia 26.2%"]]
     shown = parse_results(items)
-    assert shown["a.png"]["label"] == "covid" and shown["a.png"]["percent"] == (None, 81.2)
-    assert shown["b.png"]["label"] == "normal" and shown["b.png"]["percent"] == (None, 50.0)
+    assert shown["a.png"]["label"] == "covid" and shown["a.png"]["covid"] == (None, 81.0)
+    assert shown["b.png"]["label"] == "normal" and shown["b.png"]["covid"] == (None, 24.0)
     assert shown["b.png"]["probs"]["pneumonia"] == (None, 26.2)
 
 

@@ -1,6 +1,7 @@
 """DICOM results (python -m covidxr.predict --dicom-out, covidxr.inference.dicom_out): the Secondary Capture and the
 SR land in the input's study with the patient copied as the source had it, refused and non-DICOM inputs are handled,
-and dciodvfy finds no error in what is written."""
+the SR is a TID 1500 measurement report in standard codes, dciodvfy finds no error and no unknown coding scheme in
+what is written, and dcmtk's dsr2html renders the decision and the algorithm's name."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,6 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from covidxr.checkpoint import save_checkpoint
 from covidxr.inference.__main__ import main
+from covidxr.inference.decision import decide_prediction
 from covidxr.inference.dicom_out import dicom_zip
 from covidxr.inference.predictor import Predictor
 from covidxr.io import load_xray
@@ -91,14 +94,57 @@ def written(out: Path) -> dict[str, list[Dataset]]:
     return found
 
 
+def flat(items: Any) -> list[Dataset]:
+    """Every content item of an SR content tree, depth first."""
+    return [x for item in items for x in (item, *flat(item.get("ContentSequence") or []))]
+
+
+def meaning(item: Dataset) -> str:
+    return item.ConceptNameCodeSequence[0].CodeMeaning
+
+
 def sr_items(report: Dataset) -> dict[str, Dataset]:
-    """The SR's content items by concept meaning."""
-    return {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in report.ContentSequence}
+    """The items of the SR's decision group (tracking identifier "covidxr decision") by concept meaning."""
+    groups = [g for g in flat(report.ContentSequence) if meaning(g) == "Measurement Group"]
+    decision = next(g for g in groups if any(meaning(i) == "Tracking Identifier" and i.TextValue == "covidxr decision"
+                                             for i in g.ContentSequence))
+    return {meaning(item): item for item in decision.ContentSequence}
+
+
+def sr_probabilities(report: Dataset) -> dict[str, float]:
+    """Class -> probability in % from the per-class measurement groups."""
+    found = {}
+    for group in (g for g in flat(report.ContentSequence) if meaning(g) == "Measurement Group"):
+        items = {meaning(i): i for i in group.ContentSequence}
+        tracking = items["Tracking Identifier"].TextValue
+        if tracking.startswith("covidxr probability "):
+            found[tracking.removeprefix("covidxr probability ")] = float(
+                items["Probability"].MeasuredValueSequence[0].NumericValue)
+    return found
+
+
+def algorithm_parameters(report: Dataset) -> list[str]:
+    """The TID 4019 Algorithm Parameters of the decision group (several items share that concept name)."""
+    group = next(g for g in flat(report.ContentSequence) if meaning(g) == "Measurement Group")
+    return [i.TextValue for i in group.ContentSequence if meaning(i) == "Algorithm Parameters"]
+
+
+def coding_schemes(report: Dataset) -> set[str]:
+    """Every coding scheme designator the SR's content uses (concept names, coded values, units)."""
+    schemes = set()
+    for item in flat(report.ContentSequence):
+        for key in ("ConceptNameCodeSequence", "ConceptCodeSequence"):
+            schemes |= {c.CodingSchemeDesignator for c in item.get(key) or []}
+        for value in item.get("MeasuredValueSequence") or []:
+            schemes |= {c.CodingSchemeDesignator for c in value.MeasurementUnitsCodeSequence}
+    return schemes
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
+    """dciodvfy's errors about a file, and its warnings about a coding scheme it does not know."""
     result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120, check=False)
-    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+    return [line for line in (result.stdout + result.stderr).splitlines()
+            if line.startswith("Error") or "Coding Scheme Designator" in line]
 
 
 def test_a_dicom_input_gets_a_secondary_capture_and_an_sr_in_its_study(checkpoint: Path, tmp_path: Path) -> None:
@@ -122,19 +168,25 @@ def test_a_dicom_input_gets_a_secondary_capture_and_an_sr_in_its_study(checkpoin
     assert pixels.shape[0] > png.shape[0] and np.array_equal(pixels[: png.shape[0], : png.shape[1]], png)
     caption = pixels[png.shape[0]:]
     assert (caption.min(axis=2) < 80).any() and (caption.min(axis=2) > 240).mean() > 0.5  # dark text on white
-    # the SR: verdict, probabilities, model, references
+    # the SR: a TID 1500 measurement report: the decision in codes and in words, probabilities, algorithm, references
     assert report.VerificationFlag == "UNVERIFIED" and report.CompletionFlag == "COMPLETE"
+    assert report.ConceptNameCodeSequence[0].CodeValue == "126000"  # Imaging Measurement Report
+    assert coding_schemes(report) <= {"DCM", "SCT", "UCUM", "RFC5646"}  # RFC5646: the language of the content
     items = sr_items(report)
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu", backend="torch")
     csv = pd.read_csv(tmp_path / "out" / "predictions.csv").iloc[0]
-    assert items["Input gate verdict"].TextValue == "assessed" == csv["gate"]
-    assert items["Model output"].TextValue == csv["predicted"]
-    probs = {c: float(items[f"Probability: {c}"].MeasuredValueSequence[0].NumericValue) for c in predictor.classes}
+    assert csv["gate"] == "assessed" and items["Conclusion"].TextValue == csv["decision"]
+    covid = items["COVID-19"].ConceptCodeSequence[0]
+    said = "Yes" if csv["decision"].startswith("COVID: yes") else "No"
+    assert (covid.CodingSchemeDesignator, covid.CodeMeaning) == ("SCT", said)
+    assert items["Finding"].ConceptCodeSequence[0].CodingSchemeDesignator == "SCT"
+    probs = sr_probabilities(report)
     assert probs == pytest.approx({c: 100 * csv[f"prob_{c}"] for c in predictor.classes}, abs=1e-3)
-    assert items["Checkpoint SHA-256"].TextValue == predictor.checkpoint_sha256
-    assert items["Algorithm Name"].TextValue == "covidxr resnet18" and items["Heat map method"].TextValue == "gradcam"
+    parameters = algorithm_parameters(report)
+    assert f"checkpoint SHA-256 {predictor.checkpoint_sha256}" in parameters and "heat map gradcam" in parameters
+    assert items["Algorithm Name"].TextValue == "covidxr resnet18"
     assert "not for diagnosis" in items["Comment"].TextValue
-    assert items["Source image"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert items["Source of Measurement"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert items["Illustration of Finding"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
         capture.SOPInstanceUID
     evidence = {ref.ReferencedSOPInstanceUID for series in report.CurrentRequestedProcedureEvidenceSequence[0]
@@ -149,10 +201,9 @@ def test_a_refused_input_gets_an_sr_saying_so_and_no_secondary_capture(checkpoin
     assert [len(found["sc"]), len(found["sr"])] == [0, 1]
     report = found["sr"][0]
     items = sr_items(report)
-    assert items["Input gate verdict"].TextValue == "not assessed"
-    assert "lateral" in items["Input gate reason"].TextValue.lower()
-    assert not any(name.startswith("Probability") for name in items) and "Model output" not in items
-    assert items["Source image"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert items["Conclusion"].TextValue.startswith("Not assessed: ") and "lateral" in items["Conclusion"].TextValue
+    assert sr_probabilities(report) == {} and "COVID-19" not in items and "Finding" not in items
+    assert items["Source of Measurement"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert report.StudyInstanceUID == source.StudyInstanceUID
 
 
@@ -174,7 +225,7 @@ def test_a_non_dicom_input_needs_the_study_named(checkpoint: Path, tmp_path: Pat
         assert {k: str(ds.get(k)) for k in PATIENT} == PATIENT
     assert "SourceImageSequence" not in found["sc"][0]  # the analysed picture is no DICOM instance
     items = sr_items(found["sr"][0])
-    assert "Source image" not in items and "not a DICOM file" in items["Comment"].TextValue
+    assert "Source of Measurement" not in items and "not a DICOM file" in items["Comment"].TextValue
 
     capsys.readouterr()
     (tmp_path / "not_dicom.dcm").write_bytes(b"hello")
@@ -216,6 +267,29 @@ def test_dciodvfy_finds_no_error(kind: str, checkpoint: Path, tmp_path: Path, sh
         studies = {pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID for f in inputs}
         assert {ds.StudyInstanceUID for group in found.values() for ds in group} == studies
     assert {f.name: dciodvfy_errors(f) for f in files} == {f.name: [] for f in files}
+    # the check can fail: a private coding scheme in the report is flagged
+    report = pydicom.dcmread(next(f for f in files if f.name.endswith("_sr.dcm")))
+    flat(report.ContentSequence)[-1].ConceptNameCodeSequence[0].CodingSchemeDesignator = "99COVIDXR"
+    report.save_as(tmp_path / "private.dcm")
+    assert any("99COVIDXR" in line for line in dciodvfy_errors(tmp_path / "private.dcm"))
+
+
+def test_dsr2html_renders_the_decision_and_the_algorithm(checkpoint: Path, tmp_path: Path) -> None:
+    """dcmtk's SR renderer reads the report: the decision in the page's words and the algorithm's name."""
+    import html
+    import re
+
+    if shutil.which("dsr2html") is None:
+        pytest.fail("dsr2html (Debian package dcmtk) is not installed; .ci/run installs it")
+    write_dicom(tmp_path / "chest.dcm", patient=PATIENT)
+    assert predict(checkpoint, tmp_path / "out", str(tmp_path / "chest.dcm")) == 0
+    result = subprocess.run(["dsr2html", str(tmp_path / "out" / "chest_sr.dcm")], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", result.stdout)).split())
+    decision = pd.read_csv(tmp_path / "out" / "predictions.csv").iloc[0]["decision"]
+    assert decision.startswith("COVID: ") and decision in text
+    assert "covidxr resnet18" in text and "Plain chest X-ray" in text and "Imaging Measurement Report" in text
 
 
 def test_the_app_download_holds_the_same_objects(checkpoint: Path, tmp_path: Path) -> None:
@@ -231,7 +305,8 @@ def test_the_app_download_holds_the_same_objects(checkpoint: Path, tmp_path: Pat
         report = pydicom.dcmread(io.BytesIO(zf.read("chest_sr.dcm")))
     assert capture.StudyInstanceUID == report.StudyInstanceUID == source.StudyInstanceUID
     assert np.array_equal(capture.pixel_array, np.full((40, 30, 3), 200, np.uint8))
-    assert sr_items(report)["Model output"].TextValue == prediction.label
+    decision = decide_prediction(prediction, predictor.operating_point)
+    assert sr_items(report)["Conclusion"].TextValue == decision.text
 
 
 @pytest.mark.parametrize(("change", "message"), [({"SOPClassUID": "1.2.3.4"}, "not a standard DICOM one"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +171,7 @@ def test_cli_predicts_good_files_and_reports_bad_ones(tiny_run: Path, shared_dat
     captured = capsys.readouterr()
     assert status == 1
     table = pd.read_csv(out / "predictions.csv", keep_default_na=False)
-    assert list(table.columns) == ["path", "predicted", "gate", "gate_reason", "prob_covid", "prob_normal",
+    assert list(table.columns) == ["path", "predicted", "decision", "gate", "gate_reason", "prob_covid", "prob_normal",
                                    "prob_pneumonia", "cam_class", "overlay", "note", "error"]
     assert len(table) == len(good) + len(bad) + len(dicoms)
     failed = table[table["error"] != ""]
@@ -183,6 +184,8 @@ def test_cli_predicts_good_files_and_reports_bad_ones(tiny_run: Path, shared_dat
     assert set(ok["gate"]) == {"assessed"} and set(ok["gate_reason"]) == {""}  # file checks only: no fitted gate
     probs = ok[["prob_covid", "prob_normal", "prob_pneumonia"]].astype(float)
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4) and set(ok["predicted"]) <= {"covid", "normal", "pneumonia"}
+    assert all(re.fullmatch(r"COVID: (yes|no; most likely (normal|pneumonia))(; caution: .+)?", d)
+               for d in ok["decision"]), ok["decision"]  # no stored threshold: the most likely class decides
     for row in ok.itertuples():
         size = Image.open(out / row.overlay).size
         if row.path.endswith(".dcm"):

@@ -6,22 +6,22 @@ Command line::
         [--out FOLDER] [--device auto|cpu|cuda|mps] [--batch-size N] [--backend auto|torch|onnx]
         [--dicom-out [--dicom-study-from FILE.dcm]]
 
-prints ``FILE: CLASS PROBABILITY`` per image, or ``FILE: not assessed: REASON`` when the input gate refuses it (not an
-assessable frontal chest radiograph, see :mod:`covidxr.inference.gate`), writes ``FOLDER/predictions.csv`` (path,
-predicted (empty for a refused image), gate (``assessed`` / ``borderline`` / ``not assessed``), gate_reason, one
-``prob_CLASS`` column per class (the model's output, also for refused images), cam_class, overlay, note, error) and,
-unless ``--cam none``, one overlay PNG per assessed image in FOLDER. A borderline film ("unusual film: read with
-care") is predicted and printed with that note. With ``--dicom-out`` it also writes, per file, ``STEM_sr.dcm`` (a DICOM
-Structured Report) and, for an assessed image, ``STEM_sc.dcm`` (a Secondary Capture of the captioned overlay), in the
-input's study (see :mod:`covidxr.inference.dicom_out`); an input that is not DICOM needs ``--dicom-study-from`` to name
-a DICOM file of its study, else the command stops with a one-line error. These two files carry the patient's
-identity, copied from the source (every other output holds none).
-Folders are searched recursively for image files (:data:`SEARCHED_SUFFIXES`, and files without a suffix, which is
-how DICOM files often come); hidden files are skipped. Files named on the command line are always tried.
-Unreadable files get their own error line on stderr and a row with their error in the CSV; the other files are
-still predicted. Exit status: 0 when every file was predicted, 1 when some could not be read, 2 for usage errors
-(bad option, unusable checkpoint, nothing to predict), with one line on stderr and no traceback, 130 when
-interrupted (``covidxr.utils.run_cli``).
+prints ``FILE: DECISION (COVID probability P (yes from T))`` per image, or ``FILE: not assessed: REASON`` when the
+input gate refuses it (not an assessable frontal chest radiograph, see :mod:`covidxr.inference.gate`), writes
+``FOLDER/predictions.csv`` (path, predicted (empty for a refused image), decision (the words the app shows: "COVID:
+no; most likely pneumonia", see :mod:`covidxr.inference.decision`), gate (``assessed`` / ``borderline`` / ``not
+assessed``), gate_reason, one ``prob_CLASS`` column per class (the model's output, also for refused images),
+cam_class, overlay, note, error) and, unless ``--cam none``, one overlay PNG per assessed image in FOLDER. A
+borderline film ("unusual film: read with care") is predicted and printed with that note. With ``--dicom-out`` it also
+writes, per file, ``STEM_sr.dcm`` (a DICOM Structured Report) and, for an assessed image, ``STEM_sc.dcm`` (a Secondary
+Capture of the captioned overlay), in the input's study (see :mod:`covidxr.inference.dicom_out`); an input that is not
+DICOM needs ``--dicom-study-from`` to name a DICOM file of its study, else the command stops with a one-line error.
+These two files carry the patient's identity, copied from the source (every other output holds none). Folders are
+searched recursively for image files (:data:`SEARCHED_SUFFIXES`, and files without a suffix, which is how DICOM files
+often come); hidden files are skipped. Files named on the command line are always tried. Unreadable files get their
+own error line on stderr and a row with their error in the CSV; the other files are still predicted. Exit status: 0
+when every file was predicted, 1 when some could not be read, 2 for usage errors (bad option, unusable checkpoint,
+nothing to predict), with one line on stderr and no traceback, 130 when interrupted (``covidxr.utils.run_cli``).
 
 The predictor itself is :class:`covidxr.inference.predictor.Predictor`.
 """
@@ -48,6 +48,7 @@ from covidxr.errors import CovidxrError, ImageReadError
 from covidxr.explain.cam import CAM_METHODS, resolve_layers
 from covidxr.explain.display import captioned, overlay
 from covidxr.files import atomic_write_bytes, atomic_write_text
+from covidxr.inference.decision import Decision, decide_prediction
 from covidxr.inference.dicom_out import caption_lines, dicom_bytes, read_header, results_as_dicom
 from covidxr.inference.predictor import BACKENDS, Prediction, Predictor
 from covidxr.io import Xray, load_xray
@@ -165,7 +166,7 @@ def _output_name(path: Path, tag: str, used: set[str], suffix: str = ".png") -> 
 
 
 def _write_dicom(file: Path, xray: Xray, result: Prediction, picture: np.ndarray | None, predictor: Predictor,
-                 out: Path, options: PredictOptions, used: set[str]) -> None:
+                 out: Path, options: PredictOptions, used: set[str], decision: Decision | None) -> None:
     """Write the SR and, for an assessed image, the Secondary Capture of its captioned overlay (``picture``, or the
     plain image without a CAM), filed in the input's study or the ``--dicom-study-from`` one."""
     is_source = xray.format == "DICOM"
@@ -174,12 +175,13 @@ def _write_dicom(file: Path, xray: Xray, result: Prediction, picture: np.ndarray
         raise CovidxrError(f"{file}: not a DICOM file; --dicom-study-from must name a DICOM file of its study")
     labelled = None
     if result.assessable:
-        lines = caption_lines(result, predictor)
+        lines = caption_lines(result, predictor, decision)
         if picture is None:
             labelled = captioned(overlay(xray.pixels, None, max_side=options.max_side), lines, colormap=None)
         else:
             labelled = captioned(picture, lines)
-    capture, report = results_as_dicom(result, predictor, study, is_source=is_source, labelled=labelled)
+    capture, report = results_as_dicom(result, predictor, study, is_source=is_source, labelled=labelled,
+                                       decision=decision)
     if capture is not None:
         atomic_write_bytes(out / _output_name(file, "sc", used, ".dcm"), dicom_bytes(capture))
     atomic_write_bytes(out / _output_name(file, "sr", used, ".dcm"), dicom_bytes(report))
@@ -214,6 +216,8 @@ def run_predictions(predictor: Predictor, files: Sequence[Path], out: Path,
             row = {"path": str(file), "predicted": result.label if result.assessable else "", "gate": gate.status,
                    "gate_reason": gate.reason, "cam_class": result.cam_class or "", "note": result.note or "",
                    "overlay": "", "error": ""}
+            decision = decide_prediction(result, predictor.operating_point) if result.assessable else None
+            row["decision"] = decision.text if decision else ""
             row |= {f"prob_{c}": f"{p:.6f}" for c, p in result.probs.items()}
             rows.append(row)
             picture = None
@@ -226,10 +230,11 @@ def run_predictions(predictor: Predictor, files: Sequence[Path], out: Path,
                     atomic_write_bytes(out / name, _png_bytes(picture))
                     row["overlay"] = name
                 notes = [n for n in (gate.headline() if gate.borderline else "", result.note) if n]
-                print(f"{file}: {result.label} {result.confidence:.3f}" + (f" ({'; '.join(notes)})" if notes else ""))
+                words = f"{decision.text} ({decision.figures})" if decision else result.label
+                print(f"{file}: {words}" + (f" ({'; '.join(notes)})" if notes else ""))
             if options.dicom_out:
                 try:
-                    _write_dicom(file, xray, result, picture, predictor, out, options, used)
+                    _write_dicom(file, xray, result, picture, predictor, out, options, used, decision)
                 except CovidxrError as exc:
                     failed += 1
                     reason = str(exc).removeprefix(f"{file}: ")
@@ -261,8 +266,8 @@ def _dicom_study(study_file: Path | None, files: Sequence[Path]) -> Dataset | No
 
 def write_csv(path: Path, rows: list[dict], classes: list[str]) -> None:
     """Write ``predictions.csv`` atomically: one row per file, one probability column per class."""
-    fields = ["path", "predicted", "gate", "gate_reason", *[f"prob_{c}" for c in classes], "cam_class", "overlay",
-              "note", "error"]
+    fields = ["path", "predicted", "decision", "gate", "gate_reason", *[f"prob_{c}" for c in classes], "cam_class",
+              "overlay", "note", "error"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

@@ -5,8 +5,9 @@ For one predicted image, :func:`results_as_dicom` builds, with highdicom:
 * a **Secondary Capture** (RGB) of the labelled overlay (the heat map with its caption burned in), BurnedInAnnotation
   YES, ImageComments "Research use only, not for diagnosis.", and, for a DICOM input, a Source Image Sequence
   reference to the analysed image. None for an image the input gate refused.
-* a **Comprehensive SR** (:mod:`covidxr.inference.dicom_sr`): the gate's verdict (and reason), the class
-  probabilities, the model, its checkpoint SHA-256, the covidxr version, the heat map's method and lung share,
+* a **TID 1500 measurement report** in a Comprehensive SR (:mod:`covidxr.inference.dicom_sr`): the decision
+  (:mod:`covidxr.inference.decision`) in SNOMED CT codes and in the page's words, or the gate's refusal, the class
+  probabilities, the algorithm (TID 4019: model, covidxr version, checkpoint SHA-256, threshold),
   VerificationFlag UNVERIFIED, and references to the source image and the Secondary Capture.
 
 Both belong to the study they are given (the input DICOM itself, or a DICOM file of the study the user names for a
@@ -40,6 +41,7 @@ from pydicom.valuerep import STR_VR, validate_value
 import covidxr
 from covidxr.dicom import is_dicom
 from covidxr.errors import CovidxrError
+from covidxr.inference.decision import Decision, decide_prediction, probability
 from covidxr.inference.dicom_sr import RESEARCH_ONLY, ReportFacts, structured_report
 
 if TYPE_CHECKING:
@@ -106,13 +108,30 @@ def _identity(study: Dataset) -> Dataset:
     return identity
 
 
-def caption_lines(prediction: Prediction, predictor: Predictor) -> list[str]:
-    """The caption drawn under an overlay made by the command line: output, heat map, model and date, intended use."""
-    share = f"; {100 * prediction.lung_share:.0f}% of it inside the lungs" if prediction.lung_share is not None else ""
-    explained = (f"{prediction.cam_method} heat map for '{prediction.cam_class}'{share}" if prediction.cam_method
-                 else "no heat map")
-    return [f"Model output: {prediction.label} ({100 * prediction.confidence:.1f}%)", explained,
-            f"Model: {predictor.arch}, checkpoint {predictor.checkpoint_sha256[:12]}; "
+def caption_lines(prediction: Prediction, predictor: Predictor, decision: Decision | None, *,
+                  method: str | None = None, lung_share: float | None = None) -> list[str]:
+    """The caption drawn under a downloaded overlay (the app's PNG, the command line's, the Secondary Capture): the
+    decision words (or, for a refused image shown on request, the refusal), the number behind them, the heat map,
+    the model and date, the intended use.
+
+    Args:
+        prediction: the prediction.
+        predictor: the predictor that made it.
+        decision: its decision (:func:`covidxr.inference.decision.decide`), or None for a refused image.
+        method: the heat map method's display name (default: its code name).
+        lung_share: the share of the heat map inside the lungs, when measured (default: the prediction's).
+    """
+    share = prediction.lung_share if lung_share is None else lung_share
+    inside = f"; {100 * share:.0f}% of it inside the lungs" if share is not None else ""
+    explained = (f"{method or prediction.cam_method} heat map for '{prediction.cam_class}'{inside}"
+                 if prediction.cam_method else "no heat map")
+    if decision is None:
+        reason = prediction.gate.reason if prediction.gate is not None else "not an image the model was made for"
+        first = [f"NOT ASSESSED ({reason[:1].upper() + reason[1:]}); output shown on request: {prediction.label} "
+                 f"({probability(prediction.confidence)})"]
+    else:
+        first = [decision.text, decision.figures]
+    return [*first, explained, f"Model: {predictor.arch}, checkpoint {predictor.checkpoint_sha256[:12]}; "
             f"made {datetime.now(UTC):%Y-%m-%d} (UTC)", RESEARCH_ONLY]
 
 
@@ -153,7 +172,8 @@ def secondary_capture(identity: Dataset, labelled: np.ndarray, source: Dataset |
 
 
 def results_as_dicom(prediction: Prediction, predictor: Predictor, study: Dataset, *, is_source: bool,
-                     labelled: np.ndarray | None) -> tuple[hd.sc.SCImage | None, hd.sr.ComprehensiveSR]:
+                     labelled: np.ndarray | None,
+                     decision: Decision | None = None) -> tuple[hd.sc.SCImage | None, hd.sr.ComprehensiveSR]:
     """The Secondary Capture (None for a refused image or without ``labelled``) and the SR of one prediction.
 
     Args:
@@ -163,13 +183,15 @@ def results_as_dicom(prediction: Prediction, predictor: Predictor, study: Datase
         is_source: True when ``study`` is the analysed image itself (it is referenced as the source), False when the
             input was not DICOM and ``study`` only gives the patient and study.
         labelled: ``(h, w, 3)`` uint8 RGB labelled overlay, or None.
+        decision: the decision the caller showed (the app's, with the lung share it measured); made here from the
+            prediction when None.
     """
     identity = _identity(study)
     source = study if is_source else None
     assessable = prediction.gate is None or prediction.gate.assessable
     try:
         capture = secondary_capture(identity, labelled, source) if assessable and labelled is not None else None
-        report = _report(prediction, predictor, identity, source, capture, assessable)
+        report = _report(prediction, predictor, identity, source, capture, decision)
     except KeyError as exc:  # highdicom looks the source's IOD up by its SOP class to find the patient attributes
         raise CovidxrError(f"DICOM SOP class {study.SOPClassUID} is not a standard one, so its patient and study "
                            "attributes cannot be told apart") from exc
@@ -177,16 +199,18 @@ def results_as_dicom(prediction: Prediction, predictor: Predictor, study: Datase
 
 
 def _report(prediction: Prediction, predictor: Predictor, identity: Dataset, source: Dataset | None,
-            capture: hd.sc.SCImage | None, assessable: bool) -> hd.sr.ComprehensiveSR:
+            capture: hd.sc.SCImage | None, decision: Decision | None) -> hd.sr.ComprehensiveSR:
     """The SR of :func:`results_as_dicom`."""
-    is_source = source is not None
+    assessable = prediction.gate is None or prediction.gate.assessable
+    point = predictor.operating_point
+    decision = decision or decide_prediction(prediction, point)
     facts = ReportFacts(
         assessable=assessable, gate_reason="" if prediction.gate is None else prediction.gate.reason,
-        label=prediction.label, probs=dict(prediction.probs), arch=predictor.arch, version=covidxr.__version__,
+        decision=decision.text, covid=decision.covid, label=decision.label, probs=dict(prediction.probs),
+        rule=point.rule(), threshold=point.threshold, arch=predictor.arch, version=covidxr.__version__,
         checkpoint_sha256=predictor.checkpoint_sha256, cam_method=prediction.cam_method if assessable else None,
-        lung_share=prediction.lung_share if assessable else None,
-        source_note="" if is_source else "The analysed image was not a DICOM file; the patient and study are those "
-                                         "of a DICOM file the user named.")
+        source_note="" if source is not None else "The analysed image was not a DICOM file; the patient and study "
+                                                  "are those of a DICOM file the user named.")
     return structured_report(facts, [identity] + ([capture] if capture is not None else []), source=source,
                              capture=capture, series_description=SR_SERIES, manufacturer=MANUFACTURER)
 
@@ -199,7 +223,7 @@ def dicom_bytes(dataset: Dataset) -> bytes:
 
 
 def dicom_zip(data: bytes, prediction: Prediction, predictor: Predictor, labelled_png: bytes | None,
-              stem: str) -> bytes:
+              stem: str, decision: Decision | None = None) -> bytes:
     """For the app: a ZIP of ``STEM_sc.dcm`` (unless refused) and ``STEM_sr.dcm`` for an uploaded DICOM file.
 
     Args:
@@ -208,10 +232,11 @@ def dicom_zip(data: bytes, prediction: Prediction, predictor: Predictor, labelle
         predictor: the predictor.
         labelled_png: the labelled overlay as PNG bytes (the download the app already offers), or None.
         stem: the file name's stem.
+        decision: the decision the page showed (None: made from the prediction).
     """
     labelled = None if labelled_png is None else np.asarray(Image.open(io.BytesIO(labelled_png)).convert("RGB"))
     capture, report = results_as_dicom(prediction, predictor, read_header(data, stem), is_source=True,
-                                       labelled=labelled)
+                                       labelled=labelled, decision=decision)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         if capture is not None:

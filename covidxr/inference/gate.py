@@ -44,7 +44,9 @@ VIEW_CLASSES = (FRONTAL, "rotated", "inverted", "lateral", "ct", "photo", "docum
 BORDERLINE = "unusual film: read with care"
 VIEW_REASONS = {
     "rotated": "This film looks rotated: upload it upright (head at the top)",
-    "inverted": "This film looks inverted (a negative, bones dark): upload the positive image",
+    "inverted": ("This film looks inverted (bones dark, like a negative). If it looks normal on your viewing station, "
+                 "the export lost or mislabelled its grey-scale setting (MONOCHROME1): export it again as shown on "
+                 "screen, or ask your PACS team"),
     "lateral": "This looks like a side (lateral) view: the model reads only frontal chest X-rays",
     "ct": "This looks like a CT slice, not a chest X-ray",
     "photo": "This looks like a photograph, not a chest X-ray",

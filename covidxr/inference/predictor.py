@@ -45,6 +45,7 @@ from covidxr.checkpoint import load_checkpoint, read_temperature
 from covidxr.explain.cam import CAM_METHODS, compute_cam
 from covidxr.explain.display import heatmap_on_image
 from covidxr.files import file_digest
+from covidxr.inference.decision import OperatingPoint, operating_point
 from covidxr.inference.gate import InputGate
 from covidxr.inference.onnx_backend import (
     OnnxRunner,
@@ -179,6 +180,12 @@ class Predictor:
         self.gate = gate if gate is not None else InputGate()
         self.pipeline = pipeline  # lung crop, lung mask and equalisation of the record
         self._lock = threading.RLock()
+
+    @property
+    def operating_point(self) -> OperatingPoint:
+        """Where this model says "COVID: yes": the threshold its stored evaluation fixed (see
+        :mod:`covidxr.inference.decision`)."""
+        return operating_point(self.classes, self.metrics)
 
     @property
     def backend(self) -> str:
