@@ -111,9 +111,10 @@ def caption_lines(prediction: Prediction, predictor: Predictor) -> list[str]:
     share = f"; {100 * prediction.lung_share:.0f}% of it inside the lungs" if prediction.lung_share is not None else ""
     explained = (f"{prediction.cam_method} heat map for '{prediction.cam_class}'{share}" if prediction.cam_method
                  else "no heat map")
+    site = [f"Site: {predictor.site.describe()}"] if predictor.site is not None else []
     return [f"Model output: {prediction.label} ({100 * prediction.confidence:.1f}%)", explained,
             f"Model: {predictor.arch}, checkpoint {predictor.checkpoint_sha256[:12]}; "
-            f"made {datetime.now(UTC):%Y-%m-%d} (UTC)", RESEARCH_ONLY]
+            f"made {datetime.now(UTC):%Y-%m-%d} (UTC)", *site, RESEARCH_ONLY]
 
 
 def secondary_capture(identity: Dataset, labelled: np.ndarray, source: Dataset | None) -> hd.sc.SCImage:
@@ -184,11 +185,18 @@ def _report(prediction: Prediction, predictor: Predictor, identity: Dataset, sou
         assessable=assessable, gate_reason="" if prediction.gate is None else prediction.gate.reason,
         label=prediction.label, probs=dict(prediction.probs), arch=predictor.arch, version=covidxr.__version__,
         checkpoint_sha256=predictor.checkpoint_sha256, cam_method=prediction.cam_method if assessable else None,
-        lung_share=prediction.lung_share if assessable else None,
+        lung_share=prediction.lung_share if assessable else None, site=site_text(predictor),
         source_note="" if is_source else "The analysed image was not a DICOM file; the patient and study are those "
                                          "of a DICOM file the user named.")
     return structured_report(facts, [identity] + ([capture] if capture is not None else []), source=source,
                              capture=capture, series_description=SR_SERIES, manufacturer=MANUFACTURER)
+
+
+def site_text(predictor: Predictor) -> str:
+    """Which site profile produced the answer, for the SR ("" without one)."""
+    if predictor.site is None:
+        return ""
+    return f"{predictor.site.describe()}; profile SHA-256 {predictor.site.sha256}"
 
 
 def dicom_bytes(dataset: Dataset) -> bytes:

@@ -39,6 +39,7 @@ GATE_REASON = Code("gate-reason", SCHEME, "Input gate reason")
 MODEL_OUTPUT = Code("model-output", SCHEME, "Model output")
 CHECKPOINT = Code("ckpt-sha256", SCHEME, "Checkpoint SHA-256")
 CAM_METHOD = Code("cam-method", SCHEME, "Heat map method")
+SITE = Code("site-profile", SCHEME, "Site adaptation")
 LUNG_SHARE = Code("cam-lung-share", SCHEME, "Heat map share inside the lungs")
 PERCENT = Code("%", "UCUM", "percent")
 
@@ -58,6 +59,8 @@ class ReportFacts:
         cam_method: the heat map's method, or None.
         lung_share: share of the heat map inside the lungs in ``[0, 1]``, or None.
         source_note: a sentence on where the image came from (for an input that was not DICOM), or "".
+        site: which site profile produced the answer ("adapted to NAME from N films on DATE; profile SHA-256 ..."),
+            or "" for the unadapted model.
     """
 
     assessable: bool
@@ -70,6 +73,7 @@ class ReportFacts:
     cam_method: str | None = None
     lung_share: float | None = None
     source_note: str = ""
+    site: str = ""
 
 
 def _text(name: Code, value: str) -> hd.sr.TextContentItem:
@@ -100,6 +104,8 @@ def content_items(facts: ReportFacts, source: Dataset | None, capture: Dataset |
     items += [_text(codes.DCM.AlgorithmName, f"covidxr {facts.arch}"),
               _text(codes.DCM.AlgorithmVersion, facts.version),
               _text(CHECKPOINT, facts.checkpoint_sha256)]
+    if facts.site:
+        items.append(_text(SITE, facts.site))
     if facts.cam_method:
         items.append(_text(CAM_METHOD, facts.cam_method))
     if facts.lung_share is not None:
