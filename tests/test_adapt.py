@@ -247,3 +247,30 @@ def test_evaluate_and_export_with_a_site(run: Path, adapted: Path, site: Path, t
     exported = onnx.load(str(run / "best.site-Hospital_A.onnx"))
     meta = {p.key: p.value for p in exported.metadata_props}
     assert json.loads(meta["covidxr.site"])["name"] == "Hospital A"
+
+
+def test_app_offers_the_site_and_names_it(run: Path, adapted: Path, site: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    from covidxr.inference.prediction_log import read_records
+
+    audit = tmp_path / "audit.jsonl"
+    monkeypatch.setenv("COVIDXR_CHECKPOINT", str(run / "best.pt"))
+    monkeypatch.setenv("COVIDXR_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("COVIDXR_AUDIT_LOG", str(audit))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    choice = at.sidebar.selectbox(key="site")
+    assert choice.options[0] == "none (unadapted)" and "Hospital A" in choice.options
+    assert not any("adapted to" in i.value for i in at.info)
+    choice.set_value("Hospital A").run()
+    assert not at.exception, at.exception
+    date = json.loads((adapted / "site.json").read_text())["created"][:10]
+    assert [i.value for i in at.info if "Site:" in i.value] == [f"Site: adapted to Hospital A from 24 films on {date}."]
+    film = next(site.rglob("*.jp*g"))
+    at.file_uploader[0].set_value([(film.name, film.read_bytes(), "image/jpeg")]).run()
+    assert not at.exception, at.exception
+    records = [r for r in read_records(audit) if r["event"] == "prediction"]
+    assert len(records) == 1 and records[0]["model"]["site"]["name"] == "Hospital A"
