@@ -274,3 +274,25 @@ def test_app_offers_the_site_and_names_it(run: Path, adapted: Path, site: Path, 
     assert not at.exception, at.exception
     records = [r for r in read_records(audit) if r["event"] == "prediction"]
     assert len(records) == 1 and records[0]["model"]["site"]["name"] == "Hospital A"
+
+
+@pytest.mark.slow
+def test_benchmark_scores_films_the_adaptation_never_saw(run: Path, site: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "adapt_eval.py"
+    proc = subprocess.run([sys.executable, str(script), "--checkpoint", str(run / "best.pt"), "--data", str(site),
+                           "--name", "smoke", "--splits", "2", "--bootstrap", "10", "--sizes", "10", "50",
+                           "--curve-splits", "1", "--time", "12", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "adapt-smoke.json").read_text())
+    assert report["n_films"] == 24 and report["halves"]["splits"] == 2
+    assert set(report["halves"]["arms"]) == {"unadapted", "bn", "priors", "adapted"}
+    arms = report["halves"]["arms"]
+    assert "diff_ci95" in arms["adapted"] and "diff_ci95" not in arms["unadapted"]
+    assert report["curve"][0]["splits"] == 1 and report["curve"][1] == {"n": 50, "splits": 0,
+                                                                          "note": "a half has fewer accepted films"}
+    assert report["timing"]["films"] == 12 and report["timing"]["accepted"] == 12
+    assert (tmp_path / "adapt-smoke.md").read_text().startswith("# Site adaptation: smoke")
