@@ -296,3 +296,37 @@ def test_benchmark_scores_films_the_adaptation_never_saw(run: Path, site: Path, 
                                                                           "note": "a half has fewer accepted films"}
     assert report["timing"]["films"] == 12 and report["timing"]["accepted"] == 12
     assert (tmp_path / "adapt-smoke.md").read_text().startswith("# Site adaptation: smoke")
+
+
+@pytest.mark.browser
+def test_browser_site_choice_names_the_site(run: Path, adapted: Path, site: Path, tmp_path: Path) -> None:
+    """In headless Chromium: choose the site in the sidebar, see the page name it, upload a film, find the profile
+    in the audit record."""
+    from app_server import CHROMIUM, CHROMIUM_ARGS, RESULT_TIMEOUT_MS, require_chromium, run_app
+    from playwright.sync_api import expect, sync_playwright
+
+    from covidxr.inference.prediction_log import read_records
+
+    require_chromium()
+    date = json.loads((adapted / "site.json").read_text())["created"][:10]
+    with run_app(run / "best.pt", tmp_path) as app, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(app.url)
+            choice = page.locator("[data-testid='stSidebar'] [data-testid='stSelectbox']",
+                                  has_text="Site (hospital)")
+            expect(choice).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+            expect(page.get_by_text("Site: adapted to", exact=False)).to_have_count(0)
+            choice.click()
+            page.get_by_role("option", name="Hospital A").click()
+            named = page.get_by_text(f"Site: adapted to Hospital A from 24 films on {date}.", exact=True)
+            expect(named).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+            file_input = page.locator("[data-testid='stFileUploaderDropzoneInput']")
+            expect(file_input).to_be_attached(timeout=RESULT_TIMEOUT_MS)
+            file_input.set_input_files([next(site.rglob("*.jp*g")).resolve()])
+            expect(page.get_by_text("Model output:", exact=False)).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+        finally:
+            browser.close()
+    records = [r for r in read_records(app.audit) if r["event"] == "prediction"]
+    assert [r["model"]["site"]["name"] for r in records] == ["Hospital A"]
