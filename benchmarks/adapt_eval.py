@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -203,11 +204,13 @@ def timing(checkpoint: Path, films: Films, n: int) -> dict:
         folder.mkdir()
         for i, path in enumerate(films.table["path"].iloc[:n]):
             (folder / f"{i:04d}{Path(path).suffix}").symlink_to(Path(path).resolve())
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         profile = adapt_site(checkpoint, folder, "timing", Path(tmp) / "profile", "cpu",
                              AdaptSettings(max_class_share=1.0, max_prior_shift=1.0, min_films=min(n, 20)))
-        seconds = time.perf_counter() - start
-    return {"films": n, "seconds": round(seconds, 1), "threads": torch.get_num_threads(),
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    load = os.getloadavg()[0]
+    return {"films": n, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "load_average_1min": load,
+            "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "accepted": profile.record["n_films"]}
 
 

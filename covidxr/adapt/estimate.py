@@ -68,22 +68,22 @@ def mix_weights(n_layers: int, n_films: int, settings: AdaptSettings) -> list[fl
 def _collecting(layers: list[tuple[str, nn.Module]], weights: list[float],
                 totals: dict[str, list[torch.Tensor]]) -> Iterator[None]:
     """While open, each batch-norm layer adds its input's per-channel count, sum and sum of squares to ``totals``
+    (float64; each batch's mean and variance in float32)
     and normalises the batch with the training statistics mixed with the batch's (so later layers see inputs
     close to the adapted model's)."""
     train = {name: (m.running_mean.clone(), m.running_var.clone()) for name, m in layers}
 
     def hook(name: str, weight: float):
         def pre(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach().double()
-            dims = [d for d in range(x.dim()) if d != 1]
+            x = args[0].detach()
+            var, mean = torch.var_mean(x.float(), dim=[d for d in range(x.dim()) if d != 1], correction=0)
+            mean, var = mean.double(), var.double()
             count = x.numel() / x.shape[1]
-            s, s2 = x.sum(dims), (x * x).sum(dims)
-            acc = totals.setdefault(name, [torch.zeros(()), torch.zeros_like(s), torch.zeros_like(s2)])
+            acc = totals.setdefault(name, [torch.zeros((), dtype=torch.float64), torch.zeros_like(mean),
+                                           torch.zeros_like(var)])
             acc[0] += count
-            acc[1] += s
-            acc[2] += s2
-            mean = s / count
-            var = (s2 / count - mean * mean).clamp_min(0)
+            acc[1] += count * mean
+            acc[2] += count * (var + mean * mean)
             mean0, var0 = train[name]
             module.running_mean.copy_(((1 - weight) * mean0.double() + weight * mean).to(mean0.dtype))
             module.running_var.copy_(((1 - weight) * var0.double() + weight * var).to(var0.dtype))
@@ -127,7 +127,7 @@ def mixed_bn_stats(model: nn.Module, inputs: torch.Tensor, settings: AdaptSettin
     for (name, m), weight in zip(layers, weights, strict=True):
         count, s, s2 = totals[name]
         mean = s / count
-        var = (s2 / count - mean * mean).clamp_min(0) * count / max(count - 1, 1)  # unbiased, as torch keeps it
+        var = (s2 / count - mean * mean).clamp_min(0) * count / (count - 1).clamp_min(1)  # unbiased, as torch keeps it
         stats[name] = {"mean": (1 - weight) * m.running_mean.double().cpu() + weight * mean.cpu(),
                        "var": (1 - weight) * m.running_var.double().cpu() + weight * var.cpu()}
     return stats, weights

