@@ -77,8 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = AdaptSettings(batch_size=args.batch_size, min_films=args.min_films)
         profile = adapt_site(args.checkpoint, args.data, args.site, out, args.device, settings)
         record = profile.record
-        print(f"{profile.describe()} ({record['n_refused']} refused by the input gate, {record['n_unreadable']} "
-              f"unreadable); priors {_priors(record)}; {record['seconds']} s; profile: {profile.folder}")
+        print(f"{profile.describe()}; {record['n_films']} films used, {record['n_refused']} refused by the input "
+              f"gate, {record['n_unreadable']} unreadable; priors {_priors(record)}; {record['seconds']} s; profile: "
+              f"{profile.folder}")
         return EXIT_DONE if profile.adapted else EXIT_SOME_FAILED
 
     return run_cli(get_args_parser(), run, argv, (CovidxrError, OSError))

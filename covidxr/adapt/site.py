@@ -61,10 +61,19 @@ class SiteFilms:
 
 
 def read_site_films(predictor: Predictor, files: list[Path], batch_size: int) -> SiteFilms:
-    """Read ``files``, order them by their pixels' SHA-256 (identical films once), run them through the input gate
-    and keep the accepted ones' network inputs."""
-    films: dict[str, Xray] = {}
+    """Read ``files`` (identical films once), run them through the input gate in batches as they are read (only the
+    small network inputs are kept), and order the accepted films by their pixels' SHA-256."""
+    films: dict[str, tuple[bool, torch.Tensor, list[float]]] = {}
+    pending: dict[str, Xray] = {}
     unreadable = 0
+
+    def gate(batch: dict[str, Xray]) -> None:
+        results = predictor.predict_batch(list(batch.values()), cam=None)
+        for (digest, xray), result in zip(batch.items(), results, strict=True):
+            x = predictor.pipeline.network_input(xray.pixels, predictor.preprocess.img_size)[0]
+            films[digest] = (result.assessable, x, [result.probs[c] for c in predictor.classes])
+        batch.clear()
+
     for file in files:
         try:
             xray = load_xray(file, name="")  # no file name travels further
@@ -72,20 +81,18 @@ def read_site_films(predictor: Predictor, files: list[Path], batch_size: int) ->
             unreadable += 1
             log.warning("skipped: %s", exc)
             continue
-        films.setdefault(pixel_sha256(xray.pixels), xray)
-    digests = sorted(films)
-    kept, inputs, probs = [], [], []
-    for start in range(0, len(digests), batch_size):
-        chunk = digests[start:start + batch_size]
-        results = predictor.predict_batch([films[d] for d in chunk], cam=None)
-        for digest, result in zip(chunk, results, strict=True):
-            if result.assessable:
-                kept.append(digest)
-                inputs.append(predictor.pipeline.network_input(films[digest].pixels, predictor.preprocess.img_size)[0])
-                probs.append([result.probs[c] for c in predictor.classes])
+        digest = pixel_sha256(xray.pixels)
+        if digest not in films:
+            pending[digest] = xray
+        if len(pending) == batch_size:
+            gate(pending)
+    if pending:
+        gate(pending)
+    kept = [d for d in sorted(films) if films[d][0]]
     shape = (0, 1, predictor.preprocess.img_size, predictor.preprocess.img_size)
-    return SiteFilms(torch.stack(inputs) if inputs else torch.zeros(shape), np.array(probs).reshape(len(kept), -1),
-                     kept, len(digests) - len(kept), unreadable)
+    inputs = torch.stack([films[d][1] for d in kept]) if kept else torch.zeros(shape)
+    probs = np.array([films[d][2] for d in kept]).reshape(len(kept), len(predictor.classes))
+    return SiteFilms(inputs, probs, kept, len(films) - len(kept), unreadable)
 
 
 def adapted_logits(model: torch.nn.Module, inputs: torch.Tensor, stats: dict[str, dict[str, torch.Tensor]],
