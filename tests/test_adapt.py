@@ -330,3 +330,21 @@ def test_browser_site_choice_names_the_site(run: Path, adapted: Path, site: Path
             browser.close()
     records = [r for r in read_records(app.audit) if r["event"] == "prediction"]
     assert [r["model"]["site"]["name"] for r in records] == ["Hospital A"]
+
+
+@pytest.mark.slow
+def test_gate_reads_the_unadapted_features(shared_data: Path, site: Path, tmp_path: Path) -> None:
+    """With a fitted gate, a profile changes the answers but not the gate's verdicts: the gate's reference was fitted
+    on the unadapted model's features, so it keeps reading those."""
+    from conftest import fit_gated_run
+
+    gated = fit_gated_run(shared_data, tmp_path / "gated", 96)
+    profile = adapt_site(gated / "best.pt", site, "G", tmp_path / "g", "cpu", LOOSE)
+    assert profile.adapted
+    films = [load_xray(p) for p in sorted(site.rglob("*.jp*g"))[:6]]
+    plain = Predictor.from_checkpoint(gated / "best.pt", device="cpu", backend="torch")
+    adapted = Predictor.from_checkpoint(gated / "best.pt", device="cpu", backend="torch", site=tmp_path / "g")
+    assert plain.gate.learned and adapted.gate_model is not None
+    before, after = plain.predict_batch(films), adapted.predict_batch(films)
+    assert [p.gate.to_dict() for p in before] == [p.gate.to_dict() for p in after]
+    assert any(abs(a.probs["covid"] - b.probs["covid"]) > 1e-3 for a, b in zip(before, after, strict=True))
