@@ -191,7 +191,8 @@ def curve(predictor: Predictor, films: Films, args: argparse.Namespace, source: 
             arms = adapt_arms(predictor, films, rng.choice(pool, n, replace=False), second, source, AdaptSettings())
             base = metrics(films.y[second], arms["unadapted"], classes, threshold)
             done = metrics(films.y[second], arms["adapted"], classes, threshold)
-            found.append({k: done[k] - base[k] for k in base} | {f"adapted_{k}": v for k, v in done.items()})
+            found.append({k: done[k] - base[k] for k in base} | {f"adapted_{k}": v for k, v in done.items()}
+                         | {"refused_share": float(arms["_refused"][0])})
         rows.append({"n": n, "splits": len(found), **(pd.DataFrame(found).mean().to_dict() if found else
                                                        {"note": "a half has fewer accepted films"})})
     return rows
@@ -233,16 +234,21 @@ def markdown(report: dict) -> str:
              f"{report['n_films']} films ({report['n_accepted']} accepted by the gate), "
              f"{report['n_patients']} patients; checkpoint {report['checkpoint_sha256'][:12]}; "
              f"COVID threshold {report['threshold']}", ""]
-    arms = report["halves"]["arms"]
-    keys = list(arms["unadapted"]["mean"])
-    lines += ["| metric | " + " | ".join(ARMS) + " | adapted - unadapted, 95% CI |", "|---" * (len(ARMS) + 2) + "|"]
-    for k in keys:
-        ci = arms["adapted"].get("diff_ci95", {}).get(k)
-        lines.append(f"| {k} | " + " | ".join(f"{arms[a]['mean'][k]:.3f}" for a in ARMS)
-                     + (f" | [{ci[0]:+.3f}, {ci[1]:+.3f}] |" if ci else " | |"))
-    lines += ["", f"Adaptations refused by the guard: {report['halves']['adaptations_refused']} of "
-                  f"{2 * report['halves']['splits']}", ""]
+    keys = []
+    if report.get("halves"):
+        arms = report["halves"]["arms"]
+        keys = list(arms["unadapted"]["mean"])
+        lines += ["| metric | " + " | ".join(ARMS) + " | adapted - unadapted, 95% CI |",
+                  "|---" * (len(ARMS) + 2) + "|"]
+        for k in keys:
+            ci = arms["adapted"].get("diff_ci95", {}).get(k)
+            lines.append(f"| {k} | " + " | ".join(f"{arms[a]['mean'][k]:.3f}" for a in ARMS)
+                         + (f" | [{ci[0]:+.3f}, {ci[1]:+.3f}] |" if ci else " | |"))
+        lines += ["", f"Adaptations refused by the guard: {report['halves']['adaptations_refused']} of "
+                      f"{2 * report['halves']['splits']}", ""]
     if report.get("curve"):
+        keys = [k for k in report["curve"][0] if k not in ("n", "splits", "note", "refused_share")
+                and not k.startswith("adapted_")]
         lines += ["| adaptation films | splits | " + " | ".join(f"Δ {k}" for k in keys) + " |",
                   "|---" * (len(keys) + 2) + "|"]
         for row in report["curve"]:
@@ -262,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-test", action="store_true", help="the checkpoint's own test split (the control)")
     p.add_argument("--name", required=True)
     p.add_argument("--limit", type=int, default=0, help="at most this many patients, drawn at random")
-    p.add_argument("--splits", type=int, default=20)
+    p.add_argument("--splits", type=int, default=20, help="random patient splits (0: only the curve and timing)")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--sizes", type=int, nargs="*", default=[])
     p.add_argument("--curve-splits", type=int, default=5)
@@ -285,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
               "n_accepted": int(films.accepted.sum()), "n_patients": int(films.table["patient_id"].nunique()),
               "threshold": threshold, "settings": AdaptSettings().to_dict(), "source_priors": source.tolist(),
               "labels": films.table["label"].value_counts().to_dict()}
-    report["halves"] = evaluate_splits(predictor, films, args, source, threshold)
+    report["halves"] = evaluate_splits(predictor, films, args, source, threshold) if args.splits else None
     report["curve"] = curve(predictor, films, args, source, threshold) if args.sizes else []
     report["timing"] = timing(args.checkpoint, films, args.time) if args.time else None
     report["seconds"] = round(time.perf_counter() - start, 1)
