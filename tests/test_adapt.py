@@ -247,6 +247,14 @@ def test_evaluate_and_export_with_a_site(run: Path, adapted: Path, site: Path, t
     exported = onnx.load(str(run / "best.site-Hospital_A.onnx"))
     meta = {p.key: p.value for p in exported.metadata_props}
     assert json.loads(meta["covidxr.site"])["name"] == "Hospital A"
+    # ONNX Runtime in the predictor runs the adapted model from memory, never from (or into) the plain export's place.
+    film = load_xray(next(site.rglob("*.jp*g")))
+    onnx_probs = Predictor.from_checkpoint(run / "best.pt", device="cpu", backend="onnx", site=adapted).predict(
+        film, cam=None).probs
+    torch_probs = Predictor.from_checkpoint(run / "best.pt", device="cpu", backend="torch", site=adapted).predict(
+        film, cam=None).probs
+    assert np.allclose(list(onnx_probs.values()), list(torch_probs.values()), atol=1e-4)
+    assert not (run / "best.onnx").exists()
 
 
 def test_app_offers_the_site_and_names_it(run: Path, adapted: Path, site: Path, tmp_path: Path,
