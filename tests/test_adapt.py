@@ -304,6 +304,14 @@ def test_benchmark_scores_films_the_adaptation_never_saw(run: Path, site: Path, 
                                                                           "note": "a half has fewer accepted films"}
     assert report["timing"]["films"] == 12 and report["timing"]["accepted"] == 12
     assert (tmp_path / "adapt-smoke.md").read_text().startswith("# Site adaptation: smoke")
+    # The control: the run's own test split, read through its recorded split.
+    proc = subprocess.run([sys.executable, str(script), "--checkpoint", str(run / "best.pt"), "--run-test", "--name",
+                           "control", "--splits", "1", "--bootstrap", "0", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    split = load_checkpoint(run / "best.pt")["split"]
+    control = json.loads((tmp_path / "adapt-control.json").read_text())
+    assert control["n_films"] == sum(part == "test" for part in split["split"]) > 0
 
 
 @pytest.mark.browser
