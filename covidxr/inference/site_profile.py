@@ -116,6 +116,8 @@ def write_profile(folder: str | os.PathLike, record: dict[str, Any],
         atomic_write_bytes(folder / BN_FILE, buffer.getvalue())
         record["bn"] = {**record.get("bn", {}), "file": BN_FILE, "sha256": file_digest(folder / BN_FILE)}
     atomic_write_text(folder / RECORD, json.dumps(record, indent=2, allow_nan=False) + "\n")
+    if not bn_stats:
+        (folder / BN_FILE).unlink(missing_ok=True)  # an earlier adapted profile's statistics, no longer named
     return folder / RECORD
 
 
