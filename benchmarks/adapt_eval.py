@@ -162,6 +162,11 @@ def evaluate_splits(predictor: Predictor, films: Films, args: argparse.Namespace
                 probs[a][score] = arms[a]
         for a in ARMS:
             per_arm[a].append(probs[a])
+        partial = {a: pd.DataFrame([metrics(films.y, p, classes, threshold) for p in per_arm[a]]).mean().to_dict()
+                   for a in ARMS}  # written after every split, so a long run can be read while it goes on
+        atomic_write_text(args.out / f"adapt-{args.name}.partial.json", json.dumps(
+            {"splits_done": len(per_arm["unadapted"]), "adaptations_refused": refused, "mean": partial},
+            indent=2, default=float) + "\n")
     base = per_arm["unadapted"][0]
     result = {"splits": args.splits, "adaptations_refused": refused, "arms": {}}
     for a in ARMS:
@@ -284,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluation = predictor.metrics or {}
     threshold = (evaluation.get("covid_vs_rest") or {}).get("threshold")
     start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
     films = read_films(predictor, load_table(args, ckpt))
     source = source_priors(ckpt)
     report = {"name": args.name, "command": " ".join(["python", "benchmarks/adapt_eval.py", *(argv or sys.argv[1:])]),
