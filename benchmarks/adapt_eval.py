@@ -152,7 +152,10 @@ def evaluate_splits(predictor: Predictor, films: Films, args: argparse.Namespace
     patients = films.table["patient_id"].astype(str).to_numpy()
     per_arm: dict[str, list[np.ndarray]] = {a: [] for a in ARMS}
     refused = 0
+    deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else float("inf")
     for _ in range(args.splits):
+        if time.monotonic() > deadline:
+            break  # reported with the number of splits done
         first, second = patient_halves(patients, rng)
         probs = {a: np.zeros((len(films.y), len(classes))) for a in ARMS}
         for adapt, score in ((first, second), (second, first)):
@@ -168,7 +171,8 @@ def evaluate_splits(predictor: Predictor, films: Films, args: argparse.Namespace
             {"splits_done": len(per_arm["unadapted"]), "adaptations_refused": refused, "mean": partial},
             indent=2, default=float) + "\n")
     base = per_arm["unadapted"][0]
-    result = {"splits": args.splits, "adaptations_refused": refused, "arms": {}}
+    result = {"splits": len(per_arm["unadapted"]), "splits_asked": args.splits, "adaptations_refused": refused,
+              "arms": {}}
     for a in ARMS:
         means = pd.DataFrame([metrics(films.y, p, classes, threshold) for p in per_arm[a]]).mean().to_dict()
         entry = {"mean": means}
@@ -275,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=0, help="at most this many patients, drawn at random")
     p.add_argument("--splits", type=int, default=20, help="random patient splits (0: only the curve and timing)")
     p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--max-minutes", type=float, default=0,
+                   help="start no new split after this many minutes (0: no limit); the report says how many ran")
     p.add_argument("--sizes", type=int, nargs="*", default=[])
     p.add_argument("--curve-splits", type=int, default=5)
     p.add_argument("--time", type=int, default=0, help="time covidxr.adapt on this many films (0: no timing)")
