@@ -153,7 +153,8 @@ def _audit(ctx: Context, upload: Upload, xray: Xray, sha: str, prediction: Predi
         classes=predictor.classes, preprocess=predictor.preprocess.to_dict(), temperature=predictor.temperature,
         probabilities=prediction.probs, label=prediction.label, confidence=prediction.confidence,
         cam_method=prediction.cam_method, cam_class=prediction.cam_class,
-        warnings=[*assessment.reasons, *assessment.warnings], verdict=assessment.to_dict()))
+        warnings=[*assessment.reasons, *assessment.warnings], verdict=assessment.to_dict(),
+        site=None if getattr(predictor, "site", None) is None else predictor.site.summary()))
 
 
 def analyse(upload: Upload, xray: Xray, cam: str | None, cam_class: str | None,

@@ -6,7 +6,10 @@ Launch (from the repository root)::
 
 or set ``COVIDXR_CHECKPOINT`` / ``COVIDXR_RUNS`` / ``COVIDXR_AUDIT_LOG``. Without a checkpoint the page lists the
 ``*/best.pt`` files under the runs folder, or explains how to train one. The model is loaded once per process
-(``st.cache_resource``, keyed by checkpoint path and modification time) and shared by all browser sessions.
+(``st.cache_resource``, keyed by checkpoint path, site profile and modification times) and shared by all browser
+sessions. The sidebar offers the site profiles of the chosen checkpoint (``RUN/sites/NAME/``, made by
+``python -m covidxr.adapt``); with one chosen the page says "adapted to NAME from N films on DATE", and the audit log
+records the profile with every prediction.
 Uploads stay in memory; every prediction is recorded in the audit log (``covidxr.inference.prediction_log``; default
 ``audit.jsonl`` beside the checkpoint) without names, patient identifiers or the image itself.
 
@@ -30,6 +33,7 @@ from app.settings import TRAIN_COMMANDS, AppSettings, checkpoint_choices, load_s
 from app.summary import results_csv, summary_frame
 from covidxr.errors import CovidxrError
 from covidxr.inference.prediction_log import PredictionLog, new_session_id
+from covidxr.inference.site_profile import site_profiles
 from covidxr.inference.stamp import model_stamp
 from covidxr.io import MAX_FILE_BYTES
 
@@ -67,8 +71,11 @@ SESSION_KEY = "covidxr_session_id"
 ANY_NAME_KEY = "accept_any_name"
 
 
+NO_SITE = "none (unadapted)"
+
+
 @st.cache_resource(max_entries=4, show_spinner="Loading the model...")
-def load_model(path: str, stamp: tuple[int, int]) -> Predictor:
+def load_model(path: str, stamp: tuple[int, int], site: str | None = None, site_mtime_ns: int = 0) -> Predictor:
     """Load a checkpoint once per process (the cache key includes the modification times of the checkpoint and its
     calibration sidecar, so a retrained or newly evaluated model reloads with its new threshold).
 
@@ -77,13 +84,15 @@ def load_model(path: str, stamp: tuple[int, int]) -> Predictor:
     Args:
         path: the checkpoint file.
         stamp: ``covidxr.inference.stamp.model_stamp`` of it (cache key only).
+        site: a site profile folder of this checkpoint, or None for the unadapted model.
+        site_mtime_ns: the profile's modification time (cache key only).
 
     Raises:
-        CovidxrError: the checkpoint is missing, unsafe or invalid.
+        CovidxrError: the checkpoint is missing, unsafe or invalid, or the profile is not this checkpoint's.
     """
     from covidxr.inference.predictor import Predictor
 
-    return Predictor.from_checkpoint(path)
+    return Predictor.from_checkpoint(path, site=site)
 
 
 def _session() -> tuple[str, dict]:
@@ -95,8 +104,10 @@ def _session() -> tuple[str, dict]:
     return st.session_state[SESSION_KEY], st.session_state[STORE_KEY]
 
 
-def _sidebar(settings: AppSettings) -> Path | None:
-    """The model choice in the sidebar; returns the chosen checkpoint or None."""
+def _sidebar(settings: AppSettings) -> tuple[Path | None, Path | None]:
+    """The model and site choices in the sidebar; returns the chosen checkpoint (or None) and site profile (or
+    None)."""
+    site = None
     with st.sidebar:
         st.header("Model")
         choices = checkpoint_choices(settings)
@@ -104,11 +115,35 @@ def _sidebar(settings: AppSettings) -> Path | None:
         if choices:
             chosen = st.selectbox("Model (training run)", choices, format_func=run_label,
                                   help="The configured model and the best model of each run folder, by run name.")
+            profiles = {p.name: p for p in site_profiles(chosen)}
+            picked = st.selectbox("Site (hospital)", [NO_SITE, *profiles], key="site",
+                                  help="A site profile adapts the model to a hospital's own films (python -m "
+                                       "covidxr.adapt); choose none to run the model as trained.")
+            site = profiles.get(picked)
         else:
             st.caption("No checkpoint configured and none found in the runs folder.")
         st.divider()
         st.caption(INTENDED_USE)
-    return chosen
+    return chosen, site
+
+
+def _load_with_site(chosen: Path, stamp: tuple[int, int], site: Path | None) -> Predictor:
+    """The chosen model, adapted to the chosen site when its profile is usable (else unadapted, with the reason on
+    the page); the page says which."""
+    if site is not None:
+        record = site / "site.json"
+        try:
+            predictor = load_model(str(chosen), stamp, str(site), record.stat().st_mtime_ns)
+        except (CovidxrError, OSError) as exc:
+            st.error(f"The site profile {site.name} could not be used ({str(exc).replace(str(site), site.name)}); "
+                     "the model runs unadapted.")
+        else:
+            if predictor.site is not None and predictor.site.adapted:
+                st.info(f"Site: {predictor.site.describe()}.", icon=":material/local_hospital:")
+            elif predictor.site is not None:
+                st.warning(f"Site: {predictor.site.describe()}.")
+            return predictor
+    return load_model(str(chosen), stamp)
 
 
 def _no_model(problem: str | None) -> None:
@@ -183,13 +218,13 @@ def main() -> None:
         st.caption("COVID-19 / normal / pneumonia from a frontal chest radiograph, with a Grad-CAM heat map")
         st.warning(f"**Intended use:** {INTENDED_USE} Results can be wrong; always rely on a qualified reader.",
                    icon=":material/info:")
-    chosen = _sidebar(settings)
+    chosen, site = _sidebar(settings)
     if chosen is None:
         _no_model(None)
         return
     stamp = model_stamp(chosen)
     try:
-        predictor = load_model(str(chosen), stamp)
+        predictor = _load_with_site(chosen, stamp, site)
     except CovidxrError as exc:
         _no_model(f"The model could not be loaded: {str(exc).replace(str(chosen), chosen.name)}")
         return
@@ -202,7 +237,7 @@ def main() -> None:
     evaluation = load_evaluation(predictor)
     results, model_tab = st.tabs(["Analyse images", "Model and evaluation"])
     with results:
-        _results_tab(predictor, f"{chosen}:{stamp}", audit, evaluation)
+        _results_tab(predictor, f"{chosen}:{stamp}:{site}", audit, evaluation)
     with model_tab:
         render_model_view(predictor, evaluation)
 

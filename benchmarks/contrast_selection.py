@@ -44,7 +44,8 @@ from sklearn.metrics import roc_auc_score
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATA = os.environ.get("COVIDXR_DATA") or str(SHARED / "all.csv")
-EXTERNAL = os.environ.get("COVIDXR_EXTERNAL") or str(SHARED / "external")  # reported after the choice, never chosen on
+# External films: reported after the choice, never chosen on.
+EXTERNAL = os.environ.get("COVIDXR_EXTERNAL") or str(SHARED / "external")
 SIIM = "SIIM-FISABIO-RSNA COVID-19 (via vikasb512/Capstone-Project)"
 NIH = "NIH ChestX-ray8 (via muhammedtalo/COVID-19)"
 KERMANY = "lecuong1502/BTL_Machine_Learning"
@@ -56,7 +57,8 @@ CONTRAST = ["--loss", "contrast", "--balance", "sqrt", "--epoch-size", "1400"]
 ROWS = {"hist": ["--equalize", "hist"], "contrast": ["--equalize", "hist", *CONTRAST],
         "lungcrop-contrast": ["--lung-crop", "--equalize", "hist", *CONTRAST]}
 # What the quickstart trains for a row: on a 2-core CPU at most 1,400 films an epoch (drawn uniformly unless the row
-# balances otherwise), so that 4,150 films take the time 1,398 took; a GPU sets --epoch-size 0 (every film, every epoch).
+# balances otherwise), so that 4,150 films take about the time 1,398 took; a GPU sets --epoch-size 0 (every film,
+# every epoch).
 BUDGET = ["--epoch-size", "1400"]
 SIMPLICITY = ("hist", "contrast", "lungcrop-contrast")  # ties go left
 TRAIN = ["--arch", "efficientnet_lite0", "--weights", "imagenet", "--img-size", "224", "--epochs", "10",

@@ -280,8 +280,9 @@ def choose(runs: Path) -> Path:
     if len(checked) >= 4 and not agree:  # the rule's fallback: the full protocol's siim fold decides among its rows
         chosen = full_order[0]
     lines = [f"# Recipe selection by held-out sources ({time.strftime('%Y-%m-%d')})", "",
-             "Rule: docs/results.md, 'Choosing the recipe on held-out sources'. Proxy: `python benchmarks/recipe_selection.py "
-             f"proxy --runs {runs}` (linear probe per fold, seeds {scores[chosen]['seeds']}). Nothing here reads "
+             "Rule: docs/results.md, 'Choosing the recipe on held-out sources'. Proxy: "
+             f"`python benchmarks/recipe_selection.py proxy --runs {runs}` (linear probe per fold, seeds "
+             f"{scores[chosen]['seeds']}). Nothing here reads "
              "`external/`.", "",
              "| row | flags | score (mean held-out bal. acc.) | seed spread | per seed | worst fold | "
              + " | ".join(f"held out {s.split(' ')[0]}" for s in scores[chosen]["per_fold"]) + " |",

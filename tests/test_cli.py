@@ -19,7 +19,7 @@ from covidxr.utils import DEVICES, OneLineParser, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-COMMAND_PACKAGES = {"training", "evaluation", "crossval", "inference", "explain", "data", "bench", "lungs"}
+COMMAND_PACKAGES = {"training", "evaluation", "crossval", "inference", "explain", "data", "bench", "lungs", "adapt"}
 
 
 def script_module(target: str) -> ModuleType:

@@ -7,6 +7,7 @@ Usage::
     python -m covidxr.evaluate --checkpoint runs/r50/best.pt --data other/ --split all   # external dataset
     python -m covidxr.evaluate --checkpoint runs/r50/best.pt --external hospital-a/ --external hospital-b/
     python -m covidxr.evaluate --checkpoint runs/r50/best.pt --gate-variants --gate-check notcxr/   # input gate
+    python -m covidxr.evaluate --checkpoint runs/r50/best.pt --data hospital-a/ --site runs/r50/sites/a   # adapted
 
 The run's own data (default: the data it was trained on, split as recorded in ``split.csv`` beside the checkpoint
 or in the checkpoint) is evaluated on its ``test`` split by default. The validation split is predicted as well: a
@@ -105,6 +106,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="test-time augmentation: average each film's probabilities over 5 views (as it is, zoomed "
                         "in and out 10%%, rotated 5 degrees each way); a measurement: the results go to eval-tta/ and "
                         "the checkpoint's calibration is left as it is")
+    p.add_argument("--site", type=Path, metavar="PROFILE",
+                   help="evaluate the model adapted to a site (a profile of python -m covidxr.adapt) on that site's "
+                        "films (--data FOLDER); writes eval-<dataset>-site-NAME/; no gallery or lung share")
     return p
 
 
@@ -164,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            command=["python", "-m", PROG, *argv], external=list(args.external),
                            crossval=args.crossval, gate_check=args.gate_check, gate_variants=args.gate_variants,
                            lung_share_limit=args.lung_share_limit, gallery=args.gallery, prevalence=args.prevalence,
-                           pdf=args.pdf, tta=args.tta)
+                           pdf=args.pdf, tta=args.tta, site=args.site)
         _print_summary(evaluate(opts))
 
     return run_cli(get_args_parser(), run, argv)

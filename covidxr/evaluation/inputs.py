@@ -52,6 +52,7 @@ class EvalOptions:
     prevalence: float | None = None  # prevalence the decision curves assume (None: each set's own)
     pdf: bool = False  # also print report.html to report.pdf with headless Chromium
     tta: bool = False  # average the probabilities over the views of covidxr.tta (measurement only: no sidecar)
+    site: Path | None = None  # a site profile (python -m covidxr.adapt): evaluate the model adapted to that site
 
 
 @dataclass

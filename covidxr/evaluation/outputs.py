@@ -141,10 +141,11 @@ def read_explain(out: Path) -> list[dict[str, Any]] | None:
     return jsonable(frame.astype(object).where(frame.notna(), None).to_dict("records"))
 
 
-def default_out(checkpoint: Path, data: EvalData, tta: bool = False) -> Path:
+def default_out(checkpoint: Path, data: EvalData, tta: bool = False, site: str | None = None) -> Path:
     """``eval/`` beside the checkpoint for the run's data, ``eval-<dataset>/`` for an external dataset; with
-    test-time augmentation ``eval-tta/`` and ``eval-<dataset>-tta/``."""
-    suffix = "-tta" if tta else ""
+    test-time augmentation ``eval-tta/`` and ``eval-<dataset>-tta/``; adapted to a site
+    ``eval-<dataset>-site-NAME/``."""
+    suffix = ("-tta" if tta else "") + (f"-site-{_slug(site)}" if site else "")
     if data.own:
         return checkpoint.parent / f"eval{suffix}"
     path = data.data_path

@@ -44,6 +44,7 @@ from covidxr.evaluation.pdf import write_pdf
 from covidxr.evaluation.publication import publication_extras
 from covidxr.evaluation.report_sections import build_report
 from covidxr.files import atomic_write_bytes, atomic_write_text, file_digest
+from covidxr.inference.site_profile import apply_profile, read_profile
 from covidxr.tta import VIEWS
 from covidxr.utils import pick_device
 
@@ -139,6 +140,19 @@ def finish(out: Path, result: dict[str, Any], ckpt: dict[str, Any], data: EvalDa
         result["reproducibility"]["calibration_file"] = path.name
 
 
+def _site_options(opts: EvalOptions) -> EvalOptions:
+    """The options of an evaluation with ``--site``: checked, with the parts that rebuild the unadapted model from the
+    checkpoint file (the failure gallery's and the lung share's heat maps) turned off.
+
+    Raises:
+        CovidxrError: ``--site`` with ``--external`` or ``--tta``.
+    """
+    if opts.external or opts.tta:
+        raise CovidxrError("--site evaluates one site's films (--data FOLDER); it cannot be combined with --external "
+                           "or --tta")
+    return replace(opts, gallery=0, lung_share_limit=0)
+
+
 def evaluate(opts: EvalOptions) -> dict[str, Any]:
     """Evaluate a checkpoint and write metrics.json, predictions.csv, report.html and the plots.
 
@@ -156,6 +170,10 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     ckpt = load_checkpoint(opts.checkpoint)
     sha = file_digest(opts.checkpoint)
     ckpt = with_calibration(ckpt, opts.checkpoint, sha)
+    profile = None
+    if opts.site is not None:
+        opts, profile = _site_options(opts), read_profile(opts.site, sha)
+        ckpt = apply_profile(ckpt, profile)
     default_positive(ckpt["classes"], opts.positive)  # fail early on a bad --positive or --device
     pick_device(opts.device)
     for folder in opts.gate_check:
@@ -165,11 +183,15 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     try:
         with stages("load data"):
             data = load_eval_data(ckpt, opts.checkpoint, opts)
+            if profile is not None and data.own:
+                raise CovidxrError("--site: evaluate an adapted model on that site's films (--data FOLDER), not on "
+                                   "the run's own data")
             split_table, _ = RunFolder(opts.checkpoint, ckpt).split()
             crossval = read_crossval(opts.checkpoint, opts.crossval)
             for folder in opts.external:
                 resolve_data_path(str(folder))  # a missing --external folder fails before any prediction
-            out = Path(opts.out).expanduser().resolve() if opts.out else default_out(opts.checkpoint, data, opts.tta)
+            out = Path(opts.out).expanduser().resolve() if opts.out else default_out(opts.checkpoint, data, opts.tta,
+                                                                                       profile and profile.name)
             if out.exists() and not out.is_dir():
                 raise CovidxrError(f"--out {out} exists and is not a folder")
         with stages("predict"):
@@ -183,6 +205,11 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
             analysis = analyse(ckpt, data, pred, split_table, opts, heldout)
             analysis["calibration"]["why_not_out_of_source"] = why_not or None
             result = assemble(ckpt, data, pred, analysis, split_table, opts, sha, out)
+            if profile is not None:
+                result["site"] = {**profile.summary(), "describe": profile.describe()}
+                result["warnings"].insert(0, f"site profile: the model is {profile.describe()} (profile SHA-256 "
+                                             f"{profile.sha256[:12]}...); the gallery and the lung share are not "
+                                             "computed for an adapted model")
         with stages("external"):
             result["external"] = external_results(ckpt, result, split_table, opts, out)
             result["crossval"] = crossval

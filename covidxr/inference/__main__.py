@@ -4,7 +4,7 @@ Command line::
 
     python -m covidxr.predict --checkpoint RUN/best.pt IMAGE_OR_FOLDER... [--cam METHOD|none] [--cam-class CLASS]
         [--out FOLDER] [--device auto|cpu|cuda|mps] [--batch-size N] [--backend auto|torch|onnx]
-        [--dicom-out [--dicom-study-from FILE.dcm]]
+        [--dicom-out [--dicom-study-from FILE.dcm]] [--site PROFILE]
 
 prints ``FILE: DECISION (COVID probability P (yes from T))`` per image, or ``FILE: not assessed: REASON`` when the
 input gate refuses it (not an assessable frontal chest radiograph, see :mod:`covidxr.inference.gate`), writes
@@ -16,7 +16,10 @@ borderline film ("unusual film: read with care") is predicted and printed with t
 writes, per file, ``STEM_sr.dcm`` (a DICOM Structured Report) and, for an assessed image, ``STEM_sc.dcm`` (a Secondary
 Capture of the captioned overlay), in the input's study (see :mod:`covidxr.inference.dicom_out`); an input that is not
 DICOM needs ``--dicom-study-from`` to name a DICOM file of its study, else the command stops with a one-line error.
-These two files carry the patient's identity, copied from the source (every other output holds none). Folders are
+These two files carry the patient's identity, copied from the source (every other output holds none).
+``--site PROFILE`` runs the model adapted to a hospital (a site profile of ``python -m covidxr.adapt``, pinned to this
+checkpoint; a profile of another checkpoint is refused in one line); the first line printed, the log and the DICOM
+outputs name it. Folders are
 searched recursively for image files (:data:`SEARCHED_SUFFIXES`, and files without a suffix, which is how DICOM files
 often come); hidden files are skipped. Files named on the command line are always tried. Unreadable files get their
 own error line on stderr and a row with their error in the CSV; the other files are still predicted. Exit status: 0
@@ -111,6 +114,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="plain predictions with torch, ONNX Runtime, or auto (default: %(default)s)")
+    parser.add_argument("--site", type=Path, metavar="PROFILE",
+                        help="site profile of this checkpoint (python -m covidxr.adapt) to run the model adapted to "
+                             "that hospital (default: unadapted)")
     parser.add_argument("--alpha", type=float, default=0.4, help="overlay opacity of the heatmap (default: 0.4)")
     parser.add_argument("--max-side", type=int, default=1024, help="longest side of the overlays (default: 1024)")
     parser.add_argument("--dicom-out", action="store_true",
@@ -297,7 +303,9 @@ def predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     options = PredictOptions(cam=None if args.cam == "none" else args.cam, cam_class=args.cam_class,
                              cam_layer=args.cam_layer, batch_size=args.batch_size, alpha=args.alpha,
                              max_side=args.max_side, dicom_out=args.dicom_out, dicom_study=study)
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend, site=args.site)
+    if predictor.site is not None:
+        print(f"site: {predictor.site.describe()}")
     if (options.cam_class is not None or options.cam_layer is not None) and options.cam is None:
         raise ValueError("--cam-class and --cam-layer need a --cam method")
     if options.cam_class is not None:
@@ -310,7 +318,7 @@ def predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     rows, failed = run_predictions(predictor, files, args.out, options)
     write_csv(args.out / "predictions.csv", rows, predictor.classes)
     summary = {"predicted": len(files) - failed, "failed": failed, "csv": str(args.out / "predictions.csv"),
-               "backend": predictor.backend}
+               "backend": predictor.backend, "site": None if predictor.site is None else predictor.site.summary()}
     log.info("done: %s", json.dumps(summary))
     return EXIT_SOME_FAILED if failed else EXIT_DONE
 

@@ -131,8 +131,9 @@ def caption_lines(prediction: Prediction, predictor: Predictor, decision: Decisi
                  f"({probability(prediction.confidence)})"]
     else:
         first = [decision.text, decision.figures]
+    site = [f"Site: {predictor.site.describe()}"] if predictor.site is not None else []
     return [*first, explained, f"Model: {predictor.arch}, checkpoint {predictor.checkpoint_sha256[:12]}; "
-            f"made {datetime.now(UTC):%Y-%m-%d} (UTC)", RESEARCH_ONLY]
+            f"made {datetime.now(UTC):%Y-%m-%d} (UTC)", *site, RESEARCH_ONLY]
 
 
 def secondary_capture(identity: Dataset, labelled: np.ndarray, source: Dataset | None) -> hd.sc.SCImage:
@@ -209,10 +210,18 @@ def _report(prediction: Prediction, predictor: Predictor, identity: Dataset, sou
         decision=decision.text, covid=decision.covid, label=decision.label, probs=dict(prediction.probs),
         rule=point.rule(), threshold=point.threshold, arch=predictor.arch, version=covidxr.__version__,
         checkpoint_sha256=predictor.checkpoint_sha256, cam_method=prediction.cam_method if assessable else None,
+        site=site_text(predictor),
         source_note="" if source is not None else "The analysed image was not a DICOM file; the patient and study "
                                                   "are those of a DICOM file the user named.")
     return structured_report(facts, [identity] + ([capture] if capture is not None else []), source=source,
                              capture=capture, series_description=SR_SERIES, manufacturer=MANUFACTURER)
+
+
+def site_text(predictor: Predictor) -> str:
+    """Which site profile produced the answer, for the SR ("" without one)."""
+    if predictor.site is None:
+        return ""
+    return f"{predictor.site.describe()}; profile SHA-256 {predictor.site.sha256}"
 
 
 def dicom_bytes(dataset: Dataset) -> bytes:

@@ -66,6 +66,8 @@ class ReportFacts:
         checkpoint_sha256: SHA-256 of the checkpoint file.
         cam_method: the heat map's method, or None.
         source_note: a sentence on where the image came from (for an input that was not DICOM), or "".
+        site: which site profile produced the answer ("adapted to NAME from N films on DATE; profile SHA-256 ..."),
+            or "" for the unadapted model (an algorithm parameter, TID 4019, and a sentence of the comment).
     """
 
     assessable: bool
@@ -81,6 +83,7 @@ class ReportFacts:
     checkpoint_sha256: str
     cam_method: str | None = None
     source_note: str = ""
+    site: str = ""
 
     @property
     def conclusion(self) -> str:
@@ -95,6 +98,8 @@ def _algorithm(facts: ReportFacts) -> hd.sr.AlgorithmIdentification:
         parameters.append(f"COVID threshold {facts.threshold:.4f}")
     if facts.cam_method:
         parameters.append(f"heat map {facts.cam_method}")
+    if facts.site:
+        parameters.append(f"site profile: {facts.site}")
     return hd.sr.AlgorithmIdentification(name=f"covidxr {facts.arch}", version=facts.version, parameters=parameters)
 
 
@@ -129,7 +134,8 @@ def _decision_group(facts: ReportFacts, source: Dataset | None,
     items = group[0].ContentSequence
     items.append(_text(codes.DCM.Conclusion, facts.conclusion))
     note = f"{RESEARCH_ONLY} Made by software; not verified by a person. {facts.rule}"
-    items.append(_text(codes.DCM.Comment, note + (f" {facts.source_note}" if facts.source_note else "")))
+    site = f" Site: {facts.site}." if facts.site else ""
+    items.append(_text(codes.DCM.Comment, note + site + (f" {facts.source_note}" if facts.source_note else "")))
     if capture is not None:
         items.append(hd.sr.ImageContentItem(name=codes.DCM.IllustrationOfFinding,
                                             referenced_sop_class_uid=capture.SOPClassUID,

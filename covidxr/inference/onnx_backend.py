@@ -97,7 +97,8 @@ def export_bytes(model: torch.nn.Module, img_size: int, metadata: dict[str, str]
     return proto.SerializeToString()
 
 
-def export_metadata(sha256: str, arch: str, classes: list[str], img_size: int) -> dict[str, str]:
+def export_metadata(sha256: str, arch: str, classes: list[str], img_size: int,
+                    site: dict | None = None) -> dict[str, str]:
     """Return the ``metadata_props`` recorded in an export.
 
     Args:
@@ -105,14 +106,17 @@ def export_metadata(sha256: str, arch: str, classes: list[str], img_size: int) -
         arch: architecture name.
         classes: class names, in output order.
         img_size: input side.
+        site: the site profile adapted into the weights (:meth:`~covidxr.inference.site_profile.SiteProfile.summary`,
+            recorded as ``covidxr.site``), or None.
 
     Returns:
         The key/value strings.
     """
     from covidxr import __version__
 
-    return {SHA_KEY: sha256, "covidxr.arch": arch, "covidxr.classes": json.dumps(list(classes)),
+    meta = {SHA_KEY: sha256, "covidxr.arch": arch, "covidxr.classes": json.dumps(list(classes)),
             "covidxr.img_size": str(img_size), "covidxr.version": str(__version__)}
+    return meta if site is None else {**meta, "covidxr.site": json.dumps(site, sort_keys=True)}
 
 
 def write_onnx(path: str | os.PathLike, data: bytes) -> Path:

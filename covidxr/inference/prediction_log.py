@@ -4,7 +4,8 @@ Every image the clinician app predicts is recorded once per model as one JSON ob
 
     {"schema": 1, "event": "prediction", "time_utc": "2025-01-01T12:00:00.123456Z", "session_id": "9f2c...",
      "image_sha256": "...", "image_shape": [H, W], "image_format": "DICOM", "dicom_header": {...},
-     "model": {"arch": ..., "checkpoint_sha256": ..., "classes": [...], "preprocess": {...}, "temperature": ...},
+     "model": {"arch": ..., "checkpoint_sha256": ..., "classes": [...], "preprocess": {...}, "temperature": ...,
+               "site": null or {"name", "status", "profile_sha256", "n_films", "created", "site_priors"}},
      "probabilities": {...}, "label": ..., "confidence": ..., "cam_method": ..., "cam_class": ..., "warnings": [...],
      "verdict": {"assessable": ..., "reasons": [...], ...}}
 
@@ -145,6 +146,7 @@ def prediction_record(
     cam_class: str | None,
     warnings: Iterable[str] = (),
     verdict: Mapping[str, Any] | None = None,
+    site: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build one prediction record (see the module docstring for its fields and privacy rules).
 
@@ -166,6 +168,8 @@ def prediction_record(
         cam_class: the class explained, or None.
         warnings: input warnings shown with the result (they must not contain file names).
         verdict: whether the image was assessed and why not (``{"assessable", "reasons", ...}``, no file names).
+        site: the site profile the model ran with (``SiteProfile.summary()``: name, status, profile SHA-256, films,
+            date), or None for the unadapted model; recorded as ``model.site``.
 
     Returns:
         A JSON-serialisable dict.
@@ -185,6 +189,7 @@ def prediction_record(
             "classes": [str(c) for c in classes],
             "preprocess": json.loads(json.dumps(dict(preprocess), default=str)),
             "temperature": _finite(temperature),
+            "site": None if site is None else _plain(dict(site)),
         },
         "probabilities": {str(k): _finite(v) for k, v in probabilities.items()},
         "label": str(label),

@@ -57,6 +57,7 @@ from covidxr.inference.onnx_backend import (
     write_onnx,
 )
 from covidxr.inference.prediction import Prediction
+from covidxr.inference.site_profile import SiteProfile, apply_profile, read_profile
 from covidxr.io import Xray
 from covidxr.lungs import cam_share_in_lungs
 from covidxr.model_input import PLAIN, InputPipeline, pipeline_from_checkpoint
@@ -160,12 +161,16 @@ class Predictor:
         device: the torch device.
         backend: what plain predictions use, ``"torch"`` or ``"onnx"``.
         gate: the input gate (file checks only when the checkpoint has no fitted gate).
+        site: the site profile the model runs with (:mod:`covidxr.inference.site_profile`), or None.
+        gate_model: with an adapted site profile and a fitted gate, the unadapted model whose features the gate
+            reads (None otherwise: the gate reads the model's own).
     """
 
     def __init__(self, model: XrayClassifier, classes: list[str], preprocess: Preprocess, temperature: float,
                  checkpoint_path: Path, checkpoint_sha256: str, metrics: dict | None, info: dict,
                  device: torch.device, runner: OnnxRunner | None = None, gate: InputGate | None = None,
-                 pipeline: InputPipeline = PLAIN) -> None:
+                 pipeline: InputPipeline = PLAIN, site: SiteProfile | None = None,
+                 gate_model: XrayClassifier | None = None) -> None:
         self.model = model
         self.arch: str = info.get("arch") or model.arch  # "ensemble of 3 efficientnet_lite0" for a seed ensemble
         self.classes = list(classes)
@@ -179,6 +184,8 @@ class Predictor:
         self.runner = runner
         self.gate = gate if gate is not None else InputGate()
         self.pipeline = pipeline  # lung crop, lung mask and equalisation of the record
+        self.site = site
+        self.gate_model = gate_model
         self._lock = threading.RLock()
 
     @property
@@ -193,19 +200,23 @@ class Predictor:
         return "onnx" if self.runner is not None else "torch"
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto", backend: str = "auto") -> Predictor:
+    def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto", backend: str = "auto",
+                        site: str | os.PathLike | None = None) -> Predictor:
         """Load a predictor from a covidxr checkpoint.
 
         Args:
             path: the checkpoint file (``RUN/best.pt``).
             device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ...
             backend: ``"auto"``, ``"torch"`` or ``"onnx"`` (see the module docstring).
+            site: a site profile of this checkpoint (``python -m covidxr.adapt``); its statistics and priors go into
+                the model (a refused profile leaves the model as it is), and ``"auto"`` then runs torch.
 
         Returns:
             The predictor.
 
         Raises:
             CheckpointError: missing, unsafe or invalid checkpoint.
+            SiteProfileError: a site profile made for another checkpoint, or damaged.
             CovidxrError: unavailable device, or ``backend="onnx"`` without onnxruntime or with a failed export.
             ValueError: unknown backend.
         """
@@ -213,35 +224,44 @@ class Predictor:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         path = Path(path)
         ckpt = with_calibration(load_checkpoint(path), path, sha := file_digest(path))
-        model = load_classifier(ckpt, str(path))
+        profile = read_profile(site, sha) if site is not None else None
+        adapted = apply_profile(ckpt, profile)
+        model = load_classifier(adapted, str(path))
         classes = list(ckpt["classes"])
         preprocess = read_preprocess(ckpt, str(path))
         pipeline = pipeline_from_checkpoint(ckpt, preprocess, str(path))
-        temperature = read_temperature(ckpt, str(path))
+        temperature = read_temperature(adapted, str(path))
         torch_device = pick_device(device)
         model.to(torch_device)
-        gate = InputGate.from_checkpoint(ckpt, str(path))
+        gate = InputGate.from_checkpoint(ckpt, str(path))  # fitted on the unadapted model's features
+        gate_model = (load_classifier(ckpt, str(path)).to(torch_device) if adapted is not ckpt and gate.learned
+                      else None)
         info = {"arch": architecture_name(ckpt), "classes": classes, "img_size": preprocess.img_size,
                 "epoch": ckpt.get("epoch"),
                 "best_epoch": ckpt.get("best_epoch"), "best_auc": ckpt.get("best_auc"), "temperature": temperature,
                 "created": ckpt.get("created"), "versions": ckpt.get("versions") or {},
                 "data": _data_summary(ckpt), "config": ckpt.get("config") or {},
-                "gate": {"learned": gate.learned, "unavailable": gate.unavailable, **gate.info}}
+                "gate": {"learned": gate.learned, "unavailable": gate.unavailable, **gate.info},
+                "site": None if profile is None else {**profile.summary(), "describe": profile.describe()}}
         predictor = cls(model, classes, preprocess, temperature, path, sha, ckpt.get("evaluation"), info,
-                        torch_device, gate=gate, pipeline=pipeline)
+                        torch_device, gate=gate, pipeline=pipeline, site=profile, gate_model=gate_model)
         predictor.runner = predictor._open_runner(backend)
         return predictor
 
     def _open_runner(self, backend: str) -> OnnxRunner | None:
         """Return the ONNX Runtime runner the backend choice asks for (None: use torch)."""
+        adapted = self.site is not None and self.site.adapted
         if backend == "torch" or (backend == "auto" and (self.device.type != "cpu" or not onnxruntime_available()
-                                                         or self.gate.learned)):
+                                                         or self.gate.learned or adapted)):
             return None
+        meta = export_metadata(self.checkpoint_sha256, self.arch, self.classes, self.preprocess.img_size,
+                               self.site.summary() if adapted else None)
+        if adapted:  # the export beside the checkpoint is the unadapted model's; the adapted one stays in memory
+            return OnnxRunner(export_bytes(self.model, self.preprocess.img_size, meta))
         target = default_onnx_path(self.checkpoint_path)
         runner = fresh_runner(target, self.checkpoint_sha256)
         if runner is not None or backend == "auto":
             return runner
-        meta = export_metadata(self.checkpoint_sha256, self.arch, self.classes, self.preprocess.img_size)
         data = export_bytes(self.model, self.preprocess.img_size, meta)
         if os.access(target.parent, os.W_OK):
             write_onnx(target, data)
@@ -333,7 +353,7 @@ class Predictor:
                     shares[i] = cam_share_in_lungs(heatmaps[i], prep.mask)
         xrays = [img if isinstance(img, Xray) else Xray(p, "array", False, {}, name)
                  for img, p, name in zip(images, pixels, labels, strict=True)]
-        verdicts = self.gate.check_batch(xrays, features if self.gate.learned else None)
+        verdicts = self.gate.check_batch(xrays, self._gate_features(inputs, features) if self.gate.learned else None)
         probs = softmax(logits, self.temperature)
         results = []
         for i in range(len(images)):
@@ -345,6 +365,13 @@ class Predictor:
                 note=notes[i], gate=verdicts[i], lung_share=shares[i]))
         return results
 
+    def _gate_features(self, inputs: torch.Tensor, features: np.ndarray | None) -> np.ndarray | None:
+        """The features the gate reads: the model's own, or the unadapted model's under a site profile."""
+        if self.gate_model is None:
+            return features
+        with self._lock, torch.inference_mode():
+            return self.gate_model.features(inputs.to(self.device)).float().cpu().numpy()
+
     def _logits(self, inputs: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits of a batch without explanation (ONNX Runtime when selected, else torch in inference mode), and the
         pooled backbone features when the gate needs them.
@@ -354,7 +381,7 @@ class Predictor:
         """
         features = None
         if self.runner is not None:
-            if self.gate.learned:
+            if self.gate.learned and self.gate_model is None:
                 with self._lock, torch.inference_mode():
                     features = self.model.features(inputs.to(self.device)).float().cpu().numpy()
             return self.runner.logits(inputs), features
