@@ -81,7 +81,7 @@ def test_screenshot_of_a_real_result(request: pytest.FixtureRequest, shared_data
         finally:
             browser.close()
     assert len(png) < MAX_BYTES, f"{len(png)} bytes"
-    assert Image.open(io.BytesIO(png)).size[0] == WIDTH
+    assert 0 < Image.open(io.BytesIO(png)).size[0] <= WIDTH
     target = SHOT if os.environ.get("COVIDXR_DOCS_SCREENSHOTS") == "1" else tmp_path / SHOT.name
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(png)
