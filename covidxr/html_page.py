@@ -88,13 +88,13 @@ class Section:
 
 
 def _is_interval(value: Any) -> bool:
-    """Whether a value is an interval dict with ``estimate``, ``lo`` and ``hi`` keys.
+    """Whether a value is an interval: a dict with ``estimate``, ``lo`` and ``hi`` keys, or a record with those fields.
 
     Args:
         value: Anything.
 
     Returns:
-        ``True`` for an interval dict.
+        ``True`` for an interval dict or record.
     """
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = {f.name for f in dataclasses.fields(value)}
