@@ -62,10 +62,6 @@ class InputSettings(InputRecord):
     augment: str = "standard"  # training augmentation: standard | style (adds scanner-style randomisation)
     lung_model: str | None = None  # lung model file for a lung crop; default $COVIDXR_HOME/lungs/lung-seg.pt
 
-    def input_settings(self) -> dict[str, Any]:
-        """The input settings (:class:`InputSettings`'s fields) as a flat dict, as config.json stores them."""
-        return {f.name: getattr(self, f.name) for f in fields(InputSettings)}
-
 
 Settings = TypeVar("Settings")
 
