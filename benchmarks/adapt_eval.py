@@ -96,6 +96,10 @@ def adapt_arms(predictor: Predictor, films: Films, adapt: np.ndarray, score: np.
     refused = collapse_reason(calls, len(classes), site, source, list(classes), settings)
     out["adapted"] = out["unadapted"] if refused else softmax(bn_score + offsets)
     out["_refused"] = np.array([refused is not None])
+    counts = np.bincount(calls, minlength=len(classes))
+    out["_guard"] = {"prior_shift": 0.5 * float(np.abs(site - source).sum()),
+                     "top_share": float(counts.max() / max(len(calls), 1)), "top_class": classes[int(counts.argmax())],
+                     "site_priors": [float(v) for v in site], "refused": refused, "n_adapt": int(len(use))}
     return out
 
 
@@ -152,6 +156,7 @@ def evaluate_splits(predictor: Predictor, films: Films, args: argparse.Namespace
     patients = films.table["patient_id"].astype(str).to_numpy()
     per_arm: dict[str, list[np.ndarray]] = {a: [] for a in ARMS}
     refused = 0
+    guards: list[dict] = []
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else float("inf")
     for _ in range(args.splits):
         if time.monotonic() > deadline:
@@ -161,6 +166,11 @@ def evaluate_splits(predictor: Predictor, films: Films, args: argparse.Namespace
         for adapt, score in ((first, second), (second, first)):
             arms = adapt_arms(predictor, films, adapt, score, source, settings)
             refused += int(arms.pop("_refused")[0])
+            guard = arms.pop("_guard")
+            base = metrics(films.y[score], arms["unadapted"], classes, threshold)
+            both = metrics(films.y[score], arms["adapted"], classes, threshold)
+            guard["scored_half"] = {k: {"unadapted": base[k], "adapted": both[k]} for k in base}
+            guards.append(guard)
             for a in ARMS:
                 probs[a][score] = arms[a]
         for a in ARMS:
@@ -172,7 +182,7 @@ def evaluate_splits(predictor: Predictor, films: Films, args: argparse.Namespace
             indent=2, default=float) + "\n")
     base = per_arm["unadapted"][0]
     result = {"splits": len(per_arm["unadapted"]), "splits_asked": args.splits, "adaptations_refused": refused,
-              "arms": {}}
+              "guard": guards, "arms": {}}
     for a in ARMS:
         means = pd.DataFrame([metrics(films.y, p, classes, threshold) for p in per_arm[a]]).mean().to_dict()
         entry = {"mean": means}
@@ -231,8 +241,9 @@ def load_table(args: argparse.Namespace, ckpt: dict) -> pd.DataFrame:
         split = RunFolder(args.checkpoint, ckpt).require_split()
         table = table[table["relpath"].isin(split.loc[split["split"] == "test", "relpath"])]
     table = table.assign(patient_id=table["patient_id"].replace("", np.nan).fillna(table["path"]))
-    if args.limit and table["patient_id"].nunique() > args.limit:
-        keep = np.random.default_rng(args.seed).permutation(table["patient_id"].unique())[: args.limit]
+    if args.limit and table["patient_id"].nunique() > args.limit or args.offset:
+        drawn = np.random.default_rng(args.seed).permutation(table["patient_id"].unique())
+        keep = drawn[args.offset: args.offset + args.limit if args.limit else None]
         table = table[table["patient_id"].isin(keep)]
     return table[["path", "label", "patient_id"]].reset_index(drop=True)
 
@@ -277,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-test", action="store_true", help="the checkpoint's own test split (the control)")
     p.add_argument("--name", required=True)
     p.add_argument("--limit", type=int, default=0, help="at most this many patients, drawn at random")
+    p.add_argument("--offset", type=int, default=0, help="with --limit: skip this many patients of the random draw "
+                   "first (--offset 600 --limit 200 takes 200 patients disjoint from --limit 600's)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared 2-core CPU one "
+                   "thread is several times faster than two; the results do not depend on it)")
     p.add_argument("--splits", type=int, default=20, help="random patient splits (0: only the curve and timing)")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--max-minutes", type=float, default=0,
@@ -287,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if not args.run_test and not args.data:
         p.error("--data or --run-test")
     ckpt = load_checkpoint(args.checkpoint)
