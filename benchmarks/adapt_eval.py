@@ -112,11 +112,13 @@ def adapt_arms(predictor: Predictor, films: Films, adapt: np.ndarray, score: np.
     site = floored(em_priors(softmax(bn_adapt), source)[0], settings.prior_floor)
     offsets = np.log(site / source)
     calls = softmax(bn_adapt + offsets).argmax(axis=1)
-    refused = collapse_reason(calls, len(classes), site, source, list(classes), settings)
+    unadapted = films.logits0[use].argmax(axis=1)
+    refused = collapse_reason(calls, len(classes), site, source, list(classes), settings, unadapted)
     out["adapted"] = out["unadapted"] if refused else softmax(bn_score + offsets)
     out["_refused"] = np.array([refused is not None])
     counts = np.bincount(calls, minlength=len(classes))
-    out["_guard"] = {"prior_shift": 0.5 * float(np.abs(site - source).sum()),
+    growth = (counts - np.bincount(unadapted, minlength=len(classes))) / max(len(calls), 1)
+    out["_guard"] = {"prior_shift": 0.5 * float(np.abs(site - source).sum()), "call_growth": float(growth.max()),
                      "top_share": float(counts.max() / max(len(calls), 1)), "top_class": classes[int(counts.argmax())],
                      "site_priors": [float(v) for v in site], "refused": refused, "n_adapt": int(len(use))}
     return out

@@ -167,6 +167,15 @@ def test_collapse_guard_refuses_and_the_model_runs_unadapted(run: Path, site: Pa
     assert "differ from the training ones by 0.57" in far
     assert collapse_reason(np.array([0, 1, 1, 0]), 3, np.array([0.49, 0.49, 0.02]), flat, classes,
                            AdaptSettings()) is None
+    # a class the unadapted model seldom called becomes the adapted model's usual call (held-out siim: pneumonia)
+    unadapted = np.array([0] * 12 + [1] * 7 + [2])
+    grown = np.array([0] * 3 + [1] * 4 + [2] * 13)
+    assert "calls 65% of the films pneumonia, the unadapted model 5%" in collapse_reason(
+        grown, 3, flat, flat, classes, AdaptSettings(), unadapted)
+    assert collapse_reason(grown, 3, flat, flat, classes, AdaptSettings()) is None  # not asked without them
+    # calls leaving a class the unadapted model over-called (external/: its pneumonia calls) are no collapse
+    assert collapse_reason(np.array([0] * 10 + [1] * 9 + [2]), 3, flat, flat, classes, AdaptSettings(),
+                           np.array([0] * 8 + [1] * 6 + [2] * 6)) is None
 
 
 def test_adapted_model_is_the_prior_corrected_posterior(run: Path, adapted: Path, site: Path) -> None:

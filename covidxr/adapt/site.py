@@ -172,8 +172,8 @@ def estimate_profile(predictor: Predictor, films: SiteFilms, source: np.ndarray,
     site = floored(priors, settings.prior_floor)
     offsets = np.log(site / source)
     calls = shifted_probs(logits, temperature, offsets).argmax(axis=1)
-    reason = collapse_reason(calls, len(classes), site, source, classes, settings)
     unadapted = films.probs.argmax(axis=1)
+    reason = collapse_reason(calls, len(classes), site, source, classes, settings, unadapted)
     record = {
         "status": "refused" if reason else "adapted", "reason": reason, "n_films": len(films.digests),
         "n_refused": films.n_refused, "n_unreadable": films.n_unreadable,
