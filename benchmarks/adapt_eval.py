@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 
 from covidxr.adapt.estimate import AdaptSettings, collapse_reason, em_priors, floored, mixed_bn_stats, source_priors
-from covidxr.adapt.site import adapt_site, adapted_logits
+from covidxr.adapt.site import adapt_site, adapted_logits, site_gate
 from covidxr.checkpoint import load_checkpoint
 from covidxr.data.manifest import load_manifest
 from covidxr.data.run_folder import RunFolder
@@ -62,6 +62,7 @@ class Films:
     inputs: torch.Tensor  # (N, 1, S, S)
     logits0: np.ndarray  # (N, C) unadapted logits
     accepted: np.ndarray  # (N,) the input gate accepts the film
+    features: np.ndarray | None = None  # (N, F) the unadapted model's pooled features (what the gate reads)
 
 
 def read_films(predictor: Predictor, table: pd.DataFrame, batch: int = 16) -> Films:
@@ -74,8 +75,26 @@ def read_films(predictor: Predictor, table: pd.DataFrame, batch: int = 16) -> Fi
             logits.append(np.log(np.clip([result.probs[c] for c in predictor.classes], 1e-300, None)))
             accepted.append(result.assessable)
     index = {c: i for i, c in enumerate(predictor.classes)}
-    return Films(table.reset_index(drop=True), table["label"].map(index).to_numpy(), torch.stack(inputs),
-                 np.array(logits) * predictor.temperature, np.array(accepted))
+    stacked = torch.stack(inputs)
+    features = None
+    if predictor.gate.learned and predictor.gate.ood is not None:
+        with torch.inference_mode():
+            features = torch.cat([predictor.model.features(stacked[i:i + batch]).float()
+                                  for i in range(0, len(stacked), batch)]).numpy()
+    return Films(table.reset_index(drop=True), table["label"].map(index).to_numpy(), stacked,
+                 np.array(logits) * predictor.temperature, np.array(accepted), features)
+
+
+def gate_band(predictor: Predictor, films: Films, adapt: np.ndarray, score: np.ndarray) -> dict[str, int]:
+    """How many of the ``score`` films the gate's learned checks put in the borderline band ("read with care") or
+    refuse as out of distribution, with the training reference and with the ``adapt`` films it accepts added to it
+    (:func:`covidxr.adapt.site.site_gate`)."""
+    gate = predictor.gate
+    site = site_gate(gate, films.features[adapt[films.accepted[adapt]]])
+    x = films.features[score]
+    return {"scored": int(len(score)), "borderline_before": int(gate.borderline(x).sum()),
+            "borderline_after": int(site.borderline(x).sum()), "refused_before": int(gate.refused(x).sum()),
+            "refused_after": int(site.refused(x).sum())}
 
 
 def adapt_arms(predictor: Predictor, films: Films, adapt: np.ndarray, score: np.ndarray, source: np.ndarray,
@@ -93,9 +112,15 @@ def adapt_arms(predictor: Predictor, films: Films, adapt: np.ndarray, score: np.
     site = floored(em_priors(softmax(bn_adapt), source)[0], settings.prior_floor)
     offsets = np.log(site / source)
     calls = softmax(bn_adapt + offsets).argmax(axis=1)
-    refused = collapse_reason(calls, len(classes), site, source, list(classes), settings)
+    unadapted = films.logits0[use].argmax(axis=1)
+    refused = collapse_reason(calls, len(classes), site, source, list(classes), settings, unadapted)
     out["adapted"] = out["unadapted"] if refused else softmax(bn_score + offsets)
     out["_refused"] = np.array([refused is not None])
+    counts = np.bincount(calls, minlength=len(classes))
+    growth = (counts - np.bincount(unadapted, minlength=len(classes))) / max(len(calls), 1)
+    out["_guard"] = {"prior_shift": 0.5 * float(np.abs(site - source).sum()), "call_growth": float(growth.max()),
+                     "top_share": float(counts.max() / max(len(calls), 1)), "top_class": classes[int(counts.argmax())],
+                     "site_priors": [float(v) for v in site], "refused": refused, "n_adapt": int(len(use))}
     return out
 
 
@@ -111,6 +136,7 @@ def metrics(y: np.ndarray, probs: np.ndarray, classes: list[str], threshold: flo
     """The reported numbers of one set of predictions (NaN where undefined)."""
     calls = probs.argmax(axis=1)
     out = {f"recall_{c}": float((calls[y == k] == k).mean()) for k, c in enumerate(classes) if (y == k).any()}
+    out["accuracy"] = float((calls == y).mean())
     k = classes.index("covid") if "covid" in classes else 0
     positive = probs[:, k] >= threshold if threshold is not None else calls == k
     out["sensitivity"] = float(positive[y == k].mean()) if (y == k).any() else np.nan
@@ -152,6 +178,8 @@ def evaluate_splits(predictor: Predictor, films: Films, args: argparse.Namespace
     patients = films.table["patient_id"].astype(str).to_numpy()
     per_arm: dict[str, list[np.ndarray]] = {a: [] for a in ARMS}
     refused = 0
+    guards: list[dict] = []
+    bands: list[dict] = []
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else float("inf")
     for _ in range(args.splits):
         if time.monotonic() > deadline:
@@ -161,6 +189,13 @@ def evaluate_splits(predictor: Predictor, films: Films, args: argparse.Namespace
         for adapt, score in ((first, second), (second, first)):
             arms = adapt_arms(predictor, films, adapt, score, source, settings)
             refused += int(arms.pop("_refused")[0])
+            guard = arms.pop("_guard")
+            base = metrics(films.y[score], arms["unadapted"], classes, threshold)
+            both = metrics(films.y[score], arms["adapted"], classes, threshold)
+            guard["scored_half"] = {k: {"unadapted": base[k], "adapted": both[k]} for k in base}
+            guards.append(guard)
+            if films.features is not None:
+                bands.append(gate_band(predictor, films, adapt, score))
             for a in ARMS:
                 probs[a][score] = arms[a]
         for a in ARMS:
@@ -172,7 +207,9 @@ def evaluate_splits(predictor: Predictor, films: Films, args: argparse.Namespace
             indent=2, default=float) + "\n")
     base = per_arm["unadapted"][0]
     result = {"splits": len(per_arm["unadapted"]), "splits_asked": args.splits, "adaptations_refused": refused,
-              "arms": {}}
+              "guard": guards, "arms": {}}
+    if bands:
+        result["gate_band"] = {"per_adaptation": bands, "total": pd.DataFrame(bands).sum().to_dict()}
     for a in ARMS:
         means = pd.DataFrame([metrics(films.y, p, classes, threshold) for p in per_arm[a]]).mean().to_dict()
         entry = {"mean": means}
@@ -227,12 +264,14 @@ def timing(checkpoint: Path, films: Films, n: int) -> dict:
 def load_table(args: argparse.Namespace, ckpt: dict) -> pd.DataFrame:
     """The evaluated films: a folder or manifest, or the checkpoint's own test split; ``--limit`` patients drawn."""
     table = load_manifest(args.data or (ckpt.get("config") or {}).get("data"))
-    if args.run_test:
+    if args.run_test or args.run_split:
         split = RunFolder(args.checkpoint, ckpt).require_split()
-        table = table[table["relpath"].isin(split.loc[split["split"] == "test", "relpath"])]
+        part = args.run_split or "test"
+        table = table[table["relpath"].isin(split.loc[split["split"] == part, "relpath"])]
     table = table.assign(patient_id=table["patient_id"].replace("", np.nan).fillna(table["path"]))
-    if args.limit and table["patient_id"].nunique() > args.limit:
-        keep = np.random.default_rng(args.seed).permutation(table["patient_id"].unique())[: args.limit]
+    if args.limit and table["patient_id"].nunique() > args.limit or args.offset:
+        drawn = np.random.default_rng(args.seed).permutation(table["patient_id"].unique())
+        keep = drawn[args.offset: args.offset + args.limit if args.limit else None]
         table = table[table["patient_id"].isin(keep)]
     return table[["path", "label", "patient_id"]].reset_index(drop=True)
 
@@ -255,6 +294,12 @@ def markdown(report: dict) -> str:
                          + (f" | [{ci[0]:+.3f}, {ci[1]:+.3f}] |" if ci else " | |"))
         lines += ["", f"Adaptations refused by the guard: {report['halves']['adaptations_refused']} of "
                       f"{2 * report['halves']['splits']}", ""]
+        band = report["halves"].get("gate_band", {}).get("total")
+        if band:
+            lines += [f"Gate, summed over the adaptations: of {band['scored']} scored films, "
+                      f"{band['borderline_before']} in the \"read with care\" band with the training reference, "
+                      f"{band['borderline_after']} with the adaptation half's accepted films added to it; refused as "
+                      f"out of distribution {band['refused_before']} -> {band['refused_after']}", ""]
     if report.get("curve"):
         keys = [k for k in report["curve"][0] if k not in ("n", "splits", "note", "refused_share")
                 and not k.startswith("adapted_")]
@@ -275,8 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="labelled folder or manifest to split (with --run-test: the run's training data, "
                    "by default the one its config names)")
     p.add_argument("--run-test", action="store_true", help="the checkpoint's own test split (the control)")
+    p.add_argument("--run-split", choices=["val", "test"], help="the checkpoint's own validation or test split "
+                   "(--run-test is --run-split test; the validation split is where the guard's bounds are chosen)")
     p.add_argument("--name", required=True)
     p.add_argument("--limit", type=int, default=0, help="at most this many patients, drawn at random")
+    p.add_argument("--offset", type=int, default=0, help="with --limit: skip this many patients of the random draw "
+                   "first (--offset 600 --limit 200 takes 200 patients disjoint from --limit 600's)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared 2-core CPU one "
+                   "thread is several times faster than two; the results do not depend on it)")
     p.add_argument("--splits", type=int, default=20, help="random patient splits (0: only the curve and timing)")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--max-minutes", type=float, default=0,
@@ -287,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
-    if not args.run_test and not args.data:
+    torch.set_num_threads(args.threads)
+    if not args.run_test and not args.run_split and not args.data:
         p.error("--data or --run-test")
     ckpt = load_checkpoint(args.checkpoint)
     predictor = Predictor.from_checkpoint(args.checkpoint, device="cpu", backend="torch")

@@ -167,6 +167,15 @@ def test_collapse_guard_refuses_and_the_model_runs_unadapted(run: Path, site: Pa
     assert "differ from the training ones by 0.57" in far
     assert collapse_reason(np.array([0, 1, 1, 0]), 3, np.array([0.49, 0.49, 0.02]), flat, classes,
                            AdaptSettings()) is None
+    # a class the unadapted model seldom called becomes the adapted model's usual call (held-out siim: pneumonia)
+    unadapted = np.array([0] * 12 + [1] * 7 + [2])
+    grown = np.array([0] * 3 + [1] * 4 + [2] * 13)
+    assert "calls 65% of the films pneumonia, the unadapted model 5%" in collapse_reason(
+        grown, 3, flat, flat, classes, AdaptSettings(), unadapted)
+    assert collapse_reason(grown, 3, flat, flat, classes, AdaptSettings()) is None  # not asked without them
+    # calls leaving a class the unadapted model over-called (external/: its pneumonia calls) are no collapse
+    assert collapse_reason(np.array([0] * 10 + [1] * 9 + [2]), 3, flat, flat, classes, AdaptSettings(),
+                           np.array([0] * 8 + [1] * 6 + [2] * 6)) is None
 
 
 def test_adapted_model_is_the_prior_corrected_posterior(run: Path, adapted: Path, site: Path) -> None:
@@ -376,3 +385,27 @@ def test_gate_reads_the_unadapted_features(shared_data: Path, site: Path, tmp_pa
     before, after = plain.predict_batch(films), adapted.predict_batch(films)
     assert [p.gate.to_dict() for p in before] == [p.gate.to_dict() for p in after]
     assert any(abs(a.probs["covid"] - b.probs["covid"]) > 1e-3 for a, b in zip(before, after, strict=True))
+
+
+def test_site_gate_reference_takes_the_site_films_in_and_travels_in_the_profile(tmp_path: Path) -> None:
+    from covidxr.adapt.site import GATE_FILE, read_gate_reference, site_gate, write_gate_reference
+    from covidxr.inference.gate import InputGate, OodModel
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(50, 8)) + np.array([10.0] + [0.0] * 7)  # the training films point one way
+    train /= np.linalg.norm(train, axis=1, keepdims=True)
+    site = rng.normal(size=(20, 8)) + np.array([0.0, 10.0] + [0.0] * 6)  # the site's films another
+    site /= np.linalg.norm(site, axis=1, keepdims=True)
+    gate = InputGate(ood=OodModel(train.astype(np.float32), k=3, threshold=0.2, alpha=0.05, outer=1.5),
+                     unavailable=None)
+    entry = write_gate_reference(tmp_path, site)
+    (tmp_path / "site.json").write_text(json.dumps({"gate_reference": entry}))
+    stored = read_gate_reference(tmp_path)
+    assert stored.shape == site.shape and np.allclose(stored, site, atol=1e-3)
+    widened = site_gate(gate, stored)
+    assert len(widened.ood.reference) == 70 and widened.ood.threshold == gate.ood.threshold
+    held_out = rng.normal(size=(10, 8)) + np.array([0.0, 10.0] + [0.0] * 6)  # more films of the site
+    assert gate.borderline(held_out).all() and not widened.borderline(held_out).any()
+    assert (widened.ood.distance(train) <= gate.ood.distance(train) + 1e-6).all()
+    (tmp_path / GATE_FILE).write_bytes(b"changed")
+    assert read_gate_reference(tmp_path) is None  # its hash no longer matches site.json

@@ -33,6 +33,9 @@ class AdaptSettings:
         max_class_share: refuse the profile when the adapted model calls more than this share of the films one class.
         max_prior_shift: refuse it when the estimated priors differ from the training ones by more than this total
             variation distance (half the L1 distance).
+        max_call_growth: refuse it when the adapted model calls some class on a share of the site's films larger
+            than the unadapted model's share for that class by more than this (chosen on held-out and training
+            sources, see docs/adapt.md "Collapse guard").
         min_films: fewer films accepted by the gate than this is an error.
         batch_size: films per forward pass.
     """
@@ -42,6 +45,7 @@ class AdaptSettings:
     prior_floor: float = 0.02
     max_class_share: float = 0.9
     max_prior_shift: float = 0.5
+    max_call_growth: float = 0.30
     min_films: int = 20
     batch_size: int = 16
 
@@ -171,15 +175,24 @@ def shifted_probs(logits: np.ndarray, temperature: float, offsets: np.ndarray) -
 
 
 def collapse_reason(calls: np.ndarray, n_classes: int, site: np.ndarray, source: np.ndarray, classes: list[str],
-                    settings: AdaptSettings) -> str | None:
+                    settings: AdaptSettings, unadapted: np.ndarray | None = None) -> str | None:
     """Why the profile must be refused (the adapted model's calls on the site's films collapse onto one class, or
-    the priors moved too far), or None."""
+    onto a class the unadapted model seldom called there, or the priors moved too far), or None; ``unadapted`` are
+    the unadapted model's calls on the same films (None skips that check)."""
     counts = np.bincount(calls, minlength=n_classes)
     top = int(counts.argmax())
     share = counts[top] / max(len(calls), 1)
     if share > settings.max_class_share:
         return (f"the adapted model calls {share:.0%} of the films {classes[top]} (more than "
                 f"{settings.max_class_share:.0%})")
+    if unadapted is not None and len(unadapted) == len(calls):
+        growth = (counts - np.bincount(unadapted, minlength=n_classes)) / max(len(calls), 1)
+        grown = int(growth.argmax())
+        if growth[grown] > settings.max_call_growth:
+            before = float(np.mean(np.asarray(unadapted) == grown))
+            return (f"the adapted model calls {counts[grown] / max(len(calls), 1):.0%} of the films {classes[grown]}, "
+                    f"the unadapted model {before:.0%} (a rise of more than {settings.max_call_growth:.0%} of the "
+                    f"films)")
     shift = 0.5 * float(np.abs(site - source).sum())
     if shift > settings.max_prior_shift:
         return (f"the estimated class priors differ from the training ones by {shift:.2f} (total variation; "

@@ -9,7 +9,9 @@ names nor folders can change the result). Films the input gate refuses take no p
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
+import io
 import logging
 import os
 import time
@@ -32,13 +34,17 @@ from covidxr.adapt.estimate import (
 from covidxr.checkpoint import load_checkpoint
 from covidxr.ensemble_model import ENSEMBLE
 from covidxr.errors import CovidxrError, ImageReadError
+from covidxr.files import atomic_write_bytes, file_digest
 from covidxr.inference.__main__ import find_images
+from covidxr.inference.gate import InputGate
 from covidxr.inference.prediction_log import pixel_sha256
 from covidxr.inference.predictor import Predictor
 from covidxr.inference.site_profile import FORMAT, FORMAT_VERSION, SiteProfile, write_profile
 from covidxr.io import Xray, load_xray
 
 log = logging.getLogger("covidxr.adapt")
+
+GATE_FILE = "gate_reference.pt"  # the site's accepted films' unit-length gate features, float16 (N, F)
 
 
 @dataclass
@@ -95,6 +101,52 @@ def read_site_films(predictor: Predictor, files: list[Path], batch_size: int) ->
     return SiteFilms(inputs, probs, kept, len(films) - len(kept), unreadable)
 
 
+def site_gate(gate: InputGate, features: np.ndarray) -> InputGate:
+    """A copy of ``gate`` whose out-of-distribution reference also holds the site's films (``(N, F)`` pooled
+    features of the films the gate accepted, from the unadapted model, as the gate reads them). Its threshold and
+    band are kept: a film of the site's ordinary kind now finds close neighbours and leaves the "read with care"
+    band; the view check, which refuses laterals, CT slices and photographs, is unchanged."""
+    if gate.ood is None or len(features) == 0:
+        return gate
+    x = np.asarray(features, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    reference = np.vstack([np.asarray(gate.ood.reference, dtype=np.float32), x])
+    return dataclasses.replace(gate, ood=dataclasses.replace(gate.ood, reference=reference))
+
+
+def gate_features(predictor: Predictor, inputs: torch.Tensor, batch_size: int) -> np.ndarray | None:
+    """``(N, F)`` unit-length pooled features of the unadapted model (what the gate's out-of-distribution check
+    reads), or None when the checkpoint's gate has no such check."""
+    gate = predictor.gate
+    if not gate.learned or gate.ood is None or not len(inputs):
+        return None
+    with torch.inference_mode():
+        x = torch.cat([predictor.model.features(inputs[i:i + batch_size].to(predictor.device)).float().cpu()
+                       for i in range(0, len(inputs), batch_size)]).numpy()
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def write_gate_reference(folder: Path, features: np.ndarray) -> dict[str, Any]:
+    """Write the site's gate reference atomically into the profile's folder; returns its entry for ``site.json``."""
+    buffer = io.BytesIO()
+    torch.save(torch.from_numpy(np.ascontiguousarray(features)).half(), buffer)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / GATE_FILE, buffer.getvalue())
+    return {"file": GATE_FILE, "films": int(len(features)), "sha256": file_digest(folder / GATE_FILE)}
+
+
+def read_gate_reference(folder: str | os.PathLike) -> np.ndarray | None:
+    """The site's gate reference of the profile in ``folder`` (None when it has none or its hash does not match
+    ``site.json``); use it with :func:`site_gate`."""
+    import json
+
+    folder = Path(folder)
+    entry = json.loads((folder / "site.json").read_text()).get("gate_reference")
+    if not entry or not (folder / entry["file"]).is_file() or file_digest(folder / entry["file"]) != entry["sha256"]:
+        return None
+    return torch.load(folder / entry["file"], weights_only=True).float().numpy()
+
+
 def adapted_logits(model: torch.nn.Module, inputs: torch.Tensor, stats: dict[str, dict[str, torch.Tensor]],
                    batch_size: int, device: torch.device) -> np.ndarray:
     """``(N, C)`` logits of a copy of ``model`` whose batch-norm layers carry ``stats``."""
@@ -120,8 +172,8 @@ def estimate_profile(predictor: Predictor, films: SiteFilms, source: np.ndarray,
     site = floored(priors, settings.prior_floor)
     offsets = np.log(site / source)
     calls = shifted_probs(logits, temperature, offsets).argmax(axis=1)
-    reason = collapse_reason(calls, len(classes), site, source, classes, settings)
     unadapted = films.probs.argmax(axis=1)
+    reason = collapse_reason(calls, len(classes), site, source, classes, settings, unadapted)
     record = {
         "status": "refused" if reason else "adapted", "reason": reason, "n_films": len(films.digests),
         "n_refused": films.n_refused, "n_unreadable": films.n_unreadable,
@@ -165,6 +217,11 @@ def adapt_site(checkpoint: str | os.PathLike, data: str | os.PathLike, name: str
         raise CovidxrError(f"{data}: {len(films.digests)} films accepted by the input gate ({films.n_refused} "
                            f"refused, {films.n_unreadable} unreadable); adaptation needs at least {settings.min_films}")
     record, stats = estimate_profile(predictor, films, source_priors(ckpt), settings)
+    reference = gate_features(predictor, films.inputs, settings.batch_size) if not record["reason"] else None
+    if reference is not None:
+        record["gate_reference"] = write_gate_reference(Path(out), reference)
+    else:
+        (Path(out) / GATE_FILE).unlink(missing_ok=True)  # an earlier profile's, no longer named
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": name, **record,
               "checkpoint": Path(checkpoint).name, "checkpoint_sha256": predictor.checkpoint_sha256,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - start, 1)}
