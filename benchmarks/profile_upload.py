@@ -6,10 +6,11 @@ Usage::
         [--data PATH] [--lung-model FILE] [--top 15] [--repeats 2]
 
 Makes the same films as ``benchmarks/bench_latency.py`` (one real X-ray of the shared data resized to each size) and
-runs, for each, the steps the page runs for one upload in the order it runs them, timing each: reading the file
-(``covidxr.io.load_xray``), the pixels' SHA-256 for the audit log, the prediction with its Grad-CAM heat map and
-input gate (``Predictor.predict``), the lung mask and the heat map's share inside the lungs (with ``--lung-model``),
-the decision, and the two pictures as the page draws and encodes them (``overlay`` and Streamlit's JPEG encoding).
+runs, for each, the steps the page runs for one upload in the order it runs them, through the page's own helpers,
+timing each: reading the file (``covidxr.io.load_xray``), the pixels' SHA-256 for the audit log, the prediction with
+its Grad-CAM heat map and input gate (``Predictor.predict``), the lung mask and the heat map's share inside the lungs
+(``app.heatmap.heatmap_share``, with ``--lung-model`` as the installed lung model), the decision, and the two pictures
+as the page draws and encodes them (``overlay`` of the display-size arrays and Streamlit's JPEG encoding).
 The model is warmed by one untimed film first. Prints the fastest time of each step per film (the
 fastest of ``--repeats`` runs: the least disturbed by other work on the machine), then the top functions
 of a cProfile run of the whole path for the largest film. Nothing is asserted.
@@ -46,41 +47,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def upload_steps(data: bytes, name: str, predictor: Any, lungs: Any) -> list[tuple[str, Callable[[], Any]]]:
-    """The page's work for one upload as named steps (each step reads what the ones before it left in ``state``)."""
+    """The page's work for one upload as named steps, through the page's own helpers (each step reads what the ones
+    before it left in ``state``); ``lungs`` is the lung model the page finds installed, or None."""
     from streamlit.elements.lib.image_utils import image_to_url
     from streamlit.elements.lib.layout_utils import LayoutConfig
 
+    import covidxr.lungs
+    from app.analysis import Context, Upload
     from app.assessment import assess
-    from app.heatmap import DISPLAY_MAX_SIDE
+    from app.heatmap import DISPLAY_MAX_SIDE, display_heatmap, display_image, heatmap_share
+    from covidxr.errors import CheckpointError
     from covidxr.explain.display import overlay
     from covidxr.inference.decision import decide_prediction
     from covidxr.inference.prediction_log import pixel_sha256
     from covidxr.io import load_xray
-    from covidxr.lungs import cam_share_in_lungs
 
+    def installed(path: object = None) -> Any:
+        if lungs is None:
+            raise CheckpointError("no lung model")
+        return lungs
+
+    covidxr.lungs.load_lung_model = installed  # what the page finds in its home folder
+    upload = Upload(name, data, "profile")
+    ctx = Context(predictor, "profile", None, "profile", {})
     state: dict[str, Any] = {}
 
     def encode(rgb: Any) -> None:
         image_to_url(rgb, LayoutConfig(width="stretch"), clamp=False, channels="RGB", output_format="JPEG",
                      image_id="profile")
 
-    def share() -> None:
-        heat = state["prediction"].heatmap
-        if lungs is None or heat is None:
-            state["share"] = None
-            return
-        mask = lungs.mask(state["xray"].pixels)
-        state["share"] = cam_share_in_lungs(heat.clip(0.0, None), mask)
-
     return [
         ("read", lambda: state.__setitem__("xray", load_xray(data, name=name))),
         ("sha256", lambda: pixel_sha256(state["xray"].pixels)),
         ("predict+cam+gate", lambda: state.__setitem__("prediction", predictor.predict(state["xray"], cam="gradcam"))),
         ("assess", lambda: assess(state["xray"], state["prediction"])),
-        ("lung share", share),
+        ("lung share", lambda: state.__setitem__("share", heatmap_share(upload, state["xray"], state["prediction"],
+                                                                        ctx))),
         ("decision", lambda: decide_prediction(state["prediction"], predictor.operating_point, state["share"])),
-        ("image picture", lambda: encode(overlay(state["xray"].pixels, None, max_side=DISPLAY_MAX_SIDE))),
-        ("heat-map picture", lambda: encode(overlay(state["xray"].pixels, state["prediction"].heatmap, alpha=0.6,
+        ("image picture", lambda: encode(overlay(display_image(upload, state["xray"], ctx), None,
+                                                 max_side=DISPLAY_MAX_SIDE))),
+        ("heat-map picture", lambda: encode(overlay(display_image(upload, state["xray"], ctx),
+                                                    display_heatmap(upload, state["prediction"], ctx), alpha=0.6,
                                                     max_side=DISPLAY_MAX_SIDE))),
     ]
 

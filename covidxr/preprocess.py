@@ -79,12 +79,17 @@ def equalize(image: np.ndarray, method: str) -> np.ndarray:
         return image
     if method not in EQUALIZE:
         raise ValueError(f"unknown equalisation {method!r}; choose one of {', '.join(EQUALIZE)}")
-    grey = np.clip(np.round(np.asarray(image, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+    scaled = np.multiply(np.asarray(image, dtype=np.float32), np.float32(255.0))  # in place from here: one array
+    np.clip(np.rint(scaled, out=scaled), 0, 255, out=scaled)  # rint is np.round's own rounding (half to even)
+    grey = scaled.astype(np.uint8)
     if method == "hist":
         out = _equalize_hist(grey)
     else:
         out = cv2.createCLAHE(clipLimit=CLAHE_CLIP, tileGridSize=CLAHE_TILES).apply(grey)
-    return out.astype(np.float32) / 255.0
+    return _UNIT_8[out]  # the 256 values / 255 as float32: the same floats as dividing every pixel
+
+
+_UNIT_8 = np.arange(256, dtype=np.float32) / np.float32(255.0)
 
 
 def _equalize_hist(grey: np.ndarray) -> np.ndarray:

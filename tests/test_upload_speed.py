@@ -41,6 +41,17 @@ def test_histogram_equalisation_equals_torchvision(make) -> None:
     assert np.array_equal(equalize(image, "hist"), _torchvision_hist(image))
 
 
+def test_clahe_reads_and_returns_the_same_eight_bits() -> None:
+    import cv2
+
+    from covidxr.preprocess import CLAHE_CLIP, CLAHE_TILES
+
+    image = np.random.default_rng(4).beta(2, 5, (300, 200)).astype(np.float32)
+    grey = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+    expected = cv2.createCLAHE(clipLimit=CLAHE_CLIP, tileGridSize=CLAHE_TILES).apply(grey).astype(np.float32) / 255.0
+    assert np.array_equal(equalize(image, "clahe"), expected)
+
+
 @pytest.mark.parametrize("mode", ["L", "1", "I;16"])
 def test_grey_films_decode_to_the_same_floats(mode: str) -> None:
     rng = np.random.default_rng(1)
