@@ -1,8 +1,9 @@
 """One uploaded file's work, without layout: read it, predict and explain it once, judge it, record it.
 
 Everything is cached in the browser session's memory (``Context.store``), keyed by the upload, so moving a slider
-redraws without predicting again. The audit log gets one ``prediction`` record per image and model; asking for
-another explanation (method or class) adds a short ``explanation`` record, never another prediction record.
+redraws without predicting again. The audit log gets one ``prediction`` record per image and model, with the
+decision in the words the page shows; asking for another explanation (method or class) adds a short ``explanation``
+record, never another prediction record.
 """
 
 from __future__ import annotations
@@ -136,15 +137,22 @@ def _append(ctx: Context, record: dict[str, Any]) -> None:
         ctx.audit_errors.append(str(exc))
 
 
-def _audit(ctx: Context, upload: Upload, xray: Xray, sha: str, prediction: Prediction,
-           assessment: Assessment) -> None:
-    """The first prediction of an image with this model gets a prediction record, later explanations a short one."""
+def audit(ctx: Context, upload: Upload, xray: Xray, sha: str, prediction: Prediction, assessment: Assessment,
+          decision: Decision | None, cam: str | None, cam_class: str | None) -> None:
+    """Record what the page showed, once per image, model, method and class (redrawing records nothing): the first
+    prediction of an image with this model gets a prediction record with the decision in the page's words
+    (``decision``, None for a refused image), later explanations a short one with the words then shown."""
+    logged = ("logged", upload.key, ctx.model_key, cam, cam_class)
+    if logged in ctx.store:
+        return
+    ctx.store[logged] = True
     predictor = ctx.predictor
     done = ("audited", upload.key, ctx.model_key)
     if done in ctx.store:
         _append(ctx, explanation_record(session_id=ctx.session_id, image_sha256=sha,
                                         checkpoint_sha256=predictor.checkpoint_sha256,
-                                        cam_method=prediction.cam_method, cam_class=prediction.cam_class))
+                                        cam_method=prediction.cam_method, cam_class=prediction.cam_class,
+                                        decision_text=None if decision is None else decision.text))
         return
     ctx.store[done] = True
     _append(ctx, prediction_record(
@@ -154,12 +162,14 @@ def _audit(ctx: Context, upload: Upload, xray: Xray, sha: str, prediction: Predi
         probabilities=prediction.probs, label=prediction.label, confidence=prediction.confidence,
         cam_method=prediction.cam_method, cam_class=prediction.cam_class,
         warnings=[*assessment.reasons, *assessment.warnings], verdict=assessment.to_dict(),
-        site=None if getattr(predictor, "site", None) is None else predictor.site.summary()))
+        site=None if getattr(predictor, "site", None) is None else predictor.site.summary(),
+        decision=None if decision is None else decision.to_dict()))
 
 
 def analyse(upload: Upload, xray: Xray, cam: str | None, cam_class: str | None,
             ctx: Context) -> tuple[Prediction, Assessment, str]:
-    """Predict and explain an image once per upload, model, method and class in this session; judge and audit it.
+    """Predict and explain an image once per upload, model, method and class in this session, and judge it (the
+    page records it with :func:`audit` once it has made its decision).
 
     Returns:
         ``(prediction, assessment, SHA-256 of the pixels)``.
@@ -172,7 +182,6 @@ def analyse(upload: Upload, xray: Xray, cam: str | None, cam_class: str | None,
         prediction = ctx.predictor.predict(xray, cam=cam, cam_class=cam_class, name=upload.name)
         assessment = assess(xray, prediction, getattr(getattr(ctx.predictor, "gate", None), "unavailable", None))
         ctx.store[key] = (prediction, assessment)
-        _audit(ctx, upload, xray, ctx.store[sha_key], prediction, assessment)
     prediction, assessment = ctx.store[key]
     return prediction, assessment, ctx.store[sha_key]
 
@@ -181,6 +190,7 @@ def prune(store: MutableMapping[Any, Any], uploads: list[Upload], model_key: str
     """Forget cached images and predictions of removed files, and predictions of another model."""
     live = {u.key for u in uploads}
     # keys are (kind, upload key, ...); prediction keys are ("prediction", upload key, model key, method, class)
-    stale = [k for k in store if k[1] not in live or (k[0] in ("prediction", "audited") and k[2] != model_key)]
+    by_model = ("prediction", "audited", "logged", "display-heat")
+    stale = [k for k in store if k[1] not in live or (k[0] in by_model and k[2] != model_key)]
     for key in stale:
         del store[key]

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app.analysis import Context, FileResult, Upload, analyse, decode
+from app.analysis import Context, FileResult, Upload, analyse, audit, decode
 from app.assessment import BORDERLINE, Assessment
 from app.evaluation import Evaluation, reliability_line
 from app.format import escape_markdown, probability
@@ -26,6 +27,8 @@ from app.heatmap import (
     CAM_LABELS,
     DISPLAY_MAX_SIDE,
     cam_settings,
+    display_heatmap,
+    display_image,
     heatmap_share,
     overlay_png,
     render_controls,
@@ -116,13 +119,14 @@ def _header_table(xray: Xray) -> None:
              alt="Technical DICOM header fields of the image")
 
 
-def _image(xray: Xray, assessment: Assessment) -> None:
-    """The image as read, with its size and how it was read; its alt text says what it is."""
+def _image(xray: Xray, picture: np.ndarray, assessment: Assessment) -> None:
+    """The image as read (``picture``: at display size), with its size and how it was read; its alt text says what
+    it is."""
     from covidxr.explain.display import overlay
 
     height, width = xray.pixels.shape
     caption = "Image as read" + (" (DICOM, windowed by the reader)" if xray.format == "DICOM" else "")
-    st.image(overlay(xray.pixels, None, max_side=DISPLAY_MAX_SIDE), caption=f"{caption}, {width} x {height} px",
+    st.image(overlay(picture, None, max_side=DISPLAY_MAX_SIDE), caption=f"{caption}, {width} x {height} px",
              width="stretch", alt=image_alt(assessment, width, height), output_format="JPEG")
     _header_table(xray)
 
@@ -204,6 +208,7 @@ def _output(upload: Upload, xray: Xray, ctx: Context, evaluation: Evaluation | N
     point = ctx.predictor.operating_point
     share = heatmap_share(upload, xray, prediction, ctx)
     decision = decide_prediction(prediction, point, share) if assessment.assessable else None
+    audit(ctx, upload, xray, sha, prediction, assessment, decision, cam, cam_class)
     if decision is not None:
         words_col, bars_col = st.columns(2, gap="large")
         with words_col:
@@ -218,8 +223,9 @@ def _output(upload: Upload, xray: Xray, ctx: Context, evaluation: Evaluation | N
                        icon=":material/warning:")
             _probabilities(prediction, classes)
     image_col, cam_col = st.columns(2, gap="large")
+    picture = display_image(upload, xray, ctx)
     with image_col:
-        _image(xray, assessment)
+        _image(xray, picture, assessment)
     if not show:
         _dicom_download(upload, xray, prediction, ctx, None, None)
         return FileResult(upload.name, prediction, assessment, sha)
@@ -227,7 +233,8 @@ def _output(upload: Upload, xray: Xray, ctx: Context, evaluation: Evaluation | N
         heat_slot = st.container()
         alpha = render_controls(upload, classes, ctx.predictor)
     with heat_slot:
-        render_heatmap(xray, prediction, alpha, share, refused=not assessment.assessable)
+        render_heatmap(picture, display_heatmap(upload, prediction, ctx), prediction, alpha, share,
+                       refused=not assessment.assessable)
     lines = caption_lines(prediction, ctx.predictor, decision, method=CAM_LABELS.get(prediction.cam_method or ""),
                           lung_share=share)
     _downloads(upload, xray, prediction,

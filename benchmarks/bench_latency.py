@@ -3,11 +3,13 @@
 Usage::
 
     python benchmarks/bench_latency.py [--checkpoint RUN/best.pt] [--sizes 2000 5000] [--repeats 3]
-        [--data PATH] [--format png|jpeg] [--chromium /usr/bin/chromium]
+        [--data PATH] [--format png|jpeg] [--lung-model FILE] [--chromium /usr/bin/chromium]
 
 Starts the real page (``streamlit run app/streamlit_app.py``) on a free local port, with ``--checkpoint`` or, without
 one, an untrained EfficientNet-Lite0 at 224 px (the quickstart's architecture and input size; random weights time
-the same). One real X-ray of the shared data is resized to each size (longest side, Lanczos) and saved once.
+the same). One real X-ray of the shared data is resized to each size (longest side, Lanczos) and saved once. The page
+runs with an empty ``COVIDXR_HOME``, so without a lung model unless ``--lung-model`` names one: then the page also
+masks the lungs and says how much of the heat map lies inside them, as an installation with a lung model does.
 Chromium (Debian's, headless) opens a fresh session per upload, so nothing is cached in the session; the model itself
 is loaded and warmed once by an untimed upload first. The clock starts when the file is handed to the uploader and
 stops when the film's headline ("COVID: ..." or "Not assessed: ...") is visible: decoding, the input gate, the
@@ -46,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed uploads per size")
     parser.add_argument("--data", type=Path, help="dataset folder (default: $COVIDXR_DATA or ../shared/data/cxr)")
     parser.add_argument("--format", choices=("png", "jpeg"), default="png", help="file format of the films")
+    parser.add_argument("--lung-model", type=Path, help="lung model file for the page (default: none)")
     parser.add_argument("--chromium", default=os.environ.get("COVIDXR_CHROMIUM", "/usr/bin/chromium"))
     return parser.parse_args(argv)
 
@@ -76,8 +79,12 @@ def make_films(data: Path, sizes: list[int], fmt: str, folder: Path) -> dict[int
     return films
 
 
-def start_app(checkpoint: Path, folder: Path) -> tuple[subprocess.Popen, str]:
-    """``streamlit run`` the page on a free local port; returns the process and its URL once it is healthy."""
+def start_app(checkpoint: Path, folder: Path, lung_model: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """``streamlit run`` the page on a free local port (with ``lung_model`` as its installed lung model, if given);
+    returns the process and its URL once it is healthy."""
+    if lung_model is not None:
+        (folder / "home" / "lungs").mkdir(parents=True)
+        (folder / "home" / "lungs" / "lung-seg.pt").symlink_to(lung_model.resolve())
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -128,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         checkpoint = args.checkpoint or default_checkpoint(folder)
         films = make_films(data, args.sizes, args.format, folder)
-        process, url = start_app(checkpoint, folder)
+        process, url = start_app(checkpoint, folder, args.lung_model)
         times: dict[int, list[float]] = {size: [] for size in args.sizes}
+        print(f"load averages at the start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
         try:
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(executable_path=args.chromium, headless=True,
@@ -144,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             process.terminate()
             process.wait(timeout=30)
         print(f"\nupload to headline, {args.repeats} fresh sessions per size ({checkpoint.name}, "
-              f"{os.cpu_count()} CPUs, {args.format}):")
+              f"{os.cpu_count()} CPUs, {args.format}, lung model {'yes' if args.lung_model else 'no'}, load "
+              f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}):")
         print(f"{'film':>9} {'file MB':>8} {'median s':>9} {'min s':>7} {'max s':>7} {'goal s':>7}  met")
         for size in args.sizes:
             goal = GOALS_S.get(size)

@@ -1,11 +1,11 @@
 """In Chromium: the page says one thing, the same way everywhere (issue 30).
 
 One film's decision reads the same in its headline, the summary table, the results CSV, the result JSON, the heat-map
-PNG's caption and the DICOM SR; a film far from the threshold carries no caution; the model tab's plain summary fits
-1280 x 900 and no internal figure sits under the external heading; a refusal is a red box with an icon and says so in
-words; at 400 px the verdict is on the first screen. The model is the tiny trained run, with a shipped COVID threshold
-and a saved evaluation (made-up numbers, tests/app_inputs.py); the threshold is placed next to the DICOM film's COVID
-probability, so that film has a caution and the other one has none.
+PNG's caption, the DICOM SR and the audit log; a film far from the threshold carries no caution; the model tab's
+plain summary fits 1280 x 900 and no internal figure sits under the external heading; a refusal is a red box with an
+icon and says so in words; at 400 px the verdict is on the first screen. The model is the tiny trained run, with a
+shipped COVID threshold and a saved evaluation (made-up numbers, tests/app_inputs.py); the threshold is placed next
+to the DICOM film's COVID probability, so that film has a caution and the other one has none.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from app_server import CHROMIUM, CHROMIUM_ARGS, RESULT_TIMEOUT_MS, AppServer, re
 from PIL import Image
 
 from covidxr.inference.decision import NEAR, NEAR_THRESHOLD
+from covidxr.inference.prediction_log import pixel_sha256, read_records
 from covidxr.io import load_xray
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -130,6 +131,12 @@ def test_one_film_says_the_same_everywhere_and_a_film_without_caution_shows_none
     assert png.text["Description"].split("\n")[0] == cautious
     archive = zipfile.ZipFile(io.BytesIO(download(page, where, "Download as DICOM")))
     assert sr_conclusion(archive.read(f"{film.stem}_sr.dcm")) == cautious
+    # the audit log records the same words as the headline, for the film with a caution and the one without
+    logged = {r["image_sha256"]: r for r in read_records(app.audit) if r["event"] == "prediction"}
+    for path in (film, other):
+        record = logged[pixel_sha256(load_xray(path).pixels)]
+        assert record["decision"]["text"] == titles[path.name], (record["decision"], titles)
+    assert logged[pixel_sha256(load_xray(film).pixels)]["decision"]["cautions"] == [NEAR]
 
 
 def test_model_tab_summary_fits_one_screen_without_internal_figures_under_the_external_heading(

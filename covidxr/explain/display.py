@@ -84,6 +84,20 @@ def display_size(height: int, width: int, max_side: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def shrink(array: np.ndarray, max_side: int) -> np.ndarray:
+    """An (H, W) float image or heat map at the size :func:`overlay` draws it (:func:`display_size`), resized as
+    :func:`overlay` resizes it: ``overlay(shrink(image, s), shrink(heat, s), max_side=s)`` is the same picture as
+    ``overlay(image, heat, max_side=s)``, so a page that draws a large film several times resizes it once.
+
+    Returns:
+        float32 ``(h, w)`` (uint8 input read as value/255).
+    """
+    array = np.asarray(array)
+    values = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array
+    height, width = display_size(*array.shape, max_side)
+    return _resize(values, (width, height))
+
+
 def heat_opacity(heat: np.ndarray, alpha: float, threshold: float = HEAT_THRESHOLD) -> np.ndarray:
     """Per-pixel opacity of the colour map: 0 up to ``threshold``, rising linearly to ``alpha`` at a CAM value of 1.
 

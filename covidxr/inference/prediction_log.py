@@ -7,7 +7,12 @@ Every image the clinician app predicts is recorded once per model as one JSON ob
      "model": {"arch": ..., "checkpoint_sha256": ..., "classes": [...], "preprocess": {...}, "temperature": ...,
                "site": null or {"name", "status", "profile_sha256", "n_films", "created", "site_priors"}},
      "probabilities": {...}, "label": ..., "confidence": ..., "cam_method": ..., "cam_class": ..., "warnings": [...],
-     "verdict": {"assessable": ..., "reasons": [...], ...}}
+     "verdict": {"assessable": ..., "reasons": [...], ...},
+     "decision": {"text": "COVID: no; most likely pneumonia", "covid": false, ...} or null}
+
+``decision`` is the one decision of :mod:`covidxr.inference.decision` as the page states it (``Decision.to_dict()``:
+``text`` is the page's headline word for word, with its cautions); null for an image the input gate refused, whose
+reasons are in ``verdict``.
 
 Asking for another explanation of the same image (another CAM method or class) is not a new prediction: it adds a
 short ``"event": "explanation"`` record (:func:`explanation_record`: time, session, image and checkpoint digests,
@@ -85,7 +90,7 @@ def pixel_sha256(pixels: np.ndarray) -> str:
     Returns:
         The hex digest.
     """
-    return hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.float32).tobytes()).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.float32)).hexdigest()  # the buffer itself: no copy
 
 
 def _utc_now() -> str:
@@ -147,6 +152,7 @@ def prediction_record(
     warnings: Iterable[str] = (),
     verdict: Mapping[str, Any] | None = None,
     site: Mapping[str, Any] | None = None,
+    decision: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build one prediction record (see the module docstring for its fields and privacy rules).
 
@@ -170,6 +176,8 @@ def prediction_record(
         verdict: whether the image was assessed and why not (``{"assessable", "reasons", ...}``, no file names).
         site: the site profile the model ran with (``SiteProfile.summary()``: name, status, profile SHA-256, films,
             date), or None for the unadapted model; recorded as ``model.site``.
+        decision: what the page says about the film (``Decision.to_dict()``, its ``text`` the headline), or None
+            for a refused image; recorded as ``decision``.
 
     Returns:
         A JSON-serialisable dict.
@@ -200,11 +208,12 @@ def prediction_record(
     }
     if verdict is not None:
         record["verdict"] = _plain(dict(verdict))
+    record["decision"] = None if decision is None else _plain(dict(decision))
     return record
 
 
 def explanation_record(*, session_id: str, image_sha256: str, checkpoint_sha256: str, cam_method: str | None,
-                       cam_class: str | None) -> dict[str, Any]:
+                       cam_class: str | None, decision_text: str | None = None) -> dict[str, Any]:
     """Build the record of a further explanation of an image already predicted (no probabilities, no header).
 
     Args:
@@ -213,13 +222,15 @@ def explanation_record(*, session_id: str, image_sha256: str, checkpoint_sha256:
         checkpoint_sha256: SHA-256 of the checkpoint file.
         cam_method: the explanation method, or None (switched off).
         cam_class: the class explained, or None.
+        decision_text: the decision's words as the page now shows them (another heat map can add or drop the
+            "mostly outside the lungs" caution), or None for a refused image.
 
     Returns:
         A JSON-serialisable dict with ``"event": "explanation"``.
     """
     return {"schema": SCHEMA_VERSION, "event": "explanation", "time_utc": _utc_now(), "session_id": str(session_id),
             "image_sha256": str(image_sha256), "checkpoint_sha256": str(checkpoint_sha256), "cam_method": cam_method,
-            "cam_class": cam_class}
+            "cam_class": cam_class, "decision_text": decision_text}
 
 
 @dataclass(frozen=True)
