@@ -1,5 +1,5 @@
 """Adapt a checkpoint to one site from its own unlabelled films and write the site profile
-(:mod:`covidxr.inference.site_profile`); the command line is :mod:`covidxr.adapt.__main__`.
+(:mod:`covidxr.model.site_profile`); the command line is :mod:`covidxr.adapt.__main__`.
 
 The films are read as files only: any label a folder name or a metadata file carries is never read (folders are
 searched as ``predict`` searches them, and the films are put in the order of their pixels' SHA-256, so neither
@@ -35,7 +35,7 @@ from covidxr.errors import CovidxrError, ImageReadError
 from covidxr.inference.__main__ import find_images
 from covidxr.inference.prediction_log import pixel_sha256
 from covidxr.inference.predictor import Predictor
-from covidxr.inference.site_profile import FORMAT, FORMAT_VERSION, SiteProfile, write_profile
+from covidxr.model.site_profile import FORMAT, FORMAT_VERSION, SiteProfile, write_profile
 from covidxr.io import Xray, load_xray
 
 log = logging.getLogger("covidxr.adapt")

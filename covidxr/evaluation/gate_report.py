@@ -1,6 +1,6 @@
 """The input gate in an evaluation (``metrics.json["gate"]`` and a report section).
 
-How often the gate (:mod:`covidxr.inference.gate`) refuses the evaluated films, per source, and how often it refuses
+How often the gate (:mod:`covidxr.model.gate`) refuses the evaluated films, per source, and how often it refuses
 what it should: rotated and inverted copies of the evaluated films (``--gate-variants``) and the images of unlabelled
 folders (``--gate-check FOLDER``, counted per sub-folder: ``notcxr/`` gives ``lateral`` and ``ct``), and with
 ``--gate-variants`` also photographs and documents made with another seed than the gate's
@@ -28,7 +28,7 @@ from covidxr.errors import ImageReadError
 from covidxr.files import file_digest
 from covidxr.html_page import paragraph_html, table_html
 from covidxr.inference.__main__ import find_images
-from covidxr.inference.gate import GateVerdict
+from covidxr.model.gate import GateVerdict
 from covidxr.inference.gate_kinds import write_made_images
 from covidxr.inference.predictor import Predictor
 from covidxr.io import Xray, load_xray

@@ -44,7 +44,7 @@ from covidxr.evaluation.pdf import write_pdf
 from covidxr.evaluation.publication import publication_extras
 from covidxr.evaluation.report_sections import build_report
 from covidxr.files import atomic_write_bytes, atomic_write_text, file_digest
-from covidxr.inference.site_profile import apply_profile, read_profile
+from covidxr.model.site_profile import apply_profile, read_profile
 from covidxr.tta import VIEWS
 from covidxr.utils import pick_device
 

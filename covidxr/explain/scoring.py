@@ -45,7 +45,7 @@ from covidxr.data.manifest import load_manifest
 from covidxr.data.run_folder import RunFolder
 from covidxr.data.split import apply_split
 from covidxr.errors import CheckpointError, DatasetError, ImageReadError
-from covidxr.explain.cam import compute_cam, preserved_state
+from covidxr.model.cam import compute_cam, preserved_state
 from covidxr.explain.display import heatmap_on_image
 from covidxr.files import atomic_write_text
 from covidxr.html_page import Section, paragraph_html, render_html, table_html

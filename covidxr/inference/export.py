@@ -30,7 +30,7 @@ from covidxr.errors import CovidxrError
 from covidxr.files import file_digest
 from covidxr.inference.onnx_backend import EXPORTERS, default_onnx_path, export_bytes, export_metadata, write_onnx
 from covidxr.inference.predictor import load_classifier
-from covidxr.inference.site_profile import apply_profile, read_profile
+from covidxr.model.site_profile import apply_profile, read_profile
 from covidxr.models import read_preprocess
 from covidxr.utils import OneLineParser, add_checkpoint_arg, add_out_arg, out_file, run_cli
 

@@ -1,4 +1,4 @@
-"""Fit the input gate (:mod:`covidxr.inference.gate`) of a trained checkpoint, and ``python -m covidxr.gate``.
+"""Fit the input gate (:mod:`covidxr.model.gate`) of a trained checkpoint, and ``python -m covidxr.gate``.
 
     python -m covidxr.gate fit --checkpoint RUN/best.pt [--data PATH] [--laterals FOLDER] [--ct FOLDER] [--seed 0]
         [--neighbours 5] [--alpha 0.01] [--band 1.0] [--made 150] [--device auto] [--batch-size 32] [--out FILE]
@@ -46,7 +46,7 @@ from covidxr.data.loaders import RunData, load_run_data
 from covidxr.data.manifest import resolve_data_path
 from covidxr.data.run_folder import RunFolder
 from covidxr.errors import CovidxrError, DatasetError
-from covidxr.inference.gate import FRONTAL, InputGate, OodModel, ViewModel, weights_sha256
+from covidxr.model.gate import FRONTAL, InputGate, OodModel, ViewModel, weights_sha256
 from covidxr.inference.gate_data import GateImages, default_kind_folder, gate_images
 from covidxr.models import XrayClassifier, model_from_checkpoint
 from covidxr.preprocess import eval_transform
@@ -163,7 +163,7 @@ def fit_view(features: dict[str, np.ndarray], C: float, min_frontal: float, seed
     """A multinomial logistic regression over view classes, classes weighted equally.
 
     Args:
-        features: view class -> ``(N_c, F)`` features (:data:`~covidxr.inference.gate.FRONTAL` among them).
+        features: view class -> ``(N_c, F)`` features (:data:`~covidxr.model.gate.FRONTAL` among them).
         C: inverse regularisation strength.
         min_frontal: refusal threshold on P(frontal).
         seed: the solver's random state.
@@ -228,7 +228,7 @@ def fit_gate(model: XrayClassifier, images: GateImages, img_size: int, opts: Gat
         images: the films to fit and measure on.
         img_size: the network input side.
         opts: fitting options.
-        weights: :func:`~covidxr.inference.gate.weights_sha256` of the model's state dict.
+        weights: :func:`~covidxr.model.gate.weights_sha256` of the model's state dict.
     """
     start = time.perf_counter()
 

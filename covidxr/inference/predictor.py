@@ -18,7 +18,7 @@ Backends (plain predictions only; Grad-CAM always runs in torch, see :mod:`covid
 * ``"auto"`` (default): ONNX Runtime on the CPU when onnxruntime is installed and a fresh export exists beside the
   checkpoint; torch otherwise. ``"auto"`` never exports by itself (no surprise writes, no export delay at start-up).
 
-Every prediction carries the input gate's verdict (:mod:`covidxr.inference.gate`): is the image an assessable frontal
+Every prediction carries the input gate's verdict (:mod:`covidxr.model.gate`): is the image an assessable frontal
 chest radiograph, and if not, why. The gate's learned checks read the pooled backbone features of the same forward
 pass (captured at the head's input), so they need torch: with a fitted gate, ``"auto"`` uses torch, and ``"onnx"``
 adds a torch backbone pass for the gate.
@@ -42,11 +42,11 @@ import torch
 
 from covidxr.calibration_file import with_calibration
 from covidxr.checkpoint import load_checkpoint, read_temperature
-from covidxr.explain.cam import CAM_METHODS, compute_cam
+from covidxr.model.cam import CAM_METHODS, compute_cam
 from covidxr.explain.display import heatmap_on_image
 from covidxr.files import file_digest
 from covidxr.inference.decision import OperatingPoint, operating_point
-from covidxr.inference.gate import InputGate
+from covidxr.model.gate import InputGate
 from covidxr.inference.onnx_backend import (
     OnnxRunner,
     default_onnx_path,
@@ -57,7 +57,7 @@ from covidxr.inference.onnx_backend import (
     write_onnx,
 )
 from covidxr.inference.prediction import Prediction
-from covidxr.inference.site_profile import SiteProfile, apply_profile, read_profile
+from covidxr.model.site_profile import SiteProfile, apply_profile, read_profile
 from covidxr.io import Xray
 from covidxr.lungs import cam_share_in_lungs
 from covidxr.model_input import PLAIN, InputPipeline, pipeline_from_checkpoint
@@ -161,7 +161,7 @@ class Predictor:
         device: the torch device.
         backend: what plain predictions use, ``"torch"`` or ``"onnx"``.
         gate: the input gate (file checks only when the checkpoint has no fitted gate).
-        site: the site profile the model runs with (:mod:`covidxr.inference.site_profile`), or None.
+        site: the site profile the model runs with (:mod:`covidxr.model.site_profile`), or None.
         gate_model: with an adapted site profile and a fitted gate, the unadapted model whose features the gate
             reads (None otherwise: the gate reads the model's own).
     """
@@ -289,7 +289,7 @@ class Predictor:
 
         Args:
             image: an :class:`~covidxr.io.Xray` or an ``(H, W)`` array (float in ``[0, 1]``, or uint8).
-            cam: a method of :data:`covidxr.explain.cam.CAM_METHODS`, or None (or ``"none"``) for no heatmap.
+            cam: a method of :data:`covidxr.model.cam.CAM_METHODS`, or None (or ``"none"``) for no heatmap.
             cam_class: class to explain (name or index); None explains the predicted class. Ignored without ``cam``.
             name: the name in the result (default: the Xray's name).
             cam_layer: dotted name of the layer to explain (default: the architecture's last convolutional stage).

@@ -33,7 +33,7 @@ from covidxr.data.run_folder import SPLIT_FILE
 from covidxr.ensemble_model import ENSEMBLE, EnsembleClassifier
 from covidxr.errors import CheckpointError
 from covidxr.files import atomic_write_text, file_digest
-from covidxr.inference.gate import weights_sha256
+from covidxr.model.gate import weights_sha256
 from covidxr.inference.gate_fit import fit_checkpoint
 from covidxr.models import model_from_checkpoint
 from covidxr.utils import OneLineParser, add_device_arg, add_out_arg, library_versions, run_cli, setup_logging

@@ -1,0 +1,1 @@
+"""The trained model: one checkpoint becomes one :class:`~covidxr.model.trained.TrainedModel` (placeholder)."""
