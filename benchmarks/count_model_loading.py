@@ -7,7 +7,8 @@ Prints four counts, each with the places it found:
 * ``network builds``: calls that rebuild a network from a checkpoint dictionary (``model_from_checkpoint``,
   ``load_classifier``, ``build_eval_model``, ``load_scored_model``) or from a file (``TrainedModel.load``).
 * ``raw-dict signatures``: functions with a parameter named ``ckpt``/``ckpts`` (the dictionary ``load_checkpoint``
-  returns), outside the loader (``covidxr/checkpoint.py``, ``covidxr/model/``), the lung model and training's own save/resume.
+  returns), outside the loader (``covidxr/checkpoint.py``, ``covidxr/model/``), the lung model and training's own
+  save/resume.
 * ``evaluation predictors``: ``Predictor.from_checkpoint`` calls in ``covidxr/evaluation/``.
 * ``evaluation Grad-CAM``: calls computing heat maps in ``covidxr/evaluation/`` (``compute_cam``, ``predict*`` with a
   ``cam=`` argument, ``run(..., cams=True)``).

@@ -29,14 +29,13 @@ from covidxr.adapt.estimate import (
     shifted_probs,
     source_priors,
 )
-from covidxr.checkpoint import load_checkpoint
 from covidxr.ensemble_model import ENSEMBLE
 from covidxr.errors import CovidxrError, ImageReadError
 from covidxr.inference.__main__ import find_images
 from covidxr.inference.prediction_log import pixel_sha256
 from covidxr.inference.predictor import Predictor
-from covidxr.model.site_profile import FORMAT, FORMAT_VERSION, SiteProfile, write_profile
 from covidxr.io import Xray, load_xray
+from covidxr.model.site_profile import FORMAT, FORMAT_VERSION, SiteProfile, write_profile
 
 log = logging.getLogger("covidxr.adapt")
 
@@ -154,17 +153,17 @@ def adapt_site(checkpoint: str | os.PathLike, data: str | os.PathLike, name: str
     start = time.perf_counter()
     if not Path(data).is_dir():
         raise CovidxrError(f"--data {data}: not a folder")
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt.get("arch") == ENSEMBLE:
-        raise CovidxrError(f"{checkpoint}: adaptation needs a single model; a seed ensemble is not supported")
     predictor = Predictor.from_checkpoint(checkpoint, device=device, backend="torch")
+    if predictor.trained.record.get("arch") == ENSEMBLE:
+        raise CovidxrError(f"{checkpoint}: adaptation needs a single model; a seed ensemble is not supported")
     predictor.model.to(memory_format=torch.channels_last)  # about twice as fast on a CPU; the same on CUDA
     files = find_images([data])
     films = read_site_films(predictor, files, settings.batch_size)
     if len(films.digests) < settings.min_films:
         raise CovidxrError(f"{data}: {len(films.digests)} films accepted by the input gate ({films.n_refused} "
                            f"refused, {films.n_unreadable} unreadable); adaptation needs at least {settings.min_films}")
-    record, stats = estimate_profile(predictor, films, source_priors(ckpt), settings)
+    record, stats = estimate_profile(predictor, films, source_priors(predictor.classes, predictor.trained.config,
+                                                                    predictor.trained.record.get("split")), settings)
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": name, **record,
               "checkpoint": Path(checkpoint).name, "checkpoint_sha256": predictor.checkpoint_sha256,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - start, 1)}

@@ -20,7 +20,7 @@ from covidxr.explain.display import overlay
 from covidxr.files import atomic_write_bytes
 from covidxr.inference.predictor import Predictor
 from covidxr.io import load_xray
-from covidxr.lungs import LungModel, cam_share_in_lungs
+from covidxr.lungs import LungModel
 
 log = logging.getLogger("covidxr.evaluate")
 
@@ -77,27 +77,22 @@ def _pictures(predictor: Predictor, lungs: LungModel | None, path: str,
               target: int) -> tuple[bytes, bytes | None, float | None]:
     """Thumbnail, Grad-CAM overlay of the predicted class (None without a heatmap) and lung share of one image."""
     image = load_xray(path).pixels
-    pred = predictor.predict_batch([image], cam="gradcam", cam_class=target)[0]
+    pred = predictor.predict_batch([image], cam="gradcam", cam_class=target, lungs=lungs)[0]
     thumb = _jpeg(overlay(image, None, max_side=THUMB_SIDE))
     if pred.heatmap is None:
         return thumb, None, None
-    share = pred.lung_share
-    if share is None and lungs is not None:
-        share = float(cam_share_in_lungs(pred.heatmap, lungs.mask(image)))
-    return thumb, _jpeg(overlay(image, pred.heatmap, max_side=THUMB_SIDE)), share
+    return thumb, _jpeg(overlay(image, pred.heatmap, max_side=THUMB_SIDE)), pred.lung_share
 
 
-def gallery(sets: Sequence[tuple[str, pd.DataFrame]], classes: Sequence[str], checkpoint: Path, out: Path,
-            device: str = "auto", per_class: int = PER_CLASS) -> list[dict[str, Any]]:
+def gallery(sets: Sequence[tuple[str, pd.DataFrame]], predictor: Predictor, out: Path,
+            per_class: int = PER_CLASS) -> list[dict[str, Any]]:
     """The failure gallery of each evaluated set, with its pictures written to ``out/gallery/``.
 
     Args:
         sets: ``(name, predictions frame)`` per set (columns ``path``, ``label``, ``predicted`` and one probability
             column per class).
-        classes: The checkpoint's classes.
-        checkpoint: The checkpoint (Grad-CAM of its model).
+        predictor: The evaluation's one trained model, as a torch predictor (Grad-CAM).
         out: The evaluation folder.
-        device: Where the model runs.
         per_class: Errors shown per true class and set.
 
     Returns:
@@ -105,7 +100,7 @@ def gallery(sets: Sequence[tuple[str, pd.DataFrame]], classes: Sequence[str], ch
         ``relpath``, ``source``, ``label``, ``predicted``, ``probs``, ``thumbnail``/``gradcam`` (file names under
         ``out``, None when not made), ``lung_share`` and ``note``.
     """
-    predictor = Predictor.from_checkpoint(checkpoint, device=device, backend="torch")
+    classes = predictor.classes
     lungs, _ = lung_model_for(predictor)
     index = {c: i for i, c in enumerate(classes)}
     results = []

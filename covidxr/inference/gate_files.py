@@ -1,5 +1,5 @@
-"""Moved to :mod:`covidxr.model.gate_files` (issue #28: what is fitted to a trained model lives with it in :mod:`covidxr.model`); this
-name stays so that ``import covidxr.inference.gate_files`` keeps working, and is the very same module object."""
+"""Moved to :mod:`covidxr.model.gate_files`;
+the old name stays so that ``import covidxr.inference.gate_files`` keeps working, and is the very same module object."""
 
 import sys
 

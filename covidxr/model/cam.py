@@ -42,6 +42,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from covidxr.models import target_layers
+from covidxr.preprocess import unletterbox
 
 CAM_METHODS: tuple[str, ...] = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam")
 """Method names accepted everywhere (``--cam``, ``Predictor.predict(cam=...)``)."""
@@ -215,3 +216,32 @@ def compute_cam(
             logits = cam.outputs.detach().float().cpu()
     explained = logits.argmax(dim=1).tolist() if targets is None else targets
     return CamOutput(maps=np.asarray(maps, dtype=np.float32), logits=logits, targets=explained)
+
+
+CONSTANT_TOLERANCE: float = 1e-6
+"""A heatmap whose values span less than this is constant (no explanation)."""
+
+NO_EXPLANATION = "no explanation available ({})"
+
+
+def heatmap_on_image(cam_map: np.ndarray, height: int, width: int) -> tuple[np.ndarray | None, str | None]:
+    """Map a CAM computed on the letterboxed input back onto the original image.
+
+    Args:
+        cam_map: ``(S, S)`` heatmap on the network input.
+        height: original image height.
+        width: original image width.
+
+    Returns:
+        ``(heatmap, None)`` with an ``(height, width)`` float32 heatmap in ``[0, 1]``, or ``(None, note)`` when the
+        map is not finite or constant over the image.
+    """
+    cam_map = np.asarray(cam_map, dtype=np.float32)
+    if not np.isfinite(cam_map).all():
+        return None, NO_EXPLANATION.format("the heatmap is not finite")
+    if float(np.ptp(cam_map)) < CONSTANT_TOLERANCE:
+        return None, NO_EXPLANATION.format("constant heatmap")
+    heat = np.clip(unletterbox(cam_map, height, width), 0.0, 1.0).astype(np.float32)
+    if float(np.ptp(heat)) < CONSTANT_TOLERANCE:
+        return None, NO_EXPLANATION.format("the heatmap is constant over the image")
+    return heat, None

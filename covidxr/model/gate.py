@@ -16,7 +16,8 @@ REASON"). The first reason is the most likely one (:attr:`GateVerdict.reason`, w
    :attr:`OodModel.outer`, it is *borderline* ("unusual film: read with care": assessed, output shown and marked);
    beyond the band it is refused.
 
-The fitted gate travels in the checkpoint as ``ckpt["gate"]`` (:meth:`InputGate.to_dict`): tensors, floats, strings
+The fitted gate is stored beside the checkpoint, ``best.gate.pt`` pinned to its SHA-256 (:mod:`covidxr.model.sidecars`;
+older checkpoints carry it inside as ``ckpt["gate"]``), as :meth:`InputGate.to_dict`: tensors, floats, strings
 and lists only, so ``torch.load(weights_only=True)`` reads it. It is tied to the model weights by their digest: the
 features of other weights mean something else. Without a gate (older checkpoints) only the file checks run and the
 gate's ``unavailable`` says why the learned checks did not run.
@@ -33,8 +34,8 @@ import numpy as np
 import torch
 
 from covidxr.errors import CheckpointError
-from covidxr.model.gate_files import file_checks
 from covidxr.io import Xray
+from covidxr.model.gate_files import file_checks
 from covidxr.utils import softmax
 
 GATE_FORMAT = "covidxr-gate"
@@ -361,23 +362,6 @@ class InputGate:
             unavailable = ("the gate was fitted for other model weights, so only the file checks ran (refit it with "
                            "python -m covidxr.gate fit)")
         return cls(view, ood, fitted, dict(d.get("info") or {}), unavailable)
-
-    @classmethod
-    def from_checkpoint(cls, ckpt: Mapping[str, Any], source: str = "checkpoint") -> InputGate:
-        """The gate of a loaded checkpoint (file checks only when it has none).
-
-        Raises:
-            CheckpointError: a stored gate that cannot be read (the message names ``source``).
-        """
-        stored = ckpt.get("gate")
-        if stored is None:
-            return cls()
-        try:
-            return cls.from_dict(stored, weights_sha256(ckpt["model"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{source}: gate: unreadable ({type(exc).__name__}: {exc})") from exc
-        except CheckpointError as exc:
-            raise CheckpointError(f"{source}: {exc}") from exc
 
 
 def _as_batch(features: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
