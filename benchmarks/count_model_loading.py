@@ -4,8 +4,10 @@
 
 Prints four counts, each with the places it found:
 
-* ``network builds``: calls that rebuild a network from a checkpoint dictionary (``model_from_checkpoint``,
-  ``load_classifier``, ``build_eval_model``, ``load_scored_model``) or from a file (``TrainedModel.load``).
+* ``checkpoint dict -> network``: calls of ``model_from_checkpoint`` (the function that rebuilds a network from a
+  checkpoint dictionary) and of the wrappers that passed a dictionary to it (``load_classifier``,
+  ``build_eval_model``).
+* ``TrainedModel.load callers``: places that load a checkpoint file as one typed model.
 * ``raw-dict signatures``: functions with a parameter named ``ckpt``/``ckpts`` (the dictionary ``load_checkpoint``
   returns), outside the loader (``covidxr/checkpoint.py``, ``covidxr/model/``), the lung model and training's own
   save/resume.
@@ -21,7 +23,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-BUILDERS = {"model_from_checkpoint", "load_classifier", "build_eval_model", "load_scored_model"}
+BUILDERS = {"model_from_checkpoint", "load_classifier", "build_eval_model"}
 LOADER = ("covidxr/checkpoint.py", "covidxr/model/", "covidxr/lungs/")  # lungs: the lung model's own checkpoints
 TRAINING_OWN = ("covidxr/training/trainer.py", "covidxr/training/__main__.py")
 
@@ -41,16 +43,18 @@ def _files(root: Path) -> Iterator[tuple[str, ast.AST]]:
 
 def count(root: Path) -> dict[str, list[str]]:
     """The four lists of places (``file:line name``) in the checkout at ``root``."""
-    found: dict[str, list[str]] = {"network builds": [], "raw-dict signatures": [], "evaluation predictors": [],
-                                   "evaluation Grad-CAM": []}
+    found: dict[str, list[str]] = {"checkpoint dict -> network": [], "TrainedModel.load callers": [],
+                                   "raw-dict signatures": [], "evaluation predictors": [], "evaluation Grad-CAM": []}
     for rel, tree in _files(root):
         evaluation = rel.startswith("covidxr/evaluation/")
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):
                 name = _name(node.func)
                 last = name.rsplit(".", 1)[-1]
-                if last in BUILDERS or name.endswith("TrainedModel.load"):
-                    found["network builds"].append(f"{rel}:{node.lineno} {name}")
+                if last in BUILDERS:
+                    found["checkpoint dict -> network"].append(f"{rel}:{node.lineno} {name}")
+                if name.endswith("TrainedModel.load"):
+                    found["TrainedModel.load callers"].append(f"{rel}:{node.lineno} {name}")
                 if evaluation and name.endswith("Predictor.from_checkpoint"):
                     found["evaluation predictors"].append(f"{rel}:{node.lineno} {name}")
                 keywords = {k.arg: k.value for k in node.keywords}

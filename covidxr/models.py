@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 from urllib.error import URLError
 
 import torch
@@ -85,7 +89,7 @@ def build_model(arch: str, num_classes: int, weights: str | os.PathLike = "image
         WeightsError: unknown architecture, or weights that cannot be found offline or do not fit.
     """
     pretrained = str(weights) == "imagenet"
-    backbone, mean, std = (_build_lite0 if arch == LITE0 else _build_torchvision)(arch, pretrained)
+    backbone, mean, std = (architecture(arch).build or _build_torchvision)(arch, pretrained)
     num_features = _drop_classifier(backbone)
     model = XrayClassifier(arch, backbone, num_features, num_classes, mean, std)
     if str(weights) not in ("imagenet", "none"):
@@ -104,7 +108,8 @@ def _build_torchvision(arch: str, pretrained: bool) -> tuple[nn.Module, tuple, t
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise WeightsError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)} "
                            "or another torchvision classification model")
-    kwargs: dict = {"aux_logits": False, "init_weights": False} if arch in ("googlenet", "inception_v3") else {}
+    facts = architecture(arch)
+    kwargs = dict(facts.kwargs)
     if not pretrained:
         return torchvision.models.get_model(arch, weights=None, **kwargs), IMAGENET_MEAN, IMAGENET_STD
     enum = torchvision.models.get_model_weights(arch).DEFAULT
@@ -115,10 +120,8 @@ def _build_torchvision(arch: str, pretrained: bool) -> tuple[nn.Module, tuple, t
                            f"unexpected {result.unexpected_keys[:3]}")
     transforms = enum.transforms()
     log.info("loaded %s for %s", enum, arch)
-    if arch == "googlenet":
-        # The ported weights expect inputs in [-1, 1]; torchvision's transform_input rescales ImageNet-normalised
-        # input to exactly that, so normalising with mean = std = 0.5 here is the same model with no hidden flag.
-        return model, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    if facts.stats is not None:
+        return model, *facts.stats
     return model, tuple(transforms.mean), tuple(transforms.std)
 
 
@@ -163,6 +166,52 @@ def _build_lite0(arch: str, pretrained: bool) -> tuple[nn.Module, tuple, tuple]:
     model.load_state_dict(dict(zip(target.keys(), source.values(), strict=True)))
     # These TF-ported weights were trained on inputs scaled to [-1, 1].
     return model, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What covidxr must know of one architecture (family), declared once in :data:`ARCHITECTURES`.
+
+    Attributes:
+        cam_layer: the layer Grad-CAM explains, from the backbone (None: its last convolution).
+        build: builds ``(backbone, mean, std)`` from ``(arch, pretrained)``; None: torchvision's model of that name.
+        kwargs: extra arguments of torchvision's constructor.
+        stats: the normalisation ``(mean, std)`` its pretrained weights expect, when not their transforms'.
+    """
+
+    cam_layer: Callable[[nn.Module], nn.Module] | None = None
+    build: Callable[[str, bool], tuple[nn.Module, tuple, tuple]] | None = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+
+_LAST_STAGE = Architecture(cam_layer=lambda b: b.features[-1])
+_NO_AUX = {"aux_logits": False, "init_weights": False}
+HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
+    # an exact name first (LITE0), then the longest family prefix; anything else: torchvision, last convolution
+    LITE0: Architecture(cam_layer=lambda b: b.bn2, build=_build_lite0),
+    "resnet": Architecture(cam_layer=lambda b: b.layer4[-1]),
+    "resnext": Architecture(cam_layer=lambda b: b.layer4[-1]),
+    "wide_resnet": Architecture(cam_layer=lambda b: b.layer4[-1]),
+    # The ported GoogLeNet weights expect inputs in [-1, 1]; torchvision's transform_input rescales ImageNet-normalised
+    # input to exactly that, so normalising with mean = std = 0.5 here is the same model with no hidden flag.
+    "googlenet": Architecture(cam_layer=lambda b: b.inception5b, kwargs=_NO_AUX, stats=HALF),
+    "inception_v3": Architecture(kwargs=_NO_AUX),
+    "densenet": _LAST_STAGE, "efficientnet": _LAST_STAGE, "convnext": _LAST_STAGE, "vgg": _LAST_STAGE,
+    "alexnet": _LAST_STAGE, "mobilenet": _LAST_STAGE, "mnasnet": _LAST_STAGE,
+    "regnet": Architecture(cam_layer=lambda b: b.trunk_output),
+})
+"""Each architecture's facts, declared once (as timm's registry declares its models)."""
+
+
+def architecture(arch: str) -> Architecture:
+    """The facts of ``arch``: its own entry, else its family's (the longest prefix), else the defaults."""
+    if arch in ARCHITECTURES:
+        return ARCHITECTURES[arch]
+    family = max((name for name in ARCHITECTURES if arch.startswith(name)), key=len, default=None)
+    return ARCHITECTURES[family] if family is not None else Architecture()
 
 
 def _drop_classifier(backbone: nn.Module) -> int:
@@ -211,22 +260,14 @@ def _load_state_dict_file(path: Path) -> dict:
 
 
 def target_layer(model: XrayClassifier) -> nn.Module:
-    """Return the layer Grad-CAM explains for ``model``: the output of its last convolutional stage."""
-    b = model.backbone
-    arch = model.arch
-    if arch.startswith(("resnet", "resnext", "wide_resnet")):
-        return b.layer4[-1]
-    if arch.startswith("googlenet"):
-        return b.inception5b
-    if arch == LITE0:
-        return b.bn2
-    if arch.startswith(("densenet", "efficientnet", "convnext", "vgg", "alexnet", "mobilenet", "mnasnet")):
-        return b.features[-1]
-    if arch.startswith("regnet"):
-        return b.trunk_output
-    convs = [m for m in b.modules() if isinstance(m, nn.Conv2d)]
+    """Return the layer Grad-CAM explains for ``model``: the output of its last convolutional stage (its
+    architecture's :attr:`Architecture.cam_layer`, else the last convolution)."""
+    pick = architecture(model.arch).cam_layer
+    if pick is not None:
+        return pick(model.backbone)
+    convs = [m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
-        raise CheckpointError(f"no convolutional layer in {arch} to explain")
+        raise CheckpointError(f"no convolutional layer in {model.arch} to explain")
     return convs[-1]
 
 

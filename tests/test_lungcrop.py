@@ -191,10 +191,10 @@ def test_lung_mask_key_record_and_rebuild_from_the_checkpoint() -> None:
     pre = wider.record(Preprocess(img_size=64))
     assert (pre.lung_crop, pre.lung_mask, pre.lung_mask_dilation, pre.equalize) == (True, True, 0.04, "hist")
     ckpt = {"preprocess": pre.to_dict(), "lung_model": FAKE_ENTRY}
-    rebuilt = pipeline_from_checkpoint(ckpt, Preprocess.from_dict(ckpt["preprocess"]))
+    rebuilt = pipeline_from_checkpoint(ckpt.get("lung_model"), Preprocess.from_dict(ckpt["preprocess"]))
     assert rebuilt == wider and rebuilt.key == wider.key and rebuilt.lung_entry is FAKE_ENTRY
     with pytest.raises(CheckpointError, match="crops to the lungs but the checkpoint has no lung model"):
-        pipeline_from_checkpoint({}, pre)
+        pipeline_from_checkpoint(None, pre)
     settings = LoaderSettings(lung_mask=True, lung_mask_dilation=0.04, equalize="hist", lung_entry=FAKE_ENTRY)
     assert settings.lung_crop and input_pipeline(settings) == wider
     assert input_pipeline(LoaderSettings(**rebuilt.loader_fields())) == wider

@@ -105,7 +105,8 @@ class RunFolder:
 
     def pipeline(self) -> InputPipeline:
         """The input pipeline the run was trained with, with the lung model the checkpoint carries."""
-        return pipeline_from_checkpoint(self.ckpt, self.preprocess, str(self.checkpoint))
+        return pipeline_from_checkpoint(self.ckpt.get("lung_model"), self.preprocess,
+                                        str(self.checkpoint))
 
     def loader_settings(self, data: str | os.PathLike | None = None, **overrides: Any) -> LoaderSettings:
         """The run's data and loader settings, reading ``data`` (default: the run's training data, as given) at the

@@ -19,12 +19,15 @@ import pandas as pd
 from covidxr.errors import CovidxrError, DatasetError, one_line
 from covidxr.evaluation.analysis import analyse, source_warnings, split_warnings
 from covidxr.evaluation.covid_vs_rest import absent_class_calls
+from covidxr.evaluation.film_pass import FilmPass
+from covidxr.evaluation.film_sets import set_films
 from covidxr.evaluation.inputs import EvalOptions, load_eval_data
 from covidxr.evaluation.logits import predict_splits
 from covidxr.evaluation.lung_share import lung_share_summary
 from covidxr.evaluation.outputs import predictions_frame
 from covidxr.files import atomic_write_bytes
 from covidxr.inference.predictor import Predictor
+from covidxr.lungs import LungModel
 from covidxr.model.calibration import Calibration, Origin
 from covidxr.model.trained import TrainedModel
 
@@ -37,6 +40,7 @@ class ExternalPass:
 
     name: str
     frame: pd.DataFrame  # predictions_frame: path, label, predicted, one probability column per class, ...
+    films: FilmPass  # its film pass: heat maps and lung shares of the lung share's sample and the gallery's errors
 
 
 def internal_calibration(stored: Calibration, result: dict[str, Any]) -> Calibration:
@@ -60,7 +64,8 @@ def external_names(folders: Sequence[Path]) -> list[str]:
 
 
 def evaluate_external(model: TrainedModel, calibration: Calibration, folder: Path, name: str, opts: EvalOptions,
-                      split_table: pd.DataFrame | None, out: Path) -> tuple[dict[str, Any], ExternalPass]:
+                      split_table: pd.DataFrame | None, out: Path, predictor: Predictor,
+                      lungs: LungModel | None) -> tuple[dict[str, Any], ExternalPass]:
     """Evaluate one external folder with the internal evaluation's calibration and write its predictions CSV into
     ``out``.
 
@@ -72,6 +77,8 @@ def evaluate_external(model: TrainedModel, calibration: Calibration, folder: Pat
         opts: The evaluation options (bootstrap, seed, device, loaders).
         split_table: The run's split (the baselines learn on its train rows; overlap with the run is flagged).
         out: The evaluation folder.
+        predictor: The same model as a torch predictor (the film pass: lung share and gallery heat maps).
+        lungs: The lung model of the lung share, or None.
 
     Returns:
         The ``metrics.json["external"]`` entry of this folder, and its predictions (for the gallery).
@@ -90,6 +97,7 @@ def evaluate_external(model: TrainedModel, calibration: Calibration, folder: Pat
     predictions = f"predictions-external-{name}.csv"
     frame = predictions_frame(pred, analysis["_probs"], analysis["_raw"], classes)
     atomic_write_bytes(out / predictions, frame.to_csv(index=False).encode("utf-8"))
+    films = set_films(predictor, lungs, pred.table, frame, classes, opts, gate=False, desc=f"films: {name}")
     metrics = analysis["metrics"]
     covid = analysis["covid_vs_rest"]
     if covid is not None:
@@ -105,9 +113,9 @@ def evaluate_external(model: TrainedModel, calibration: Calibration, folder: Pat
         "absent_class_calls": absent_class_calls(pred.y, analysis["_probs"], classes),
         "warnings": source_warnings(pred.table) + split_warnings(data, pred, analysis["_calibration"]),
         "unreadable": dict(data.run.unreadable), "predictions": predictions,
-        "lung_share": lung_share_summary(Predictor(model), pred.table, opts.lung_share_limit, opts.seed),
+        "lung_share": lung_share_summary(predictor, pred.table, opts.lung_share_limit, opts.seed, films),
     }
-    return entry, ExternalPass(name, frame)
+    return entry, ExternalPass(name, frame, films)
 
 
 def read_crossval(checkpoint: Path, path: Path | None) -> dict[str, Any] | None:

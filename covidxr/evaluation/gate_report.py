@@ -25,6 +25,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from covidxr.errors import ImageReadError
+from covidxr.evaluation.film_pass import FilmPass
 from covidxr.files import file_digest
 from covidxr.html_page import paragraph_html, table_html
 from covidxr.inference.__main__ import find_images
@@ -106,7 +107,8 @@ def made_report(predictor: Predictor, batch_size: int, progress: bool, seed: int
 
 
 def gate_report(predictor: Predictor, rows: pd.DataFrame, folders: Sequence[str | os.PathLike] = (),
-                variants: bool = False, batch_size: int = 32, progress: bool = True) -> dict[str, Any]:
+                variants: bool = False, batch_size: int = 32, progress: bool = True,
+                films: FilmPass | None = None) -> dict[str, Any]:
     """Refusal rates of the evaluated rows (``path``, ``source``), their copies and unlabelled folders.
 
     Returns:
@@ -115,7 +117,8 @@ def gate_report(predictor: Predictor, rows: pd.DataFrame, folders: Sequence[str 
     """
     gate = predictor.gate
     paths = rows["path"].tolist()
-    verdicts = gate_verdicts(predictor, paths, batch_size, desc="gate: evaluated", progress=progress)
+    verdicts = (films.verdicts(paths) if films is not None  # the evaluation's film pass judged them already
+                else gate_verdicts(predictor, paths, batch_size, desc="gate: evaluated", progress=progress))
     sources = rows["source"].astype(str).replace("", "(unknown)")
     report: dict[str, Any] = {
         "learned": gate.learned, "unavailable": gate.unavailable, "fitted": gate.info.get("validation"),

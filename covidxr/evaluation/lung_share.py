@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from covidxr.errors import CheckpointError, ImageReadError, one_line
+from covidxr.evaluation.film_pass import FilmPass
 from covidxr.inference.predictor import Predictor
 from covidxr.io import load_xray
 from covidxr.lungs import LungModel, load_lung_model
@@ -59,10 +60,11 @@ def lung_shares(predictor: Predictor, lungs: LungModel, paths: Sequence[str]) ->
     return shares
 
 
-def lung_share_summary(predictor: Predictor, table: pd.DataFrame, limit: int, seed: int = 0) -> dict[str, Any]:
+def lung_share_summary(predictor: Predictor, table: pd.DataFrame, limit: int, seed: int = 0,
+                       films: FilmPass | None = None) -> dict[str, Any]:
     """metrics.json's ``"lung_share"``: ``mean``, ``median``, ``n``, ``method`` (and ``lung_model``), or with ``note``
     (and None values) when it was skipped (``limit`` 0, or no lung model installed). ``predictor`` wraps the
-    evaluation's one trained model (torch)."""
+    evaluation's one trained model (torch); ``films``, the set's film pass, gives the shares already measured."""
     empty = {"mean": None, "median": None, "n": 0, "method": METHOD}
     if limit <= 0:
         return {**empty, "note": "skipped (--lung-share-limit 0)"}
@@ -70,7 +72,13 @@ def lung_share_summary(predictor: Predictor, table: pd.DataFrame, limit: int, se
     if lungs is None:
         log.warning("lung share skipped: %s", origin)
         return {**empty, "note": f"skipped: {origin}"}
-    shares = lung_shares(predictor, lungs, pick_rows(table, limit, seed))
+    paths = pick_rows(table, limit, seed)
+    if films is not None:
+        found = [films.films.get(p) for p in paths]
+        shares = [float(f.lung_share) for f in found
+                  if f is not None and f.lung_share is not None and np.isfinite(f.lung_share)]
+    else:
+        shares = lung_shares(predictor, lungs, paths)
     if not shares:
         return {**empty, "note": "no image had a heatmap", "lung_model": origin}
     return {"mean": float(np.mean(shares)), "median": float(np.median(shares)), "n": len(shares), "method": METHOD,

@@ -29,11 +29,13 @@ from covidxr.evaluation.external import (
     internal_calibration,
     read_crossval,
 )
+from covidxr.evaluation.film_pass import FilmPass
+from covidxr.evaluation.film_sets import set_films
 from covidxr.evaluation.gate_report import gate_report
 from covidxr.evaluation.heldout_calibration import load_heldout_logits
 from covidxr.evaluation.inputs import EvalData, EvalOptions, load_eval_data
 from covidxr.evaluation.logits import SplitOutputs, predict_splits
-from covidxr.evaluation.lung_share import lung_share_summary
+from covidxr.evaluation.lung_share import lung_model_for, lung_share_summary
 from covidxr.evaluation.model_card import model_card
 from covidxr.evaluation.outputs import (
     default_out,
@@ -50,6 +52,7 @@ from covidxr.evaluation.publication import publication_extras
 from covidxr.evaluation.report_sections import build_report
 from covidxr.files import atomic_write_bytes, atomic_write_text
 from covidxr.inference.predictor import Predictor
+from covidxr.lungs import LungModel
 from covidxr.model.trained import TrainedModel
 from covidxr.tta import VIEWS
 
@@ -72,7 +75,7 @@ class _Stages:
 
 
 def assemble(model: TrainedModel, predictor: Predictor, data: EvalData, pred: SplitOutputs, analysis: dict[str, Any],
-             split_table: pd.DataFrame | None, opts: EvalOptions, out: Path) -> dict[str, Any]:
+             split_table: pd.DataFrame | None, opts: EvalOptions, out: Path, films: FilmPass) -> dict[str, Any]:
     """Put the metrics.json content together (without plots and final timings)."""
     result = {k: v for k, v in analysis.items() if not k.startswith("_")}
     warnings = source_warnings(pred.table) + split_warnings(data, pred, analysis["_calibration"])
@@ -91,7 +94,7 @@ def assemble(model: TrainedModel, predictor: Predictor, data: EvalData, pred: Sp
         "unreadable": dict(data.run.unreadable),
         "model_card": card,
         "external": [], "crossval": None,
-        "lung_share": lung_share_summary(predictor, pred.table, opts.lung_share_limit, opts.seed),
+        "lung_share": lung_share_summary(predictor, pred.table, opts.lung_share_limit, opts.seed, films),
     }
 
 
@@ -107,11 +110,13 @@ def covid_summary(result: dict[str, Any]) -> dict[str, Any] | None:
     return {**internal, "sets": internal["sets"] + folds + external}
 
 
-def external_results(model: TrainedModel, result: dict[str, Any], split_table: pd.DataFrame | None,
-                     opts: EvalOptions, out: Path) -> list[tuple[dict[str, Any], ExternalPass]]:
+def external_results(model: TrainedModel, predictor: Predictor, lungs: LungModel | None, result: dict[str, Any],
+                     split_table: pd.DataFrame | None, opts: EvalOptions,
+                     out: Path) -> list[tuple[dict[str, Any], ExternalPass]]:
     """Evaluate every ``--external`` folder with the temperature and thresholds this call chose on validation."""
     calibration = internal_calibration(model.calibration, result)
-    return [evaluate_external(model, calibration, Path(folder).expanduser().resolve(), name, opts, split_table, out)
+    return [evaluate_external(model, calibration, Path(folder).expanduser().resolve(), name, opts, split_table, out,
+                              predictor, lungs)
             for folder, name in zip(opts.external, external_names(opts.external), strict=True)]
 
 
@@ -207,23 +212,30 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
                                 if data.own else (None, ""))
             analysis = analyse(model.classes, model.calibration, data, pred, split_table, opts, heldout)
             analysis["calibration"]["why_not_out_of_source"] = why_not or None
-            result = assemble(model, predictor, data, pred, analysis, split_table, opts, out)
+            # One pass over the evaluated films (each decoded once): the gate's verdicts, and Grad-CAM for the lung
+            # share's sample and the gallery's errors.
+            frame = predictions_frame(pred, analysis["_probs"], analysis["_raw"], list(model.classes))
+            lungs = lung_model_for(predictor)[0] if opts.lung_share_limit > 0 or opts.gallery > 0 else None
+            films = set_films(predictor, lungs, pred.table, frame, model.classes, opts, gate=True,
+                              desc="films: evaluated")
+            result = assemble(model, predictor, data, pred, analysis, split_table, opts, out, films)
             if profile is not None:
                 result["site"] = {**profile.summary(), "describe": profile.describe()}
                 result["warnings"].insert(0, f"site profile: the model is {profile.describe()} (profile SHA-256 "
                                              f"{profile.sha256[:12]}...); the gallery and the lung share are not "
                                              "computed for an adapted model")
         with stages("external"):
-            external = external_results(model, result, split_table, opts, out)
+            external = external_results(model, predictor, lungs, result, split_table, opts, out)
             result["external"] = [entry for entry, _ in external]
             result["crossval"] = crossval
             result["covid_vs_rest"] = covid_summary(result)
         with stages("input gate"):
             result["gate"] = gate_report(predictor, pred.table, opts.gate_check, opts.gate_variants, opts.batch_size,
-                                         opts.progress)
+                                         opts.progress, films)
         with stages("gallery, subgroups, decision curves"):
             result["publication"] = publication_extras(result, pred, analysis, opts, out, predictor,
-                                                       {p.name: p.frame for _, p in external})
+                                                       {p.name: p.frame for _, p in external},
+                                                       {"": films, **{p.name: p.films for _, p in external}})
         with stages("report"):
             result["reproducibility"] = reproducibility(opts, model, data, split_table, stages.timings)
             finish(out, result, model, data, pred, analysis, opts)

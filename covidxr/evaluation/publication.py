@@ -14,6 +14,7 @@ from covidxr.data.manifest import load_manifest, resolve_data_path
 from covidxr.errors import CovidxrError
 from covidxr.evaluation.analysis import default_positive
 from covidxr.evaluation.decision_curve import decision_curve, plot_decision_curves
+from covidxr.evaluation.film_pass import FilmPass
 from covidxr.evaluation.gallery import gallery
 from covidxr.evaluation.inputs import EvalOptions
 from covidxr.evaluation.logits import SplitOutputs
@@ -58,10 +59,11 @@ def evaluated_sets(result: dict[str, Any], pred: SplitOutputs, analysis: dict[st
 
 
 def publication_extras(result: dict[str, Any], pred: SplitOutputs, analysis: dict[str, Any], opts: EvalOptions,
-                       out: Path, predictor: Predictor,
-                       frames: Mapping[str, pd.DataFrame] | None = None) -> dict[str, Any]:
+                       out: Path, predictor: Predictor, frames: Mapping[str, pd.DataFrame] | None = None,
+                       films: Mapping[str, FilmPass] | None = None) -> dict[str, Any]:
     """The failure gallery (pictures under ``out/gallery/``, Grad-CAM of the evaluation's one model, ``predictor``),
-    subgroups and decision curves (``decision_curve.png``); ``frames`` are the external folders' predictions.
+    subgroups and decision curves (``decision_curve.png``); ``frames`` are the external folders' predictions and
+    ``films`` each set's film pass (the internal set's under ``""``), whose heat maps the gallery reuses.
 
     Returns:
         ``{"positive", "small_rule", "gallery", "subgroups": {set: ...}, "decision_curves": [...], "plots"}``.
@@ -72,7 +74,8 @@ def publication_extras(result: dict[str, Any], pred: SplitOutputs, analysis: dic
     extras: dict[str, Any] = {"positive": positive, "small_rule": SMALL_RULE, "gallery": [], "subgroups": {},
                               "decision_curves": [], "plots": {}}
     if opts.gallery > 0:
-        extras["gallery"] = gallery(sets, predictor, out, opts.gallery)
+        by_set = {(sets[0][0] if name == "" else name): f for name, f in (films or {}).items()}
+        extras["gallery"] = gallery(sets, predictor, out, opts.gallery, by_set)
     extras["subgroups"] = {name: subgroups(frame, classes, positive, opts.bootstrap, opts.seed)
                            for name, frame in sets}
     if positive is not None:

@@ -131,7 +131,7 @@ class TrainedModel:
         sha = file_digest(path)
         torch_device = device if isinstance(device, torch.device) else pick_device(device)
         preprocess = read_preprocess(ckpt, source)
-        pipeline = pipeline_from_checkpoint(ckpt, preprocess, source)
+        pipeline = pipeline_from_checkpoint(ckpt.get("lung_model"), preprocess, source)
         stored = read_calibration(path, sha)
         calibration = (Calibration.from_sidecar(stored, str(path)) if stored is not None
                        else Calibration.from_checkpoint_entries(ckpt.get("temperature"), ckpt.get("evaluation"),
