@@ -18,6 +18,7 @@ Prints four counts, each with the places it found:
 
 from __future__ import annotations
 
+import argparse
 import ast
 import sys
 from collections.abc import Iterator
@@ -75,7 +76,11 @@ def count(root: Path) -> dict[str, list[str]]:
 
 def main(argv: list[str]) -> int:
     """Print the counts for the checkout named in ``argv`` (default: this one)."""
-    root = Path(argv[0]).resolve() if argv else Path(__file__).resolve().parents[1]
+    parser = argparse.ArgumentParser(prog="python benchmarks/count_model_loading.py",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("repo", nargs="?", type=Path, default=Path(__file__).resolve().parents[1],
+                        help="a checkout of covidxr (default: this one)")
+    root = parser.parse_args(argv).repo.resolve()
     for key, places in count(root).items():
         print(f"{key}: {len(places)}")
         for place in places:

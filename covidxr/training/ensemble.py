@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from covidxr.checkpoint import save_checkpoint
-from covidxr.data.run_folder import SPLIT_FILE
+from covidxr.data.run_folder import SPLIT_FILE, RunFolder
 from covidxr.ensemble_model import ENSEMBLE, EnsembleClassifier
 from covidxr.errors import CheckpointError
 from covidxr.files import atomic_write_text
@@ -41,10 +41,10 @@ from covidxr.utils import OneLineParser, add_device_arg, add_out_arg, library_ve
 log = logging.getLogger("covidxr.ensemble")
 
 # What every member must share, besides the split: the name in the error and how to read it from a checkpoint.
-SHARED = {"architecture": lambda m: m.record["arch"], "classes": lambda m: list(m.classes),
-          "preprocessing and input pipeline": lambda m: m.record["preprocess"],
-          "lung model": lambda m: weights_sha256(m.record["lung_model"]["model"])
-          if isinstance(m.record.get("lung_model"), dict) else None}
+SHARED = {"architecture": lambda r: r["arch"], "classes": lambda r: list(r["classes"]),
+          "preprocessing and input pipeline": lambda r: r["preprocess"],
+          "lung model": lambda r: weights_sha256(r["lung_model"]["model"])
+          if isinstance(r.get("lung_model"), dict) else None}
 
 
 def member_checkpoint(given: str | Path) -> Path:
@@ -53,21 +53,22 @@ def member_checkpoint(given: str | Path) -> Path:
     return path / "best.pt" if path.is_dir() else path
 
 
-def split_of(member: TrainedModel) -> dict[str, str]:
+def split_of(member: RunFolder) -> dict[str, str]:
     """A member's patient split, ``relpath -> split``, as its checkpoint records it.
 
     Raises:
         CheckpointError: the checkpoint records no split.
     """
-    split = member.record.get("split")
+    split = member.ckpt.get("split")
     if not (isinstance(split, dict) and {"relpath", "split"} <= set(split)):
-        raise CheckpointError(f"{member.path}: the checkpoint records no split, so its test films cannot be told "
+        raise CheckpointError(f"{member.checkpoint}: the checkpoint records no split, so its test films cannot be told "
                               "apart")
     return dict(zip(map(str, split["relpath"]), map(str, split["split"]), strict=True))
 
 
-def check_members(members: Sequence[TrainedModel]) -> None:
-    """Refuse members that differ in anything but their weights (see the module docstring).
+def check_members(members: Sequence[RunFolder]) -> None:
+    """Refuse members that differ in anything but their weights (see the module docstring), from their training
+    records, before any network is built.
 
     Raises:
         CheckpointError: fewer than two members, an ensemble among them, or a difference (named, one line).
@@ -75,20 +76,20 @@ def check_members(members: Sequence[TrainedModel]) -> None:
     if len(members) < 2:
         raise CheckpointError(f"an ensemble needs at least two members, got {len(members)}")
     for member in members:
-        if member.record["arch"] == ENSEMBLE:
-            raise CheckpointError(f"{member.path}: already an ensemble; give its members instead")
+        if member.ckpt["arch"] == ENSEMBLE:
+            raise CheckpointError(f"{member.checkpoint}: already an ensemble; give its members instead")
     first = members[0]
     for what, read in SHARED.items():
         for member in members[1:]:
-            if read(member) != read(first):
-                raise CheckpointError(f"{member.path}: its {what} differs from {first.path}'s; the members of an "
-                                      "ensemble must be runs of one recipe")
+            if read(member.ckpt) != read(first.ckpt):
+                raise CheckpointError(f"{member.checkpoint}: its {what} differs from {first.checkpoint}'s; the "
+                                      "members of an ensemble must be runs of one recipe")
     split = split_of(first)
     for member in members[1:]:
         if split_of(member) != split:
-            raise CheckpointError(f"{member.path}: trained on another patient split than {first.path} (train the "
-                                  f"members with --split-from {first.path.parent}), so the ensemble would be tested "
-                                  "on films some member learned from")
+            raise CheckpointError(f"{member.checkpoint}: trained on another patient split than {first.checkpoint} "
+                                  f"(train the members with --split-from {first.checkpoint.parent}), so the ensemble "
+                                  "would be tested on films some member learned from")
 
 
 def combine(paths: Sequence[str | Path]) -> dict[str, Any]:
@@ -97,8 +98,8 @@ def combine(paths: Sequence[str | Path]) -> dict[str, Any]:
     Raises:
         CheckpointError: an unreadable checkpoint or members that cannot be combined (:func:`check_members`).
     """
+    check_members([RunFolder.read(member_checkpoint(p)) for p in paths])
     loaded = [TrainedModel.load(member_checkpoint(p), device="cpu") for p in paths]
-    check_members(loaded)
     temperatures = [m.calibration.temperature for m in loaded]
     for member in loaded:
         if member.calibration.origin in (Origin.NONE, Origin.CHECKPOINT):
