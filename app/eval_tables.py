@@ -1,7 +1,9 @@
-"""Tables of the "Model and evaluation" tab, built from a saved evaluation (metrics.json layout) as display strings.
+"""Tables of the "Model and evaluation" tab, built from a saved evaluation's record
+(``covidxr.evaluation.results``) as display strings.
 
-Every reader is defensive: missing keys give "–", never an exception, so older and newer evaluations both show.
-Source names read as datasets (:func:`covidxr.sources_display.source_name`).
+A section an older evaluation did not save is None in its record and gives "–" or no row, never an exception. The
+cross-validation by source and the gate report stay JSON objects (their own files' content). Source names read as
+datasets (:func:`covidxr.sources_display.source_name`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,17 @@ from typing import Any
 import pandas as pd
 
 from app.format import interval, num, pct
+from covidxr.evaluation.results import (
+    CovidSet,
+    EvaluationRecord,
+    ExternalSet,
+    GroupMetrics,
+    ThresholdRow,
+    per_class_rows,
+)
 from covidxr.sources_display import source_name
+
+TestSet = EvaluationRecord | ExternalSet
 
 UNSEEN = "n/a (never seen in training)"
 BASELINE_LABELS = {"source": "Source only: knows nothing but which collection a film came from",
@@ -28,19 +40,19 @@ def _get(mapping: Any, *keys: str) -> Any:
     return mapping
 
 
-def headline(data: Mapping[str, Any], key: str, fmt: Any = pct) -> str:
+def headline(data: TestSet, key: str, fmt: Any = pct) -> str:
     """A headline metric (``balanced_accuracy``, ``roc_auc_macro``, ...) with its interval where saved."""
-    return interval(_get(data, "ci", "metrics", key), fmt, _get(data, "metrics", key))
+    ci = data.ci.metrics.get(key) if data.ci else None
+    return interval(ci, fmt, getattr(data.metrics, key) if data.metrics else None)
 
 
-def chance_level(data: Mapping[str, Any]) -> float | None:
+def chance_level(data: TestSet) -> float | None:
     """The balanced accuracy of guessing: one over the number of classes present in the test set, or None."""
-    present = [c for c, m in (_get(data, "metrics", "per_class") or {}).items()
-               if isinstance(m, Mapping) and m.get("support")]
+    present = [c for c, m in (data.metrics.per_class if data.metrics else {}).items() if m.support]
     return 1 / len(present) if present else None
 
 
-def comparison_table(data: Mapping[str, Any], model_label: str = "This model") -> pd.DataFrame:
+def comparison_table(data: TestSet, model_label: str = "This model") -> pd.DataFrame:
     """The model's balanced accuracy and macro ROC-AUC beside the chance level and the source-only and metadata-only
     baselines."""
     rows = [{"Classifier": model_label, "Balanced accuracy": headline(data, "balanced_accuracy"),
@@ -49,38 +61,29 @@ def comparison_table(data: Mapping[str, Any], model_label: str = "This model") -
     if chance is not None:
         rows.append({"Classifier": "Chance: a guess without looking at the film", "Balanced accuracy": pct(chance),
                      "Macro ROC-AUC": num(0.5)})
-    for column, baseline in (data.get("baselines") or {}).items():
-        if isinstance(baseline, Mapping):
+    for column, baseline in (data.baselines or {}).items():
+        if baseline is not None:
             label = BASELINE_LABELS.get(str(column), f"Metadata only: {column}")
-            unseen = baseline.get("seen_share") == 0  # every value new to it: it can only guess the class prior
+            unseen = baseline.seen_share == 0  # every value new to it: it can only guess the class prior
             rows.append({"Classifier": label,
-                         "Balanced accuracy": UNSEEN if unseen else pct(baseline.get("balanced_accuracy")),
-                         "Macro ROC-AUC": UNSEEN if unseen else num(baseline.get("roc_auc_macro"))})
+                         "Balanced accuracy": UNSEEN if unseen else pct(baseline.balanced_accuracy),
+                         "Macro ROC-AUC": UNSEEN if unseen else num(baseline.roc_auc_macro)})
     return pd.DataFrame(rows)
 
 
-def has_baselines(data: Mapping[str, Any]) -> bool:
+def has_baselines(data: TestSet) -> bool:
     """Whether the evaluation saved at least one metadata-only baseline."""
-    return any(isinstance(b, Mapping) for b in (data.get("baselines") or {}).values())
+    return any(b is not None for b in (data.baselines or {}).values())
 
 
-def per_class_table(data: Mapping[str, Any], images_label: str = "Test images") -> pd.DataFrame:
-    """One row per class: images, sensitivity (recall) and specificity with intervals, PPV, NPV, ROC-AUC."""
-    rows = []
-    for name, values in (_get(data, "metrics", "per_class") or {}).items():
-        if not isinstance(values, Mapping):
-            continue
-        intervals = _get(data, "ci", "per_class", name) or {}
-        rows.append({
-            "Class": name,
-            images_label: values.get("support"),
-            "Sensitivity (95% CI)": interval(intervals.get("sensitivity"), pct, values.get("recall")),
-            "Specificity (95% CI)": interval(intervals.get("specificity"), pct, values.get("specificity")),
-            "PPV": pct(values.get("precision")),
-            "NPV": pct(values.get("npv")),
-            "ROC-AUC": interval(intervals.get("roc_auc"), num, values.get("roc_auc")),
-        })
-    return pd.DataFrame(rows)
+def per_class_table(data: TestSet, images_label: str = "Test images") -> pd.DataFrame:
+    """One row per class (``covidxr.evaluation.results.per_class_rows``) in words: images, sensitivity (recall) and
+    specificity with intervals, PPV, NPV, ROC-AUC."""
+    return pd.DataFrame([{"Class": row["class"], images_label: row["support"],
+                          "Sensitivity (95% CI)": interval(row["sensitivity"], pct),
+                          "Specificity (95% CI)": interval(row["specificity"], pct),
+                          "PPV": pct(row["precision"]), "NPV": pct(row["npv"]), "ROC-AUC": num(row["roc_auc"])}
+                         for row in per_class_rows(data)])
 
 
 def held_out_row(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -159,31 +162,28 @@ def _folder_label(group: str) -> str:
     return f"{name} (patients the gate never saw)" if rest == "(not fitted on)" else f"{name} {rest}".strip()
 
 
-def confusion_table(data: Mapping[str, Any]) -> pd.DataFrame | None:
+def confusion_table(data: EvaluationRecord) -> pd.DataFrame | None:
     """The confusion matrix with readable row and column names (rows: truth, columns: model output), or None."""
-    metrics = data.get("metrics") or {}
-    matrix = metrics.get("confusion_matrix")
-    classes = data.get("classes") or metrics.get("classes") or list((metrics.get("per_class") or {}).keys())
+    matrix = data.metrics.confusion_matrix
+    classes = data.classes or data.metrics.classes or list(data.metrics.per_class)
     if not matrix or len(matrix) != len(classes):
         return None
     return pd.DataFrame(matrix, index=[f"truly {c}" for c in classes], columns=[f"model: {c}" for c in classes])
 
 
-def subgroup_table(groups: Mapping[str, Any], name_of: Any = str) -> pd.DataFrame:
+def subgroup_table(groups: Mapping[str, GroupMetrics], name_of: Any = str) -> pd.DataFrame:
     """One row per subgroup (source or view): images, accuracy, balanced accuracy, ROC-AUC, whether it is small."""
-    rows = [{"Group": name_of(name), "Images": g.get("n"), "Accuracy": pct(g.get("accuracy")),
-             "Balanced accuracy": pct(g.get("balanced_accuracy")), "Macro ROC-AUC": num(g.get("roc_auc_macro")),
-             "Too small to judge": "yes" if g.get("small") else ""}
-            for name, g in groups.items() if isinstance(g, Mapping)]
+    rows = [{"Group": name_of(name), "Images": g.n, "Accuracy": pct(g.accuracy),
+             "Balanced accuracy": pct(g.balanced_accuracy), "Macro ROC-AUC": num(g.roc_auc_macro),
+             "Too small to judge": "yes" if g.small else ""} for name, g in groups.items()]
     return pd.DataFrame(rows)
 
 
-def operating_points_table(points: list[Mapping[str, Any]]) -> pd.DataFrame:
+def operating_points_table(points: list[ThresholdRow]) -> pd.DataFrame:
     """Thresholds chosen on validation for target sensitivities, and what they gave on the test images."""
-    return pd.DataFrame([{"Target sensitivity": pct(p.get("target_sensitivity")), "Threshold": num(p.get("threshold")),
-                          "Test sensitivity": pct(p.get("test_sensitivity")),
-                          "Test specificity": pct(p.get("test_specificity")), "Note": p.get("reason") or ""}
-                         for p in points if isinstance(p, Mapping)])
+    return pd.DataFrame([{"Target sensitivity": pct(p.target_sensitivity), "Threshold": num(p.threshold),
+                          "Test sensitivity": pct(p.test_sensitivity),
+                          "Test specificity": pct(p.test_specificity), "Note": p.reason or ""} for p in points])
 
 
 def covid_set_name(name: str, external_names: Mapping[str, str] | None = None) -> str:
@@ -203,17 +203,21 @@ def covid_set_name(name: str, external_names: Mapping[str, str] | None = None) -
     return f"Never seen in training: {(external_names or {}).get(folder, source_name(folder))}"
 
 
-def covid_table(sets: list[Mapping[str, Any]], external_names: Mapping[str, str] | None = None) -> pd.DataFrame:
+def _count(n: int | None) -> Any:
+    return "?" if n is None else n
+
+
+def covid_table(sets: list[CovidSet], external_names: Mapping[str, str] | None = None) -> pd.DataFrame:
     """COVID or not, per set of films: counts, AUC, and sensitivity and specificity at the shipped threshold ("–"
     where the set was scored by a model of its own, without that threshold: the held-out sources)."""
     rows = []
     for s in sets:
-        fixed = s.get("threshold") is not None
-        rows.append({"Films": covid_set_name(str(s.get("name", "")), external_names),
-                     "COVID / other": f"{s.get('n_positive', '?')} / {s.get('n_negative', '?')}",
-                     "AUC (chance 0.50)": interval(s.get("auc"), num),
-                     "Sensitivity": interval(s.get("sensitivity"), pct) if fixed else "–",
-                     "Specificity": interval(s.get("specificity"), pct) if fixed else "–"})
+        fixed = s.threshold is not None
+        rows.append({"Films": covid_set_name(str(s.name or ""), external_names),
+                     "COVID / other": f"{_count(s.n_positive)} / {_count(s.n_negative)}",
+                     "AUC (chance 0.50)": interval(s.auc, num),
+                     "Sensitivity": interval(s.sensitivity, pct) if fixed else "–",
+                     "Specificity": interval(s.specificity, pct) if fixed else "–"})
     return pd.DataFrame(rows)
 
 

@@ -1,25 +1,26 @@
-"""The loaded model's saved evaluation, read defensively, and the one line of figures the page quotes under a film's
-answer (:func:`reliability_line`).
+"""The loaded model's saved evaluation, read through the one metrics.json reader
+(``covidxr.evaluation.results.read_record``), and the one line of figures the page quotes under a film's answer
+(:func:`reliability_line`).
 
 Numbers come from ``python -m covidxr.evaluate`` only (``eval/metrics.json`` beside the checkpoint, or the summary
-stored in the checkpoint); nothing is recomputed. External results come from two places: an ``external`` list of test
-sets inside metrics.json, and the evaluations of external datasets beside the checkpoint
+stored with the checkpoint); nothing is recomputed. External results come from two places: the ``external`` test sets
+inside metrics.json, and the evaluations of external datasets beside the checkpoint
 (``python -m covidxr.evaluate --checkpoint RUN/best.pt --data OTHER`` writes ``eval-OTHER/metrics.json`` with
-``"external": true``). Held-out-source cross-validation is metrics.json's ``crossval``. Every reader here copes with
-these being absent or partial, so older runs still show what they have.
+``"data_is_external": true``). Held-out-source cross-validation is metrics.json's ``crossval``. Older shapes of the
+file are the reader's business; a file it cannot read is not shown, with a note saying why.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
+from covidxr.errors import CovidxrError
+from covidxr.evaluation.results import CovidSet, EvaluationRecord, ExternalSet, read_metrics, read_record
 from covidxr.inference.decision import OperatingPoint
 from covidxr.sources_display import source_name
 
@@ -29,36 +30,31 @@ class Evaluation:
     """A saved evaluation of the loaded model.
 
     Attributes:
-        data: metrics.json's content (or the checkpoint's summary of it).
+        record: metrics.json's record (or that of the checkpoint's summary of it).
         folder: the evaluation folder (plots, report.html); None for the checkpoint's summary alone.
         notes: remarks to show (e.g. the file belongs to another checkpoint); never server paths.
+        external_runs: the evaluations of external data found beside the checkpoint, each as one external set.
     """
 
-    data: Mapping[str, Any]
+    record: EvaluationRecord
     folder: Path | None = None
     notes: list[str] = field(default_factory=list)
-    external_runs: list[Mapping[str, Any]] = field(default_factory=list)
+    external_runs: list[ExternalSet] = field(default_factory=list)
 
     @property
-    def external(self) -> list[Mapping[str, Any]]:
+    def external(self) -> list[ExternalSet]:
         """External test sets with metrics: metrics.json's ``external`` list, then the external evaluations found
         beside the checkpoint (possibly none)."""
-        sets = self.data.get("external")
-        sets = [sets] if isinstance(sets, Mapping) else sets if isinstance(sets, (list, tuple)) else []
-        sets = [s for s in sets if isinstance(s, Mapping) and isinstance(s.get("metrics"), Mapping)]
-        seen = {(dataset_name(s), s.get("n_images")) for s in sets}  # the same data evaluated both ways: once
-        return sets + [s for s in self.external_runs if isinstance(s.get("metrics"), Mapping)
-                       and (dataset_name(s), s.get("n_images")) not in seen]
+        sets = [s for s in self.record.external if s.metrics is not None]
+        seen = {(dataset_name(s), s.n_images) for s in sets}  # the same data evaluated both ways: once
+        return sets + [s for s in self.external_runs if s.metrics is not None
+                       and (dataset_name(s), s.n_images) not in seen]
 
     @property
-    def crossval_rows(self) -> list[Mapping[str, Any]]:
+    def crossval_rows(self) -> list[dict[str, Any]]:
         """Held-out-source cross-validation, one entry per held-out source (possibly none): ``crossval.json``'s
         ``folds`` (each a held-out result with ``name``, ``metrics``, ``ci``) or summary ``rows``."""
-        crossval = self.data.get("crossval")
-        if not isinstance(crossval, Mapping):
-            return []
-        rows = crossval.get("folds") or crossval.get("rows")
-        return [r for r in rows or [] if isinstance(r, Mapping)]
+        return self.record.crossval_folds
 
     @property
     def report(self) -> Path | None:
@@ -68,13 +64,13 @@ class Evaluation:
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def _read_json(path: str, mtime_ns: int) -> dict[str, Any] | None:
-    """A JSON object from a file (cached per path and modification time, which is part of the key only)."""
+def _read(path: str, mtime_ns: int) -> EvaluationRecord | str:
+    """The record of a metrics.json, or the one-line reason it cannot be read (cached per path and modification
+    time, which is part of the key only)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+        return read_metrics(path)
+    except CovidxrError as exc:
+        return str(exc)
 
 
 def _metrics_json_path(predictor: Any) -> Path:
@@ -86,30 +82,28 @@ def _metrics_json_path(predictor: Any) -> Path:
     return run_dir / "eval" / "metrics.json"
 
 
-def dataset_name(data: Mapping[str, Any]) -> str:
+def dataset_name(data: ExternalSet | EvaluationRecord) -> str:
     """An external test set's name: its sources as datasets ("COVID-CXNet + chest X-ray teaching films"), else its
     recorded name or its data folder's name (never a full path)."""
-    sources = [s for s in (data.get("by_source") or {}) if s not in ("(unknown)", "(missing)")]
+    sources = [s for s in (data.by_source or {}) if s not in ("(unknown)", "(missing)")]
     if sources:
         return " + ".join(dict.fromkeys(source_name(s) for s in sources))
-    if data.get("name"):
-        return source_name(data["name"])
-    return Path(str(data.get("data") or "external data")).name
+    name = getattr(data, "name", None)
+    if name:
+        return source_name(name)
+    return Path(str(data.data or "external data")).name
 
 
-def external_runs(predictor: Any, shas: set[Any]) -> list[dict[str, Any]]:
+def external_runs(predictor: Any, shas: set[Any]) -> list[ExternalSet]:
     """The evaluations of external datasets beside the checkpoint (``eval-*/metrics.json`` with
     ``"data_is_external": true``) made with this checkpoint (its SHA-256 before or after the evaluation stored its
     summary in it)."""
     found = []
     for path in sorted(Path(predictor.checkpoint_path).parent.glob("eval-*/metrics.json")):
-        data = _read_json(str(path), path.stat().st_mtime_ns)
-        external = data and (data.get("data_is_external") is True or data.get("external") is True)
-        if not external or data.get("checkpoint_sha256") not in shas:
+        record = _read(str(path), path.stat().st_mtime_ns)
+        if isinstance(record, str) or not record.data_is_external or record.checkpoint_sha256 not in shas:
             continue
-        keys = ("n_images", "n_patients", "metrics", "ci", "by_source", "baselines", "calibration", "warnings",
-                "gate", "covid_vs_rest")
-        found.append({"name": dataset_name(data), **{k: data.get(k) for k in keys}})
+        found.append(record.as_external_set(dataset_name(record)))
     return found
 
 
@@ -123,40 +117,54 @@ def load_evaluation(predictor: Any) -> Evaluation | None:
         predictor: the loaded ``covidxr.inference.predictor.Predictor``.
     """
     path = _metrics_json_path(predictor)
-    full = _read_json(str(path), path.stat().st_mtime_ns) if path.is_file() else None
-    summary = getattr(predictor, "metrics", None) or None
-    shas = {predictor.checkpoint_sha256, (summary or {}).get("checkpoint_sha256")} - {None}
+    full = _read(str(path), path.stat().st_mtime_ns) if path.is_file() else None
+    stored = getattr(predictor, "metrics", None) or None
+    summary = _summary_record(stored)
+    shas = {predictor.checkpoint_sha256, (stored or {}).get("checkpoint_sha256")} - {None}
     external = external_runs(predictor, shas)
+    notes = []
+    if isinstance(full, str):
+        notes.append(f"The evaluation beside the checkpoint cannot be read ({full.split(': ', 1)[-1]}).")
+        full = None
     if full is None:
-        return Evaluation(summary, external_runs=external) if summary else None
-    if summary is not None and full.get("checkpoint_sha256") != summary.get("checkpoint_sha256"):
+        return Evaluation(summary, None, notes, external) if summary else None
+    if summary is not None and full.checkpoint_sha256 != summary.checkpoint_sha256:
         return Evaluation(summary, path.parent, ["The evaluation folder beside the checkpoint comes from another "
                                                  "evaluation than the one stored in the checkpoint; showing the "
                                                  "checkpoint's own summary."], external)
-    if summary is None and full.get("checkpoint_sha256") not in (None, predictor.checkpoint_sha256):
+    if summary is None and full.checkpoint_sha256 not in (None, predictor.checkpoint_sha256):
         return Evaluation(full, path.parent, ["This evaluation was computed for another checkpoint file; its "
                                               "numbers may not describe the loaded model. Evaluate again."], external)
     return Evaluation(full, path.parent, [], external)
 
 
-def _covid_sets(evaluation: Evaluation, prefix: str) -> list[Mapping[str, Any]]:
+def _summary_record(summary: Any) -> EvaluationRecord | None:
+    """The record of the evaluation summary stored with the checkpoint, or None (none, or not readable)."""
+    if not summary:
+        return None
+    try:
+        return read_record({"metrics": {}, **summary}, "the checkpoint's evaluation summary")
+    except CovidxrError:
+        return None
+
+
+def _covid_sets(evaluation: Evaluation, prefix: str) -> list[CovidSet]:
     """metrics.json's COVID-or-not sets whose name starts with ``prefix`` ("external ", "internal "), then those of
     the external evaluations found beside the checkpoint."""
-    found = [s for s in (evaluation.data.get("covid_vs_rest") or {}).get("sets") or [] if isinstance(s, Mapping)]
+    found = list(evaluation.record.covid_vs_rest.sets) if evaluation.record.covid_vs_rest else []
     if prefix == "external ":
-        found += [s for run in evaluation.external_runs for s in (run.get("covid_vs_rest") or {}).get("sets") or []
-                  if isinstance(s, Mapping)]
-    return [s for s in found if str(s.get("name", "")).startswith(prefix) and ": " not in str(s.get("name"))]
+        found += [s for run in evaluation.external_runs for s in (run.covid_vs_rest.sets if run.covid_vs_rest else [])]
+    return [s for s in found if str(s.name or "").startswith(prefix) and ": " not in str(s.name)]
 
 
-def _counts(covid_set: Mapping[str, Any], point: OperatingPoint) -> tuple[int, int, int, int] | None:
+def _counts(covid_set: CovidSet, point: OperatingPoint) -> tuple[int, int, int, int] | None:
     """``(COVID films found, COVID films, other films called COVID, other films)`` of a set scored at ``point``'s
     threshold, or None when it was scored at another one or lacks a number."""
-    threshold = covid_set.get("threshold")
-    sens = (covid_set.get("sensitivity") or {}).get("estimate")
-    spec = (covid_set.get("specificity") or {}).get("estimate")
-    positives, negatives = covid_set.get("n_positive"), covid_set.get("n_negative")
-    if point.threshold is None or not isinstance(threshold, (int, float)) or abs(threshold - point.threshold) > 1e-6:
+    threshold = covid_set.threshold
+    sens = covid_set.sensitivity.estimate if covid_set.sensitivity else None
+    spec = covid_set.specificity.estimate if covid_set.specificity else None
+    positives, negatives = covid_set.n_positive, covid_set.n_negative
+    if point.threshold is None or threshold is None or abs(threshold - point.threshold) > 1e-6:
         return None
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (sens, spec)) or not positives or \
             not negatives:
@@ -164,16 +172,15 @@ def _counts(covid_set: Mapping[str, Any], point: OperatingPoint) -> tuple[int, i
     return round(sens * positives), int(positives), round((1 - spec) * negatives), int(negatives)
 
 
-def _one_collection(evaluation: Evaluation, covid_set: Mapping[str, Any], positive: str) -> bool:
+def _one_collection(evaluation: Evaluation, covid_set: CovidSet, positive: str) -> bool:
     """Whether the COVID films of an external COVID-or-not set all come from one collection that gives no other
     class (its test set's per-source class counts say so)."""
-    name = str(covid_set.get("name", "")).removeprefix("external ")
-    sets = [s for s in evaluation.external if s.get("name") == name] or (
+    name = str(covid_set.name or "").removeprefix("external ")
+    sets = [s for s in evaluation.external if s.name == name] or (
         evaluation.external if len(evaluation.external) == 1 else [])
     for test_set in sets:
-        groups = test_set.get("by_source") or {}
-        with_covid = [g.get("class_counts") or {} for g in groups.values() if isinstance(g, Mapping)
-                      and isinstance(g.get("class_counts"), Mapping) and (g["class_counts"].get(positive) or 0)]
+        with_covid = [g.class_counts for g in (test_set.by_source or {}).values()
+                      if g.class_counts and g.class_counts.get(positive)]
         if len(with_covid) == 1 and sum(bool(n) for n in with_covid[0].values()) == 1:
             return True
     return False

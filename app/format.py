@@ -8,6 +8,7 @@ bars, tables, the results CSV's display column) goes through :func:`probability`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping
@@ -35,8 +36,13 @@ def num(value: Any) -> str:
     return "–" if p is None else f"{p:.2f}"
 
 
-def interval(ci: Mapping[str, Any] | None, fmt: Any = pct, value: Any = None) -> str:
-    """``estimate (lo–hi)`` from an interval mapping ``{"estimate", "lo", "hi"}``; just the value without bounds."""
+def interval(ci: Any, fmt: Any = pct, value: Any = None) -> str:
+    """``estimate (lo–hi)`` from an interval (a saved evaluation's ``Interval`` record or a mapping ``{"estimate",
+    "lo", "hi"}``); just the value without bounds; a plain number as itself."""
+    if dataclasses.is_dataclass(ci) and not isinstance(ci, type):
+        ci = dataclasses.asdict(ci)
+    if isinstance(ci, (int, float)) and not isinstance(ci, bool):
+        return fmt(ci)
     ci = ci if isinstance(ci, Mapping) else {}
     estimate = ci.get("estimate", value)
     lo, hi = _number(ci.get("lo")), _number(ci.get("hi"))

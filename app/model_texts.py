@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from app.format import num, pct
+from covidxr.evaluation.results import CalibrationResult, EvaluationRecord, ExternalSet
 
 EXPLANATIONS = """\
 **How to read these numbers** (each is measured per class, "this class" against all others):
@@ -55,11 +56,10 @@ def crossval_how(crossval: Mapping[str, Any]) -> str:
     return ", ".join(p for p in parts if p)
 
 
-def single_class_sources(test_set: Mapping[str, Any]) -> list[str]:
+def single_class_sources(test_set: EvaluationRecord | ExternalSet) -> list[str]:
     """The sources of a test set that give a single class (from its per-source breakdown's class counts)."""
-    groups = test_set.get("by_source") or {}
-    return [str(source) for source, group in groups.items() if isinstance(group, Mapping)
-            and isinstance(counts := group.get("class_counts"), Mapping) and sum(bool(n) for n in counts.values()) == 1]
+    return [str(source) for source, group in (test_set.by_source or {}).items()
+            if group.class_counts and sum(bool(n) for n in group.class_counts.values()) == 1]
 
 
 def not_evaluated(predictor: Any) -> str:
@@ -70,10 +70,10 @@ def not_evaluated(predictor: Any) -> str:
             f"{run.name}\n```\n\nthen reload this page.")
 
 
-def temperature_text(temperature: float, data: Mapping[str, Any], external: list[Mapping[str, Any]]) -> str:
+def temperature_text(temperature: float, data: EvaluationRecord, external: list[ExternalSet]) -> str:
     """What the calibration temperature is, what it was fitted on, and what it did (internal and external)."""
-    calibration = data.get("calibration") or {}
-    how = str(calibration.get("how") or "")
+    calibration = data.calibration or CalibrationResult()
+    how = str(calibration.how or "")
     if abs(temperature - 1.0) < 1e-9 and not how:
         return ("**Probability calibration:** none (temperature 1.00). The probabilities are the network's raw "
                 "softmax output, which is often over-confident.")
@@ -83,12 +83,11 @@ def temperature_text(temperature: float, data: Mapping[str, Any], external: list
         text += (" That split holds patients of the same hospitals and collections as training, so the "
                  "temperature makes probabilities honest there; on films from elsewhere they may still be too sure "
                  "or not sure enough.")
-    if calibration.get("ece_before") is not None and calibration.get("ece_after") is not None:
+    if calibration.ece_before is not None and calibration.ece_after is not None:
         text += (f" On the internal test the average gap between stated probability and how often the model was "
-                 f"right (expected calibration error) went from {pct(calibration['ece_before'])} to "
-                 f"{pct(calibration['ece_after'])}.")
-    measured = [(e.get("name"), (e.get("calibration") or {}).get("ece_after", (e.get("calibration") or {}).get("ece")))
-                for e in external]
+                 f"right (expected calibration error) went from {pct(calibration.ece_before)} to "
+                 f"{pct(calibration.ece_after)}.")
+    measured = [(e.name, e.calibration.ece_after if e.calibration else None) for e in external]
     measured = [(name, ece) for name, ece in measured if isinstance(ece, (int, float))]
     if measured:
         text += " On external films it was " + ", ".join(f"{pct(ece)}" for _, ece in measured) + "."

@@ -46,6 +46,7 @@ from app.model_texts import (
     temperature_text,
 )
 from app.redact import public_report, setting_rows
+from covidxr.evaluation.results import CovidSet, EvaluationRecord, ExternalSet, Interval
 from covidxr.inference.decision import OperatingPoint
 from covidxr.sources_display import readable, source_name
 
@@ -57,17 +58,17 @@ def _warning_list(title: str, items: list[Any], sources: Any = ()) -> None:
         st.warning(f"**{title}**\n\n{text}", icon=":material/warning:")
 
 
-def _sources(data: Mapping[str, Any]) -> set[str]:
+def _sources(data: EvaluationRecord) -> set[str]:
     """Every recorded source name an evaluation mentions (its breakdown and its training data table)."""
-    facts = (data.get("model_card") or {}).get("data") or {}
-    names = set(data.get("by_source") or {})
+    facts = (data.model_card or {}).get("data") or {}
+    names = set(data.by_source or {})
     for table in (facts.get("class_by_source"), (facts.get("evaluated") or {}).get("class_by_source")):
         if isinstance(table, Mapping):
             names |= {s for counts in table.values() if isinstance(counts, Mapping) for s in counts}
     return names
 
 
-def _headline_metrics(data: Mapping[str, Any]) -> None:
+def _headline_metrics(data: EvaluationRecord) -> None:
     """Balanced accuracy and macro ROC-AUC, accuracy and macro F1 as metric tiles, each interval below its tile."""
     shown = (("balanced_accuracy", "Balanced accuracy", pct, "average sensitivity over the classes"),
              ("roc_auc_macro", "Macro ROC-AUC", num, "ROC-AUC averaged over classes (0.5 chance, 1 perfect)"),
@@ -75,10 +76,10 @@ def _headline_metrics(data: Mapping[str, Any]) -> None:
              ("f1_macro", "Macro F1", num, "balance of PPV and sensitivity, averaged over classes (0 to 1)"))
     cols = st.columns(len(shown))
     for col, (key, label, fmt, meaning) in zip(cols, shown, strict=True):
-        ci = ((data.get("ci") or {}).get("metrics") or {}).get(key) or {}
-        col.metric(label, fmt(ci.get("estimate", (data.get("metrics") or {}).get(key))), help=meaning)
-        if ci.get("lo") is not None and ci.get("hi") is not None:
-            col.caption(f"95% interval {fmt(ci['lo'])}–{fmt(ci['hi'])}")
+        estimate, lo, hi = _ci(data, key)
+        col.metric(label, fmt(estimate), help=meaning)
+        if lo is not None and hi is not None:
+            col.caption(f"95% interval {fmt(lo)}–{fmt(hi)}")
 
 
 def _table(frame: Any, caption: str | None = None) -> None:
@@ -89,13 +90,15 @@ def _table(frame: Any, caption: str | None = None) -> None:
             st.caption(caption)
 
 
-def _ci(data: Mapping[str, Any], key: str) -> tuple[Any, Any, Any]:
+def _ci(data: EvaluationRecord | ExternalSet, key: str) -> tuple[Any, Any, Any]:
     """``(estimate, lo, hi)`` of a headline metric (balanced accuracy, macro ROC-AUC)."""
-    ci = ((data.get("ci") or {}).get("metrics") or {}).get(key) or {}
-    return ci.get("estimate", (data.get("metrics") or {}).get(key)), ci.get("lo"), ci.get("hi")
+    ci = data.ci.metrics.get(key) if data.ci else None
+    if ci is not None:
+        return ci.estimate, ci.lo, ci.hi
+    return (getattr(data.metrics, key) if data.metrics else None), None, None
 
 
-def comparison_sentence(data: Mapping[str, Any], where: str) -> str:
+def comparison_sentence(data: EvaluationRecord | ExternalSet, where: str) -> str:
     """What a comparison table shows and how the model did against chance there."""
     estimate, lo, hi = _ci(data, "balanced_accuracy")
     chance = chance_level(data) or 0.5
@@ -106,15 +109,15 @@ def comparison_sentence(data: Mapping[str, Any], where: str) -> str:
             "source or view alone; one below chance (an AUC under 0.50) points the wrong way on these films.")
 
 
-def _render_external(test_set: Mapping[str, Any]) -> None:
+def _render_external(test_set: ExternalSet) -> None:
     """One external test set: size, headline with intervals, per-class recall and AUC, baselines, calibration."""
     name = dataset_name(test_set)
-    patients = f", {test_set['n_patients']} patients" if test_set.get("n_patients") else ""
+    n_images = "?" if test_set.n_images is None else test_set.n_images
+    patients = f", {test_set.n_patients} patients" if test_set.n_patients else ""
     st.markdown(f"#### External validation: {name}")
-    st.markdown(f"**{test_set.get('n_images', '?')} images{patients}** from sources the model never saw in "
+    st.markdown(f"**{n_images} images{patients}** from sources the model never saw in "
                 "training, validation or model selection.")
-    _warning_list("Caution about these numbers", list(test_set.get("warnings") or []),
-                  set(test_set.get("by_source") or {}))
+    _warning_list("Caution about these numbers", list(test_set.warnings), set(test_set.by_source or {}))
     single = single_class_sources(test_set)
     if single:
         st.warning(f"**Caution:** {', '.join(source_name(s) for s in single)} "
@@ -128,19 +131,19 @@ def _render_external(test_set: Mapping[str, Any]) -> None:
            "Per class on these films, when the model names its most likely class (95% intervals in brackets); the "
            "page's COVID answer uses the threshold instead, and its figures are in the COVID-or-not table above."
            + (f" No {', '.join(absent)} films in this set, so nothing is measured for that class." if absent else ""))
-    took = {c: n for c, n in (test_set.get("absent_class_calls") or {}).items() if n}
+    took = {c: n for c, n in (test_set.absent_class_calls or {}).items() if n}
     if took:
         st.markdown("**Answers of a class this set does not have:** " + "; ".join(
-            f"{n} of {test_set.get('n_images', '?')} films were called {c}" for c, n in took.items())
+            f"{n} of {n_images} films were called {c}" for c, n in took.items())
             + ". The COVID-or-not table above does not depend on them.")
-    calibration = test_set.get("calibration") or {}
-    ece = calibration.get("ece_after", calibration.get("ece", (test_set.get("metrics") or {}).get("ece")))
+    ece = test_set.calibration.ece_after if test_set.calibration else None
+    ece = ece if ece is not None else (test_set.metrics.ece if test_set.metrics else None)
     if isinstance(ece, (int, float)):
         st.markdown(f"**Calibration on these films:** a stated probability was off by {pct(ece)} on average "
                     "(expected calibration error).")
-    if isinstance(test_set.get("by_source"), Mapping) and test_set["by_source"]:
+    if test_set.by_source:
         st.markdown("**By source within this external set**")
-        _table(subgroup_table(test_set["by_source"], source_name), "Each source of these films on its own; a "
+        _table(subgroup_table(test_set.by_source, source_name), "Each source of these films on its own; a "
                "source with films of one class has no balanced accuracy worth reading.")
 
 
@@ -161,7 +164,7 @@ def _render_crossval(evaluation: Evaluation) -> None:
     rows = evaluation.crossval_rows
     if not rows:
         return
-    crossval = evaluation.data.get("crossval") or {}
+    crossval = evaluation.record.crossval or {}
     how = crossval_how(crossval)
     st.markdown("#### Each source left out of training in turn")
     st.markdown("The training recipe was run again once per source, each time **without** that source's films, and "
@@ -176,8 +179,8 @@ def _render_crossval(evaluation: Evaluation) -> None:
 
 def render_gate(evaluation: Evaluation) -> None:
     """How often the input gate answers, marks or refuses, per kind of image (the evaluations' gate reports)."""
-    reports = [("Test films (same sources as training)", evaluation.data.get("gate"))]
-    reports += [(f"Films from {dataset_name(s)}", s.get("gate")) for s in evaluation.external]
+    reports = [("Test films (same sources as training)", evaluation.record.gate)]
+    reports += [(f"Films from {dataset_name(s)}", s.gate) for s in evaluation.external]
     reports = [(label, r) for label, r in reports if isinstance(r, Mapping) and r.get("evaluated")]
     if not reports:
         return
@@ -205,28 +208,27 @@ def render_trust(evaluation: Evaluation, point: OperatingPoint) -> None:
     _render_crossval(evaluation)
 
 
-def _covid_sentence(sets: list[Mapping[str, Any]], names: Mapping[str, str]) -> str:
+def _covid_sentence(sets: list[CovidSet], names: Mapping[str, str]) -> str:
     """Each set's COVID-or-not AUC in words against chance (0.50)."""
     parts = []
     for covid_set in sets:
-        auc = covid_set.get("auc") or {}
+        auc = covid_set.auc or Interval()
         name = covid_table([covid_set], names)["Films"].iloc[0]
-        parts.append(f"{name} {num(auc.get('estimate'))}: "
-                     f"**{judge(auc.get('estimate'), 0.5, auc.get('lo'), auc.get('hi'), good=0.85)}**")
+        parts.append(f"{name} {num(auc.estimate)}: "
+                     f"**{judge(auc.estimate, 0.5, auc.lo, auc.hi, good=0.85)}**")
     return "AUC: " + "; ".join(parts) + "." if parts else ""
 
 
 def _render_covid(evaluation: Evaluation, point: OperatingPoint, internal: bool) -> None:
     """COVID or not, the question a clinician brings, on the sets of one kind: the internal test and its sources
     (``internal``), or the external sets and the left-out sources."""
-    block = evaluation.data.get("covid_vs_rest") or {}
-    sets = [s for s in block.get("sets") or [] if isinstance(s, Mapping)
-            and str(s.get("name", "")).startswith("internal ") == internal]
+    block = evaluation.record.covid_vs_rest
+    sets = [s for s in (block.sets if block else []) if str(s.name or "").startswith("internal ") == internal]
     sets += [] if internal else [s for run in evaluation.external_runs
-                                 for s in (run.get("covid_vs_rest") or {}).get("sets") or []]
+                                 for s in (run.covid_vs_rest.sets if run.covid_vs_rest else [])]
     if not sets:
         return
-    names = {str(s.get("name")): dataset_name(s) for s in evaluation.external}
+    names = {str(s.name): dataset_name(s) for s in evaluation.external}
     st.markdown("#### COVID or not" + ("" if internal else ", on films from sources it never saw"))
     st.markdown(f"{point.rule()} AUC: how well the COVID probability ranks COVID films above the others (0.50 is "
                 "chance, 1.00 perfect); sensitivity: the share of COVID films it said yes to; specificity: the share "
@@ -236,11 +238,11 @@ def _render_covid(evaluation: Evaluation, point: OperatingPoint, internal: bool)
     _table(covid_table(sets, names), _covid_sentence(sets, names))
 
 
-def _render_plots(data: Mapping[str, Any], folder: Path | None) -> None:
+def _render_plots(data: EvaluationRecord, folder: Path | None) -> None:
     """The saved plot images that have an explanation (:data:`PLOT_CAPTIONS`), two per row."""
     if folder is None:
         return
-    plots = [(name, folder / str(file)) for name, file in (data.get("plots") or {}).items()
+    plots = [(name, folder / str(file)) for name, file in (data.plots or {}).items()
              if name in PLOT_CAPTIONS and (folder / str(file)).is_file()]
     cols = st.columns(2) if plots else []
     for index, (name, path) in enumerate(plots):
@@ -249,13 +251,13 @@ def _render_plots(data: Mapping[str, Any], folder: Path | None) -> None:
 
 def render_internal(evaluation: Evaluation, point: OperatingPoint) -> None:
     """The internal test: held-out patients of the same sources as training, labelled as such."""
-    data = evaluation.data
-    parts = [f"**{data.get('n_images', '?')}** images"]
-    if data.get("n_patients"):
-        parts.append(f"**{data['n_patients']}** patients")
-    st.markdown(f"Held-out {' and '.join(parts)} of the {data.get('split', 'test')} split: not used for training, "
+    data = evaluation.record
+    parts = [f"**{'?' if data.n_images is None else data.n_images}** images"]
+    if data.n_patients:
+        parts.append(f"**{data.n_patients}** patients")
+    st.markdown(f"Held-out {' and '.join(parts)} of the {data.split or 'test'} split: not used for training, "
                 "but from the same hospitals and collections. These numbers are an upper bound for other places.")
-    _warning_list("Caution about these numbers", list(data.get("warnings") or []), _sources(data))
+    _warning_list("Caution about these numbers", list(data.warnings), _sources(data))
     _render_covid(evaluation, point, internal=True)
     _headline_metrics(data)
     if has_baselines(data):
@@ -273,15 +275,15 @@ def render_internal(evaluation: Evaluation, point: OperatingPoint) -> None:
         st.markdown("**Confusion matrix** (rows: the true class; columns: the most likely class; counts of images)")
         st.table(confusion, alt="Confusion matrix of the internal test")
     _render_plots(data, evaluation.folder)
-    table = data.get("operating_points") or {}
-    if isinstance(table, Mapping) and table.get("points"):
-        positive = table.get("positive", "the positive class")
-        _table(operating_points_table(table["points"]), f"Other thresholds for '{positive}', chosen on the validation "
+    table = data.operating_points
+    if table is not None and table.points:
+        positive = table.positive or "the positive class"
+        _table(operating_points_table(table.points), f"Other thresholds for '{positive}', chosen on the validation "
                "images for a target share of cases found; the last columns show what they gave on the test images. "
                "The page uses the threshold above, not these.")
     for key, title, name_of in (("by_source", "By image source", source_name), ("by_view", "By view", str)):
-        groups = data.get(key)
-        if isinstance(groups, Mapping) and groups:
+        groups = getattr(data, key)
+        if groups:
             _table(subgroup_table(groups, name_of), f"{title}: does the model work equally well everywhere? A group "
                    "marked too small cannot tell.")
 
@@ -289,8 +291,8 @@ def render_internal(evaluation: Evaluation, point: OperatingPoint) -> None:
 def render_training(predictor: Any, evaluation: Evaluation | None) -> None:
     """Training: validation AUC, calibration temperature and what it was fitted on, data, limitations, settings."""
     info = dict(getattr(predictor, "info", {}) or {})
-    data = evaluation.data if evaluation else {}
-    card = data.get("model_card") or {}
+    data = evaluation.record if evaluation else EvaluationRecord()
+    card = data.model_card or {}
     cols = st.columns(3)
     cols[0].metric("Validation macro ROC-AUC", num(info.get("best_auc")),
                    help="on the validation split used to pick the epoch: optimistic by construction")
@@ -323,7 +325,7 @@ def render_model_identity(predictor: Any) -> None:
 
 def _training_facts(predictor: Any, evaluation: Evaluation | None) -> Mapping[str, Any]:
     """What the model was trained on: the model card's data facts, else the checkpoint's."""
-    card = (evaluation.data.get("model_card") or {}) if evaluation else {}
+    card = (evaluation.record.model_card or {}) if evaluation else {}
     info = dict(getattr(predictor, "info", {}) or {})
     facts = card.get("data") or info.get("data") or {}
     return facts if isinstance(facts, Mapping) else {}

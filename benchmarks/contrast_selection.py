@@ -66,7 +66,7 @@ TRAIN = ["--arch", "efficientnet_lite0", "--weights", "imagenet", "--img-size", 
 
 
 def row_settings(name: str) -> dict:
-    """The CrossvalConfig fields of a row's flags."""
+    """A row's flags as CrossvalConfig's flat settings (``CrossvalConfig.from_dict``)."""
     flags = ROWS[name]
 
     def value(flag: str, default: str) -> str:
@@ -112,8 +112,8 @@ def probe(runs: Path, rows: list[str], seeds: list[int]) -> None:
             print(f"{name}: reused {target}")
             continue
         start = time.perf_counter()
-        base = cv.CrossvalConfig(data=DATA, out=runs / f"probe-{name}", bootstrap=0, workers=0, device="cpu",
-                                 **row_settings(name))
+        base = cv.CrossvalConfig.from_dict({"data": DATA, "out": runs / f"probe-{name}", "bootstrap": 0, "workers": 0,
+                                              "device": "cpu", **row_settings(name)})
         data = cv.load_all(base)
         sources, _ = cv.held_out_sources(data, base.min_images)
         feats = cv.backbone_features(data, base, device)

@@ -58,7 +58,7 @@ FULL_ROWS = ("none", "group", "lungcrop", "lchist")
 
 
 def row_settings(name: str) -> dict:
-    """The CrossvalConfig fields of a row's flags."""
+    """A row's flags as CrossvalConfig's flat settings (``CrossvalConfig.from_dict``)."""
     flags = ROWS[name]
     return {"lung_crop": "--lung-crop" in flags, "lung_mask": "--lung-mask" in flags,
             "equalize": flags[flags.index("--equalize") + 1] if "--equalize" in flags else "none",
@@ -80,8 +80,8 @@ def proxy(runs: Path, rows: list[str], seeds: list[int]) -> None:
             print(f"{name}: reused {target}")
             continue
         start = time.perf_counter()
-        base = cv.CrossvalConfig(data=DATA, out=runs / f"proxy-{name}", bootstrap=0, workers=0, device="cpu",
-                              **row_settings(name))
+        base = cv.CrossvalConfig.from_dict({"data": DATA, "out": runs / f"proxy-{name}", "bootstrap": 0, "workers": 0,
+                                              "device": "cpu", **row_settings(name)})
         data = cv.load_all(base)
         sources, _ = cv.held_out_sources(data, base.min_images)
         feats = cv.backbone_features(data, base, device)

@@ -7,6 +7,7 @@ with these functions: values are escaped, the page has inline CSS, no scripts an
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import math
 import re
@@ -87,15 +88,17 @@ class Section:
 
 
 def _is_interval(value: Any) -> bool:
-    """Whether a value is an interval dict with ``estimate``, ``lo`` and ``hi`` keys.
+    """Whether a value is an interval: a dict with ``estimate``, ``lo`` and ``hi`` keys, or a record with those fields.
 
     Args:
         value: Anything.
 
     Returns:
-        ``True`` for an interval dict.
+        ``True`` for an interval dict or record.
     """
-    return isinstance(value, Mapping) and {"estimate", "lo", "hi"} <= set(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name for f in dataclasses.fields(value)}
+    return isinstance(value, (Mapping, set)) and {"estimate", "lo", "hi"} <= set(value)
 
 
 def _fmt_number(value: Any, digits: int) -> str:
@@ -123,8 +126,9 @@ def format_value(value: Any, digits: int = 3) -> str:
     """Format a value for display (unescaped text).
 
     ``None``/NaN -> ``"n/a"``; floats with ``digits`` decimals; ints as is; bools ``yes``/``no``; interval dicts
-    ``{"estimate", "lo", "hi"}`` -> ``"0.912 (0.871–0.946)"`` (``"0.912 (CI n/a)"`` without bounds); lists and tuples
-    comma-separated; other mappings as ``key: value`` pairs; anything else ``str()``.
+    ``{"estimate", "lo", "hi"}`` -> ``"0.912 (0.871–0.946)"`` (``"0.912 (CI n/a)"`` without bounds); a record (a
+    dataclass instance, e.g. an interval of ``covidxr.evaluation.records``) as the mapping of its fields; lists and
+    tuples comma-separated; other mappings as ``key: value`` pairs; anything else ``str()``.
 
     Args:
         value: The value.
@@ -133,6 +137,8 @@ def format_value(value: Any, digits: int = 3) -> str:
     Returns:
         The text.
     """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     if _is_interval(value):
         est = _fmt_number(value["estimate"], digits)
         if value["lo"] is None or value["hi"] is None:

@@ -1,18 +1,23 @@
-"""How a decoded film becomes the network's input, said once: the lung crop, lung mask, equalisation and, for
-training, the augmentation and the lung model file.
+"""The one definition of how a decoded film becomes the network's input: the lung crop, lung mask, equalisation and,
+for training, the augmentation and the lung model file. Every field of it is declared here and nowhere else.
 
 :class:`InputRecord` is what a checkpoint records (its ``preprocess`` keys ``lung_crop``, ``lung_margin``,
 ``equalize``, ``lung_mask``, ``lung_mask_dilation``) and holds the one rule that ties them: a lung mask is applied to
-the lung crop, so ``lung_mask`` implies ``lung_crop``. The preprocessing record (``covidxr.preprocess.Preprocess``)
-and the pipeline that carries it out (``covidxr.model_input.InputPipeline``) are input records.
-:class:`InputSettings` adds what only a run's settings need: the training augmentation and the lung model's file
-(a checkpoint carries the lung model itself). The training configuration, the loader settings and the
-cross-validation configuration are input settings, so each of these fields is declared here and nowhere else.
+the lung crop, so ``lung_mask`` implies ``lung_crop``. The checkpoint's preprocessing record
+(``covidxr.preprocess.Preprocess``: this record plus the image size and the letterbox) and the pipeline that carries it
+out (``covidxr.model_input.InputPipeline``) are input records. :class:`InputSettings` adds what only a run's settings
+need: the training augmentation and the lung model's file (a checkpoint carries the lung model itself).
+
+The settings of a run (``covidxr.data.loaders.DataSettings`` and ``LoaderSettings``,
+``covidxr.training.config.TrainConfig``, ``covidxr.crossval.folds.CrossvalConfig``) each hold one
+:class:`InputSettings` in their ``preprocessing`` field. Their stored form (config.json, a checkpoint's ``config``, the
+command line's arguments) stays flat, one key per field: :func:`flat_settings` writes it and
+:func:`settings_from_dict` reads it back.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
 
 EQUALIZE = ("none", "hist", "clahe")
@@ -57,6 +62,20 @@ class InputSettings(InputRecord):
     augment: str = "standard"  # training augmentation: standard | style (adds scanner-style randomisation)
     lung_model: str | None = None  # lung model file for a lung crop; default $COVIDXR_HOME/lungs/lung-seg.pt
 
-    def input_settings(self) -> dict[str, Any]:
-        """The input settings (:class:`InputSettings`'s fields) as a dict, to pass on to other settings."""
-        return {f.name: getattr(self, f.name) for f in fields(InputSettings)}
+
+Settings = TypeVar("Settings")
+
+
+def settings_from_dict(cls: type[Settings], d: dict[str, Any]) -> Settings:
+    """Settings of ``cls`` (a dataclass with a ``preprocessing`` field) from their flat stored form (a config.json, a
+    checkpoint's ``config``, the command line's arguments), ignoring keys of other settings and of older or newer
+    versions; missing keys take their defaults."""
+    names = {f.name for f in fields(cls) if f.init} - {"preprocessing"}  # type: ignore[arg-type]
+    return cls(preprocessing=InputSettings.from_dict(d), **{k: v for k, v in d.items() if k in names})
+
+
+def flat_settings(settings: Any) -> dict[str, Any]:
+    """Settings with a ``preprocessing`` field in their flat stored form: the input settings' keys first, then the
+    rest (the layout of config.json and of a checkpoint's ``config``)."""
+    values = asdict(settings)
+    return {**values.pop("preprocessing"), **values}

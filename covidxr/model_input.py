@@ -1,5 +1,5 @@
-"""The one path from a decoded X-ray to the network's square input: lung crop (optional), lung mask (optional),
-equalisation (optional), letterbox.
+"""Carrying out the input settings (defined in ``covidxr.input_settings``): the path from a decoded X-ray to the
+network's square input, lung crop (optional), lung mask (optional), equalisation (optional), letterbox.
 
 :class:`InputPipeline` holds what the preprocessing record asks for (the
 :class:`~covidxr.input_settings.InputRecord` fields of ``covidxr.preprocess.Preprocess``: ``lung_crop``,
@@ -167,11 +167,6 @@ class InputPipeline(InputRecord):
     def record(self, pre: Preprocess) -> Preprocess:
         """``pre`` with this pipeline's lung crop, lung mask and equalisation."""
         return replace(pre, **self.input_record())
-
-    def loader_fields(self) -> dict[str, Any]:
-        """This pipeline as ``covidxr.data.loaders.LoaderSettings`` fields (``dataclasses.replace(settings,
-        **pipeline.loader_fields())`` prepares data as this pipeline does, with its lung model)."""
-        return {**self.input_record(), "lung_entry": self.lung_entry}
 
     def checkpoint_entries(self) -> dict[str, Any]:
         """What a checkpoint carries besides the record: ``{"lung_model": entry}`` with a lung crop, else nothing."""

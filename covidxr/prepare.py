@@ -43,7 +43,7 @@ def get_args_parser() -> OneLineParser:
 def prepare(args: argparse.Namespace) -> int:
     """Fill the cache for ``args``; return ``EXIT_SOME_FAILED`` when some images were unreadable."""
     setup_logging()
-    settings = LoaderSettings(cache_dir=args.cache_dir, **InputSettings.from_dict(vars(args)).input_settings())
+    settings = LoaderSettings(cache_dir=args.cache_dir, preprocessing=InputSettings.from_dict(vars(args)))
     pipeline = input_pipeline(settings)  # a lung crop reads the lung model first: no model, no decoding
     data_path = resolve_data_path(args.data)
     table = load_manifest(data_path)

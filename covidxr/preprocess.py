@@ -1,4 +1,6 @@
-"""The one preprocessing definition: geometry (letterbox to a square), augmentations, and its record.
+"""The geometry (letterbox to a square), the augmentations, and the preprocessing record a checkpoint stores
+(:class:`Preprocess`: the input settings of ``covidxr.input_settings``, where they are defined, plus the image size,
+the normalisation and the geometry).
 
 Pipeline: ``covidxr.io.load_xray`` gives an (H, W) float image in [0, 1]; optionally it is cropped to the lungs,
 blacked out outside them and its intensities equalised (the record's ``lung_crop``, ``lung_mask`` and ``equalize``;
@@ -151,15 +153,6 @@ def unletterbox(heatmap: np.ndarray, height: int, width: int) -> np.ndarray:
     crop = torch.as_tensor(np.ascontiguousarray(heatmap[top : top + ch, left : left + cw]), dtype=torch.float32)
     out = F.interpolate(crop[None, None], size=(height, width), mode="bilinear", align_corners=False)
     return out[0, 0].numpy()
-
-
-def network_input(image: np.ndarray | torch.Tensor, img_size: int) -> torch.Tensor:
-    """Return the (1, img_size, img_size) network input for a decoded image, as training and evaluation see it.
-
-    Training and evaluation read images letterboxed at :func:`cache_size` (from the prepared cache) and resize them
-    to ``img_size``; prediction takes the same two steps so that a model sees the same pixels everywhere.
-    """
-    return eval_transform(img_size)(letterbox(image, cache_size(img_size)))
 
 
 @dataclass(frozen=True)

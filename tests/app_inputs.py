@@ -94,7 +94,8 @@ def fake_evaluation(classes: list[str], checkpoint_sha256: str, external: bool,
     }
     if external:
         outside = [c for c in classes if c != "pneumonia"]
-        data["external"] = [{"name": EXTERNAL_NAME, **_test_set(outside, 199, 0.4321),
+        outside_set = {k: v for k, v in _test_set(outside, 199, 0.4321).items() if k != "classes"}  # not recorded
+        data["external"] = [{"name": EXTERNAL_NAME, **outside_set,
                              "calibration": {"ece": 0.2345},
                              "by_source": {EXTERNAL_NAME: {"n": 99, "balanced_accuracy": 0.5}}}]
         data["crossval"] = {"by": "source", "mode": "probe", "arch": "efficientnet_lite0", "folds": [

@@ -14,6 +14,7 @@ from app.headline import caution_notes, figures_line
 from app.model_texts import crossval_how, judge, single_class_sources
 from app.redact import public_report, setting_rows, strip_paths
 from app.settings import run_label
+from covidxr.evaluation.results import CovidSet, read_record
 from covidxr.inference.decision import NEAR, UNUSUAL, OperatingPoint, decide
 
 POINT = OperatingPoint("covid", 0.38, "Youden's J on the held-out sources")
@@ -72,7 +73,7 @@ def evaluation(external: bool, crossval: bool) -> Evaluation:
         data["crossval"] = {"mode": "probe", "arch": "resnet18", "folds": [
             {"name": "s1", "metrics": {"balanced_accuracy": 0.44}, "calibration": {"ece": 0.31}},
             {"name": "s2", "metrics": {"balanced_accuracy": 0.61}}]}
-    return Evaluation(data)
+    return Evaluation(read_record(data))
 
 
 def test_one_line_of_natural_frequencies_at_the_shipped_threshold() -> None:
@@ -100,12 +101,12 @@ def test_results_are_judged_against_chance(value, lo, hi, words) -> None:
 def test_model_tab_tables_carry_chance_and_caution() -> None:
     ev = evaluation(True, True)
     external = ev.external[0]
-    assert chance_level(external) == 0.5 and chance_level(ev.data) == pytest.approx(1 / 3)
+    assert chance_level(external) == 0.5 and chance_level(ev.record) == pytest.approx(1 / 3)
     table = comparison_table(external)
     assert table.loc[1].to_dict() == {"Classifier": "Chance: a guess without looking at the film",
                                       "Balanced accuracy": "50%", "Macro ROC-AUC": "0.50"}
     assert single_class_sources(external) == ["a", "b"]
-    assert crossval_how(ev.data["crossval"]) == ("a quick version: only the network's last layer retrained each "
+    assert crossval_how(ev.record.crossval) == ("a quick version: only the network's last layer retrained each "
                                                  "time, resnet18")
 
 
@@ -140,6 +141,8 @@ def test_covid_table_names_each_set_plainly_and_leaves_unset_thresholds_empty() 
          "threshold": None, "auc": {"estimate": None}, "sensitivity": {}, "specificity": {}},
         {"name": "external external", "n_positive": 99, "n_negative": 100, "threshold": 0.4, "auc": ci,
          "sensitivity": ci, "specificity": ci}]
+    sets = [read_record({"metrics": {}, "covid_vs_rest": {"sets": [s]}}).covid_vs_rest.sets[0] for s in sets]
+    assert all(isinstance(s, CovidSet) for s in sets)
     table = covid_table(sets, {"external": "COVID-CXNet + chest X-ray teaching films"})
     names = table["Films"].tolist()
     assert names[0].startswith("Internal test") and "only" in names[1] and "vikasb512" not in " ".join(names)

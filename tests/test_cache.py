@@ -14,6 +14,7 @@ from covidxr.data import cache
 from covidxr.data.cache import fill_cache
 from covidxr.data.loaders import LoaderSettings, input_pipeline
 from covidxr.data.manifest import load_manifest
+from covidxr.input_settings import InputSettings
 from covidxr.preprocess import cache_size
 
 
@@ -55,7 +56,8 @@ def test_prepare_cli_fills_the_cache_of_the_input_pipeline_training_reads(
     args = ["--data", str(folder), "--img-size", "56", "--cache-dir", str(cache_dir), "--workers", "0"]
     assert prepare_cli.main([*args, "--equalize", "clahe"]) == 0
     assert "(eq=clahe)" in capsys.readouterr().out
-    settings = LoaderSettings(data=str(folder), img_size=56, cache_dir=str(cache_dir), workers=0, equalize="clahe")
+    settings = LoaderSettings(data=str(folder), img_size=56, cache_dir=str(cache_dir), workers=0,
+                              preprocessing=InputSettings(equalize="clahe"))
     table = load_manifest(folder)
     filled = fill_cache(table["path"].tolist(), cache_size(56), cache_dir, pipeline=input_pipeline(settings),
                         progress=False)

@@ -110,3 +110,17 @@ def test_holm_adjustment() -> None:
     assert adjusted[2] is None
     assert adjusted[0] == pytest.approx(0.03) and adjusted[3] == pytest.approx(0.06)
     assert adjusted[1] == pytest.approx(0.06)
+
+
+def test_an_unreadable_metrics_json_is_refused_in_one_line(two_evaluations: tuple[Path, Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """compare reads metrics.json through the one reader: a key it does not know is named, in one line."""
+    run, again = two_evaluations
+    garbled = tmp_path / "garbled"
+    shutil.copytree(again, garbled)
+    metrics = json.loads((garbled / "metrics.json").read_text())
+    metrics["calibration"]["temprature"] = 1.0
+    (garbled / "metrics.json").write_text(json.dumps(metrics))
+    assert main([str(run), str(garbled), "--out", str(tmp_path / "cmp")]) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert "unknown key 'calibration.temprature'" in error and "metrics.json" in error

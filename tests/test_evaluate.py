@@ -232,3 +232,17 @@ def test_cli_error_exit_status(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert str(bogus) in one_line_error(proc.stderr)
+
+
+def test_metrics_json_is_its_record_read_back_unchanged(evaluated: dict) -> None:
+    """The writer writes the record the reader returns: reading the file and writing the record again gives the same
+    content, and every section the report and the app read is typed."""
+    from covidxr.evaluation.records import CovidVsRest, Intervals, Metrics
+    from covidxr.evaluation.results import load_evaluation, record_json
+
+    record, predictions, folder = load_evaluation(evaluated["run"])
+    assert folder == evaluated["eval"].resolve() and len(predictions) == record.n_images
+    assert record_json(record) == evaluated["metrics"]
+    assert isinstance(record.metrics, Metrics) and isinstance(record.ci, Intervals)
+    assert isinstance(record.covid_vs_rest, CovidVsRest) and record.covid_vs_rest.sets[0].name == "internal test"
+    assert record.metrics.per_class["covid"].support == evaluated["metrics"]["metrics"]["per_class"]["covid"]["support"]

@@ -1,6 +1,12 @@
 """The package layout's rules, read from the import statements: no import circle (between modules or between stages),
 evaluation and training independent of each other, the app on the predictor, explanations, the reader and the
-saved-evaluation reader only, and no module over 400 lines."""
+saved-evaluation reader only, and no module past a generous size ceiling.
+
+A module is judged by its concern, not its length: one concern belongs in one module even when that module is long
+(a 400-line limit used to split the input gate over five modules, the report over three and the checklist over
+three). :data:`MAX_LINES` is therefore only a ceiling that catches accidents (a generated table pasted in, two
+modules concatenated), far above any module written on purpose; a module that reaches it is a sign that it holds more
+than one concern, not a reason to cut it at an arbitrary line."""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "covidxr"
-MAX_LINES = 400
+MAX_LINES = 900  # a ceiling against accidents, not a design rule (see the module docstring)
 # Thin modules that only keep documented commands (python -m covidxr.NAME) working: they import a stage's CLI.
 SHIMS = {"covidxr.train", "covidxr.evaluate", "covidxr.compare", "covidxr.predict", "covidxr.export", "covidxr.gate"}
 # What the app may use: the predictor and prediction log, the explanations, the reader, the saved-evaluation reader,
@@ -145,7 +151,7 @@ def test_nothing_edits_sys_path():
     assert edits == {}
 
 
-def test_no_module_over_400_lines():
+def test_no_module_past_the_size_ceiling():
     long = {str(p.relative_to(ROOT)): n for folder in (PACKAGE, ROOT / "app") for p in folder.rglob("*.py")
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert long == {}

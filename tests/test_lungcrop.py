@@ -27,7 +27,7 @@ from covidxr.errors import CheckpointError
 from covidxr.evaluation.__main__ import main as evaluate_main
 from covidxr.evaluation.lung_share import lung_share_summary
 from covidxr.inference.predictor import Predictor
-from covidxr.input_settings import LUNG_MASK_DILATION
+from covidxr.input_settings import LUNG_MASK_DILATION, InputSettings
 from covidxr.io import load_xray
 from covidxr.lungs.geometry import dilate_mask
 from covidxr.lungs.train import LungTrainConfig, default_lung_data
@@ -195,23 +195,26 @@ def test_lung_mask_key_record_and_rebuild_from_the_checkpoint() -> None:
     assert rebuilt == wider and rebuilt.key == wider.key and rebuilt.lung_entry is FAKE_ENTRY
     with pytest.raises(CheckpointError, match="crops to the lungs but the checkpoint has no lung model"):
         pipeline_from_checkpoint(None, pre)
-    settings = LoaderSettings(lung_mask=True, lung_mask_dilation=0.04, equalize="hist", lung_entry=FAKE_ENTRY)
-    assert settings.lung_crop and input_pipeline(settings) == wider
-    assert input_pipeline(LoaderSettings(**rebuilt.loader_fields())) == wider
+    settings = LoaderSettings(preprocessing=InputSettings(lung_mask=True, lung_mask_dilation=0.04, equalize="hist"),
+                              lung_entry=FAKE_ENTRY)
+    assert settings.preprocessing.lung_crop and input_pipeline(settings) == wider
+    again = LoaderSettings(preprocessing=InputSettings(**rebuilt.input_record()), lung_entry=rebuilt.lung_entry)
+    assert input_pipeline(again) == wider
 
 
 def test_train_and_crossval_accept_lung_mask() -> None:
     args = get_args_parser().parse_args(["--lung-mask", "--lung-mask-dilation", "0.03"])
     cfg = config_from_args(args)
-    assert (cfg.lung_mask, cfg.lung_crop, cfg.lung_mask_dilation) == (True, True, 0.03)
-    settings = cfg.loader_settings()
-    assert (settings.lung_mask, settings.lung_crop, settings.lung_mask_dilation) == (True, True, 0.03)
-    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).lung_mask is True
-    assert TrainConfig.from_dict({"lung_crop": True}).lung_mask is False  # a config.json from before
+    pre = cfg.preprocessing
+    assert (pre.lung_mask, pre.lung_crop, pre.lung_mask_dilation) == (True, True, 0.03)
+    assert cfg.loader_settings().preprocessing == pre
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).preprocessing.lung_mask is True
+    assert TrainConfig.from_dict({"lung_crop": True}).preprocessing.lung_mask is False  # a config.json from before
     cv = crossval_parser().parse_args(["--by", "source", "--data", "x.csv", "--lung-mask"])
     assert cv.lung_mask and cv.lung_mask_dilation == LUNG_MASK_DILATION
-    fold = CrossvalConfig(data="x.csv", out=Path("cv"), lung_mask=True).train_config("A", Path("cv/fold-A"))
-    assert fold.lung_mask and fold.lung_crop and fold.lung_mask_dilation == LUNG_MASK_DILATION
+    fold = CrossvalConfig.from_dict({**vars(cv), "out": Path("cv")}).train_config("A", Path("cv/fold-A"))
+    pre = fold.preprocessing
+    assert pre.lung_mask and pre.lung_crop and pre.lung_mask_dilation == LUNG_MASK_DILATION
 
 
 def test_equalisation_variants() -> None:

@@ -3,18 +3,21 @@ the same for evaluate, the gate's fit and explain score."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from covidxr.data.loaders import input_pipeline
 from covidxr.data.manifest import load_manifest
 from covidxr.data.run_folder import RunFolder
 from covidxr.errors import DatasetError
 from covidxr.evaluation.inputs import EvalOptions, eval_settings
 from covidxr.explain import scoring
 from covidxr.inference import gate_fit
+from covidxr.training.config import TrainConfig
 
 
 def test_split_beside_the_checkpoint_first_then_the_checkpoints(tiny_run: Path, tmp_path: Path) -> None:
@@ -39,9 +42,16 @@ def test_default_data_and_loader_settings_are_the_runs(tiny_run: Path, small_man
     assert run.data_path() == small_manifest.resolve() and run.data_path(tmp_path) == tmp_path.resolve()
     settings = run.loader_settings(batch_size=3)
     assert (settings.data, settings.img_size, settings.batch_size) == (str(small_manifest), 64, 3)
-    assert settings.lung_crop is False and settings.seed == run.config["seed"]
+    trained = TrainConfig.from_dict(json.loads((tiny_run / "config.json").read_text()))
+    assert settings.preprocessing == trained.preprocessing and settings.seed == trained.seed
+    # evaluation reads the given data with the run's preprocessing and split, at its own batch size and workers
     opts = EvalOptions(checkpoint=tiny_run / "best.pt", batch_size=5, workers=0)
-    assert eval_settings(run, opts, small_manifest) == run.loader_settings(small_manifest, batch_size=5, workers=0)
+    evaluated = eval_settings(run, opts, tmp_path)
+    assert (evaluated.data, evaluated.batch_size, evaluated.workers) == (str(tmp_path), 5, 0)
+    assert evaluated.preprocessing == trained.preprocessing and evaluated.img_size == run.preprocess.img_size
+    assert input_pipeline(evaluated) == run.pipeline()
+    assert (evaluated.val_frac, evaluated.test_frac, evaluated.seed) == (trained.val_frac, trained.test_frac,
+                                                                         trained.seed)
 
 
 def test_the_gate_fit_and_explain_read_runs_through_it(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:

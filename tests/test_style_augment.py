@@ -15,6 +15,7 @@ from torch.utils.data import BatchSampler, SequentialSampler
 
 from covidxr.data.dataset import DeviceBatches
 from covidxr.data.loaders import LoaderSettings, RunData, make_loaders
+from covidxr.input_settings import InputSettings
 from covidxr.preprocess import augment_batch, augment_params, train_transform
 from covidxr.style_augment import STYLE, StyleRanges, apply_style, style_params, style_ranges
 from covidxr.training.__main__ import main
@@ -158,7 +159,7 @@ def _run_data(n: int = 6) -> RunData:
 
 @pytest.mark.parametrize("mode", ["standard", "style"])
 def test_loaders_give_the_train_split_the_configured_augmentation_only(mode: str) -> None:
-    settings = LoaderSettings(img_size=24, batch_size=2, workers=0, augment=mode)
+    settings = LoaderSettings(img_size=24, batch_size=2, workers=0, preprocessing=InputSettings(augment=mode))
     loaders = make_loaders(_run_data(), settings, torch.device("cpu"), epoch_seed=0)
     assert loaders["train"].dataset.transform.style == style_ranges(mode)
     assert not hasattr(loaders["val"].dataset.transform, "style")  # evaluation: a plain resize
@@ -168,16 +169,17 @@ def test_loaders_give_the_train_split_the_configured_augmentation_only(mode: str
 
 
 def test_the_command_line_takes_augment_style_and_config_json_records_it(tmp_path: Path) -> None:
-    assert TrainConfig().augment == "standard" == LoaderSettings().augment
+    assert TrainConfig().preprocessing.augment == "standard" == LoaderSettings().preprocessing.augment
     cfg = config_from_args(get_args_parser().parse_args(["--augment", "style"]))
-    assert cfg.augment == "style" and cfg.loader_settings().augment == "style"
+    assert cfg.preprocessing.augment == "style" and cfg.loader_settings().preprocessing.augment == "style"
     write_run_files(tmp_path, cfg, _run_data(), DistInfo())
     assert json.loads((tmp_path / "config.json").read_text())["augment"] == "style"
     # --resume keeps the run's own augmentation; runs from before the option read as standard.
     resumed = config_from_args(get_args_parser().parse_args(["--resume", "x.pt"]), cfg.to_dict())
-    assert resumed.augment == "style"
+    assert resumed.preprocessing.augment == "style"
     old = {k: v for k, v in TrainConfig().to_dict().items() if k != "augment"}
-    assert config_from_args(get_args_parser().parse_args(["--resume", "x.pt"]), old).augment == "standard"
+    assert config_from_args(get_args_parser().parse_args(["--resume", "x.pt"]), old).preprocessing.augment == \
+        "standard"
 
 
 def test_an_unknown_augmentation_is_a_one_line_usage_error(capsys: pytest.CaptureFixture) -> None:

@@ -39,10 +39,19 @@ from covidxr.data.dataset import XrayDataset
 from covidxr.data.manifest import class_names, load_manifest, validate_for_training
 from covidxr.data.split import apply_split, check_no_leakage, make_split, save_split
 from covidxr.evaluation.bootstrap import bootstrap_ci
-from covidxr.evaluation.calibration import fit_temperature, reliability_bins
+from covidxr.evaluation.calibration import fit_temperature
 from covidxr.evaluation.metrics import classification_metrics, group_metrics
 from covidxr.evaluation.operating_points import operating_points
-from covidxr.evaluation.results import example_rows, group_table, headline_table, load_evaluation, per_class_table
+from covidxr.evaluation.outputs import jsonable
+from covidxr.evaluation.records import evaluation_record
+from covidxr.evaluation.results import (
+    example_rows,
+    group_table,
+    headline_table,
+    load_evaluation,
+    per_class_table,
+    record_json,
+)
 from covidxr.files import atomic_write_bytes, atomic_write_text
 from covidxr.preprocess import cache_size, train_transform
 from covidxr.utils import softmax
@@ -141,12 +150,16 @@ def stage_evaluate(spec: dict[str, Any]) -> dict[str, Any]:
     temperature = fit_temperature(logits[val], y[val])
     raw, probs = softmax(logits), softmax(logits, temperature)
     k = classes.index("covid") if "covid" in classes else 0
+    metrics, uncalibrated = classification_metrics(y, probs, classes), classification_metrics(y, raw, classes)
     result = {
         "split": "all", "n_images": len(y), "n_patients": int(table["patient_id"].nunique()), "classes": classes,
-        "checkpoint_sha256": "synthetic", "metrics": classification_metrics(y, probs, classes),
-        "metrics_uncalibrated": classification_metrics(y, raw, classes),
+        "checkpoint_sha256": "synthetic", "metrics": metrics,
+        "metrics_uncalibrated": uncalibrated,
         "ci": bootstrap_ci(y, probs, table["patient_id"].tolist(), classes, spec["bootstrap"], spec["seed"]),
-        "calibration": {"temperature": temperature, "reliability": reliability_bins(y, probs)},
+        "calibration": {"temperature": temperature, "how": "fitted on the synthetic validation split",
+                        "ece_before": uncalibrated["ece"], "ece_after": metrics["ece"],
+                        "brier_before": uncalibrated["brier"], "brier_after": metrics["brier"], "n_bins": 15,
+                        "measured_on": "all"},
         "operating_points": {"positive": classes[k], "chosen_on": "val",
                              "points": operating_points(y[val] == k, probs[val, k], y == k, probs[:, k])},
         "by_source": group_metrics(y, probs, classes, table["source"].tolist()),
@@ -158,7 +171,8 @@ def stage_evaluate(spec: dict[str, Any]) -> dict[str, Any]:
         frame[name] = probs[:, i]
         frame[f"raw_{name}"] = raw[:, i]
     atomic_write_bytes(p.eval / "predictions.csv", frame.to_csv(index=False).encode("utf-8"))
-    atomic_write_text(p.eval / "metrics.json", json.dumps(result, indent=2, default=float) + "\n")
+    content = record_json(evaluation_record(jsonable(result)))  # the file covidxr.evaluate would write
+    atomic_write_text(p.eval / "metrics.json", json.dumps(content, indent=2) + "\n")
     return {"images": len(y), "bootstrap": spec["bootstrap"], "output": str(p.eval),
             "accuracy": round(result["metrics"]["accuracy"], 3)}
 
@@ -175,11 +189,11 @@ def stage_readback(spec: dict[str, Any]) -> dict[str, Any]:
     p = paths(Path(spec["work"]))
     reader, view = spec["_app_view"]
     metrics, predictions, folder = load_evaluation(p.run)
-    tables = [headline_table(metrics), per_class_table(metrics), group_table(metrics["by_source"]),
+    tables = [headline_table(metrics), per_class_table(metrics), group_table(metrics.by_source),
               example_rows(predictions)]
     predictor = SimpleNamespace(checkpoint_path=p.run / "best.pt", metrics=None, checkpoint_sha256="synthetic")
     evaluation = reader.load_evaluation(predictor)
-    tables += [view.per_class_table(evaluation.data), view.confusion_table(evaluation.data)]
+    tables += [view.per_class_table(evaluation.record), view.confusion_table(evaluation.record)]
     return {"rows": len(predictions), "tables": len(tables), "app_notes": len(evaluation.notes), "folder": str(folder)}
 
 

@@ -115,8 +115,9 @@ def cross_validate(cfg: CrossvalConfig) -> dict:
                       "seconds": round(time.perf_counter() - fold_start, 1)})
     content = {"by": cfg.by, "data": str(cfg.data), "mode": cfg.mode, "arch": cfg.arch, "weights": cfg.weights,
                "img_size": cfg.img_size, "min_images": cfg.min_images, "val_frac": cfg.val_frac, "epochs": cfg.epochs,
-               "seed": cfg.seed, "bootstrap": cfg.bootstrap, "classes": data.classes, **cfg.input_record(),
-               "balance": cfg.balance, "loss": cfg.loss, "epoch_size": cfg.epoch_size,
+               "seed": cfg.seed, "bootstrap": cfg.bootstrap, "classes": data.classes,
+               **cfg.preprocessing.input_record(), "balance": cfg.balance, "loss": cfg.loss,
+               "epoch_size": cfg.epoch_size,
                "n_images": int(len(data.table)), "unreadable": data.unreadable, "skipped_sources": skipped,
                "folds": folds, "command": cfg.command, "command_line": shlex.join(cfg.command),
                "device": str(device), "seconds": round(time.perf_counter() - start, 1),
@@ -134,8 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = args.out or Path("runs") / f"crossval-{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
         cfg = CrossvalConfig.from_dict({**vars(args), "out": out.expanduser().resolve(),
                                         "command": ["python", "-m", PROG, *argv]})
-        if cfg.lung_crop:
-            require_lung_model(cfg.lung_model)
+        if cfg.preprocessing.lung_crop:
+            require_lung_model(cfg.preprocessing.lung_model)
         content = cross_validate(cfg)
         for fold in content["folds"]:
             ci = (fold["ci"] or {}).get("metrics", {})

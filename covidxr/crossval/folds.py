@@ -27,7 +27,7 @@ from covidxr.data.loaders import LoaderSettings, RunData, cache_dir, input_pipel
 from covidxr.data.manifest import class_names, dataset_root, load_manifest, resolve_data_path, validate_for_training
 from covidxr.data.split import check_no_leakage, make_split
 from covidxr.errors import DatasetError
-from covidxr.input_settings import InputSettings
+from covidxr.input_settings import InputSettings, settings_from_dict
 from covidxr.model.trained import TrainedModel
 from covidxr.model_input import InputPipeline
 from covidxr.models import build_model
@@ -43,12 +43,13 @@ MODES = ("probe", "finetune")
 
 
 @dataclass(frozen=True)
-class CrossvalConfig(InputSettings):
+class CrossvalConfig:
     """Settings of one cross-validation (the command-line arguments); the lung crop and mask, equalisation and lung
-    model are its :class:`~covidxr.input_settings.InputSettings`, which every fold trains with."""
+    model are its ``preprocessing`` (:class:`~covidxr.input_settings.InputSettings`), which every fold trains with."""
 
     data: str
     out: Path
+    preprocessing: InputSettings = field(default_factory=InputSettings)
     by: str = "source"
     mode: str = "probe"  # probe: linear head on backbone features computed once; finetune: the full recipe per fold
     arch: str = "efficientnet_lite0"
@@ -69,6 +70,11 @@ class CrossvalConfig(InputSettings):
     fold: list[str] = field(default_factory=list)  # hold out only these sources (default: every large enough one)
     command: list[str] = field(default_factory=list)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> CrossvalConfig:
+        """Build from the flat command-line arguments (``vars(args)``), ignoring keys of other settings."""
+        return settings_from_dict(cls, d)
+
     def train_config(self, held_out: str, fold_dir: Path) -> TrainConfig:
         """The training run of the fold that leaves ``held_out`` out: train/val from the rest, ``held_out`` as test."""
         return TrainConfig(data=self.data, val_frac=self.val_frac, test_frac=0.0, holdout_source=[held_out],
@@ -76,7 +82,7 @@ class CrossvalConfig(InputSettings):
                            epochs=self.epochs, batch_size=self.batch_size, linear_probe=self.mode == "probe",
                            device=self.device, workers=self.workers, seed=self.seed, out=str(fold_dir),
                            balance=self.balance, loss=self.loss, epoch_size=self.epoch_size,
-                           **self.input_settings())
+                           preprocessing=self.preprocessing)
 
 
 @dataclass
@@ -101,7 +107,8 @@ def fold_name(source: str) -> str:
 def load_all(cfg: CrossvalConfig) -> AllData:
     """Read the manifest and decode (or read from the cache) every image once."""
     settings = LoaderSettings(data=cfg.data, cache_dir=cfg.cache_dir, img_size=cfg.img_size,
-                              batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed, **cfg.input_settings())
+                              batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
+                              preprocessing=cfg.preprocessing)
     path = resolve_data_path(cfg.data)
     manifest = load_manifest(path)
     validate_for_training(manifest, str(path))

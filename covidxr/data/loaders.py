@@ -2,8 +2,9 @@
 
 Training and evaluation both load data through here; :class:`LoaderSettings` holds what this needs of a run's
 configuration (``covidxr.training.config.TrainConfig.loader_settings`` makes one, and
-:meth:`LoaderSettings.from_dict` reads one back from a stored config); the fields a run's configuration shares with
-it are declared once, in :class:`DataSettings` and its :class:`~covidxr.input_settings.InputSettings`. Under
+:meth:`DataSettings.from_dict` reads one back from a stored config); the fields a run's configuration shares with
+it are declared once, in :class:`DataSettings`, whose ``preprocessing`` is the run's
+:class:`~covidxr.input_settings.InputSettings`. Under
 ``torchrun`` each rank loads its share: ``rank`` and ``world_size`` (a single process: 0 and 1).
 """
 
@@ -12,8 +13,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -34,12 +36,13 @@ from covidxr.data.dataset import DeviceBatches, XrayDataset
 from covidxr.data.manifest import class_names, dataset_root, load_manifest, resolve_data_path, validate_for_training
 from covidxr.data.split import apply_split, check_no_leakage, make_split
 from covidxr.errors import DatasetError
-from covidxr.input_settings import InputSettings
+from covidxr.input_settings import InputSettings, flat_settings, settings_from_dict
 from covidxr.model_input import InputPipeline, read_lung_entry
 from covidxr.preprocess import cache_size, eval_transform, train_transform
 from covidxr.style_augment import style_ranges
 
 log = logging.getLogger("covidxr.data.loaders")
+Settings = TypeVar("Settings", bound="DataSettings")
 
 # Every rank augments differently: its seeds are the epoch's seed plus rank times this (rank 0: unchanged).
 RANK_SEED_STRIDE = 1_000_003
@@ -49,10 +52,11 @@ GPU_CACHE_MAX_SHARE = 0.25
 
 
 @dataclass(frozen=True, kw_only=True)
-class DataSettings(InputSettings):
-    """The settings of a run that decide its data and loaders: its input pipeline (:class:`InputSettings`) and the
+class DataSettings:
+    """The settings of a run that decide its data and loaders: its input pipeline (``preprocessing``) and the
     fields below. ``covidxr.training.config.TrainConfig`` is data settings too."""
 
+    preprocessing: InputSettings = field(default_factory=InputSettings)  # lung crop and mask, equalisation, ...
     data: str | None = None  # folder or manifest; else $COVIDXR_DATA, else data/cxr
     val_frac: float = 0.15
     test_frac: float = 0.15
@@ -73,9 +77,15 @@ class DataSettings(InputSettings):
     gpu_cache: str = "auto"  # keep the prepared squares on the GPU and augment there: auto | on | off
     seed: int = 0
 
-    def data_settings(self) -> dict:
-        """These settings (:class:`DataSettings`'s fields) as a dict."""
-        return {f.name: getattr(self, f.name) for f in fields(DataSettings)}
+    @classmethod
+    def from_dict(cls: type[Settings], d: dict) -> Settings:
+        """Build from the flat stored form (config.json, a checkpoint's ``config``), ignoring keys of other settings
+        and of older or newer versions; missing keys take their defaults."""
+        return settings_from_dict(cls, d)
+
+    def to_dict(self) -> dict:
+        """The flat stored form: one key per setting, the input settings' first (config.json's layout)."""
+        return flat_settings(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,9 +115,10 @@ def input_pipeline(settings: LoaderSettings) -> InputPipeline:
             covidxr.lungs train").
     """
     entry = settings.lung_entry
-    if settings.lung_crop and entry is None:
-        entry = read_lung_entry(settings.lung_model)
-    return InputPipeline(**settings.input_record(), lung_entry=entry)
+    pre = settings.preprocessing
+    if pre.lung_crop and entry is None:
+        entry = read_lung_entry(pre.lung_model)
+    return InputPipeline(**pre.input_record(), lung_entry=entry)
 
 
 def cache_dir(settings: LoaderSettings) -> Path | None:
@@ -272,12 +283,12 @@ def make_loaders(data: RunData, settings: LoaderSettings, device: torch.device, 
             ``DataLoader``.
         augment: False gives the train split the evaluation transform and order (feature extraction).
 
-    The train split's augmentation is ``settings.augment``'s (``style`` adds the scanner-style steps of
+    The train split's augmentation is ``settings.preprocessing.augment``'s (``style`` adds the scanner-style steps of
     :mod:`covidxr.style_augment`, on the device as in loader processes). Every loader yields
     ``(images, targets, indices)`` with indices into its split.
     """
     index = {c: i for i, c in enumerate(data.classes)}
-    style = style_ranges(settings.augment)
+    style = style_ranges(settings.preprocessing.augment)
     rank_seed = epoch_seed + RANK_SEED_STRIDE * rank
     loaders: dict[str, Iterable] = {}
     for split in ("train", "val", "test"):

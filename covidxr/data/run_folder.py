@@ -114,5 +114,7 @@ class RunFolder:
         workers)."""
         settings = LoaderSettings.from_dict(self.config)
         data = str(data) if data is not None else settings.data
-        return replace(settings, data=data, img_size=int(self.preprocess.img_size), **self.pipeline().loader_fields(),
-                       **overrides)
+        pipeline = self.pipeline()
+        preprocessing = replace(settings.preprocessing, **pipeline.input_record())
+        return replace(settings, data=data, img_size=int(self.preprocess.img_size), preprocessing=preprocessing,
+                       lung_entry=pipeline.lung_entry, **overrides)

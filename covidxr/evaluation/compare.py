@@ -37,7 +37,7 @@ from covidxr.errors import CovidxrError
 from covidxr.evaluation.bootstrap import bootstrap_ci, paired_bootstrap_auc
 from covidxr.evaluation.checklist_diff import differences_markdown, fact_differences
 from covidxr.evaluation.metrics import HEADLINE
-from covidxr.evaluation.results import load_evaluation
+from covidxr.evaluation.results import EvaluationRecord, load_evaluation, record_json
 from covidxr.files import atomic_write_bytes, atomic_write_text
 from covidxr.html_page import Section, format_value, paragraph_html, render_html, table_html
 from covidxr.utils import OneLineParser, add_out_arg, int_at_least, run_cli
@@ -48,11 +48,11 @@ ALPHA = 0.05
 
 @dataclass
 class EvaluatedRun:
-    """One evaluation: its name, folder, metrics.json content and predictions (rows in the common order)."""
+    """One evaluation: its name, folder, metrics.json's record and predictions (rows in the common order)."""
 
     name: str
     folder: Path
-    metrics: dict[str, Any]
+    record: EvaluationRecord
     predictions: pd.DataFrame
 
 
@@ -104,15 +104,15 @@ def align(runs: list[EvaluatedRun]) -> tuple[list[str], np.ndarray, np.ndarray, 
         CovidxrError: Different classes, different images, duplicated images or different labels.
     """
     first = runs[0]
-    classes = list(first.metrics["classes"])
+    classes = list(first.record.classes or [])
     reference = first.predictions
     if reference["relpath"].duplicated().any():
         raise CovidxrError(f"{first.folder}: predictions.csv lists an image twice; cannot pair images")
     order = reference["relpath"].tolist()
     probs = []
     for run in runs:
-        if list(run.metrics["classes"]) != classes:
-            raise CovidxrError(f"{run.name} has classes {run.metrics['classes']}, {first.name} has {classes}")
+        if list(run.record.classes or []) != classes:
+            raise CovidxrError(f"{run.name} has classes {run.record.classes}, {first.name} has {classes}")
         table = run.predictions
         if set(table["relpath"]) != set(order) or len(table) != len(order):
             only_a = len(set(order) - set(table["relpath"]))
@@ -153,10 +153,10 @@ def headline_rows(runs: list[EvaluatedRun], classes: list[str], y: np.ndarray, g
     rows = []
     for run, p in zip(runs, probs, strict=True):
         ci = bootstrap_ci(y, p, groups.tolist(), classes, n_resamples=n_resamples, seed=seed)
-        card = run.metrics.get("model_card") or {}
-        row = {"run": run.name, "arch": (card.get("model") or {}).get("arch"), "checkpoint": run.metrics["checkpoint"],
-               "split": run.metrics.get("split"), "n_images": int(len(y)), "n_patients": int(len(set(groups))),
-               "temperature": (run.metrics.get("calibration") or {}).get("temperature")}
+        card = run.record.model_card or {}
+        row = {"run": run.name, "arch": (card.get("model") or {}).get("arch"), "checkpoint": run.record.checkpoint,
+               "split": run.record.split, "n_images": int(len(y)), "n_patients": int(len(set(groups))),
+               "temperature": run.record.calibration.temperature if run.record.calibration else None}
         for name in HEADLINE:
             interval = ci["metrics"][name]
             row |= {name: interval, f"{name}_lo": interval["lo"], f"{name}_hi": interval["hi"]}
@@ -256,7 +256,7 @@ def compare(paths: Sequence[str | os.PathLike], out: str | os.PathLike, n_resamp
         CovidxrError: Fewer than two evaluations, missing files, or evaluations on different images.
     """
     runs = load_runs(paths)
-    differences = fact_differences([(r.name, r.metrics) for r in runs])
+    differences = fact_differences([(r.name, record_json(r.record)) for r in runs])
     try:
         classes, y, groups, probs = align(runs)
     except CovidxrError as exc:

@@ -49,6 +49,7 @@ from covidxr.evaluation.outputs import (
 )
 from covidxr.evaluation.pdf import write_pdf
 from covidxr.evaluation.publication import publication_extras
+from covidxr.evaluation.records import EvaluationRecord, evaluation_record, record_json
 from covidxr.evaluation.report_sections import build_report
 from covidxr.files import atomic_write_bytes, atomic_write_text
 from covidxr.inference.predictor import Predictor
@@ -120,6 +121,11 @@ def external_results(model: TrainedModel, predictor: Predictor, lungs: LungModel
             for folder, name in zip(opts.external, external_names(opts.external), strict=True)]
 
 
+def as_record(result: dict[str, Any]) -> EvaluationRecord:
+    """The metrics.json record of the evaluation's result so far (what the report shows and the file holds)."""
+    return evaluation_record(jsonable(result))
+
+
 def write_outputs(out: Path, result: dict[str, Any], pred: SplitOutputs, analysis: dict[str, Any],
                   history: pd.DataFrame | None) -> None:
     """Write predictions.csv, the PNG plots and report.html (metrics.json is written last, by the caller)."""
@@ -132,7 +138,7 @@ def write_outputs(out: Path, result: dict[str, Any], pred: SplitOutputs, analysi
         plots[name] = (file, (out / file).read_bytes())
     result["plots"] = {name: file for name, (file, _) in plots.items()}
     result["checklist"] = write_checklist(out, result)
-    atomic_write_text(out / "report.html", build_report(result, plots, out))
+    atomic_write_text(out / "report.html", build_report(as_record(result), plots, out))
 
 
 def finish(out: Path, result: dict[str, Any], model: TrainedModel, data: EvalData, pred: SplitOutputs,
@@ -245,5 +251,6 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
         stages.bar.close()
     result["reproducibility"]["timings_seconds"] = dict(stages.timings)
     result["reproducibility"]["elapsed_seconds"] = round(time.perf_counter() - start, 2)
-    atomic_write_text(out / "metrics.json", json.dumps(jsonable(result), indent=2, allow_nan=False) + "\n")
+    content = record_json(as_record(result))
+    atomic_write_text(out / "metrics.json", json.dumps(content, indent=2, allow_nan=False) + "\n")
     return {**result, "out": str(out)}

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from covidxr.evaluation.checklist import checklist_body
+from covidxr.evaluation.records import EvaluationRecord
 from covidxr.html_page import Section, format_value, paragraph_html, table_html
 
 
@@ -96,13 +97,13 @@ def utility_section(extras: dict[str, Any], figure: str) -> Section:
     return Section("Clinical utility", "\n".join(parts), anchor="clinical-utility")
 
 
-def publication_sections(result: dict[str, Any], figure: str, folder: Path | None) -> list[Section]:
+def publication_sections(result: EvaluationRecord, figure: str, folder: Path | None) -> list[Section]:
     """The gallery, subgroup, clinical-utility and checklist sections (nothing when the extras were not made)."""
-    extras = result.get("publication")
+    extras = result.publication
     sections = []
     if extras:
-        sections += [gallery_section(extras, folder), subgroups_section(extras, result["classes"]),
+        sections += [gallery_section(extras, folder), subgroups_section(extras, result.classes or []),
                      utility_section(extras, figure)]
-    if result.get("checklist"):
-        sections.append(Section("Reporting checklist", checklist_body(result["checklist"]), anchor="checklist"))
+    if result.checklist:
+        sections.append(Section("Reporting checklist", checklist_body(result.checklist), anchor="checklist"))
     return sections

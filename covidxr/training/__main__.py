@@ -43,8 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args, resume["config"] if resume is not None else None)
         if cfg.val_frac + cfg.test_frac >= 1:
             parser.error("--val-frac plus --test-frac must leave images for training")
-        if cfg.lung_crop and resume is None:
-            require_lung_model(cfg.lung_model)
+        if cfg.preprocessing.lung_crop and resume is None:
+            require_lung_model(cfg.preprocessing.lung_model)
         run(cfg, resume)
 
     return run_cli(parser, train, argv, interrupted="interrupted; continue with --resume RUN/last.pt")

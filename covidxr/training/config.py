@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from covidxr.data.loaders import DataSettings, LoaderSettings
@@ -21,8 +21,9 @@ BALANCES = ("loss", "sampler", "group", "sqrt", "none")
 class TrainConfig(DataSettings):
     """Every setting of a training run; saved as config.json and inside each checkpoint.
 
-    The data, split, loader and input settings (lung crop and mask, equalisation, augmentation, lung model) are
-    :class:`~covidxr.data.loaders.DataSettings`'s; the rest follow.
+    The data, split, loader and input settings (``preprocessing``: lung crop and mask, equalisation, augmentation,
+    lung model) are :class:`~covidxr.data.loaders.DataSettings`'s; the rest follow. Stored flat
+    (:meth:`~covidxr.data.loaders.DataSettings.to_dict`, ``from_dict``), one key per setting as on the command line.
     """
 
     # model
@@ -52,13 +53,9 @@ class TrainConfig(DataSettings):
     gate: bool = True
     gate_laterals: str | None = None  # lateral films; default notcxr/lateral beside the data or one folder up
 
-    def to_dict(self) -> dict:
-        """Return a JSON-friendly dict."""
-        return asdict(self)
-
     def loader_settings(self) -> LoaderSettings:
         """The settings that decide the run's data and loaders."""
-        return LoaderSettings(**self.data_settings())
+        return LoaderSettings(**{f.name: getattr(self, f.name) for f in fields(DataSettings)})
 
 
 def non_negative_int(text: str) -> int:
@@ -162,7 +159,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="decode each image once into the prepared cache (default: on)")
     g.add_argument("--cache-dir", help="prepared cache folder (default: $COVIDXR_CACHE or ~/.cache/covidxr/prepared)")
     g.add_argument("--strict", action="store_true", help="stop on unreadable images instead of skipping them")
-    add_input_args(p, d.lung_margin)
+    add_input_args(p, d.preprocessing.lung_margin)
     g = p.add_argument_group("model")
     g.add_argument("--arch", default=d.arch, help=f"architecture, e.g. {', '.join(ARCHS)}")
     g.add_argument("--weights", default=d.weights, help="imagenet, none, or a path to a weights file")
@@ -191,7 +188,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="stop after this many epochs without a better validation macro ROC-AUC (0: never)")
     g.add_argument("--label-smoothing", type=_fraction, default=d.label_smoothing,
                    help="cross-entropy label smoothing (default: %(default)s)")
-    g.add_argument("--augment", choices=AUGMENT_MODES, default=d.augment,
+    g.add_argument("--augment", choices=AUGMENT_MODES, default=d.preprocessing.augment,
                    help="training augmentation: standard (crops, rotations, shifts, brightness, contrast) or style "
                         "(also a random gamma, blur or sharpening, resolution loss and noise per image, so that "
                         "hospitals' image processing is no shortcut)")
