@@ -8,8 +8,11 @@ calibration that was never fitted on it (with a warning), and the report and the
 same hash.
 
 Record: ``{"format", "format_version", "checkpoint", "checkpoint_sha256", "temperature", "temperature_how",
-"evaluation", "created"}``; ``evaluation`` is the summary that :func:`covidxr.evaluation.outputs.evaluation_summary`
-makes (metrics, operating points, external headlines), ``temperature_how`` says what the temperature was fitted on.
+"temperature_origin", "evaluation", "created"}``; ``evaluation`` is the summary that
+:func:`covidxr.evaluation.outputs.evaluation_summary` makes (metrics, operating points, external headlines),
+``temperature_how`` says in words what the temperature was fitted on and ``temperature_origin`` the same as a
+:class:`covidxr.model.calibration.Origin` value (absent in older files). The file is read once, by
+:meth:`covidxr.model.trained.TrainedModel.load`, into a :class:`~covidxr.model.calibration.Calibration`.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def calibration_path(checkpoint: str | Path) -> Path:
 
 
 def write_calibration(checkpoint: str | Path, sha256: str, temperature: float, temperature_how: str,
-                      evaluation: dict[str, Any] | None) -> Path:
+                      evaluation: dict[str, Any] | None, origin: str | None = None) -> Path:
     """Write the sidecar of ``checkpoint`` (whose bytes hash to ``sha256``) atomically; return its path.
 
     Raises:
@@ -52,6 +55,7 @@ def write_calibration(checkpoint: str | Path, sha256: str, temperature: float, t
         raise CheckpointError(f"{checkpoint}: changed during the evaluation; calibration not written (evaluate again)")
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, "checkpoint": checkpoint.name,
               "checkpoint_sha256": sha256, "temperature": float(temperature), "temperature_how": temperature_how,
+              "temperature_origin": origin,
               "evaluation": evaluation, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     path = calibration_path(checkpoint)
     atomic_write_text(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
@@ -79,17 +83,3 @@ def read_calibration(checkpoint: str | Path, sha256: str) -> dict[str, Any] | No
                     "checkpoint again", path, str(record.get("checkpoint_sha256"))[:8], sha256[:8])
         return None
     return record
-
-
-def with_calibration(ckpt: dict[str, Any], checkpoint: str | Path, sha256: str | None = None) -> dict[str, Any]:
-    """``ckpt`` with the temperature and evaluation summary of its sidecar (unchanged when there is none).
-
-    ``sha256`` is the checkpoint file's hash (computed when not given). The record itself is kept under
-    ``"calibration_record"`` so a caller can say where the temperature came from.
-    """
-    sha256 = sha256 or file_digest(checkpoint)
-    record = read_calibration(checkpoint, sha256)
-    if record is None:
-        return ckpt
-    return {**ckpt, "temperature": record["temperature"], "evaluation": record.get("evaluation"),
-            "calibration_record": record}

@@ -176,17 +176,18 @@ class InputPipeline(InputRecord):
 PLAIN = InputPipeline()
 
 
-def pipeline_from_checkpoint(ckpt: dict[str, Any], pre: Preprocess, source: str = "checkpoint") -> InputPipeline:
-    """The pipeline a classifier checkpoint was trained with (older checkpoints: the plain letterbox).
+def pipeline_from_checkpoint(lung_entry: Any, pre: Preprocess, source: str = "checkpoint") -> InputPipeline:
+    """The pipeline a classifier checkpoint was trained with (older checkpoints: the plain letterbox), from its
+    preprocessing record ``pre`` and its lung model entry (``ckpt.get("lung_model")``, None when it has none).
 
     Raises:
         CheckpointError: the record asks for a lung crop (or mask) but the checkpoint lacks its lung model, or an
             unknown equalisation.
     """
-    if pre.lung_crop and not isinstance(ckpt.get("lung_model"), dict):
+    if pre.lung_crop and not isinstance(lung_entry, dict):
         raise CheckpointError(f"{source}: preprocessing crops to the lungs but the checkpoint has no lung model")
     try:
-        return InputPipeline(**pre.input_record(), lung_entry=ckpt.get("lung_model"))
+        return InputPipeline(**pre.input_record(), lung_entry=lung_entry)
     except ValueError as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
 

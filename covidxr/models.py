@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 from urllib.error import URLError
 
 import torch
 import torchvision
 from torch import nn
 
-from covidxr.ensemble_model import ENSEMBLE, EnsembleClassifier
-from covidxr.errors import CheckpointError, CovidxrError, one_line
+from covidxr.ensemble_model import EnsembleClassifier
+from covidxr.errors import CheckpointError, CovidxrError
 from covidxr.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -85,7 +89,7 @@ def build_model(arch: str, num_classes: int, weights: str | os.PathLike = "image
         WeightsError: unknown architecture, or weights that cannot be found offline or do not fit.
     """
     pretrained = str(weights) == "imagenet"
-    backbone, mean, std = (_build_lite0 if arch == LITE0 else _build_torchvision)(arch, pretrained)
+    backbone, mean, std = (architecture(arch).build or _build_torchvision)(arch, pretrained)
     num_features = _drop_classifier(backbone)
     model = XrayClassifier(arch, backbone, num_features, num_classes, mean, std)
     if str(weights) not in ("imagenet", "none"):
@@ -104,7 +108,8 @@ def _build_torchvision(arch: str, pretrained: bool) -> tuple[nn.Module, tuple, t
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise WeightsError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)} "
                            "or another torchvision classification model")
-    kwargs: dict = {"aux_logits": False, "init_weights": False} if arch in ("googlenet", "inception_v3") else {}
+    facts = architecture(arch)
+    kwargs = dict(facts.kwargs)
     if not pretrained:
         return torchvision.models.get_model(arch, weights=None, **kwargs), IMAGENET_MEAN, IMAGENET_STD
     enum = torchvision.models.get_model_weights(arch).DEFAULT
@@ -115,10 +120,8 @@ def _build_torchvision(arch: str, pretrained: bool) -> tuple[nn.Module, tuple, t
                            f"unexpected {result.unexpected_keys[:3]}")
     transforms = enum.transforms()
     log.info("loaded %s for %s", enum, arch)
-    if arch == "googlenet":
-        # The ported weights expect inputs in [-1, 1]; torchvision's transform_input rescales ImageNet-normalised
-        # input to exactly that, so normalising with mean = std = 0.5 here is the same model with no hidden flag.
-        return model, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    if facts.stats is not None:
+        return model, *facts.stats
     return model, tuple(transforms.mean), tuple(transforms.std)
 
 
@@ -163,6 +166,52 @@ def _build_lite0(arch: str, pretrained: bool) -> tuple[nn.Module, tuple, tuple]:
     model.load_state_dict(dict(zip(target.keys(), source.values(), strict=True)))
     # These TF-ported weights were trained on inputs scaled to [-1, 1].
     return model, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What covidxr must know of one architecture (family), declared once in :data:`ARCHITECTURES`.
+
+    Attributes:
+        cam_layer: the layer Grad-CAM explains, from the backbone (None: its last convolution).
+        build: builds ``(backbone, mean, std)`` from ``(arch, pretrained)``; None: torchvision's model of that name.
+        kwargs: extra arguments of torchvision's constructor.
+        stats: the normalisation ``(mean, std)`` its pretrained weights expect, when not their transforms'.
+    """
+
+    cam_layer: Callable[[nn.Module], nn.Module] | None = None
+    build: Callable[[str, bool], tuple[nn.Module, tuple, tuple]] | None = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+
+_LAST_STAGE = Architecture(cam_layer=lambda b: b.features[-1])
+_NO_AUX = {"aux_logits": False, "init_weights": False}
+HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({
+    # an exact name first (LITE0), then the longest family prefix; anything else: torchvision, last convolution
+    LITE0: Architecture(cam_layer=lambda b: b.bn2, build=_build_lite0),
+    "resnet": Architecture(cam_layer=lambda b: b.layer4[-1]),
+    "resnext": Architecture(cam_layer=lambda b: b.layer4[-1]),
+    "wide_resnet": Architecture(cam_layer=lambda b: b.layer4[-1]),
+    # The ported GoogLeNet weights expect inputs in [-1, 1]; torchvision's transform_input rescales ImageNet-normalised
+    # input to exactly that, so normalising with mean = std = 0.5 here is the same model with no hidden flag.
+    "googlenet": Architecture(cam_layer=lambda b: b.inception5b, kwargs=_NO_AUX, stats=HALF),
+    "inception_v3": Architecture(kwargs=_NO_AUX),
+    "densenet": _LAST_STAGE, "efficientnet": _LAST_STAGE, "convnext": _LAST_STAGE, "vgg": _LAST_STAGE,
+    "alexnet": _LAST_STAGE, "mobilenet": _LAST_STAGE, "mnasnet": _LAST_STAGE,
+    "regnet": Architecture(cam_layer=lambda b: b.trunk_output),
+})
+"""Each architecture's facts, declared once (as timm's registry declares its models)."""
+
+
+def architecture(arch: str) -> Architecture:
+    """The facts of ``arch``: its own entry, else its family's (the longest prefix), else the defaults."""
+    if arch in ARCHITECTURES:
+        return ARCHITECTURES[arch]
+    family = max((name for name in ARCHITECTURES if arch.startswith(name)), key=len, default=None)
+    return ARCHITECTURES[family] if family is not None else Architecture()
 
 
 def _drop_classifier(backbone: nn.Module) -> int:
@@ -210,93 +259,15 @@ def _load_state_dict_file(path: Path) -> dict:
     return state
 
 
-def read_preprocess(ckpt: dict, source: str = "checkpoint") -> Preprocess:
-    """Return the checkpoint's preprocessing record, checked.
-
-    Raises:
-        CheckpointError: the record is malformed or uses an unknown geometry.
-    """
-    try:
-        pre = Preprocess.from_dict(dict(ckpt["preprocess"]))
-        valid = (int(pre.img_size) == pre.img_size >= 8 and len(pre.mean) == 3 and len(pre.std) == 3
-                 and all(s > 0 for s in pre.std))
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{source}: malformed preprocess record ({exc})") from exc
-    if not valid:
-        raise CheckpointError(f"{source}: malformed preprocess record {ckpt['preprocess']}")
-    if pre.geometry != "letterbox":
-        raise CheckpointError(f"{source}: unknown preprocessing geometry {pre.geometry!r} (only 'letterbox')")
-    return pre
-
-
-def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> Classifier:
-    """Rebuild a checkpoint's model exactly: architecture (or a seed ensemble's members), head, weights (strict)
-    and normalisation, on the CPU.
-
-    The normalisation mean/std are not in the state dict; they come from the checkpoint's preprocess record, so a
-    model trained from weights with their own statistics (EfficientNet-Lite0, GoogLeNet) is rebuilt as trained.
-
-    Raises:
-        CheckpointError: unknown architecture, malformed classes, or weights that do not fit (one line).
-    """
-    arch, classes = ckpt["arch"], ckpt["classes"]
-    if (not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c for c in classes)
-            or len(set(classes)) != len(classes)):
-        raise CheckpointError(f"{source}: classes must be at least two distinct names, got {classes!r}")
-    if not isinstance(ckpt["model"], dict):
-        raise CheckpointError(f"{source}: the model entry is not a state dict")
-    pre = read_preprocess(ckpt, source)
-    try:
-        model = _untrained(ckpt, len(classes), source)
-    except WeightsError as exc:
-        raise CheckpointError(f"{source}: {exc}") from exc
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except (RuntimeError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"{source}: weights do not fit {arch} with {len(classes)} classes: {one_line(exc)}") \
-            from exc
-    model.set_normalization(torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1),
-                            torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1))
-    return model
-
-
-def architecture_name(ckpt: dict) -> str:
-    """How a checkpoint's network is named to people: its architecture, or "ensemble of 3 efficientnet_lite0"."""
-    record = ckpt.get("ensemble")
-    if ckpt.get("arch") == ENSEMBLE and isinstance(record, dict):
-        return f"ensemble of {record.get('members')} {record.get('arch')}"
-    return str(ckpt.get("arch"))
-
-
-def _untrained(ckpt: dict, num_classes: int, source: str) -> Classifier:
-    """The checkpoint's network with random weights: its architecture, or its ensemble record's members."""
-    if ckpt["arch"] != ENSEMBLE:
-        return build_model(str(ckpt["arch"]), num_classes, "none")
-    record = ckpt.get("ensemble")
-    count = record.get("members") if isinstance(record, dict) else None
-    if not isinstance(count, int) or count < 2 or not isinstance(record.get("arch"), str):
-        raise CheckpointError(f"{source}: an ensemble checkpoint needs an ensemble record with the members' "
-                              f"architecture and their number (at least 2), got {record!r}")
-    return EnsembleClassifier([build_model(record["arch"], num_classes, "none") for _ in range(count)], [1.0] * count)
-
-
 def target_layer(model: XrayClassifier) -> nn.Module:
-    """Return the layer Grad-CAM explains for ``model``: the output of its last convolutional stage."""
-    b = model.backbone
-    arch = model.arch
-    if arch.startswith(("resnet", "resnext", "wide_resnet")):
-        return b.layer4[-1]
-    if arch.startswith("googlenet"):
-        return b.inception5b
-    if arch == LITE0:
-        return b.bn2
-    if arch.startswith(("densenet", "efficientnet", "convnext", "vgg", "alexnet", "mobilenet", "mnasnet")):
-        return b.features[-1]
-    if arch.startswith("regnet"):
-        return b.trunk_output
-    convs = [m for m in b.modules() if isinstance(m, nn.Conv2d)]
+    """Return the layer Grad-CAM explains for ``model``: the output of its last convolutional stage (its
+    architecture's :attr:`Architecture.cam_layer`, else the last convolution)."""
+    pick = architecture(model.arch).cam_layer
+    if pick is not None:
+        return pick(model.backbone)
+    convs = [m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
-        raise CheckpointError(f"no convolutional layer in {arch} to explain")
+        raise CheckpointError(f"no convolutional layer in {model.arch} to explain")
     return convs[-1]
 
 

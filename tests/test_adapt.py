@@ -26,9 +26,10 @@ from covidxr.inference.__main__ import main as predict_main
 from covidxr.inference.dicom_out import site_text
 from covidxr.inference.dicom_sr import ReportFacts, _decision_group
 from covidxr.inference.prediction_log import prediction_record
-from covidxr.inference.predictor import Predictor, load_classifier
+from covidxr.inference.predictor import Predictor
 from covidxr.inference.site_profile import SiteProfileError, apply_profile, read_profile
 from covidxr.io import load_xray
+from covidxr.model.build import model_from_checkpoint
 
 # The tiny model of the fixtures knows nothing yet, so its calls may collapse onto one class; tests that need an
 # adapted profile loosen the guard (the guard itself is tested with its defaults and with a strict one).
@@ -191,7 +192,7 @@ def test_adapted_model_is_the_prior_corrected_posterior(run: Path, adapted: Path
     bn_only["model"]["head.bias"] = ckpt["model"]["head.bias"]
     x = predictor.pipeline.network_input(film.pixels, predictor.preprocess.img_size)[0][None]
     with torch.inference_mode():
-        z = load_classifier(bn_only).double()(x.double()).numpy()[0]
+        z = model_from_checkpoint(bn_only).eval().double()(x.double()).numpy()[0]
     expected = np.exp(z / record["temperature"] + np.array(record["logit_offsets"]))
     expected /= expected.sum()
     got = predictor.predict(film, cam=None).probs
@@ -213,11 +214,9 @@ def test_em_recovers_known_priors_and_settings_behave() -> None:
     assert np.isclose(floored(np.array([1.0, 0.0, 0.0]), 0.02).min(), 0.02)
     weights = mix_weights(10, 32, AdaptSettings(prior_strength=32))
     assert weights[0] == 0.5 and all(a > b for a, b in zip(weights, weights[1:], strict=False)) and weights[-1] > 0
-    balanced = {"classes": ["a", "b"], "config": {"balance": "loss"}}
-    assert source_priors(balanced).tolist() == [0.5, 0.5]
-    counted = {"classes": ["a", "b"], "config": {"balance": "none"},
-               "split": {"label": ["a", "a", "a", "b", "b"], "split": ["train"] * 4 + ["test"]}}
-    assert source_priors(counted).tolist() == [0.75, 0.25]
+    assert source_priors(["a", "b"], {"balance": "loss"}, None).tolist() == [0.5, 0.5]
+    counted = {"label": ["a", "a", "a", "b", "b"], "split": ["train"] * 4 + ["test"]}
+    assert source_priors(["a", "b"], {"balance": "none"}, counted).tolist() == [0.75, 0.25]
 
 
 def test_predict_log_and_sr_name_the_profile(run: Path, adapted: Path, site: Path, tmp_path: Path,

@@ -365,11 +365,10 @@ def own_run(app_env: Path, tiny_run: Path, tmp_path: Path, monkeypatch: pytest.M
 
 def evaluated_sha(run: Path) -> str:
     """The checkpoint digest a saved evaluation must record to be shown for this run."""
-    from covidxr.calibration_file import with_calibration
-    from covidxr.checkpoint import load_checkpoint
+    from covidxr.calibration_file import read_calibration
     from covidxr.files import file_digest
 
-    summary = with_calibration(load_checkpoint(run / "best.pt"), run / "best.pt").get("evaluation") or {}
+    summary = (read_calibration(run / "best.pt", file_digest(run / "best.pt")) or {}).get("evaluation") or {}
     return summary.get("checkpoint_sha256") or file_digest(run / "best.pt")
 
 

@@ -195,16 +195,16 @@ def test_the_input_gate_refuses_a_rotated_and_a_lateral_film(gated_run: Path, tm
     are 'Not assessed' by the learned view check, with no class or probability; the upright film is assessed."""
     from playwright.sync_api import expect, sync_playwright
 
-    from covidxr.checkpoint import load_checkpoint
     from covidxr.data.manifest import load_manifest
     from covidxr.data.split import apply_split
+    from covidxr.inference.predictor import Predictor
 
     require_chromium()
     table = apply_split(load_manifest(gated_run / "manifest.csv"), gated_run / "split.csv")
     upright = Path(table[table["split"] == "test"]["path"].iloc[0])
     rotated = tmp_path / "rotated.png"
     rotated.write_bytes(rotated_png(upright))
-    info = load_checkpoint(gated_run / "best.pt")["gate"]["info"]
+    info = Predictor.from_checkpoint(gated_run / "best.pt", device="cpu", backend="torch").gate.info
     lateral = LATERALS / Path(info["lateral_holdout"][0]).name
     assert lateral.is_file(), info["lateral_holdout"][:3]
     (tmp_path / "server").mkdir()
@@ -299,7 +299,6 @@ def test_ct_slice_borderline_film_and_no_server_paths(gated_run: Path, shared_da
     from app_inputs import fake_evaluation, write_evaluation
     from playwright.sync_api import expect, sync_playwright
 
-    from covidxr.checkpoint import load_checkpoint
     from covidxr.inference.gate_fit import main as gate
     from covidxr.inference.predictor import Predictor
 
@@ -310,8 +309,8 @@ def test_ct_slice_borderline_film_and_no_server_paths(gated_run: Path, shared_da
     # film; a 0.8 quantile makes a band that real films from unseen hospitals land in (11 of the first 64 external).
     assert gate(["fit", "--checkpoint", str(run / "best.pt"), "--laterals", str(NOTCXR / "lateral"), "--ct",
                  str(NOTCXR / "ct"), "--device", "cpu", "--made", "60", "--alpha", "0.2"]) == 0
-    info = load_checkpoint(run / "best.pt")["gate"]["info"]
     predictor = Predictor.from_checkpoint(run / "best.pt", device="cpu", backend="torch")
+    info = predictor.gate.info
     held_out = [NOTCXR / "ct" / Path(name).name for name in info["ct_holdout"]]
     verdicts = [p.gate for p in predictor.predict_batch([load_xray(p) for p in held_out], cam=None)]
     named_ct = [path for path, v in zip(held_out, verdicts, strict=True) if v.checks[:1] == ("ct",)]

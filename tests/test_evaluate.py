@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidxr.calibration_file import calibration_path, with_calibration
+from covidxr.calibration_file import calibration_path
 from covidxr.checkpoint import load_checkpoint, save_checkpoint
 from covidxr.evaluation.__main__ import main
 from covidxr.evaluation.analysis import SOURCE_CONFOUNDED
@@ -22,6 +22,8 @@ from covidxr.evaluation.outputs import PLOT_FILES
 from covidxr.evaluation.report_external import NO_EXTERNAL
 from covidxr.html_page import format_value
 from covidxr.inference.predictor import Predictor
+from covidxr.model.calibration import Origin
+from covidxr.model.trained import TrainedModel
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_FILES = ("best.pt", "split.csv", "history.csv", "config.json")
@@ -133,9 +135,11 @@ def test_evaluation_leaves_the_checkpoint_and_pins_its_calibration(evaluated: di
     assert "temperature" not in load_checkpoint(path) and "evaluation" not in load_checkpoint(path)
     record = json.loads(calibration_path(path).read_text())
     assert record["checkpoint_sha256"] == m["checkpoint_sha256"] and record["temperature_how"].startswith("fitted")
-    ckpt = with_calibration(load_checkpoint(path), path)
-    assert ckpt["temperature"] == pytest.approx(m["calibration"]["temperature"])
-    summary = ckpt["evaluation"]
+    calibration = TrainedModel.load(path, device="cpu").calibration
+    assert calibration.temperature == pytest.approx(m["calibration"]["temperature"])
+    assert calibration.origin is Origin.VALIDATION and m["calibration"]["origin"] == "validation"
+    assert record["temperature_origin"] == "validation"
+    summary = dict(calibration.summary)
     assert summary["split"] == "test" and summary["n_images"] == m["n_images"]
     assert summary["report"] == "eval/report.html" and summary["metrics_json"] == "eval/metrics.json"
     assert summary["metrics"]["accuracy"] == pytest.approx(m["metrics"]["accuracy"])
@@ -150,7 +154,8 @@ def test_a_calibration_made_for_other_bytes_is_ignored(evaluated: dict, tmp_path
     shutil.copytree(evaluated["run"], run, ignore=shutil.ignore_patterns("eval*"))
     ckpt = load_checkpoint(run / "best.pt")
     save_checkpoint(run / "best.pt", {**ckpt, "epoch": -1})  # retrained in place: other bytes
-    assert with_calibration(load_checkpoint(run / "best.pt"), run / "best.pt").get("temperature") is None
+    calibration = TrainedModel.load(run / "best.pt", device="cpu").calibration
+    assert calibration.origin is Origin.NONE and calibration.temperature == 1.0 and not calibration.summary
 
 
 def _external_tree(run: Path, shared: Path, dest: Path) -> tuple[Path, list[str]]:

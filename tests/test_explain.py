@@ -17,8 +17,9 @@ from covidxr.explain.__main__ import main
 from covidxr.explain.cam import CAM_METHODS, compute_cam
 from covidxr.explain.display import heatmap_on_image, overlay
 from covidxr.explain.scoring import border_share
-from covidxr.inference.predictor import Predictor, load_classifier
+from covidxr.inference.predictor import Predictor
 from covidxr.io import Xray, load_xray
+from covidxr.model.trained import TrainedModel
 from covidxr.models import IMAGENET_MEAN, IMAGENET_STD, XrayClassifier, build_model
 from covidxr.preprocess import letterbox
 
@@ -37,7 +38,7 @@ def xrays(shared_data: Path) -> list[Xray]:
 
 @pytest.fixture(scope="module")
 def trained(tiny_run: Path) -> XrayClassifier:
-    return load_classifier(load_checkpoint(tiny_run / "best.pt"))
+    return TrainedModel.load(tiny_run / "best.pt", device="cpu").network
 
 
 def _inputs(xrays: list[Xray], size: int = 64) -> torch.Tensor:
@@ -50,7 +51,7 @@ def _hook_count(model: torch.nn.Module) -> int:
 
 
 def test_heatmap_on_original_geometry_and_model_left_as_found(tiny_run: Path, xrays: list[Xray]) -> None:
-    model = load_classifier(load_checkpoint(tiny_run / "best.pt")).requires_grad_(True)
+    model = TrainedModel.load(tiny_run / "best.pt", device="cpu").network.requires_grad_(True)
     model.train()
     model.backbone.layer1.eval()  # a mix of modes, as during head-only training
     modes = {name: m.training for name, m in model.named_modules()}
@@ -105,7 +106,7 @@ def test_target_layer_can_be_named(trained: XrayClassifier, xrays: list[Xray]) -
 @pytest.mark.parametrize("arch", ["trained-resnet18", "densenet121", "mobilenet_v3_small"])
 def test_efficient_backward_gives_the_usual_heatmaps(tiny_run: Path, xrays: list[Xray], arch: str) -> None:
     if arch.startswith("trained"):
-        model, methods = load_classifier(load_checkpoint(tiny_run / "best.pt")), GRADIENT_METHODS
+        model, methods = TrainedModel.load(tiny_run / "best.pt", device="cpu").network, GRADIENT_METHODS
     else:  # DenseNet applies an in-place ReLU after its target layer
         torch.manual_seed(0)
         model, methods = build_model(arch, 3, "none").eval(), ("gradcam",)

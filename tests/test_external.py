@@ -12,10 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidxr.calibration_file import with_calibration
-from covidxr.checkpoint import load_checkpoint
 from covidxr.evaluation.__main__ import main
 from covidxr.evaluation.heldout import ABSENT, ONE_CLASS, UNSEEN, heldout_result, summary_row
+from covidxr.model.trained import TrainedModel
 
 RUN_FILES = ("best.pt", "split.csv", "history.csv", "config.json")
 
@@ -92,7 +91,7 @@ def test_external_key_has_the_shape_of_the_top_level(evaluated_external: dict) -
 
 def test_checkpoint_summary_has_the_external_headline(evaluated_external: dict) -> None:
     path = evaluated_external["run"] / "best.pt"
-    summary = with_calibration(load_checkpoint(path), path)["evaluation"]
+    summary = TrainedModel.load(path, device="cpu").calibration.summary
     (head,) = summary["external"]
     ext = evaluated_external["metrics"]["external"][0]
     assert head["name"] == "ext-small" and set(head["recall"]) == {"covid", "normal"}

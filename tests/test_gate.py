@@ -26,6 +26,7 @@ from covidxr.inference.gate_data import patient_halves
 from covidxr.inference.gate_files import TINY_SIDE
 from covidxr.inference.gate_fit import fit_ood, fit_view, invert_content, main, variant
 from covidxr.io import Xray
+from covidxr.model.sidecars import read_gate
 
 FEATURES = 16
 
@@ -146,11 +147,17 @@ def tiny_checkpoint(gate: InputGate | None = None) -> dict:
     return ckpt
 
 
+def inside(ckpt: dict, source: str = "checkpoint") -> InputGate:
+    """The gate an older checkpoint carries inside, read where the model package reads it (no sidecar here)."""
+    return read_gate(Path(source).with_name("no-such.pt"), "", ckpt.get("gate"), weights_sha256(ckpt["model"]),
+                     source)
+
+
 def test_gate_round_trip_through_a_checkpoint(fitted: InputGate, tmp_path: Path) -> None:
     path = tmp_path / "best.pt"
     save_checkpoint(path, tiny_checkpoint(fitted))
     ckpt = torch.load(path, weights_only=True)  # plain tensors, floats, strings and lists only
-    loaded = InputGate.from_checkpoint(ckpt, str(path))
+    loaded = inside(ckpt, str(path))
     assert loaded.learned and loaded.info == {"n_train": 200}
     features = clusters(20, 3)["rotated"]
     np.testing.assert_allclose(loaded.view.probs(features), fitted.view.probs(features), atol=1e-5)
@@ -158,22 +165,22 @@ def test_gate_round_trip_through_a_checkpoint(fitted: InputGate, tmp_path: Path)
     assert loaded.ood.threshold == fitted.ood.threshold and loaded.view.classes == fitted.view.classes
 
     ckpt["model"]["w"] = ckpt["model"]["w"] + 1  # other weights: the learned checks switch off, with the reason
-    other = InputGate.from_checkpoint(ckpt)
+    other = inside(ckpt)
     verdict = other.check(xray(), features[0])
     assert not other.learned and verdict.assessable and not verdict.learned
     assert "other model weights" in other.unavailable
 
     ckpt["gate"]["ood"]["reference"] = torch.zeros(3, 5)
     with pytest.raises(CheckpointError, match="feature sizes differ"):
-        InputGate.from_checkpoint(ckpt, "best.pt")
+        inside(ckpt, "best.pt")
     with pytest.raises(CheckpointError, match="not a covidxr gate"):
-        InputGate.from_checkpoint({**ckpt, "gate": {"view": None}}, "best.pt")
+        inside({**ckpt, "gate": {"view": None}}, "best.pt")
 
 
 def test_checkpoint_without_gate_runs_the_file_checks_only(tmp_path: Path) -> None:
     path = tmp_path / "old.pt"
     save_checkpoint(path, tiny_checkpoint())
-    gate = InputGate.from_checkpoint(load_checkpoint(path))
+    gate = inside(load_checkpoint(path), str(path))
     assert not gate.learned and gate.unavailable == NO_GATE
     verdict = gate.check(xray(), np.zeros(FEATURES))
     assert verdict.assessable and verdict.warnings == () and verdict.view_probs is None and not verdict.learned
@@ -256,15 +263,14 @@ def test_real_films_pass_and_other_images_are_refused(gate_run: Path, shared_dat
     from covidxr.inference.__main__ import main as predict
     from covidxr.inference.predictor import Predictor
 
-    ckpt = load_checkpoint(gate_run / "best.pt")
-    info = ckpt["gate"]["info"]
-    assert info["n_lateral_fit"] > 0 and info["n_lateral_holdout"] > 0 and info["n_val"] > 0
     predictor = Predictor.from_checkpoint(gate_run / "best.pt", device="cpu", backend="torch")
+    info = predictor.gate.info
+    assert info["n_lateral_fit"] > 0 and info["n_lateral_holdout"] > 0 and info["n_val"] > 0
     assert predictor.gate.learned and predictor.info["gate"]["learned"]
     table = apply_split(load_manifest(gate_run / "manifest.csv"), gate_run / "split.csv")
     rows = table[table["split"] == "test"]
     notcxr = shared_data.parent / "notcxr"
-    report = gate_report(gate_run / "best.pt", rows, [notcxr], variants=True, device="cpu", progress=False)
+    report = gate_report(predictor, rows, [notcxr], variants=True, progress=False)
     # An ImageNet backbone at 96 px tells the views apart less well than a trained model at 224 (docs/gate.md: the gate
     # of a trained run passes 96% of its test films): simulated over six splits, 84-97% of untouched films passed,
     # 93-100% of inverted and all rotated, lateral and CT images were refused.

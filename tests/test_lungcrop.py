@@ -191,10 +191,10 @@ def test_lung_mask_key_record_and_rebuild_from_the_checkpoint() -> None:
     pre = wider.record(Preprocess(img_size=64))
     assert (pre.lung_crop, pre.lung_mask, pre.lung_mask_dilation, pre.equalize) == (True, True, 0.04, "hist")
     ckpt = {"preprocess": pre.to_dict(), "lung_model": FAKE_ENTRY}
-    rebuilt = pipeline_from_checkpoint(ckpt, Preprocess.from_dict(ckpt["preprocess"]))
+    rebuilt = pipeline_from_checkpoint(ckpt.get("lung_model"), Preprocess.from_dict(ckpt["preprocess"]))
     assert rebuilt == wider and rebuilt.key == wider.key and rebuilt.lung_entry is FAKE_ENTRY
     with pytest.raises(CheckpointError, match="crops to the lungs but the checkpoint has no lung model"):
-        pipeline_from_checkpoint({}, pre)
+        pipeline_from_checkpoint(None, pre)
     settings = LoaderSettings(preprocessing=InputSettings(lung_mask=True, lung_mask_dilation=0.04, equalize="hist"),
                               lung_entry=FAKE_ENTRY)
     assert settings.preprocessing.lung_crop and input_pipeline(settings) == wider
@@ -337,7 +337,10 @@ def test_lung_share_skipped_without_a_lung_model(tiny_run: Path, small_manifest:
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COVIDXR_HOME", str(tmp_path))
     table = pd.read_csv(small_manifest).head(2)
-    share = lung_share_summary(tiny_run / "best.pt", table, 2, device="cpu")
+    from covidxr.inference.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(tiny_run / "best.pt", device="cpu", backend="torch")
+    share = lung_share_summary(predictor, table, 2)
     assert share["mean"] is None and share["n"] == 0 and "no lung model at" in share["note"]
 
 

@@ -105,7 +105,8 @@ def test_efficientnet_lite0_package_weights_recognise_grace_hopper() -> None:
 
 
 def test_checkpoint_rebuild_restores_the_weights_normalisation() -> None:
-    from covidxr.models import model_from_checkpoint, preprocess_for
+    from covidxr.model.build import model_from_checkpoint
+    from covidxr.models import preprocess_for
 
     trained = build_model("efficientnet_lite0", 3, "imagenet").eval()
     ckpt = {"arch": "efficientnet_lite0", "classes": ["a", "b", "c"], "model": trained.state_dict(),
@@ -119,7 +120,8 @@ def test_checkpoint_rebuild_restores_the_weights_normalisation() -> None:
 
 def test_checkpoint_with_other_class_count_is_refused() -> None:
     from covidxr.errors import CheckpointError
-    from covidxr.models import model_from_checkpoint, preprocess_for
+    from covidxr.model.build import model_from_checkpoint
+    from covidxr.models import preprocess_for
 
     model = build_model("resnet18", 3, "none")
     ckpt = {"arch": "resnet18", "classes": ["a", "b"], "model": model.state_dict(),

@@ -56,13 +56,18 @@ def test_default_data_and_loader_settings_are_the_runs(tiny_run: Path, small_man
 
 def test_the_gate_fit_and_explain_read_runs_through_it(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     read: list[Path] = []
-    real = RunFolder.read.__func__
+    real_read, real_of = RunFolder.read.__func__, RunFolder.of.__func__
 
     def recording(cls: type[RunFolder], checkpoint: Path) -> RunFolder:
         read.append(Path(checkpoint))
-        return real(cls, checkpoint)
+        return real_read(cls, checkpoint)
+
+    def recording_of(cls: type[RunFolder], trained: object) -> RunFolder:
+        read.append(Path(trained.path))  # the gate fit reads the run of the model it has loaded
+        return real_of(cls, trained)
 
     monkeypatch.setattr(RunFolder, "read", classmethod(recording))
+    monkeypatch.setattr(RunFolder, "of", classmethod(recording_of))
 
     def stop(*args: object, **kwargs: object) -> None:
         raise DatasetError("stop here")

@@ -7,7 +7,7 @@ Usage::
 Reads the folder's films (searched as ``predict`` searches; labels, folder names and metadata files are never read),
 runs them through the input gate (refused films take no part), and writes the site profile into ``--out`` (default
 ``RUN/sites/NAME/``): ``site.json`` and ``bn_stats.pt``, pinned to the checkpoint's SHA-256
-(:mod:`covidxr.inference.site_profile`). The checkpoint is left untouched. Use the profile with ``--site FOLDER`` in
+(:mod:`covidxr.model.site_profile`). The checkpoint is left untouched. Use the profile with ``--site FOLDER`` in
 ``predict``, ``evaluate`` and ``export``, or choose it in the app's sidebar; delete the folder to reset.
 
 Exit status: 0 adapted; 1 done, but the collapse guard refused the profile (it is written with the reason, and the
@@ -25,7 +25,7 @@ from pathlib import Path
 from covidxr.adapt.estimate import AdaptSettings
 from covidxr.adapt.site import adapt_site
 from covidxr.errors import CovidxrError
-from covidxr.inference.site_profile import SITES_FOLDER
+from covidxr.model.site_profile import SITES_FOLDER
 from covidxr.utils import (
     EXIT_DONE,
     EXIT_SOME_FAILED,

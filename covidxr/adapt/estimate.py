@@ -11,8 +11,9 @@ mix).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -200,14 +201,15 @@ def collapse_reason(calls: np.ndarray, n_classes: int, site: np.ndarray, source:
     return None
 
 
-def source_priors(ckpt: dict) -> np.ndarray:
+def source_priors(classes: Sequence[str], config: Mapping[str, Any], split: Mapping[str, Any] | None) -> np.ndarray:
     """The class priors the model's posteriors assume: uniform when training balanced the classes (``--balance``
-    loss, sampler or group), else the training split's class frequencies (uniform when unknown)."""
-    classes = list(ckpt["classes"])
+    loss, sampler or group, in the run's ``config``), else the class frequencies of the training rows of its ``split``
+    (uniform when unknown)."""
+    classes = list(classes)
     uniform = np.full(len(classes), 1.0 / len(classes))
-    if (ckpt.get("config") or {}).get("balance", "loss") != "none":
+    if config.get("balance", "loss") != "none":
         return uniform
-    split = ckpt.get("split") or {}
+    split = split or {}
     labels = [label for label, part in zip(split.get("label", []), split.get("split", []), strict=False)
               if part == "train"]
     counts = np.array([labels.count(c) for c in classes], dtype=np.float64)

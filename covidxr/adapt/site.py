@@ -1,5 +1,5 @@
 """Adapt a checkpoint to one site from its own unlabelled films and write the site profile
-(:mod:`covidxr.inference.site_profile`); the command line is :mod:`covidxr.adapt.__main__`.
+(:mod:`covidxr.model.site_profile`); the command line is :mod:`covidxr.adapt.__main__`.
 
 The films are read as files only: any label a folder name or a metadata file carries is never read (folders are
 searched as ``predict`` searches them, and the films are put in the order of their pixels' SHA-256, so neither
@@ -31,16 +31,15 @@ from covidxr.adapt.estimate import (
     shifted_probs,
     source_priors,
 )
-from covidxr.checkpoint import load_checkpoint
 from covidxr.ensemble_model import ENSEMBLE
 from covidxr.errors import CovidxrError, ImageReadError
 from covidxr.files import atomic_write_bytes, file_digest
 from covidxr.inference.__main__ import find_images
-from covidxr.inference.gate import InputGate
+from covidxr.model.gate import InputGate
 from covidxr.inference.prediction_log import pixel_sha256
 from covidxr.inference.predictor import Predictor
-from covidxr.inference.site_profile import FORMAT, FORMAT_VERSION, SiteProfile, write_profile
 from covidxr.io import Xray, load_xray
+from covidxr.model.site_profile import FORMAT, FORMAT_VERSION, SiteProfile, write_profile
 
 log = logging.getLogger("covidxr.adapt")
 
@@ -206,17 +205,17 @@ def adapt_site(checkpoint: str | os.PathLike, data: str | os.PathLike, name: str
     start = time.perf_counter()
     if not Path(data).is_dir():
         raise CovidxrError(f"--data {data}: not a folder")
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt.get("arch") == ENSEMBLE:
-        raise CovidxrError(f"{checkpoint}: adaptation needs a single model; a seed ensemble is not supported")
     predictor = Predictor.from_checkpoint(checkpoint, device=device, backend="torch")
+    if predictor.trained.record.get("arch") == ENSEMBLE:
+        raise CovidxrError(f"{checkpoint}: adaptation needs a single model; a seed ensemble is not supported")
     predictor.model.to(memory_format=torch.channels_last)  # about twice as fast on a CPU; the same on CUDA
     files = find_images([data])
     films = read_site_films(predictor, files, settings.batch_size)
     if len(films.digests) < settings.min_films:
         raise CovidxrError(f"{data}: {len(films.digests)} films accepted by the input gate ({films.n_refused} "
                            f"refused, {films.n_unreadable} unreadable); adaptation needs at least {settings.min_films}")
-    record, stats = estimate_profile(predictor, films, source_priors(ckpt), settings)
+    record, stats = estimate_profile(predictor, films, source_priors(predictor.classes, predictor.trained.config,
+                                                                    predictor.trained.record.get("split")), settings)
     reference = gate_features(predictor, films.inputs, settings.batch_size) if not record["reason"] else None
     if reference is not None:
         record["gate_reference"] = write_gate_reference(Path(out), reference)

@@ -22,15 +22,15 @@ import pandas as pd
 import torch
 from torch.utils.data import BatchSampler, SequentialSampler
 
-from covidxr.batches import predict_loader
 from covidxr.checkpoint import load_checkpoint, save_checkpoint
 from covidxr.data.loaders import LoaderSettings, RunData, cache_dir, input_pipeline, make_loaders, prepare_rows
 from covidxr.data.manifest import class_names, dataset_root, load_manifest, resolve_data_path, validate_for_training
 from covidxr.data.split import check_no_leakage, make_split
 from covidxr.errors import DatasetError
 from covidxr.input_settings import InputSettings, settings_from_dict
+from covidxr.model.trained import TrainedModel
 from covidxr.model_input import InputPipeline
-from covidxr.models import build_model, model_from_checkpoint
+from covidxr.models import build_model
 from covidxr.training import distributed
 from covidxr.training import head_features as features
 from covidxr.training.config import TrainConfig
@@ -231,16 +231,15 @@ def finetune_fold(data: AllData, split: pd.DataFrame, cfg: CrossvalConfig, held_
     if dict(zip(written["relpath"], written["split"], strict=True)) != dict(zip(split["relpath"], split["split"],
                                                                                strict=True)):
         raise DatasetError(f"fold {held_out!r}: the training run's split.csv differs from the fold's split")
-    ckpt = load_checkpoint(fold_dir / "best.pt")
-    model = model_from_checkpoint(ckpt, str(fold_dir / "best.pt")).to(device).eval()
+    model = TrainedModel.load(fold_dir / "best.pt", device=device)
     test = (split["split"] == "test").to_numpy()
     images = [img for img, keep in zip(data.images, test, strict=True) if keep] if data.images is not None else None
     rows = RunData(split[test].reset_index(drop=True), data.classes, data.root, images, {}, data.pipeline)
     loader = make_loaders(rows, data.settings, device, cfg.seed)["test"]
-    out = predict_loader(model, loader, device, autocast(device, amp_dtype(device)), desc="predict held-out")
+    out = model.run_loader(loader, desc="predict held-out")
     logits = np.empty_like(out.logits)
     logits[out.indices] = out.logits
-    return logits, int(ckpt["best_epoch"])
+    return logits, int(model.record["best_epoch"])
 
 
 def train_fold(data: AllData, held_out: str, cfg: CrossvalConfig, feature_set: features.FeatureSet | None,

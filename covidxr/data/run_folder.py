@@ -10,6 +10,7 @@ run was trained on) and the same loader settings.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,16 +21,17 @@ from covidxr.checkpoint import load_checkpoint
 from covidxr.data.loaders import LoaderSettings
 from covidxr.data.manifest import resolve_data_path
 from covidxr.errors import DatasetError
+from covidxr.model.build import read_preprocess
+from covidxr.model.trained import TrainedModel
 from covidxr.model_input import InputPipeline, pipeline_from_checkpoint
-from covidxr.models import read_preprocess
 from covidxr.preprocess import Preprocess
 
 SPLIT_FILE = "split.csv"
 
 
-def training_data(ckpt: dict[str, Any]) -> str | None:
-    """The dataset a checkpoint was trained on (``config.data``, else ``data.root``), or None."""
-    return (ckpt.get("config") or {}).get("data") or (ckpt.get("data") or {}).get("root") or None
+def training_data(record: Mapping[str, Any]) -> str | None:
+    """The dataset a checkpoint was trained on (its record's ``config.data``, else ``data.root``), or None."""
+    return (record.get("config") or {}).get("data") or (record.get("data") or {}).get("root") or None
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,11 @@ class RunFolder:
             CheckpointError: a missing, unreadable or foreign checkpoint (one line).
         """
         return cls(Path(checkpoint), load_checkpoint(checkpoint))
+
+    @classmethod
+    def of(cls, trained: TrainedModel) -> RunFolder:
+        """The run of a model already loaded (its training record; the checkpoint is not read again)."""
+        return cls(trained.path, dict(trained.record))
 
     @property
     def config(self) -> dict[str, Any]:
@@ -98,7 +105,8 @@ class RunFolder:
 
     def pipeline(self) -> InputPipeline:
         """The input pipeline the run was trained with, with the lung model the checkpoint carries."""
-        return pipeline_from_checkpoint(self.ckpt, self.preprocess, str(self.checkpoint))
+        return pipeline_from_checkpoint(self.ckpt.get("lung_model"), self.preprocess,
+                                        str(self.checkpoint))
 
     def loader_settings(self, data: str | os.PathLike | None = None, **overrides: Any) -> LoaderSettings:
         """The run's data and loader settings, reading ``data`` (default: the run's training data, as given) at the

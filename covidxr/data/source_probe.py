@@ -23,12 +23,10 @@ from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from covidxr.checkpoint import load_checkpoint
 from covidxr.data.cache import fill_cache
 from covidxr.data.confounding import source_column
-from covidxr.model_input import PLAIN, InputPipeline, pipeline_from_checkpoint
-from covidxr.models import model_from_checkpoint
-from covidxr.preprocess import Preprocess
+from covidxr.model.trained import TrainedModel
+from covidxr.model_input import PLAIN, InputPipeline
 
 
 def _features(model: Any, paths: Sequence[str], img_size: int, cache_dir: Path | None, batch_size: int,
@@ -109,17 +107,15 @@ def source_probe(table: pd.DataFrame, checkpoint: str | os.PathLike, folds: int 
     Raises:
         CheckpointError: the checkpoint cannot be loaded or does not fit its architecture.
     """
-    ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt, str(checkpoint)).eval()
-    pre = Preprocess.from_dict(ckpt["preprocess"])
-    img_size = pre.img_size
+    trained = TrainedModel.load(checkpoint, device="cpu")
+    img_size = trained.img_size
     with torch.inference_mode():
-        feats, ok = _features(model, table["path"].tolist(), img_size, cache_dir, batch_size, workers,
-                              pipeline_from_checkpoint(ckpt, pre, str(checkpoint)))
+        feats, ok = _features(trained.network, table["path"].tolist(), img_size, cache_dir, batch_size, workers,
+                              trained.pipeline)
     readable = table[ok].reset_index(drop=True)
     sources = source_column(readable)
     result: dict[str, Any] = {
-        "checkpoint": str(checkpoint), "arch": ckpt["arch"], "img_size": int(img_size),
+        "checkpoint": str(checkpoint), "arch": trained.record["arch"], "img_size": int(img_size),
         "n_features": int(feats.shape[1]) if feats.size else 0, "unreadable": int((~ok).sum()),
         "overall": probe_auc(feats, sources, readable["patient_id"], folds, seed), "per_class": {},
     }

@@ -3,8 +3,8 @@ by source and view, metadata-only baselines, and the warnings about what the num
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -20,25 +20,27 @@ from covidxr.evaluation.inputs import EvalData, EvalOptions
 from covidxr.evaluation.logits import SplitOutputs
 from covidxr.evaluation.metrics import classification_metrics, group_metrics
 from covidxr.evaluation.operating_points import apply_thresholds, operating_points
+from covidxr.model.calibration import Calibration, Origin
 from covidxr.utils import softmax
 
 TARGET_SENSITIVITIES = (0.90, 0.95)
 SOURCE_CONFOUNDED = "this dataset cannot separate disease from source"
 
 
-def calibrate(pred: SplitOutputs, ckpt: dict[str, Any], heldout: HeldOutLogits | None = None) -> tuple[float, str]:
-    """``(temperature, how it was obtained)``: fitted on the held-out sources' logits when there are some, else on the
-    validation logits, else the checkpoint's (external data), else 1."""
+def calibrate(pred: SplitOutputs, stored: Calibration, heldout: HeldOutLogits | None = None) -> Calibration:
+    """The calibration of this evaluation: fitted on the held-out sources' logits when there are some, else on the
+    validation logits, else the model's stored one (external data; its thresholds are kept), else none."""
     if heldout is not None:
-        return fit_temperature(heldout.logits, heldout.y), f"fitted out of source, on {heldout.describe()}"
+        return Calibration.fitted(fit_temperature(heldout.logits, heldout.y), Origin.OUT_OF_SOURCE,
+                                  f"fitted out of source, on {heldout.describe()}")
     if pred.val_logits is not None and len(pred.val_y):
-        temperature = fit_temperature(pred.val_logits, pred.val_y)
-        return temperature, f"fitted on the run's validation split ({len(pred.val_y)} images)"
-    stored = ckpt.get("temperature")
-    if isinstance(stored, (int, float)) and math.isfinite(stored) and stored > 0:
-        how = (ckpt.get("calibration_record") or {}).get("temperature_how") or "fitted on the run's validation split"
-        return float(stored), f"reused from the checkpoint's calibration ({how}); not refitted"
-    return 1.0, "none: no validation split and no temperature in the checkpoint (probabilities uncalibrated)"
+        return Calibration.fitted(fit_temperature(pred.val_logits, pred.val_y), Origin.VALIDATION,
+                                  f"fitted on the run's validation split ({len(pred.val_y)} images)")
+    if stored.origin is not Origin.NONE:
+        return replace(stored, origin=Origin.REUSED,
+                       how=f"reused from the checkpoint's calibration ({stored.how}); not refitted")
+    return Calibration(how="none: no validation split and no temperature in the checkpoint (probabilities "
+                           "uncalibrated)")
 
 
 def default_positive(classes: Sequence[str], requested: str | None) -> str | None:
@@ -55,17 +57,17 @@ def default_positive(classes: Sequence[str], requested: str | None) -> str | Non
 
 
 def operating_point_table(pred: SplitOutputs, probs: np.ndarray, val_probs: np.ndarray | None, classes: Sequence[str],
-                          positive: str | None, ckpt: dict[str, Any]) -> dict[str, Any] | None:
+                          positive: str | None, stored: Calibration) -> dict[str, Any] | None:
     """Thresholds for 90%/95% sensitivity of the positive class, chosen on validation and reported on test.
 
     Args:
         pred: The predictions.
         probs: Calibrated probabilities of the evaluated rows.
-        val_probs: Calibrated probabilities of the validation rows, or None (then the checkpoint's stored thresholds
+        val_probs: Calibrated probabilities of the validation rows, or None (then the model's stored thresholds
             are reused).
         classes: Class names.
         positive: The positive class, or None.
-        ckpt: The checkpoint.
+        stored: The model's stored calibration (its thresholds).
 
     Returns:
         ``{"positive", "score", "chosen_on", "points"}`` or None (no positive class, or nothing to choose on).
@@ -77,10 +79,10 @@ def operating_point_table(pred: SplitOutputs, probs: np.ndarray, val_probs: np.n
     if val_probs is not None:
         points = operating_points(pred.val_y == k, val_probs[:, k], pred.y == k, probs[:, k], TARGET_SENSITIVITIES)
         return {"positive": positive, "score": score, "chosen_on": "val", "points": points}
-    stored = ((ckpt.get("evaluation") or {}).get("operating_points") or {})
-    if stored.get("positive") != positive or not stored.get("points"):
+    points_stored = stored.operating_points
+    if points_stored.get("positive") != positive or not points_stored.get("points"):
         return None
-    points = apply_thresholds(stored["points"], pred.y == k, probs[:, k])
+    points = apply_thresholds(points_stored["points"], pred.y == k, probs[:, k])
     return {"positive": positive, "score": score, "chosen_on": "checkpoint (the run's validation split)",
             "points": points}
 
@@ -163,7 +165,7 @@ def source_warnings(table: pd.DataFrame) -> list[str]:
             "(hospital, age group, image processing) rather than the disease."] + details
 
 
-def split_warnings(data: EvalData, pred: SplitOutputs, temperature_how: str) -> list[str]:
+def split_warnings(data: EvalData, pred: SplitOutputs, calibration: Calibration) -> list[str]:
     """Caveats about what was evaluated: in-sample calibration, training images, overlap, unreadable files."""
     out = list(data.warnings)
     if data.own and data.split == "val":
@@ -177,8 +179,8 @@ def split_warnings(data: EvalData, pred: SplitOutputs, temperature_how: str) -> 
             by = seen[seen != ""].value_counts().to_dict()
             out.append(f"{int((seen != '').sum())} of {len(seen)} external images were in the run's own data "
                        f"(same path or identical bytes; by run split: {by}): metrics on them are not external")
-    if not temperature_how.startswith("fitted"):
-        out.append(f"temperature {temperature_how}")
+    if not calibration.origin.fitted:
+        out.append(f"temperature {calibration.how}")
     if data.run.unreadable:
         out.append(f"{len(data.run.unreadable)} unreadable image(s) skipped (listed in metrics.json 'unreadable')")
     if pred.table["patient_id"].astype(str).str.startswith("image:").all():
@@ -188,14 +190,14 @@ def split_warnings(data: EvalData, pred: SplitOutputs, temperature_how: str) -> 
 
 
 def covid_block(pred: SplitOutputs, probs: np.ndarray, val_probs: np.ndarray | None, classes: Sequence[str],
-                positive: str | None, ckpt: dict[str, Any], heldout: HeldOutLogits | None, temperature: float,
-                opts: EvalOptions, split: str) -> dict[str, Any] | None:
+                positive: str | None, stored_calibration: Calibration, heldout: HeldOutLogits | None,
+                temperature: float, opts: EvalOptions, split: str) -> dict[str, Any] | None:
     """COVID-vs-rest with its threshold fixed before testing: on the held-out sources when there are some, else on
     validation, else the stored one (:mod:`covidxr.evaluation.covid_vs_rest`)."""
     if positive is None:
         return None
     k = list(classes).index(positive)
-    stored = (ckpt.get("evaluation") or {}).get("covid_vs_rest")
+    stored = stored_calibration.covid_vs_rest
     if heldout is not None:
         threshold, chosen_on = choose_threshold(heldout.y == k, softmax(heldout.logits, temperature)[:, k], stored,
                                                 heldout.describe())
@@ -208,15 +210,19 @@ def covid_block(pred: SplitOutputs, probs: np.ndarray, val_probs: np.ndarray | N
     return {"positive": positive, "threshold": threshold, "chosen_on": chosen_on, "sets": sets}
 
 
-def analyse(ckpt: dict[str, Any], data: EvalData, pred: SplitOutputs, split_table: pd.DataFrame | None,
-            opts: EvalOptions, heldout: HeldOutLogits | None = None) -> dict[str, Any]:
-    """Compute every number of the evaluation from the logits (calibrated out of source when ``heldout`` is given).
+def analyse(classes: Sequence[str], stored: Calibration, data: EvalData, pred: SplitOutputs,
+            split_table: pd.DataFrame | None, opts: EvalOptions,
+            heldout: HeldOutLogits | None = None) -> dict[str, Any]:
+    """Compute every number of the evaluation from the logits (calibrated out of source when ``heldout`` is given;
+    ``stored`` is the model's calibration, reused where nothing is fitted).
 
     Returns:
-        The analysis part of metrics.json plus ``_probs`` and ``_raw`` (probability arrays, not serialised).
+        The analysis part of metrics.json plus ``_probs``, ``_raw`` (probability arrays) and ``_calibration`` (the
+        :class:`~covidxr.model.calibration.Calibration` used), which are not serialised.
     """
-    classes = list(ckpt["classes"])
-    temperature, how = calibrate(pred, ckpt, heldout)
+    classes = list(classes)
+    calibrated = calibrate(pred, stored, heldout)
+    temperature, how = calibrated.temperature, calibrated.how
     raw, probs = softmax(pred.logits), softmax(pred.logits, temperature)
     val_probs = softmax(pred.val_logits, temperature) if pred.val_logits is not None else None
     metrics = classification_metrics(pred.y, probs, classes)
@@ -224,16 +230,17 @@ def analyse(ckpt: dict[str, Any], data: EvalData, pred: SplitOutputs, split_tabl
     groups = pred.table["patient_id"].astype(str).tolist()
     ci = bootstrap_ci(pred.y, probs, groups, classes, opts.bootstrap, opts.seed) if opts.bootstrap else None
     train = split_table[split_table["split"] == "train"] if split_table is not None else None
-    calibration = {"temperature": temperature, "how": how, "ece_before": uncal["ece"], "ece_after": metrics["ece"],
+    calibration = {"temperature": temperature, "how": how, "origin": calibrated.origin.value,
+                   "ece_before": uncal["ece"], "ece_after": metrics["ece"],
                    "brier_before": uncal["brier"], "brier_after": metrics["brier"], "n_bins": 15,
                    "measured_on": data.split}
     return {
         "metrics": metrics, "metrics_uncalibrated": uncal, "ci": ci, "calibration": calibration,
         "operating_points": operating_point_table(pred, probs, val_probs, classes,
-                                                  default_positive(classes, opts.positive), ckpt),
-        "covid_vs_rest": covid_block(pred, probs, val_probs, classes, default_positive(classes, opts.positive), ckpt,
+                                                  default_positive(classes, opts.positive), stored),
+        "covid_vs_rest": covid_block(pred, probs, val_probs, classes, default_positive(classes, opts.positive), stored,
                                      heldout, temperature, opts, data.split),
         "by_source": breakdown(pred, probs, classes, "source"), "by_view": breakdown(pred, probs, classes, "view"),
         "baselines": {c: column_baseline(train, pred.table, pred.y, classes, c) for c in ("source", "view")},
-        "_probs": probs, "_raw": raw,
+        "_probs": probs, "_raw": raw, "_calibration": calibrated,
     }

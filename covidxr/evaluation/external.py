@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +19,36 @@ import pandas as pd
 from covidxr.errors import CovidxrError, DatasetError, one_line
 from covidxr.evaluation.analysis import analyse, source_warnings, split_warnings
 from covidxr.evaluation.covid_vs_rest import absent_class_calls
+from covidxr.evaluation.film_pass import FilmPass
+from covidxr.evaluation.film_sets import set_films
 from covidxr.evaluation.inputs import EvalOptions, load_eval_data
 from covidxr.evaluation.logits import predict_splits
 from covidxr.evaluation.lung_share import lung_share_summary
 from covidxr.evaluation.outputs import predictions_frame
 from covidxr.files import atomic_write_bytes
+from covidxr.inference.predictor import Predictor
+from covidxr.lungs import LungModel
+from covidxr.model.calibration import Calibration, Origin
+from covidxr.model.trained import TrainedModel
 
 CROSSVAL_JSON = Path("crossval") / "crossval.json"  # beside the checkpoint, where python -m covidxr.crossval writes
 
 
-def with_internal_calibration(ckpt: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint as the internal evaluation leaves it: its temperature and operating points (chosen on val)."""
-    stored = dict(ckpt.get("evaluation") or {})
-    if result.get("operating_points"):
-        stored["operating_points"] = result["operating_points"]
-    if result.get("covid_vs_rest"):
-        stored["covid_vs_rest"] = {k: result["covid_vs_rest"][k] for k in ("positive", "threshold", "chosen_on")}
-    return {**ckpt, "temperature": result["calibration"]["temperature"], "evaluation": stored,
-            "calibration_record": {"temperature_how": result["calibration"]["how"]}}
+@dataclass(frozen=True)
+class ExternalPass:
+    """The predictions of one external folder, kept in memory for the failure gallery (not read back from CSV)."""
+
+    name: str
+    frame: pd.DataFrame  # predictions_frame: path, label, predicted, one probability column per class, ...
+    films: FilmPass  # its film pass: heat maps and lung shares of the lung share's sample and the gallery's errors
+
+
+def internal_calibration(stored: Calibration, result: dict[str, Any]) -> Calibration:
+    """The model's calibration as the internal evaluation of this call leaves it: its temperature (and where it came
+    from) and the operating points and COVID threshold it chose on validation."""
+    cal = result["calibration"]
+    return stored.with_thresholds(cal["temperature"], Origin(cal["origin"]), cal["how"], result.get("operating_points"),
+                                  result.get("covid_vs_rest"))
 
 
 def external_names(folders: Sequence[Path]) -> list[str]:
@@ -51,40 +63,46 @@ def external_names(folders: Sequence[Path]) -> list[str]:
     return names
 
 
-def evaluate_external(ckpt: dict[str, Any], folder: Path, name: str, opts: EvalOptions,
-                      split_table: pd.DataFrame | None, out: Path) -> dict[str, Any]:
-    """Evaluate one external folder with the calibrated checkpoint and write its predictions CSV into ``out``.
+def evaluate_external(model: TrainedModel, calibration: Calibration, folder: Path, name: str, opts: EvalOptions,
+                      split_table: pd.DataFrame | None, out: Path, predictor: Predictor,
+                      lungs: LungModel | None) -> tuple[dict[str, Any], ExternalPass]:
+    """Evaluate one external folder with the internal evaluation's calibration and write its predictions CSV into
+    ``out``.
 
     Args:
-        ckpt: The checkpoint with the internal evaluation's temperature (:func:`with_internal_calibration`).
+        model: The trained model (loaded once for the whole evaluation).
+        calibration: The internal evaluation's calibration (:func:`internal_calibration`).
         folder: The external dataset (folder or manifest).
         name: Its name in metrics.json and the report.
         opts: The evaluation options (bootstrap, seed, device, loaders).
         split_table: The run's split (the baselines learn on its train rows; overlap with the run is flagged).
         out: The evaluation folder.
+        predictor: The same model as a torch predictor (the film pass: lung share and gallery heat maps).
+        lungs: The lung model of the lung share, or None.
 
     Returns:
-        The ``metrics.json["external"]`` entry of this folder.
+        The ``metrics.json["external"]`` entry of this folder, and its predictions (for the gallery).
 
     Raises:
         CovidxrError: The folder is the run's own data, or has no readable image.
     """
-    data = load_eval_data(ckpt, opts.checkpoint, replace(opts, data=str(folder), split="all"))
+    data = load_eval_data(model, replace(opts, data=str(folder), split="all"))
     if data.own:
         raise CovidxrError(f"--external {folder}: this is the run's own data, not an external dataset")
-    pred = predict_splits(ckpt, data, opts.device, opts.tta)
+    pred = predict_splits(model, data, opts.tta)
     if len(pred.y) == 0:
         raise DatasetError(f"--external {folder}: no readable image")
-    analysis = analyse(ckpt, data, pred, split_table, opts)
-    classes = list(ckpt["classes"])
+    analysis = analyse(model.classes, calibration, data, pred, split_table, opts)
+    classes = list(model.classes)
     predictions = f"predictions-external-{name}.csv"
     frame = predictions_frame(pred, analysis["_probs"], analysis["_raw"], classes)
     atomic_write_bytes(out / predictions, frame.to_csv(index=False).encode("utf-8"))
+    films = set_films(predictor, lungs, pred.table, frame, classes, opts, gate=False, desc=f"films: {name}")
     metrics = analysis["metrics"]
     covid = analysis["covid_vs_rest"]
     if covid is not None:
         covid["sets"] = [{**covid["sets"][0], "name": f"external {name}"}]
-    return {
+    entry = {
         "name": name, "data": str(data.data_path), "n_images": int(len(pred.y)),
         "n_patients": int(pred.table["patient_id"].nunique()),
         "class_counts": {c: metrics["per_class"][c]["support"] for c in classes},
@@ -93,10 +111,11 @@ def evaluate_external(ckpt: dict[str, Any], folder: Path, name: str, opts: EvalO
         "calibration": {**analysis["calibration"], "measured_on": f"external {name} (all images)"},
         "operating_points": analysis["operating_points"], "covid_vs_rest": covid,
         "absent_class_calls": absent_class_calls(pred.y, analysis["_probs"], classes),
-        "warnings": source_warnings(pred.table) + split_warnings(data, pred, analysis["calibration"]["how"]),
+        "warnings": source_warnings(pred.table) + split_warnings(data, pred, analysis["_calibration"]),
         "unreadable": dict(data.run.unreadable), "predictions": predictions,
-        "lung_share": lung_share_summary(opts.checkpoint, pred.table, opts.lung_share_limit, opts.device, opts.seed),
+        "lung_share": lung_share_summary(predictor, pred.table, opts.lung_share_limit, opts.seed, films),
     }
+    return entry, ExternalPass(name, frame, films)
 
 
 def read_crossval(checkpoint: Path, path: Path | None) -> dict[str, Any] | None:

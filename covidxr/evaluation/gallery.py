@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +15,13 @@ import pandas as pd
 from PIL import Image
 
 from covidxr.errors import ImageReadError, one_line
+from covidxr.evaluation.film_pass import Film, FilmPass
 from covidxr.evaluation.lung_share import lung_model_for
 from covidxr.explain.display import overlay
 from covidxr.files import atomic_write_bytes
 from covidxr.inference.predictor import Predictor
 from covidxr.io import load_xray
-from covidxr.lungs import LungModel, cam_share_in_lungs
+from covidxr.lungs import LungModel
 
 log = logging.getLogger("covidxr.evaluate")
 
@@ -73,39 +74,48 @@ def _jpeg(picture: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _pictures(predictor: Predictor, lungs: LungModel | None, path: str,
-              target: int) -> tuple[bytes, bytes | None, float | None]:
-    """Thumbnail, Grad-CAM overlay of the predicted class (None without a heatmap) and lung share of one image."""
-    image = load_xray(path).pixels
-    pred = predictor.predict_batch([image], cam="gradcam", cam_class=target)[0]
+def error_paths(frame: pd.DataFrame, classes: Sequence[str], per_class: int = PER_CLASS) -> list[str]:
+    """The films the gallery of ``frame`` (a predictions frame) shows: its most confident errors per true class."""
+    frame = frame.reset_index(drop=True)
+    probs = frame[list(classes)].to_numpy(dtype=np.float64)
+    y = frame["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    return [str(frame.iloc[i]["path"]) for rows in confident_errors(probs, y, per_class).values() for i in rows]
+
+
+def _pictures(predictor: Predictor, lungs: LungModel | None, path: str, target: int,
+              film: Film | None = None) -> tuple[bytes, bytes | None, float | None]:
+    """Thumbnail, Grad-CAM overlay of the predicted class (None without a heatmap) and lung share of one image (from
+    the evaluation's film pass when it explained this class of the film, else computed here)."""
+    if film is not None and film.pixels is not None and film.explained == predictor.classes[target]:
+        image, heat, share = film.pixels, film.heat, film.lung_share
+    else:
+        image = load_xray(path).pixels
+        pred = predictor.predict_batch([image], cam="gradcam", cam_class=target, lungs=lungs)[0]
+        heat, share = pred.heatmap, pred.lung_share
     thumb = _jpeg(overlay(image, None, max_side=THUMB_SIDE))
-    if pred.heatmap is None:
+    if heat is None:
         return thumb, None, None
-    share = pred.lung_share
-    if share is None and lungs is not None:
-        share = float(cam_share_in_lungs(pred.heatmap, lungs.mask(image)))
-    return thumb, _jpeg(overlay(image, pred.heatmap, max_side=THUMB_SIDE)), share
+    return thumb, _jpeg(overlay(image, heat, max_side=THUMB_SIDE)), share
 
 
-def gallery(sets: Sequence[tuple[str, pd.DataFrame]], classes: Sequence[str], checkpoint: Path, out: Path,
-            device: str = "auto", per_class: int = PER_CLASS) -> list[dict[str, Any]]:
+def gallery(sets: Sequence[tuple[str, pd.DataFrame]], predictor: Predictor, out: Path,
+            per_class: int = PER_CLASS, films: Mapping[str, FilmPass] | None = None) -> list[dict[str, Any]]:
     """The failure gallery of each evaluated set, with its pictures written to ``out/gallery/``.
 
     Args:
         sets: ``(name, predictions frame)`` per set (columns ``path``, ``label``, ``predicted`` and one probability
             column per class).
-        classes: The checkpoint's classes.
-        checkpoint: The checkpoint (Grad-CAM of its model).
+        predictor: The evaluation's one trained model, as a torch predictor (Grad-CAM).
         out: The evaluation folder.
-        device: Where the model runs.
         per_class: Errors shown per true class and set.
+        films: Each set's film pass (:mod:`covidxr.evaluation.film_pass`), whose heat maps are reused.
 
     Returns:
         Per set ``{"name", "n_errors", "items": [...], "groups": error_groups}``; each item holds the image's
         ``relpath``, ``source``, ``label``, ``predicted``, ``probs``, ``thumbnail``/``gradcam`` (file names under
         ``out``, None when not made), ``lung_share`` and ``note``.
     """
-    predictor = Predictor.from_checkpoint(checkpoint, device=device, backend="torch")
+    classes = predictor.classes
     lungs, _ = lung_model_for(predictor)
     index = {c: i for i, c in enumerate(classes)}
     results = []
@@ -123,7 +133,9 @@ def gallery(sets: Sequence[tuple[str, pd.DataFrame]], classes: Sequence[str], ch
                         "thumbnail": None, "gradcam": None, "lung_share": None, "note": None}
                 stem = f"{FOLDER}/{name}-{classes[k]}-{rank + 1}"
                 try:
-                    thumb, cam, share = _pictures(predictor, lungs, str(row["path"]), index[row["predicted"]])
+                    film = (films or {}).get(name)
+                    thumb, cam, share = _pictures(predictor, lungs, str(row["path"]), index[row["predicted"]],
+                                                  film.films.get(str(row["path"])) if film is not None else None)
                 except (ImageReadError, OSError, ValueError) as exc:
                     item["note"] = f"no picture: {one_line(exc)}"
                     log.warning("gallery: %s: %s", row["path"], item["note"])

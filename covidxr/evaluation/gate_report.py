@@ -1,6 +1,6 @@
 """The input gate in an evaluation (``metrics.json["gate"]`` and a report section).
 
-How often the gate (:mod:`covidxr.inference.gate`) refuses the evaluated films, per source, and how often it refuses
+How often the gate (:mod:`covidxr.model.gate`) refuses the evaluated films, per source, and how often it refuses
 what it should: rotated and inverted copies of the evaluated films (``--gate-variants``) and the images of unlabelled
 folders (``--gate-check FOLDER``, counted per sub-folder: ``notcxr/`` gives ``lateral`` and ``ct``), and with
 ``--gate-variants`` also photographs and documents made with another seed than the gate's
@@ -25,13 +25,14 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from covidxr.errors import ImageReadError
+from covidxr.evaluation.film_pass import FilmPass
 from covidxr.files import file_digest
 from covidxr.html_page import paragraph_html, table_html
 from covidxr.inference.__main__ import find_images
-from covidxr.inference.gate import GateVerdict
 from covidxr.inference.gate_kinds import write_made_images
 from covidxr.inference.predictor import Predictor
 from covidxr.io import Xray, load_xray
+from covidxr.model.gate import GateVerdict
 
 TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "rotated 90": lambda p: np.rot90(p, 1), "rotated 180": lambda p: np.rot90(p, 2),
@@ -105,19 +106,19 @@ def made_report(predictor: Predictor, batch_size: int, progress: bool, seed: int
     return out
 
 
-def gate_report(checkpoint: Path, rows: pd.DataFrame, folders: Sequence[str | os.PathLike] = (),
-                variants: bool = False, device: str = "auto", batch_size: int = 32,
-                progress: bool = True) -> dict[str, Any]:
+def gate_report(predictor: Predictor, rows: pd.DataFrame, folders: Sequence[str | os.PathLike] = (),
+                variants: bool = False, batch_size: int = 32, progress: bool = True,
+                films: FilmPass | None = None) -> dict[str, Any]:
     """Refusal rates of the evaluated rows (``path``, ``source``), their copies and unlabelled folders.
 
     Returns:
         ``learned``, ``unavailable``, ``fitted`` (the gate's own validation rates), ``evaluated`` and ``by_source``
         (:func:`refusals`), ``variants`` (name -> refusals) and ``folders`` (folder -> group -> refusals).
     """
-    predictor = Predictor.from_checkpoint(checkpoint, device=device, backend="torch")
     gate = predictor.gate
     paths = rows["path"].tolist()
-    verdicts = gate_verdicts(predictor, paths, batch_size, desc="gate: evaluated", progress=progress)
+    verdicts = (films.verdicts(paths) if films is not None  # the evaluation's film pass judged them already
+                else gate_verdicts(predictor, paths, batch_size, desc="gate: evaluated", progress=progress))
     sources = rows["source"].astype(str).replace("", "(unknown)")
     report: dict[str, Any] = {
         "learned": gate.learned, "unavailable": gate.unavailable, "fitted": gate.info.get("validation"),

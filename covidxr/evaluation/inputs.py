@@ -13,7 +13,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,6 +22,7 @@ from covidxr.data.manifest import MANIFEST_NAMES, dataset_root, load_manifest
 from covidxr.data.run_folder import RunFolder
 from covidxr.errors import DatasetError
 from covidxr.files import file_digest, text_digest
+from covidxr.model.trained import TrainedModel
 
 EXTERNAL = "external"
 
@@ -113,15 +113,15 @@ def loader_roles(run_split: pd.Series, split: str, own: bool) -> pd.Series:
     return roles
 
 
-def load_own_data(ckpt: dict[str, Any], settings: LoaderSettings, split_table: pd.DataFrame, split: str) -> RunData:
+def load_own_data(classes: Sequence[str], settings: LoaderSettings, split_table: pd.DataFrame, split: str) -> RunData:
     """Load the run's data as training did, with its recorded split (the ``table`` carries the run's split).
 
     Raises:
         DatasetError: The classes changed since training, or the evaluated ``split`` has no readable image.
     """
     data = load_run_data(settings, split_table)
-    if data.classes != list(ckpt["classes"]):
-        raise DatasetError(f"the run's data now has classes {data.classes}, the checkpoint {ckpt['classes']}")
+    if data.classes != list(classes):
+        raise DatasetError(f"the run's data now has classes {data.classes}, the checkpoint {list(classes)}")
     if split in ("val", "test") and not (data.table["split"] == split).any():
         other = "val" if split == "test" else "test"
         raise DatasetError(f"the run's {split} split is empty or unreadable; choose --split {other} or all")
@@ -156,27 +156,27 @@ def match_labels(table: pd.DataFrame, classes: Sequence[str]) -> tuple[pd.DataFr
     return table.assign(label=mapped), warnings
 
 
-def _training_paths(ckpt: dict[str, Any], split: pd.DataFrame | None) -> pd.DataFrame:
+def _training_paths(root: str | os.PathLike | None, split: pd.DataFrame | None) -> pd.DataFrame:
     """Absolute paths and splits of the run's images (relpaths resolved against the training root)."""
     if split is None:
         return pd.DataFrame(columns=["path", "split"])
-    root = Path((ckpt.get("data") or {}).get("root") or ".")
+    root = Path(root or ".")
     paths = [str(Path(r) if Path(r).is_absolute() else root / r) for r in split["relpath"]]
     return pd.DataFrame({"path": paths, "split": split["split"].tolist()})
 
 
-def training_overlap(ckpt: dict[str, Any], split: pd.DataFrame | None, table: pd.DataFrame) -> pd.Series:
+def training_overlap(root: str | os.PathLike | None, split: pd.DataFrame | None, table: pd.DataFrame) -> pd.Series:
     """The run split of each external image that was also in the run's data (same path or same bytes).
 
     Args:
-        ckpt: The checkpoint (``data.root`` resolves the run's relative paths).
+        root: The run's data root (the checkpoint's ``data.root``: resolves the run's relative paths).
         split: The run's recorded split.
         table: The external dataset (column ``path``).
 
     Returns:
         Series aligned with ``table``: ``train``/``val``/``test`` for images seen in the run, ``""`` otherwise.
     """
-    runs = _training_paths(ckpt, split)
+    runs = _training_paths(root, split)
     by_path = {os.path.realpath(p): s for p, s in zip(runs["path"], runs["split"], strict=True)}
     by_digest = {}
     for p, s in zip(runs["path"], runs["split"], strict=True):
@@ -191,11 +191,11 @@ def training_overlap(ckpt: dict[str, Any], split: pd.DataFrame | None, table: pd
     return pd.Series(out, index=table.index, dtype=object)
 
 
-def load_external_data(ckpt: dict[str, Any], settings: LoaderSettings, table: pd.DataFrame, split: str) -> RunData:
+def load_external_data(classes: Sequence[str], settings: LoaderSettings, table: pd.DataFrame, split: str) -> RunData:
     """Prepare the selected rows of an external dataset for the run's loaders (their split column: "external").
 
     Args:
-        ckpt: The checkpoint.
+        classes: The model's classes.
         settings: The evaluation's loader settings (:func:`eval_settings`).
         table: The external manifest with labels mapped onto the checkpoint's classes.
         split: ``all``, or a value of the manifest's own ``split`` column (only those rows are kept).
@@ -208,18 +208,17 @@ def load_external_data(ckpt: dict[str, Any], settings: LoaderSettings, table: pd
     table = table.assign(split=EXTERNAL).reset_index(drop=True)
     pipeline = input_pipeline(settings)
     table, images, unreadable = prepare_rows(table, settings, pipeline=pipeline)
-    return RunData(table, list(ckpt["classes"]), dataset_root(Path(settings.data)), images, unreadable, pipeline)
+    return RunData(table, list(classes), dataset_root(Path(settings.data)), images, unreadable, pipeline)
 
 
-def load_eval_data(ckpt: dict[str, Any], checkpoint: Path, opts: EvalOptions) -> EvalData:
+def load_eval_data(model: TrainedModel, opts: EvalOptions) -> EvalData:
     """Resolve the dataset, decide whether it is the run's own data, and prepare the rows to predict.
 
     Args:
-        ckpt: The checkpoint.
-        checkpoint: Its file (``split.csv`` is looked for beside it).
+        model: The trained model (``split.csv`` is looked for beside its checkpoint).
         opts: The evaluation options.
     """
-    run_folder = RunFolder(checkpoint, ckpt)
+    run_folder = RunFolder.of(model)
     data_path = run_folder.data_path(opts.data)
     manifest = load_manifest(data_path)
     if manifest.empty:
@@ -230,11 +229,11 @@ def load_eval_data(ckpt: dict[str, Any], checkpoint: Path, opts: EvalOptions) ->
     settings = eval_settings(run_folder, opts, data_path)
     warnings: list[str] = []
     if own:
-        run = load_own_data(ckpt, settings, split_table, split)
+        run = load_own_data(model.classes, settings, split_table, split)
     else:
-        labelled, warnings = match_labels(manifest, ckpt["classes"])
-        run = load_external_data(ckpt, settings, labelled, split)
-        seen = training_overlap(ckpt, split_table, run.table)
+        labelled, warnings = match_labels(manifest, model.classes)
+        run = load_external_data(model.classes, settings, labelled, split)
+        seen = training_overlap((model.record.get("data") or {}).get("root"), split_table, run.table)
         run.table["seen_in_run"] = seen.values
     run_split = run.table["split"].astype(str).copy()
     roles = loader_roles(run_split, split, own)

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from covidxr.errors import CheckpointError, ImageReadError, one_line
+from covidxr.evaluation.film_pass import FilmPass
 from covidxr.inference.predictor import Predictor
 from covidxr.io import load_xray
-from covidxr.lungs import LungModel, cam_share_in_lungs, load_lung_model
+from covidxr.lungs import LungModel, load_lung_model
 
 log = logging.getLogger("covidxr.evaluate")
 
@@ -54,29 +54,31 @@ def lung_shares(predictor: Predictor, lungs: LungModel, paths: Sequence[str]) ->
                 pixels.append(load_xray(path).pixels)
             except ImageReadError:
                 continue
-        for image, pred in zip(pixels, predictor.predict_batch(pixels, cam="gradcam"), strict=True):
-            if pred.heatmap is None:
-                continue
-            share = pred.lung_share if pred.lung_share is not None else cam_share_in_lungs(pred.heatmap,
-                                                                                          lungs.mask(image))
-            if np.isfinite(share):
-                shares.append(float(share))
+        for pred in predictor.predict_batch(pixels, cam="gradcam", lungs=lungs):
+            if pred.lung_share is not None and np.isfinite(pred.lung_share):
+                shares.append(float(pred.lung_share))
     return shares
 
 
-def lung_share_summary(checkpoint: Path, table: pd.DataFrame, limit: int, device: str = "auto",
-                       seed: int = 0) -> dict[str, Any]:
+def lung_share_summary(predictor: Predictor, table: pd.DataFrame, limit: int, seed: int = 0,
+                       films: FilmPass | None = None) -> dict[str, Any]:
     """metrics.json's ``"lung_share"``: ``mean``, ``median``, ``n``, ``method`` (and ``lung_model``), or with ``note``
-    (and None values) when it was skipped (``limit`` 0, or no lung model installed)."""
+    (and None values) when it was skipped (``limit`` 0, or no lung model installed). ``predictor`` wraps the
+    evaluation's one trained model (torch); ``films``, the set's film pass, gives the shares already measured."""
     empty = {"mean": None, "median": None, "n": 0, "method": METHOD}
     if limit <= 0:
         return {**empty, "note": "skipped (--lung-share-limit 0)"}
-    predictor = Predictor.from_checkpoint(checkpoint, device=device, backend="torch")
     lungs, origin = lung_model_for(predictor)
     if lungs is None:
         log.warning("lung share skipped: %s", origin)
         return {**empty, "note": f"skipped: {origin}"}
-    shares = lung_shares(predictor, lungs, pick_rows(table, limit, seed))
+    paths = pick_rows(table, limit, seed)
+    if films is not None:
+        found = [films.films.get(p) for p in paths]
+        shares = [float(f.lung_share) for f in found
+                  if f is not None and f.lung_share is not None and np.isfinite(f.lung_share)]
+    else:
+        shares = lung_shares(predictor, lungs, paths)
     if not shares:
         return {**empty, "note": "no image had a heatmap", "lung_model": origin}
     return {"mean": float(np.mean(shares)), "median": float(np.median(shares)), "n": len(shares), "method": METHOD,

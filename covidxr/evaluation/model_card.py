@@ -11,7 +11,7 @@ from covidxr.evaluation.analysis import source_warnings
 from covidxr.evaluation.inputs import EvalData
 from covidxr.evaluation.metrics import HEADLINE
 from covidxr.evaluation.outputs import jsonable
-from covidxr.models import architecture_name
+from covidxr.model.trained import TrainedModel
 
 INTENDED_USE = ("Research and education only: a worked example of transfer learning and of evaluating a medical "
                 "image classifier honestly. It is not a diagnostic device, has no regulatory clearance, and must "
@@ -29,12 +29,12 @@ LIMITATIONS = (
 )
 
 
-def model_card(ckpt: dict[str, Any], data: EvalData, evaluated: pd.DataFrame, split_table: pd.DataFrame | None,
+def model_card(trained: TrainedModel, data: EvalData, evaluated: pd.DataFrame, split_table: pd.DataFrame | None,
                metrics: dict[str, Any], ci: dict[str, Any] | None) -> dict[str, Any]:
     """The model card: data, intended use, limitations, architecture and training, headline metrics.
 
     Args:
-        ckpt: The checkpoint.
+        trained: The trained model.
         data: The evaluation data.
         evaluated: The evaluated rows.
         split_table: The run's split (counts of the training data), or None.
@@ -44,10 +44,10 @@ def model_card(ckpt: dict[str, Any], data: EvalData, evaluated: pd.DataFrame, sp
     Returns:
         A JSON-safe dict.
     """
-    cfg = ckpt.get("config") or {}
+    cfg, record = trained.config, trained.record
     run_rows = split_table if split_table is not None else pd.DataFrame(columns=["label", "split", "patient_id"])
     card_data: dict[str, Any] = {
-        "training_data": training_data(ckpt),
+        "training_data": training_data(record),
         "images": int(len(run_rows)),
         "patients": int(run_rows["patient_id"].nunique()) if len(run_rows) else 0,
         "split_counts": _crosstab(run_rows, "split", "label"),
@@ -61,11 +61,11 @@ def model_card(ckpt: dict[str, Any], data: EvalData, evaluated: pd.DataFrame, sp
     keys = ("weights", "epochs", "batch_size", "lr", "backbone_lr_scale", "weight_decay", "warmup_epochs",
             "freeze_epochs", "patience", "balance", "label_smoothing", "val_frac", "test_frac", "holdout_source",
             "exclude_source", "exclude_where", "seed")
-    model = {"arch": architecture_name(ckpt), "classes": list(ckpt["classes"]),
-             "img_size": ckpt["preprocess"].get("img_size"),
-             "preprocess": ckpt["preprocess"], "epochs_trained": ckpt.get("epoch"),
-             "best_epoch": ckpt.get("best_epoch"), "best_val_macro_auc": ckpt.get("best_auc"),
-             "training": {k: cfg.get(k) for k in keys if k in cfg}, "created": ckpt.get("created")}
+    model = {"arch": trained.arch, "classes": list(trained.classes),
+             "img_size": record["preprocess"].get("img_size"),
+             "preprocess": dict(record["preprocess"]), "epochs_trained": record.get("epoch"),
+             "best_epoch": record.get("best_epoch"), "best_val_macro_auc": record.get("best_auc"),
+             "training": {k: cfg.get(k) for k in keys if k in cfg}, "created": record.get("created")}
     headline = {k: (ci["metrics"][k] if ci else metrics.get(k)) for k in HEADLINE}
     return jsonable({"data": card_data, "intended_use": INTENDED_USE, "limitations": list(LIMITATIONS),
                       "model": model, "headline": headline})

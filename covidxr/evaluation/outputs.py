@@ -24,6 +24,7 @@ from covidxr.evaluation.inputs import EvalData, EvalOptions
 from covidxr.evaluation.logits import SplitOutputs
 from covidxr.evaluation.metrics import HEADLINE
 from covidxr.files import atomic_write_bytes, file_digest, text_digest
+from covidxr.model.trained import TrainedModel
 from covidxr.tta import VIEWS
 from covidxr.utils import library_versions
 
@@ -91,16 +92,16 @@ def predictions_frame(pred: SplitOutputs, probs: np.ndarray, raw: np.ndarray, cl
     return out
 
 
-def load_history(checkpoint: Path, ckpt: dict[str, Any]) -> pd.DataFrame | None:
+def load_history(model: TrainedModel) -> pd.DataFrame | None:
     """The training history: ``history.csv`` beside the checkpoint, else the checkpoint's, else None."""
-    path = checkpoint.parent / "history.csv"
+    path = model.path.parent / "history.csv"
     if path.is_file():
         try:
             history = pd.read_csv(path)
             return history if not history.empty else None
         except (OSError, ValueError, pd.errors.ParserError):
             log.warning("cannot read %s; using the checkpoint's history", path)
-    rows = ckpt.get("history") or []
+    rows = model.record.get("history") or []
     return pd.DataFrame(rows) if rows else None
 
 
@@ -177,8 +178,8 @@ def evaluation_summary(result: dict[str, Any], checkpoint: Path, out: Path) -> d
     })
 
 
-def reproducibility(opts: EvalOptions, ckpt: dict[str, Any], data: EvalData, split_table: pd.DataFrame | None,
-                    sha: str, timings: dict[str, float]) -> dict[str, Any]:
+def reproducibility(opts: EvalOptions, model: TrainedModel, data: EvalData, split_table: pd.DataFrame | None,
+                    timings: dict[str, float]) -> dict[str, Any]:
     """The record that lets someone repeat this evaluation."""
     split_csv = opts.checkpoint.parent / "split.csv"
     if split_csv.is_file():
@@ -192,11 +193,11 @@ def reproducibility(opts: EvalOptions, ckpt: dict[str, Any], data: EvalData, spl
         "covidxr_version": __version__, "git_commit": git["commit"], "git_dirty": git["dirty"],
         "command": list(opts.command or sys.argv), "command_line": shlex.join(opts.command or sys.argv),
         "argv": list(sys.argv),
-        "config": ckpt.get("config"), "data": str(data.data_path),
+        "config": model.record.get("config"), "data": str(data.data_path),
         **data.manifest,
         "split_table_sha256": split_sha, "split_table": split_from, "checkpoint": str(opts.checkpoint),
-        "checkpoint_sha256": sha, "library_versions": library_versions(),
-        "seeds": {"bootstrap": opts.seed, "training": (ckpt.get("config") or {}).get("seed")},
+        "checkpoint_sha256": model.sha256, "library_versions": library_versions(),
+        "seeds": {"bootstrap": opts.seed, "training": model.config.get("seed")},
         "bootstrap": {"n_resamples": opts.bootstrap, "seed": opts.seed, "unit": "patient", "alpha": 0.05},
         "test_time_augmentation": {"views": [list(v) for v in VIEWS]} if opts.tta else None,
         "device": opts.device, "batch_size": opts.batch_size, "workers": opts.workers,

@@ -16,19 +16,26 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from covidxr.calibration_file import with_calibration, write_calibration
-from covidxr.checkpoint import load_checkpoint
+from covidxr.calibration_file import write_calibration
 from covidxr.data.manifest import resolve_data_path
 from covidxr.data.run_folder import RunFolder
 from covidxr.errors import CovidxrError, DatasetError
 from covidxr.evaluation.analysis import analyse, default_positive, source_warnings, split_warnings
 from covidxr.evaluation.checklist import write_checklist
-from covidxr.evaluation.external import evaluate_external, external_names, read_crossval, with_internal_calibration
+from covidxr.evaluation.external import (
+    ExternalPass,
+    evaluate_external,
+    external_names,
+    internal_calibration,
+    read_crossval,
+)
+from covidxr.evaluation.film_pass import FilmPass
+from covidxr.evaluation.film_sets import set_films
 from covidxr.evaluation.gate_report import gate_report
 from covidxr.evaluation.heldout_calibration import load_heldout_logits
 from covidxr.evaluation.inputs import EvalData, EvalOptions, load_eval_data
 from covidxr.evaluation.logits import SplitOutputs, predict_splits
-from covidxr.evaluation.lung_share import lung_share_summary
+from covidxr.evaluation.lung_share import lung_model_for, lung_share_summary
 from covidxr.evaluation.model_card import model_card
 from covidxr.evaluation.outputs import (
     default_out,
@@ -44,10 +51,11 @@ from covidxr.evaluation.pdf import write_pdf
 from covidxr.evaluation.publication import publication_extras
 from covidxr.evaluation.records import EvaluationRecord, evaluation_record, record_json
 from covidxr.evaluation.report_sections import build_report
-from covidxr.files import atomic_write_bytes, atomic_write_text, file_digest
-from covidxr.inference.site_profile import apply_profile, read_profile
+from covidxr.files import atomic_write_bytes, atomic_write_text
+from covidxr.inference.predictor import Predictor
+from covidxr.lungs import LungModel
+from covidxr.model.trained import TrainedModel
 from covidxr.tta import VIEWS
-from covidxr.utils import pick_device
 
 
 class _Stages:
@@ -67,27 +75,27 @@ class _Stages:
         self.bar.update(1)
 
 
-def assemble(ckpt: dict[str, Any], data: EvalData, pred: SplitOutputs, analysis: dict[str, Any],
-             split_table: pd.DataFrame | None, opts: EvalOptions, sha: str, out: Path) -> dict[str, Any]:
+def assemble(model: TrainedModel, predictor: Predictor, data: EvalData, pred: SplitOutputs, analysis: dict[str, Any],
+             split_table: pd.DataFrame | None, opts: EvalOptions, out: Path, films: FilmPass) -> dict[str, Any]:
     """Put the metrics.json content together (without plots and final timings)."""
     result = {k: v for k, v in analysis.items() if not k.startswith("_")}
-    warnings = source_warnings(pred.table) + split_warnings(data, pred, result["calibration"]["how"])
+    warnings = source_warnings(pred.table) + split_warnings(data, pred, analysis["_calibration"])
     if result["ci"] is None:
         warnings.append("--bootstrap 0: no confidence intervals")
     if opts.tta:
         warnings.append(f"--tta: every probability is the mean over {len(VIEWS)} views of the film (covidxr.tta); the "
                         "app and predict show single-view probabilities, so these numbers are not theirs")
-    card = model_card(ckpt, data, pred.table, split_table, result["metrics"], result["ci"])
+    card = model_card(model, data, pred.table, split_table, result["metrics"], result["ci"])
     card["model"]["calibration"] = result["calibration"]["how"]  # the model card says which calibration was used
     return {
-        "checkpoint": str(opts.checkpoint), "checkpoint_sha256": sha, "split": data.split,
+        "checkpoint": str(opts.checkpoint), "checkpoint_sha256": model.sha256, "split": data.split,
         "data": str(data.data_path), "data_is_external": not data.own, "n_images": int(len(pred.y)),
-        "n_patients": int(pred.table["patient_id"].nunique()), "classes": list(ckpt["classes"]),
+        "n_patients": int(pred.table["patient_id"].nunique()), "classes": list(model.classes),
         **result, "plots": {}, "reproducibility": {}, "warnings": warnings, "explain": read_explain(out),
         "unreadable": dict(data.run.unreadable),
         "model_card": card,
         "external": [], "crossval": None,
-        "lung_share": lung_share_summary(opts.checkpoint, pred.table, opts.lung_share_limit, opts.device, opts.seed),
+        "lung_share": lung_share_summary(predictor, pred.table, opts.lung_share_limit, opts.seed, films),
     }
 
 
@@ -103,11 +111,13 @@ def covid_summary(result: dict[str, Any]) -> dict[str, Any] | None:
     return {**internal, "sets": internal["sets"] + folds + external}
 
 
-def external_results(ckpt: dict[str, Any], result: dict[str, Any], split_table: pd.DataFrame | None,
-                     opts: EvalOptions, out: Path) -> list[dict[str, Any]]:
+def external_results(model: TrainedModel, predictor: Predictor, lungs: LungModel | None, result: dict[str, Any],
+                     split_table: pd.DataFrame | None, opts: EvalOptions,
+                     out: Path) -> list[tuple[dict[str, Any], ExternalPass]]:
     """Evaluate every ``--external`` folder with the temperature and thresholds this call chose on validation."""
-    calibrated = with_internal_calibration(ckpt, result)
-    return [evaluate_external(calibrated, Path(folder).expanduser().resolve(), name, opts, split_table, out)
+    calibration = internal_calibration(model.calibration, result)
+    return [evaluate_external(model, calibration, Path(folder).expanduser().resolve(), name, opts, split_table, out,
+                              predictor, lungs)
             for folder, name in zip(opts.external, external_names(opts.external), strict=True)]
 
 
@@ -131,18 +141,18 @@ def write_outputs(out: Path, result: dict[str, Any], pred: SplitOutputs, analysi
     atomic_write_text(out / "report.html", build_report(as_record(result), plots, out))
 
 
-def finish(out: Path, result: dict[str, Any], ckpt: dict[str, Any], data: EvalData, pred: SplitOutputs,
+def finish(out: Path, result: dict[str, Any], model: TrainedModel, data: EvalData, pred: SplitOutputs,
            analysis: dict[str, Any], opts: EvalOptions) -> None:
     """Write predictions, plots and report; for the run's own data, write the checkpoint's calibration sidecar
     (temperature, thresholds, summary), pinned to the checkpoint's SHA-256, unless the evaluation used test-time
     augmentation (a temperature fitted on averaged views does not fit single predictions). The checkpoint itself is
     never changed."""
-    write_outputs(out, result, pred, analysis, load_history(opts.checkpoint, ckpt))
+    write_outputs(out, result, pred, analysis, load_history(model))
     result["summary"] = evaluation_summary(result, opts.checkpoint, out)
     if data.own and not opts.tta:
         cal = result["calibration"]
         path = write_calibration(opts.checkpoint, result["checkpoint_sha256"], cal["temperature"], cal["how"],
-                                 result["summary"])
+                                 result["summary"], origin=cal["origin"])
         result["reproducibility"]["calibration_file"] = path.name
 
 
@@ -173,26 +183,24 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     """
     start = time.perf_counter()
     opts = replace(opts, checkpoint=Path(opts.checkpoint).expanduser().resolve())
-    ckpt = load_checkpoint(opts.checkpoint)
-    sha = file_digest(opts.checkpoint)
-    ckpt = with_calibration(ckpt, opts.checkpoint, sha)
-    profile = None
     if opts.site is not None:
-        opts, profile = _site_options(opts), read_profile(opts.site, sha)
-        ckpt = apply_profile(ckpt, profile)
-    default_positive(ckpt["classes"], opts.positive)  # fail early on a bad --positive or --device
-    pick_device(opts.device)
+        opts = _site_options(opts)
+    # The one trained model of this evaluation: every stage below runs it (no stage rebuilds it from the file).
+    model = TrainedModel.load(opts.checkpoint, device=opts.device, site=opts.site)
+    predictor = Predictor(model)  # the same model as the app runs it, for the gate, the lung share and the gallery
+    profile = model.site
+    default_positive(model.classes, opts.positive)  # fail early on a bad --positive
     for folder in opts.gate_check:
         if not Path(folder).is_dir():
             raise CovidxrError(f"--gate-check {folder}: not a folder")
     stages = _Stages(7, opts.progress)
     try:
         with stages("load data"):
-            data = load_eval_data(ckpt, opts.checkpoint, opts)
+            data = load_eval_data(model, opts)
             if profile is not None and data.own:
                 raise CovidxrError("--site: evaluate an adapted model on that site's films (--data FOLDER), not on "
                                    "the run's own data")
-            split_table, _ = RunFolder(opts.checkpoint, ckpt).split()
+            split_table, _ = RunFolder.of(model).split()
             crossval = read_crossval(opts.checkpoint, opts.crossval)
             for folder in opts.external:
                 resolve_data_path(str(folder))  # a missing --external folder fails before any prediction
@@ -201,33 +209,42 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
             if out.exists() and not out.is_dir():
                 raise CovidxrError(f"--out {out} exists and is not a folder")
         with stages("predict"):
-            pred = predict_splits(ckpt, data, opts.device, opts.tta)
+            pred = predict_splits(model, data, opts.tta)
             if len(pred.y) == 0:
                 raise DatasetError(f"no readable image in the evaluated split ({data.split}) of {data.data_path}")
         with stages("metrics"):
             # External data reuses the checkpoint's calibration: the folds' logits are read for the run's own data only.
-            heldout, why_not = (load_heldout_logits(crossval, ckpt.get("config") or {}, list(ckpt["classes"]))
+            heldout, why_not = (load_heldout_logits(crossval, dict(model.config), list(model.classes))
                                 if data.own else (None, ""))
-            analysis = analyse(ckpt, data, pred, split_table, opts, heldout)
+            analysis = analyse(model.classes, model.calibration, data, pred, split_table, opts, heldout)
             analysis["calibration"]["why_not_out_of_source"] = why_not or None
-            result = assemble(ckpt, data, pred, analysis, split_table, opts, sha, out)
+            # One pass over the evaluated films (each decoded once): the gate's verdicts, and Grad-CAM for the lung
+            # share's sample and the gallery's errors.
+            frame = predictions_frame(pred, analysis["_probs"], analysis["_raw"], list(model.classes))
+            lungs = lung_model_for(predictor)[0] if opts.lung_share_limit > 0 or opts.gallery > 0 else None
+            films = set_films(predictor, lungs, pred.table, frame, model.classes, opts, gate=True,
+                              desc="films: evaluated")
+            result = assemble(model, predictor, data, pred, analysis, split_table, opts, out, films)
             if profile is not None:
                 result["site"] = {**profile.summary(), "describe": profile.describe()}
                 result["warnings"].insert(0, f"site profile: the model is {profile.describe()} (profile SHA-256 "
                                              f"{profile.sha256[:12]}...); the gallery and the lung share are not "
                                              "computed for an adapted model")
         with stages("external"):
-            result["external"] = external_results(ckpt, result, split_table, opts, out)
+            external = external_results(model, predictor, lungs, result, split_table, opts, out)
+            result["external"] = [entry for entry, _ in external]
             result["crossval"] = crossval
             result["covid_vs_rest"] = covid_summary(result)
         with stages("input gate"):
-            result["gate"] = gate_report(opts.checkpoint, pred.table, opts.gate_check, opts.gate_variants,
-                                         opts.device, opts.batch_size, opts.progress)
+            result["gate"] = gate_report(predictor, pred.table, opts.gate_check, opts.gate_variants, opts.batch_size,
+                                         opts.progress, films)
         with stages("gallery, subgroups, decision curves"):
-            result["publication"] = publication_extras(result, pred, analysis, opts, out)
+            result["publication"] = publication_extras(result, pred, analysis, opts, out, predictor,
+                                                       {p.name: p.frame for _, p in external},
+                                                       {"": films, **{p.name: p.films for _, p in external}})
         with stages("report"):
-            result["reproducibility"] = reproducibility(opts, ckpt, data, split_table, sha, stages.timings)
-            finish(out, result, ckpt, data, pred, analysis, opts)
+            result["reproducibility"] = reproducibility(opts, model, data, split_table, stages.timings)
+            finish(out, result, model, data, pred, analysis, opts)
             if opts.pdf:
                 result["pdf"] = write_pdf(out / "report.html", out / "report.pdf")
     finally:

@@ -4,6 +4,7 @@ subgroup results and the decision curves of the internal split and of each ``--e
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from covidxr.data.manifest import load_manifest, resolve_data_path
 from covidxr.errors import CovidxrError
 from covidxr.evaluation.analysis import default_positive
 from covidxr.evaluation.decision_curve import decision_curve, plot_decision_curves
+from covidxr.evaluation.film_pass import FilmPass
 from covidxr.evaluation.gallery import gallery
 from covidxr.evaluation.inputs import EvalOptions
 from covidxr.evaluation.logits import SplitOutputs
@@ -20,6 +22,7 @@ from covidxr.evaluation.outputs import PLOT_FILES, predictions_frame
 from covidxr.evaluation.plots import figure_png
 from covidxr.evaluation.subgroups import SMALL_RULE, subgroups
 from covidxr.files import atomic_write_bytes
+from covidxr.inference.predictor import Predictor
 
 DEMOGRAPHIC_COLUMNS = ("age", "sex")
 
@@ -33,16 +36,20 @@ def with_metadata(frame: pd.DataFrame, metadata: pd.DataFrame) -> pd.DataFrame:
     return frame.join(lookup, on="path")
 
 
-def evaluated_sets(result: dict[str, Any], pred: SplitOutputs, analysis: dict[str, Any],
-                   out: Path) -> list[tuple[str, pd.DataFrame]]:
-    """``(name, predictions frame with demographics)`` of the evaluated split and of each external folder."""
+def evaluated_sets(result: dict[str, Any], pred: SplitOutputs, analysis: dict[str, Any], out: Path,
+                   frames: Mapping[str, pd.DataFrame] | None = None) -> list[tuple[str, pd.DataFrame]]:
+    """``(name, predictions frame with demographics)`` of the evaluated split and of each external folder (its frame
+    from ``frames`` when this call made it, else its predictions CSV in ``out``)."""
+    frames = frames or {}
     classes = result["classes"]
     internal = predictions_frame(pred, analysis["_probs"], analysis["_raw"], classes)
     label = "external" if result.get("data_is_external") else "internal"
     sets = [(f"{label}-{result['split']}", with_metadata(internal, pred.table))]
     for ext in result.get("external") or []:
-        frame = pd.read_csv(out / ext["predictions"], dtype={"patient_id": str, "source": str, "view": str},
-                            keep_default_na=False)
+        frame = frames.get(ext["name"])
+        if frame is None:
+            frame = pd.read_csv(out / ext["predictions"], dtype={"patient_id": str, "source": str, "view": str},
+                                keep_default_na=False)
         try:
             metadata = load_manifest(resolve_data_path(ext["data"]))
         except CovidxrError:
@@ -52,19 +59,23 @@ def evaluated_sets(result: dict[str, Any], pred: SplitOutputs, analysis: dict[st
 
 
 def publication_extras(result: dict[str, Any], pred: SplitOutputs, analysis: dict[str, Any], opts: EvalOptions,
-                       out: Path) -> dict[str, Any]:
-    """The failure gallery (pictures under ``out/gallery/``), subgroups and decision curves (``decision_curve.png``).
+                       out: Path, predictor: Predictor, frames: Mapping[str, pd.DataFrame] | None = None,
+                       films: Mapping[str, FilmPass] | None = None) -> dict[str, Any]:
+    """The failure gallery (pictures under ``out/gallery/``, Grad-CAM of the evaluation's one model, ``predictor``),
+    subgroups and decision curves (``decision_curve.png``); ``frames`` are the external folders' predictions and
+    ``films`` each set's film pass (the internal set's under ``""``), whose heat maps the gallery reuses.
 
     Returns:
         ``{"positive", "small_rule", "gallery", "subgroups": {set: ...}, "decision_curves": [...], "plots"}``.
     """
     classes = result["classes"]
     positive = default_positive(classes, opts.positive)
-    sets = evaluated_sets(result, pred, analysis, out)
+    sets = evaluated_sets(result, pred, analysis, out, frames)
     extras: dict[str, Any] = {"positive": positive, "small_rule": SMALL_RULE, "gallery": [], "subgroups": {},
                               "decision_curves": [], "plots": {}}
     if opts.gallery > 0:
-        extras["gallery"] = gallery(sets, classes, Path(opts.checkpoint), out, opts.device, opts.gallery)
+        by_set = {(sets[0][0] if name == "" else name): f for name, f in (films or {}).items()}
+        extras["gallery"] = gallery(sets, predictor, out, opts.gallery, by_set)
     extras["subgroups"] = {name: subgroups(frame, classes, positive, opts.bootstrap, opts.seed)
                            for name, frame in sets}
     if positive is not None:

@@ -99,10 +99,12 @@ class Intervals:
 
 @dataclass(frozen=True)
 class CalibrationResult:
-    """The temperature an evaluation used, where it came from (``how``), and the calibration before and after."""
+    """The temperature an evaluation used, where it came from (``how`` in words, ``origin`` as a
+    :class:`covidxr.model.calibration.Origin` value; absent before issue #28), and the calibration before and after."""
 
     temperature: float | None = None
     how: str | None = None
+    origin: str | None = field(default=None, metadata=OPTIONAL)
     ece_before: float | None = None
     ece_after: float | None = None
     brier_before: float | None = None

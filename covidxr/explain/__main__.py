@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from covidxr.errors import CovidxrError
-from covidxr.explain.cam import CAM_METHODS
 from covidxr.explain.scoring import ROAD_PERCENTILES, markdown_table, score
+from covidxr.model.cam import CAM_METHODS
 from covidxr.utils import OneLineParser, add_checkpoint_arg, add_device_arg, add_out_arg, run_cli, setup_logging
 
 

@@ -6,7 +6,7 @@ The overlay leaves low CAM values transparent: each pixel's opacity grows with i
 :data:`HEAT_THRESHOLD` to ``alpha`` at 1, so the film is not tinted all over and the colour marks only the regions
 that mattered. :func:`colour_stops` gives the same scale for a legend drawn elsewhere (the app's HTML colour bar).
 
-CAMs (:mod:`covidxr.explain.cam`) are computed on the letterboxed network input and mapped back onto the original
+CAMs (:mod:`covidxr.model.cam`) are computed on the letterboxed network input and mapped back onto the original
 ``(H, W)`` image with :func:`covidxr.preprocess.unletterbox` (the padding is cropped away, then bilinear resizing).
 Values stay on pytorch-grad-cam's scale (min-max over the whole network input, so the maximum inside the image can
 be below 1). A heatmap that is not finite or constant over the image gives no heatmap and a note
@@ -21,40 +21,12 @@ import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from covidxr.preprocess import unletterbox
-
-CONSTANT_TOLERANCE: float = 1e-6
-"""A heatmap whose values span less than this is constant (no explanation)."""
-
-NO_EXPLANATION = "no explanation available ({})"
+from covidxr.model.cam import CONSTANT_TOLERANCE, NO_EXPLANATION, heatmap_on_image  # noqa: F401 - re-exported
 
 HEAT_THRESHOLD: float = 0.2
 """CAM values up to this are not drawn; above it the colour's opacity rises linearly to ``alpha`` at 1."""
 
 DEFAULT_COLORMAP = "jet"
-
-
-def heatmap_on_image(cam_map: np.ndarray, height: int, width: int) -> tuple[np.ndarray | None, str | None]:
-    """Map a CAM computed on the letterboxed input back onto the original image.
-
-    Args:
-        cam_map: ``(S, S)`` heatmap on the network input.
-        height: original image height.
-        width: original image width.
-
-    Returns:
-        ``(heatmap, None)`` with an ``(height, width)`` float32 heatmap in ``[0, 1]``, or ``(None, note)`` when the
-        map is not finite or constant over the image.
-    """
-    cam_map = np.asarray(cam_map, dtype=np.float32)
-    if not np.isfinite(cam_map).all():
-        return None, NO_EXPLANATION.format("the heatmap is not finite")
-    if float(np.ptp(cam_map)) < CONSTANT_TOLERANCE:
-        return None, NO_EXPLANATION.format("constant heatmap")
-    heat = np.clip(unletterbox(cam_map, height, width), 0.0, 1.0).astype(np.float32)
-    if float(np.ptp(heat)) < CONSTANT_TOLERANCE:
-        return None, NO_EXPLANATION.format("the heatmap is constant over the image")
-    return heat, None
 
 
 def _resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -19,8 +19,8 @@ explained class:
   check that the model looks at the lungs; the mask comes from the checkpoint's lung model (a lung-cropping run) or
   the installed one (NaN when none is installed).
 
-The run's model is loaded from the checkpoint alone (:func:`covidxr.models.model_from_checkpoint`, with the
-checkpoint's preprocessing and temperature), in torch: scoring needs no :class:`~covidxr.inference.predictor.Predictor`.
+The run's model is loaded once as a :class:`~covidxr.model.trained.TrainedModel` (network, preprocessing, calibration),
+in torch: scoring needs no :class:`~covidxr.inference.predictor.Predictor`.
 """
 
 from __future__ import annotations
@@ -39,21 +39,17 @@ from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostReleva
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 from torch import nn
 
-from covidxr.calibration_file import with_calibration
-from covidxr.checkpoint import read_temperature
 from covidxr.data.manifest import load_manifest
 from covidxr.data.run_folder import RunFolder
 from covidxr.data.split import apply_split
 from covidxr.errors import CheckpointError, DatasetError, ImageReadError
-from covidxr.explain.cam import compute_cam, preserved_state
-from covidxr.explain.display import heatmap_on_image
 from covidxr.files import atomic_write_text
 from covidxr.html_page import Section, paragraph_html, render_html, table_html
 from covidxr.io import load_xray
-from covidxr.lungs import LungModel, cam_share_in_lungs, load_lung_model
-from covidxr.model_input import InputPipeline, pipeline_from_checkpoint
-from covidxr.models import XrayClassifier, model_from_checkpoint, read_preprocess
-from covidxr.utils import pick_device, softmax
+from covidxr.lungs import LungModel, load_lung_model
+from covidxr.model.cam import compute_cam, preserved_state
+from covidxr.model.trained import TrainedModel
+from covidxr.utils import softmax
 
 log = logging.getLogger("covidxr.explain")
 
@@ -69,43 +65,33 @@ ROAD_PERCENTILES: tuple[int, ...] = (20, 50, 80)
 
 @dataclass(frozen=True)
 class ScoredModel:
-    """What scoring needs of a run.
+    """What scoring needs of a run: the trained model and the lung model that gives the masks of ``lung_share``.
 
     Attributes:
-        model: the classifier, in eval mode, on the chosen device.
-        classes: class names, in the model's output order.
-        img_size: the network input side ``S``.
-        temperature: probability temperature (1.0: uncalibrated).
-        pipeline: the checkpoint's lung crop, lung mask and equalisation.
-        lungs: the lung model that gives the masks of ``lung_share`` (None: not installed).
+        trained: the run's model (:class:`~covidxr.model.trained.TrainedModel`: network, classes, input pipeline,
+            temperature).
+        lungs: the lung model of the checkpoint's pipeline, else the installed one, else None.
     """
 
-    model: XrayClassifier
-    classes: list[str]
-    img_size: int
-    temperature: float
-    pipeline: InputPipeline
+    trained: TrainedModel
     lungs: LungModel | None
 
 
-def load_scored_model(ckpt: dict, source: str, device: str = "auto") -> ScoredModel:
-    """Return the checkpoint's model with its classes, input size and temperature; ``source`` names it in errors.
+def load_scored_model(checkpoint: str | Path, device: str = "auto") -> ScoredModel:
+    """Return the checkpoint's trained model and the lung model ``lung_share`` uses.
 
     Raises:
         CheckpointError: the weights, preprocessing or temperature are invalid.
         CovidxrError: the device is not available.
     """
-    model = model_from_checkpoint(ckpt, source).to(pick_device(device)).eval()
-    pre = read_preprocess(ckpt, source)
-    pipeline = pipeline_from_checkpoint(ckpt, pre, source)
-    lungs = pipeline.lungs
+    trained = TrainedModel.load(checkpoint, device=device)
+    lungs = trained.pipeline.lungs
     if lungs is None:
         try:
             lungs = load_lung_model()
         except CheckpointError as exc:
             log.warning("lung_share not measured: %s", exc)
-    return ScoredModel(model=model, classes=list(ckpt["classes"]), img_size=pre.img_size,
-                       temperature=read_temperature(ckpt, source), pipeline=pipeline, lungs=lungs)
+    return ScoredModel(trained=trained, lungs=lungs)
 
 
 def border_share(heatmap: np.ndarray, fraction: float = BORDER_FRACTION) -> float:
@@ -219,26 +205,24 @@ def _score_batch(run: ScoredModel, rows: pd.DataFrame, methods: Sequence[str],
             results.append({"relpath": row.relpath, "label": row.label, "error": str(exc)})
     if not kept:
         return results
-    prepared = [run.pipeline.network_input(p, run.img_size) for p in pixels]
+    trained = run.trained
+    prepared = [trained.pipeline.network_input(p, trained.img_size) for p in pixels]
     inputs = torch.stack([x for x, _ in prepared])
-    masks = [prep.mask if prep.mask is not None else run.lungs.mask(image) if run.lungs is not None else None
-             for image, (_, prep) in zip(pixels, prepared, strict=True)]
+    masks = [trained.lung_mask(image, prep, run.lungs) for image, (_, prep) in zip(pixels, prepared, strict=True)]
     for method in methods:
         start = time.perf_counter()
-        out = compute_cam(run.model, inputs, method)
+        out = compute_cam(trained.network, inputs, method)
         seconds = (time.perf_counter() - start) / len(kept)
-        scores = faithfulness(run.model, inputs, out.maps, out.targets, percentiles)
-        probs = softmax(out.logits.numpy(), run.temperature)
+        scores = faithfulness(trained.network, inputs, out.maps, out.targets, percentiles)
+        probs = softmax(out.logits.numpy(), trained.calibration.temperature)
         for i, (row, image) in enumerate(zip(kept, pixels, strict=True)):
-            prep = prepared[i][1]
-            seen = image[prep.box.slices] if prep.box is not None else image
-            heat, note = heatmap_on_image(out.maps[i], *seen.shape)
-            heat = run.pipeline.uncrop(heat, prep, *image.shape)
+            film = trained.film_heat(out.maps[i], image, prepared[i][1], mask=masks[i])
+            heat, note = film.heat, film.note
             share = border_share(heat) if heat is not None else float("nan")
-            lungs = cam_share_in_lungs(heat, masks[i]) if heat is not None and masks[i] is not None else float("nan")
+            lungs = film.lung_share if film.lung_share is not None else float("nan")
             item = {"relpath": row.relpath, "label": row.label, "method": method,
-                    "predicted": run.classes[int(np.argmax(probs[i]))],
-                    "cam_class": run.classes[out.targets[i]], "confidence": float(probs[i].max()),
+                    "predicted": trained.classes[int(np.argmax(probs[i]))],
+                    "cam_class": trained.classes[out.targets[i]], "confidence": float(probs[i].max()),
                     "lung_share": lungs, "border_share": share, "outside_center": bool(share > OUTSIDE_CENTER_SHARE),
                     "ms_per_image": 1000.0 * seconds, "note": note or "", "error": ""}
             item |= {k: (float(v[i]) if heat is not None else float("nan")) for k, v in scores.items()}
@@ -344,12 +328,11 @@ def score(checkpoint: Path, data: str | None, split: str, methods: Sequence[str]
         The per-method summary.
     """
     checkpoint = Path(checkpoint)
-    trained = RunFolder.read(checkpoint)
-    ckpt = with_calibration(trained.ckpt, checkpoint)
+    folder = RunFolder.read(checkpoint)
     # The images are chosen before the model is loaded, so bad --data/--split fails with its one line and no warning.
-    data_path = trained.data_path(data)
-    table = select_images(load_manifest(data_path), split, trained.split()[0], limit)
-    run = load_scored_model(ckpt, str(checkpoint), device)
+    data_path = folder.data_path(data)
+    table = select_images(load_manifest(data_path), split, folder.split()[0], limit)
+    run = load_scored_model(checkpoint, device)
     log.info("scoring %d image(s) of %s with %s", len(table), data_path, ", ".join(methods))
     results: list[dict] = []
     for start in range(0, len(table), batch_size):
@@ -362,6 +345,6 @@ def score(checkpoint: Path, data: str | None, split: str, methods: Sequence[str]
     scores[["note", "error", "method"]] = scores[["note", "error", "method"]].fillna("")
     scores["outside_center"] = scores["outside_center"].fillna(False).astype(bool)
     summary = summarise(scores)
-    title = f"checkpoint {checkpoint} ({run.model.arch}), data {data_path}, split {split}, {len(table)} image(s)"
+    title = f"checkpoint {checkpoint} ({run.trained.arch}), data {data_path}, split {split}, {len(table)} image(s)"
     write_reports(out, scores, summary, title)
     return summary

@@ -7,7 +7,7 @@ Command line::
         [--dicom-out [--dicom-study-from FILE.dcm]] [--site PROFILE]
 
 prints ``FILE: DECISION (COVID probability P (yes from T))`` per image, or ``FILE: not assessed: REASON`` when the
-input gate refuses it (not an assessable frontal chest radiograph, see :mod:`covidxr.inference.gate`), writes
+input gate refuses it (not an assessable frontal chest radiograph, see :mod:`covidxr.model.gate`), writes
 ``FOLDER/predictions.csv`` (path, predicted (empty for a refused image), decision (the words the app shows: "COVID:
 no; most likely pneumonia", see :mod:`covidxr.inference.decision`), gate (``assessed`` / ``borderline`` / ``not
 assessed``), gate_reason, one ``prob_CLASS`` column per class (the model's output, also for refused images),
@@ -48,13 +48,13 @@ from pydicom.dataset import Dataset
 
 from covidxr.dicom import is_dicom
 from covidxr.errors import CovidxrError, ImageReadError
-from covidxr.explain.cam import CAM_METHODS, resolve_layers
 from covidxr.explain.display import captioned, overlay
 from covidxr.files import atomic_write_bytes, atomic_write_text
 from covidxr.inference.decision import Decision, decide_prediction
 from covidxr.inference.dicom_out import caption_lines, dicom_bytes, read_header, results_as_dicom
 from covidxr.inference.predictor import BACKENDS, Prediction, Predictor
 from covidxr.io import Xray, load_xray
+from covidxr.model.cam import CAM_METHODS, resolve_layers
 from covidxr.utils import (
     EXIT_DONE,
     EXIT_SOME_FAILED,

@@ -24,14 +24,9 @@ import os
 import sys
 from pathlib import Path
 
-from covidxr.calibration_file import with_calibration
-from covidxr.checkpoint import load_checkpoint
 from covidxr.errors import CovidxrError
-from covidxr.files import file_digest
 from covidxr.inference.onnx_backend import EXPORTERS, default_onnx_path, export_bytes, export_metadata, write_onnx
-from covidxr.inference.predictor import load_classifier
-from covidxr.inference.site_profile import apply_profile, read_profile
-from covidxr.models import read_preprocess
+from covidxr.model.trained import TrainedModel
 from covidxr.utils import OneLineParser, add_checkpoint_arg, add_out_arg, out_file, run_cli
 
 
@@ -55,15 +50,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
         CovidxrError: missing onnx packages or a failed export.
     """
     checkpoint = Path(checkpoint)
-    ckpt = load_checkpoint(checkpoint)
-    sha = file_digest(checkpoint)
-    profile = read_profile(site, sha) if site is not None else None
-    adapted = apply_profile(with_calibration(ckpt, checkpoint, sha), profile)
-    model = load_classifier(adapted, str(checkpoint))
-    img_size = read_preprocess(ckpt, str(checkpoint)).img_size
-    summary = {**profile.summary(), "temperature": adapted["temperature"]} if adapted.get("site") else None
-    data = export_bytes(model, img_size, export_metadata(sha, model.arch, list(ckpt["classes"]), img_size, summary),
-                        exporter)
+    trained = TrainedModel.load(checkpoint, device="cpu", site=site)
+    model, img_size, profile = trained.network, trained.img_size, trained.site
+    summary = {**profile.summary(), "temperature": trained.calibration.temperature} if trained.adapted else None
+    data = export_bytes(model, img_size, export_metadata(trained.sha256, model.arch, list(trained.classes), img_size,
+                                                         summary), exporter)
     default = default_onnx_path(checkpoint) if summary is None else site_onnx_path(checkpoint, profile.name)
     return write_onnx(Path(out) if out is not None else default, data)
 

@@ -1,4 +1,4 @@
-"""Fit the input gate (:mod:`covidxr.inference.gate`) of a trained checkpoint, and ``python -m covidxr.gate``.
+"""Fit the input gate (:mod:`covidxr.model.gate`) of a trained checkpoint, and ``python -m covidxr.gate``.
 
     python -m covidxr.gate fit --checkpoint RUN/best.pt [--data PATH] [--laterals FOLDER] [--ct FOLDER] [--seed 0]
         [--neighbours 5] [--alpha 0.01] [--band 1.0] [--made 150] [--device auto] [--batch-size 32] [--out FILE]
@@ -22,7 +22,9 @@ still refuses lateral and CT DICOMs).
 
 The films go through the run's input path (``covidxr.model_input``); for a run that crops to the lungs the rotated
 and inverted copies are made of the cropped squares, which approximates the crop of a rotated or inverted upload.
-The checkpoint is rewritten atomically with ``ckpt["gate"]`` (or the result written to ``--out``).
+The gate is written beside the checkpoint, ``best.pt`` -> ``best.gate.pt``, pinned to its SHA-256
+(:mod:`covidxr.model.sidecars`); the checkpoint itself is not changed, so a calibration fitted before stays valid.
+With ``--out FOLDER`` a copy of the checkpoint and its gate go there instead.
 """
 
 from __future__ import annotations
@@ -41,14 +43,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from covidxr.checkpoint import save_checkpoint
 from covidxr.data.loaders import RunData, load_run_data
 from covidxr.data.manifest import resolve_data_path
 from covidxr.data.run_folder import RunFolder
 from covidxr.errors import CovidxrError, DatasetError
-from covidxr.inference.gate import FRONTAL, InputGate, OodModel, ViewModel, weights_sha256
+from covidxr.files import atomic_write_bytes
 from covidxr.inference.gate_data import GateImages, default_kind_folder, gate_images
-from covidxr.models import XrayClassifier, model_from_checkpoint
+from covidxr.model.gate import FRONTAL, InputGate, OodModel, ViewModel
+from covidxr.model.sidecars import gate_path, write_gate
+from covidxr.model.trained import TrainedModel
+from covidxr.models import XrayClassifier
 from covidxr.preprocess import eval_transform
 from covidxr.utils import (
     OneLineParser,
@@ -56,7 +60,6 @@ from covidxr.utils import (
     add_device_arg,
     add_out_arg,
     out_file,
-    pick_device,
     run_cli,
     setup_logging,
 )
@@ -163,7 +166,7 @@ def fit_view(features: dict[str, np.ndarray], C: float, min_frontal: float, seed
     """A multinomial logistic regression over view classes, classes weighted equally.
 
     Args:
-        features: view class -> ``(N_c, F)`` features (:data:`~covidxr.inference.gate.FRONTAL` among them).
+        features: view class -> ``(N_c, F)`` features (:data:`~covidxr.model.gate.FRONTAL` among them).
         C: inverse regularisation strength.
         min_frontal: refusal threshold on P(frontal).
         seed: the solver's random state.
@@ -228,7 +231,7 @@ def fit_gate(model: XrayClassifier, images: GateImages, img_size: int, opts: Gat
         images: the films to fit and measure on.
         img_size: the network input side.
         opts: fitting options.
-        weights: :func:`~covidxr.inference.gate.weights_sha256` of the model's state dict.
+        weights: :func:`~covidxr.model.gate.weights_sha256` of the model's state dict.
     """
     start = time.perf_counter()
 
@@ -265,7 +268,8 @@ def fit_gate(model: XrayClassifier, images: GateImages, img_size: int, opts: Gat
 def fit_checkpoint(checkpoint: str | os.PathLike, opts: GateOptions | None = None, device: str = "auto",
                    data: str | None = None, laterals: str | os.PathLike | None = None, run: RunData | None = None,
                    out: str | os.PathLike | None = None, ct: str | os.PathLike | None = None) -> InputGate:
-    """Fit the gate of a checkpoint on its run's split and store it in ``ckpt["gate"]``, atomically.
+    """Fit the gate of a checkpoint on its run's split and write it beside the checkpoint (``best.gate.pt``), pinned
+    to the checkpoint's SHA-256, atomically; the checkpoint is not changed.
 
     Args:
         checkpoint: the checkpoint file (``RUN/best.pt``).
@@ -274,7 +278,7 @@ def fit_checkpoint(checkpoint: str | os.PathLike, opts: GateOptions | None = Non
         data: the run's dataset (default: the one it was trained on).
         laterals: folder of lateral films (default: :func:`default_kind_folder`).
         run: the run's data already loaded with its split (training passes its own); None loads it.
-        out: write the checkpoint with its gate here instead.
+        out: write a copy of the checkpoint here, with its gate beside it, instead.
         ct: folder of CT slices (default: :func:`default_kind_folder`).
 
     Raises:
@@ -283,21 +287,23 @@ def fit_checkpoint(checkpoint: str | os.PathLike, opts: GateOptions | None = Non
     """
     opts = opts or GateOptions()
     path = Path(checkpoint)
-    trained = RunFolder.read(path)
-    ckpt = trained.ckpt
-    model = model_from_checkpoint(ckpt, str(path)).to(pick_device(device))
-    img_size = trained.preprocess.img_size
+    trained = TrainedModel.load(path, device=device)
+    folder = RunFolder.of(trained)
     # The films go through the run's own input path (lung crop and mask, equalisation), with the checkpoint's lung
     # model.
-    settings = trained.loader_settings(data)
+    settings = folder.loader_settings(data)
     if run is None:
-        run = load_run_data(settings, trained.require_split())
+        run = load_run_data(settings, folder.require_split())
     data_path = resolve_data_path(settings.data)
     folders = {kind: Path(given) if given is not None else default_kind_folder(data_path, kind)
                for kind, given in (("lateral", laterals), ("ct", ct))}
     images = gate_images(run, settings, folders, opts.seed, opts.made)
-    gate = fit_gate(model, images, img_size, opts, weights_sha256(ckpt["model"]))
-    save_checkpoint(out or path, {**ckpt, "gate": gate.to_dict()})
+    gate = fit_gate(trained.network, images, trained.img_size, opts, trained.weights_sha256)
+    target = path
+    if out is not None:  # a copy of the checkpoint (the same bytes, so the same hash) with its gate beside it
+        target = Path(out)
+        atomic_write_bytes(target, path.read_bytes())
+    write_gate(target, gate, trained.sha256)
     return gate
 
 
@@ -309,7 +315,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m covidxr.gate", description="The input gate: is an image an assessable "
                            "frontal chest radiograph? Fit its learned checks for a trained checkpoint.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    fit = commands.add_parser("fit", help="fit the gate on the run's own split and store it in the checkpoint")
+    fit = commands.add_parser("fit", help="fit the gate on the run's own split and write it beside the checkpoint")
     add_checkpoint_arg(fit, "the run's checkpoint (best.pt)")
     fit.add_argument("--data", help="the run's dataset (default: the one it was trained on)")
     fit.add_argument("--laterals", type=Path, help="folder of lateral chest films (default: notcxr/lateral beside "
@@ -330,7 +336,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0, help="picks the lateral patients fitted on (default: 0)")
     add_device_arg(fit)
     fit.add_argument("--batch-size", type=int, default=32, help="images per pass (default: %(default)s)")
-    add_out_arg(fit, "write the checkpoint with its gate into this folder (same file name) instead of in place")
+    add_out_arg(fit, "write a copy of the checkpoint and its gate into this folder (same file names) instead")
     return parser
 
 
@@ -354,7 +360,7 @@ def _fit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     log.info("gate fitted (%d train, %d val films, %d + %d laterals, %d + %d CT slices) in %.0fs and stored in %s; %s",
              gate.info["n_train"], gate.info["n_val"], gate.info.get("n_lateral_fit", 0),
              gate.info.get("n_lateral_holdout", 0), gate.info.get("n_ct_fit", 0), gate.info.get("n_ct_holdout", 0),
-             gate.info["seconds"], out or args.checkpoint, rates)
+             gate.info["seconds"], gate_path(out or args.checkpoint), rates)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def export_metadata(sha256: str, arch: str, classes: list[str], img_size: int,
         arch: architecture name.
         classes: class names, in output order.
         img_size: input side.
-        site: the site profile adapted into the weights (:meth:`~covidxr.inference.site_profile.SiteProfile.summary`,
+        site: the site profile adapted into the weights (:meth:`~covidxr.model.site_profile.SiteProfile.summary`,
             recorded as ``covidxr.site``), or None.
 
     Returns:

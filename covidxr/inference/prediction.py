@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from covidxr.inference.gate import GateVerdict
+from covidxr.model.gate import GateVerdict
 
 
 @dataclass

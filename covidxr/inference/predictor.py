@@ -18,7 +18,7 @@ Backends (plain predictions only; Grad-CAM always runs in torch, see :mod:`covid
 * ``"auto"`` (default): ONNX Runtime on the CPU when onnxruntime is installed and a fresh export exists beside the
   checkpoint; torch otherwise. ``"auto"`` never exports by itself (no surprise writes, no export delay at start-up).
 
-Every prediction carries the input gate's verdict (:mod:`covidxr.inference.gate`): is the image an assessable frontal
+Every prediction carries the input gate's verdict (:mod:`covidxr.model.gate`): is the image an assessable frontal
 chest radiograph, and if not, why. The gate's learned checks read the pooled backbone features of the same forward
 pass (captured at the head's input), so they need torch: with a fitted gate, ``"auto"`` uses torch, and ``"onnx"``
 adds a torch backbone pass for the gate.
@@ -30,23 +30,15 @@ must not see another thread's forward pass). The command line, ``python -m covid
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import threading
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from covidxr.calibration_file import with_calibration
-from covidxr.checkpoint import load_checkpoint, read_temperature
-from covidxr.explain.cam import CAM_METHODS, compute_cam
-from covidxr.explain.display import heatmap_on_image
-from covidxr.files import file_digest
 from covidxr.inference.decision import OperatingPoint, operating_point
-from covidxr.inference.gate import InputGate
 from covidxr.inference.onnx_backend import (
     OnnxRunner,
     default_onnx_path,
@@ -57,13 +49,11 @@ from covidxr.inference.onnx_backend import (
     write_onnx,
 )
 from covidxr.inference.prediction import Prediction
-from covidxr.inference.site_profile import SiteProfile, apply_profile, read_profile
 from covidxr.io import Xray
-from covidxr.lungs import cam_share_in_lungs
-from covidxr.model_input import PLAIN, InputPipeline, pipeline_from_checkpoint
-from covidxr.models import XrayClassifier, architecture_name, model_from_checkpoint, read_preprocess
-from covidxr.preprocess import Preprocess
-from covidxr.utils import pick_device, softmax
+from covidxr.lungs import LungModel
+from covidxr.model.cam import CAM_METHODS
+from covidxr.model.trained import TrainedModel
+from covidxr.utils import softmax
 
 log = logging.getLogger("covidxr.predict")
 
@@ -73,25 +63,17 @@ BACKENDS = ("auto", "torch", "onnx")
 # ------------------------------------------------------------------------------------------------- loading
 
 
-def load_classifier(ckpt: dict, source: str = "checkpoint") -> XrayClassifier:
-    """Return the checkpoint's model (see :func:`covidxr.models.model_from_checkpoint`) frozen, in eval mode."""
-    model = model_from_checkpoint(ckpt, source)
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def _data_summary(ckpt: dict) -> dict:
+def _data_summary(record: Mapping[str, Any]) -> dict:
     """Summarise the training data recorded in a checkpoint (no file lists).
 
     Returns:
         ``root``, ``n_images``, ``n_unreadable``, ``patients`` and ``split_counts`` ({split: {class: n}}) where known.
     """
-    data = ckpt.get("data") or {}
+    data = record.get("data") or {}
     summary: dict = {k: data[k] for k in ("root", "n_images") if k in data}
     if isinstance(data.get("unreadable"), dict):
         summary["n_unreadable"] = len(data["unreadable"])
-    split = ckpt.get("split")
+    split = record.get("split")
     if isinstance(split, dict) and {"label", "split"} <= set(split):
         counts: dict[str, dict[str, int]] = {}
         for label, part in zip(split["label"], split["split"], strict=False):
@@ -101,25 +83,6 @@ def _data_summary(ckpt: dict) -> dict:
         if "patient_id" in split:
             summary["patients"] = len(set(split["patient_id"]))
     return summary
-
-
-@contextlib.contextmanager
-def head_input(model: XrayClassifier) -> Iterator[list[torch.Tensor]]:
-    """Capture the pooled backbone features of the next forward pass (the head's input), on the CPU.
-
-    Only the first call is kept: Score-CAM runs further passes on masked inputs.
-    """
-    seen: list[torch.Tensor] = []
-
-    def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        if not seen:
-            seen.append(args[0].detach().float().cpu())
-
-    handle = model.head.register_forward_pre_hook(hook)
-    try:
-        yield seen
-    finally:
-        handle.remove()
 
 
 def _as_pixels(image: np.ndarray | Xray) -> np.ndarray:
@@ -145,48 +108,50 @@ def _as_pixels(image: np.ndarray | Xray) -> np.ndarray:
 
 
 class Predictor:
-    """A trained model ready to predict and explain, built from a checkpoint alone (see the module docstring).
+    """A trained model ready to predict and explain (see the module docstring): a
+    :class:`~covidxr.model.trained.TrainedModel` plus what the app and ONNX need (the backend choice, image checks,
+    one prediction per film).
 
     Attributes:
-        arch: architecture name.
-        classes: class names, in the model's output order.
-        preprocess: the checkpoint's preprocessing record.
-        temperature: probability temperature (1.0: uncalibrated).
-        checkpoint_path: the checkpoint file.
-        checkpoint_sha256: SHA-256 of the checkpoint file.
-        metrics: the checkpoint's stored evaluation (``ckpt["evaluation"]``), or None.
+        trained: the trained model (network, classes, preprocessing, calibration, gate, site profile).
+        runner: the ONNX Runtime runner of plain predictions, or None (torch).
         info: ``arch``, ``classes``, ``img_size``, ``epoch``, ``best_epoch``, ``best_auc``, ``temperature``,
-            ``created``, ``versions``, ``data`` (summary) and ``config``.
-        model: the torch model (eval mode, no parameter requires grad).
-        device: the torch device.
-        backend: what plain predictions use, ``"torch"`` or ``"onnx"``.
-        gate: the input gate (file checks only when the checkpoint has no fitted gate).
-        site: the site profile the model runs with (:mod:`covidxr.inference.site_profile`), or None.
-        gate_model: with an adapted site profile and a fitted gate, the unadapted model whose features the gate
-            reads (None otherwise: the gate reads the model's own).
+            ``created``, ``versions``, ``data`` (summary), ``config``, ``gate`` and ``site``.
     """
 
-    def __init__(self, model: XrayClassifier, classes: list[str], preprocess: Preprocess, temperature: float,
-                 checkpoint_path: Path, checkpoint_sha256: str, metrics: dict | None, info: dict,
-                 device: torch.device, runner: OnnxRunner | None = None, gate: InputGate | None = None,
-                 pipeline: InputPipeline = PLAIN, site: SiteProfile | None = None,
-                 gate_model: XrayClassifier | None = None) -> None:
-        self.model = model
-        self.arch: str = info.get("arch") or model.arch  # "ensemble of 3 efficientnet_lite0" for a seed ensemble
-        self.classes = list(classes)
-        self.preprocess = preprocess
-        self.temperature = float(temperature)
-        self.checkpoint_path = Path(checkpoint_path)
-        self.checkpoint_sha256 = checkpoint_sha256
-        self.metrics = metrics
-        self.info = info
-        self.device = device
+    def __init__(self, trained: TrainedModel, runner: OnnxRunner | None = None) -> None:
+        self.trained = trained
         self.runner = runner
-        self.gate = gate if gate is not None else InputGate()
-        self.pipeline = pipeline  # lung crop, lung mask and equalisation of the record
-        self.site = site
-        self.gate_model = gate_model
-        self._lock = threading.RLock()
+        record = trained.record
+        gate = trained.gate
+        self.info = {"arch": trained.arch, "classes": list(trained.classes), "img_size": trained.img_size,
+                     "epoch": record.get("epoch"), "best_epoch": record.get("best_epoch"),
+                     "best_auc": record.get("best_auc"), "temperature": self.temperature,
+                     "created": record.get("created"), "versions": record.get("versions") or {},
+                     "data": _data_summary(record), "config": dict(trained.config),
+                     "gate": {"learned": gate.learned, "unavailable": gate.unavailable, **gate.info},
+                     "site": None if trained.site is None else {**trained.site.summary(),
+                                                                "describe": trained.site.describe()}}
+
+    # What the app, the command line and the ONNX export read of the trained model.
+    model = property(lambda self: self.trained.network, doc="the torch network (eval mode, frozen).")
+    arch = property(lambda self: self.trained.arch, doc='architecture name ("ensemble of 3 ..." for an ensemble).')
+    classes = property(lambda self: list(self.trained.classes), doc="class names, in the network's output order.")
+    preprocess = property(lambda self: self.trained.preprocess, doc="the checkpoint's preprocessing record.")
+    pipeline = property(lambda self: self.trained.pipeline, doc="lung crop, lung mask and equalisation.")
+    temperature = property(lambda self: self.trained.calibration.temperature, doc="probability temperature.")
+    checkpoint_path = property(lambda self: self.trained.path, doc="the checkpoint file.")
+    checkpoint_sha256 = property(lambda self: self.trained.sha256, doc="SHA-256 of the checkpoint file.")
+    device = property(lambda self: self.trained.device, doc="the torch device.")
+    gate = property(lambda self: self.trained.gate, doc="the input gate (file checks only when none was fitted).")
+    site = property(lambda self: self.trained.site, doc="the site profile the model runs with, or None.")
+    gate_model = property(lambda self: self.trained.gate_network,
+                          doc="under an adapted site profile with a fitted gate, the unadapted network the gate reads.")
+
+    @property
+    def metrics(self) -> dict | None:
+        """The stored evaluation summary (the calibration sidecar's), or None."""
+        return dict(self.trained.calibration.summary) or None
 
     @property
     def operating_point(self) -> OperatingPoint:
@@ -202,7 +167,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto", backend: str = "auto",
                         site: str | os.PathLike | None = None) -> Predictor:
-        """Load a predictor from a covidxr checkpoint.
+        """Load a predictor from a covidxr checkpoint (:meth:`covidxr.model.trained.TrainedModel.load`).
 
         Args:
             path: the checkpoint file (``RUN/best.pt``).
@@ -222,29 +187,7 @@ class Predictor:
         """
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        path = Path(path)
-        ckpt = with_calibration(load_checkpoint(path), path, sha := file_digest(path))
-        profile = read_profile(site, sha) if site is not None else None
-        adapted = apply_profile(ckpt, profile)
-        model = load_classifier(adapted, str(path))
-        classes = list(ckpt["classes"])
-        preprocess = read_preprocess(ckpt, str(path))
-        pipeline = pipeline_from_checkpoint(ckpt, preprocess, str(path))
-        temperature = read_temperature(adapted, str(path))
-        torch_device = pick_device(device)
-        model.to(torch_device)
-        gate = InputGate.from_checkpoint(ckpt, str(path))  # fitted on the unadapted model's features
-        gate_model = (load_classifier(ckpt, str(path)).to(torch_device) if adapted is not ckpt and gate.learned
-                      else None)
-        info = {"arch": architecture_name(ckpt), "classes": classes, "img_size": preprocess.img_size,
-                "epoch": ckpt.get("epoch"),
-                "best_epoch": ckpt.get("best_epoch"), "best_auc": ckpt.get("best_auc"), "temperature": temperature,
-                "created": ckpt.get("created"), "versions": ckpt.get("versions") or {},
-                "data": _data_summary(ckpt), "config": ckpt.get("config") or {},
-                "gate": {"learned": gate.learned, "unavailable": gate.unavailable, **gate.info},
-                "site": None if profile is None else {**profile.summary(), "describe": profile.describe()}}
-        predictor = cls(model, classes, preprocess, temperature, path, sha, ckpt.get("evaluation"), info,
-                        torch_device, gate=gate, pipeline=pipeline, site=profile, gate_model=gate_model)
+        predictor = cls(TrainedModel.load(path, device=device, site=site))
         predictor.runner = predictor._open_runner(backend)
         return predictor
 
@@ -289,7 +232,7 @@ class Predictor:
 
         Args:
             image: an :class:`~covidxr.io.Xray` or an ``(H, W)`` array (float in ``[0, 1]``, or uint8).
-            cam: a method of :data:`covidxr.explain.cam.CAM_METHODS`, or None (or ``"none"``) for no heatmap.
+            cam: a method of :data:`covidxr.model.cam.CAM_METHODS`, or None (or ``"none"``) for no heatmap.
             cam_class: class to explain (name or index); None explains the predicted class. Ignored without ``cam``.
             name: the name in the result (default: the Xray's name).
             cam_layer: dotted name of the layer to explain (default: the architecture's last convolutional stage).
@@ -304,7 +247,7 @@ class Predictor:
 
     def predict_batch(self, images: Sequence[np.ndarray | Xray], *, cam: str | None = None,
                       names: Sequence[str] | None = None, cam_class: str | int | None = None,
-                      cam_layer: str | None = None) -> list[Prediction]:
+                      cam_layer: str | None = None, lungs: LungModel | None = None) -> list[Prediction]:
         """Predict (and optionally explain) several images with one batched forward pass.
 
         Args:
@@ -313,6 +256,8 @@ class Predictor:
             names: one name per image (default: each Xray's name, else ``""``).
             cam_class: class to explain for every image (None: each image's predicted class).
             cam_layer: dotted name of the layer to explain.
+            lungs: a lung model that masks the films for ``lung_share`` when the checkpoint's pipeline has no mask of
+                its own (the evaluation's fall-back to the installed lung model); None: only the pipeline's mask.
 
         Returns:
             One prediction per image, in order.
@@ -340,20 +285,16 @@ class Predictor:
         if method is None:
             logits, features = self._logits(inputs)
         else:
-            with self._lock, head_input(self.model) as seen:
-                out = compute_cam(self.model, inputs, method, None if target is None else [target] * len(images),
-                                  layer=cam_layer)
-            logits, features = out.logits.numpy(), seen[0].numpy()
-            explained = list(out.targets)
+            out = self.trained.run(inputs, features=self.gate.learned, cam=method,
+                                   cam_targets=None if target is None else [target] * len(images), cam_layer=cam_layer)
+            logits, features = out.logits, out.features
+            explained = list(out.cam_targets)
             for i, (image, (_, prep)) in enumerate(zip(pixels, prepared, strict=True)):
-                seen = image[prep.box.slices] if prep.box is not None else image  # what the network saw
-                heat, notes[i] = heatmap_on_image(out.maps[i], *seen.shape)
-                heatmaps[i] = self.pipeline.uncrop(heat, prep, *image.shape)
-                if heatmaps[i] is not None and prep.mask is not None:
-                    shares[i] = cam_share_in_lungs(heatmaps[i], prep.mask)
+                film = self.trained.film_heat(out.cams[i], image, prep, lungs)
+                heatmaps[i], notes[i], shares[i] = film.heat, film.note, film.lung_share
         xrays = [img if isinstance(img, Xray) else Xray(p, "array", False, {}, name)
                  for img, p, name in zip(images, pixels, labels, strict=True)]
-        verdicts = self.gate.check_batch(xrays, self._gate_features(inputs, features) if self.gate.learned else None)
+        verdicts = self.trained.verdicts(xrays, features)
         probs = softmax(logits, self.temperature)
         results = []
         for i in range(len(images)):
@@ -365,26 +306,15 @@ class Predictor:
                 note=notes[i], gate=verdicts[i], lung_share=shares[i]))
         return results
 
-    def _gate_features(self, inputs: torch.Tensor, features: np.ndarray | None) -> np.ndarray | None:
-        """The features the gate reads: the model's own, or the unadapted model's under a site profile."""
-        if self.gate_model is None:
-            return features
-        with self._lock, torch.inference_mode():
-            return self.gate_model.features(inputs.to(self.device)).float().cpu().numpy()
-
     def _logits(self, inputs: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        """Logits of a batch without explanation (ONNX Runtime when selected, else torch in inference mode), and the
-        pooled backbone features when the gate needs them.
+        """Logits of a batch without explanation (ONNX Runtime when selected, else torch), and the pooled backbone
+        features when the gate needs them.
 
         Returns:
             ``(B, C)`` float32 logits and ``(B, F)`` features or None.
         """
-        features = None
         if self.runner is not None:
-            if self.gate.learned and self.gate_model is None:
-                with self._lock, torch.inference_mode():
-                    features = self.model.features(inputs.to(self.device)).float().cpu().numpy()
+            features = self.trained.features(inputs) if self.gate.learned else None
             return self.runner.logits(inputs), features
-        with self._lock, torch.inference_mode(), head_input(self.model) as seen:
-            logits = self.model(inputs.to(self.device)).float().cpu().numpy()
-        return logits, seen[0].numpy()
+        out = self.trained.run(inputs, features=self.gate.learned)
+        return out.logits, out.features

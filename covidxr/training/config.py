@@ -49,7 +49,7 @@ class TrainConfig(DataSettings):
     out: str | None = None  # run folder; default runs/<arch>-<time>
     resume: str | None = None
     split_from: str | None = None  # another run's split.csv (or run folder): train on its patient split
-    # input gate (covidxr.inference.gate), fitted for best.pt when the run ends
+    # input gate (covidxr.model.gate), fitted for best.pt when the run ends
     gate: bool = True
     gate_laterals: str | None = None  # lateral films; default notcxr/lateral beside the data or one folder up
 

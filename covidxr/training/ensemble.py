@@ -27,24 +27,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from covidxr.calibration_file import with_calibration
-from covidxr.checkpoint import load_checkpoint, read_temperature, save_checkpoint
-from covidxr.data.run_folder import SPLIT_FILE
+from covidxr.checkpoint import save_checkpoint
+from covidxr.data.run_folder import SPLIT_FILE, RunFolder
 from covidxr.ensemble_model import ENSEMBLE, EnsembleClassifier
 from covidxr.errors import CheckpointError
-from covidxr.files import atomic_write_text, file_digest
-from covidxr.inference.gate import weights_sha256
+from covidxr.files import atomic_write_text
 from covidxr.inference.gate_fit import fit_checkpoint
-from covidxr.models import model_from_checkpoint
+from covidxr.model.calibration import Origin
+from covidxr.model.gate import weights_sha256
+from covidxr.model.trained import TrainedModel
 from covidxr.utils import OneLineParser, add_device_arg, add_out_arg, library_versions, run_cli, setup_logging
 
 log = logging.getLogger("covidxr.ensemble")
 
 # What every member must share, besides the split: the name in the error and how to read it from a checkpoint.
-SHARED = {"architecture": lambda c: c["arch"], "classes": lambda c: list(c["classes"]),
-          "preprocessing and input pipeline": lambda c: c["preprocess"],
-          "lung model": lambda c: weights_sha256(c["lung_model"]["model"]) if isinstance(c.get("lung_model"), dict)
-          else None}
+SHARED = {"architecture": lambda r: r["arch"], "classes": lambda r: list(r["classes"]),
+          "preprocessing and input pipeline": lambda r: r["preprocess"],
+          "lung model": lambda r: weights_sha256(r["lung_model"]["model"])
+          if isinstance(r.get("lung_model"), dict) else None}
 
 
 def member_checkpoint(given: str | Path) -> Path:
@@ -53,41 +53,43 @@ def member_checkpoint(given: str | Path) -> Path:
     return path / "best.pt" if path.is_dir() else path
 
 
-def split_of(ckpt: dict[str, Any], source: str) -> dict[str, str]:
+def split_of(member: RunFolder) -> dict[str, str]:
     """A member's patient split, ``relpath -> split``, as its checkpoint records it.
 
     Raises:
         CheckpointError: the checkpoint records no split.
     """
-    split = ckpt.get("split")
+    split = member.ckpt.get("split")
     if not (isinstance(split, dict) and {"relpath", "split"} <= set(split)):
-        raise CheckpointError(f"{source}: the checkpoint records no split, so its test films cannot be told apart")
+        raise CheckpointError(f"{member.checkpoint}: the checkpoint records no split, so its test films cannot be told "
+                              "apart")
     return dict(zip(map(str, split["relpath"]), map(str, split["split"]), strict=True))
 
 
-def check_members(ckpts: Sequence[dict[str, Any]], names: Sequence[str]) -> None:
-    """Refuse members that differ in anything but their weights (see the module docstring).
+def check_members(members: Sequence[RunFolder]) -> None:
+    """Refuse members that differ in anything but their weights (see the module docstring), from their training
+    records, before any network is built.
 
     Raises:
         CheckpointError: fewer than two members, an ensemble among them, or a difference (named, one line).
     """
-    if len(ckpts) < 2:
-        raise CheckpointError(f"an ensemble needs at least two members, got {len(ckpts)}")
-    for ckpt, name in zip(ckpts, names, strict=True):
-        if ckpt["arch"] == ENSEMBLE:
-            raise CheckpointError(f"{name}: already an ensemble; give its members instead")
-    first, first_name = ckpts[0], names[0]
+    if len(members) < 2:
+        raise CheckpointError(f"an ensemble needs at least two members, got {len(members)}")
+    for member in members:
+        if member.ckpt["arch"] == ENSEMBLE:
+            raise CheckpointError(f"{member.checkpoint}: already an ensemble; give its members instead")
+    first = members[0]
     for what, read in SHARED.items():
-        for ckpt, name in zip(ckpts[1:], names[1:], strict=True):
-            if read(ckpt) != read(first):
-                raise CheckpointError(f"{name}: its {what} differs from {first_name}'s; the members of an ensemble "
-                                      "must be runs of one recipe")
-    split = split_of(first, first_name)
-    for ckpt, name in zip(ckpts[1:], names[1:], strict=True):
-        if split_of(ckpt, name) != split:
-            raise CheckpointError(f"{name}: trained on another patient split than {first_name} (train the members "
-                                  f"with --split-from {Path(first_name).parent}), so the ensemble would be tested on "
-                                  "films some member learned from")
+        for member in members[1:]:
+            if read(member.ckpt) != read(first.ckpt):
+                raise CheckpointError(f"{member.checkpoint}: its {what} differs from {first.checkpoint}'s; the "
+                                      "members of an ensemble must be runs of one recipe")
+    split = split_of(first)
+    for member in members[1:]:
+        if split_of(member) != split:
+            raise CheckpointError(f"{member.checkpoint}: trained on another patient split than {first.checkpoint} "
+                                  f"(train the members with --split-from {first.checkpoint.parent}), so the ensemble "
+                                  "would be tested on films some member learned from")
 
 
 def combine(paths: Sequence[str | Path]) -> dict[str, Any]:
@@ -96,25 +98,22 @@ def combine(paths: Sequence[str | Path]) -> dict[str, Any]:
     Raises:
         CheckpointError: an unreadable checkpoint or members that cannot be combined (:func:`check_members`).
     """
-    paths = [member_checkpoint(p) for p in paths]
-    digests = [file_digest(p) if p.is_file() else "" for p in paths]
-    ckpts = [with_calibration(load_checkpoint(p), p, d) for p, d in zip(paths, digests, strict=True)]
-    names = [str(p) for p in paths]
-    check_members(ckpts, names)
-    temperatures = [read_temperature(c, n) for c, n in zip(ckpts, names, strict=True)]
-    for ckpt, name, temperature in zip(ckpts, names, temperatures, strict=True):
-        if "calibration_record" not in ckpt:
+    check_members([RunFolder.read(member_checkpoint(p)) for p in paths])
+    loaded = [TrainedModel.load(member_checkpoint(p), device="cpu") for p in paths]
+    temperatures = [m.calibration.temperature for m in loaded]
+    for member in loaded:
+        if member.calibration.origin in (Origin.NONE, Origin.CHECKPOINT):
             log.warning("%s: no calibration of its own (python -m covidxr.evaluate writes one); its probabilities "
-                        "enter the ensemble at temperature %.3g", name, temperature)
-    model = EnsembleClassifier([model_from_checkpoint(c, n) for c, n in zip(ckpts, names, strict=True)], temperatures)
-    first = ckpts[0]
-    members = [{"checkpoint": str(p), "sha256": d, "seed": (c.get("config") or {}).get("seed"), "temperature": t,
-                "best_auc": c.get("best_auc"), "best_epoch": c.get("best_epoch")}
-               for p, d, c, t in zip(paths, digests, ckpts, temperatures, strict=True)]
+                        "enter the ensemble at temperature %.3g", member.path, member.calibration.temperature)
+    model = EnsembleClassifier([m.network for m in loaded], temperatures)
+    first = loaded[0].record
+    members = [{"checkpoint": str(m.path), "sha256": m.sha256, "seed": m.config.get("seed"), "temperature": t,
+                "best_auc": m.record.get("best_auc"), "best_epoch": m.record.get("best_epoch")}
+               for m, t in zip(loaded, temperatures, strict=True)]
     kept = ("classes", "preprocess", "config", "split", "data", "lung_model")
     return {**{k: first[k] for k in kept if k in first},
             "arch": ENSEMBLE,
-            "ensemble": {"arch": first["arch"], "members": len(ckpts), "member_runs": members},
+            "ensemble": {"arch": first["arch"], "members": len(loaded), "member_runs": members},
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "best_auc": None, "best_epoch": None, "epoch": None,
             "versions": library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -37,7 +37,8 @@ from covidxr.data.split import saved_split
 from covidxr.errors import CovidxrError, DatasetError, one_line
 from covidxr.files import remove_stale_temporaries
 from covidxr.inference.gate_fit import fit_checkpoint
-from covidxr.models import XrayClassifier, build_model, model_from_checkpoint
+from covidxr.model.build import model_from_checkpoint
+from covidxr.models import XrayClassifier, build_model
 from covidxr.training import distributed, engine
 from covidxr.training import head_features as features
 from covidxr.training.adversary import AdversarialNetwork, build_adversarial
@@ -255,7 +256,7 @@ def fit_run_gate(best: Path, cfg: TrainConfig, data: RunData) -> None:
         log.warning("input gate not fitted (%s); fit it later with python -m covidxr.gate fit --checkpoint %s",
                     one_line(exc), best)
         return
-    log.info("input gate fitted and stored in %s: %s", best,
+    log.info("input gate fitted and written beside %s: %s", best,
              ", ".join(f"{k} {v:.1%}" for k, v in gate.info["validation"].items()))
 
 
