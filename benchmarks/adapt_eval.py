@@ -39,7 +39,6 @@ import torch
 
 from covidxr.adapt.estimate import AdaptSettings, collapse_reason, em_priors, floored, mixed_bn_stats, source_priors
 from covidxr.adapt.site import adapt_site, adapted_logits, site_gate
-from covidxr.checkpoint import load_checkpoint
 from covidxr.data.manifest import load_manifest
 from covidxr.data.run_folder import RunFolder
 from covidxr.evaluation.arrays import binary_auc
@@ -47,10 +46,16 @@ from covidxr.evaluation.bootstrap import bootstrap_draws
 from covidxr.evaluation.calibration import expected_calibration_error
 from covidxr.files import atomic_write_text
 from covidxr.inference.predictor import Predictor
+from covidxr.model.trained import TrainedModel
 from covidxr.io import load_xray
 from covidxr.utils import softmax
 
 ARMS = ("unadapted", "bn", "priors", "adapted")
+
+
+def training_priors(trained: TrainedModel) -> np.ndarray:
+    """The class priors of the model's training split (what :func:`covidxr.adapt.estimate.source_priors` reads)."""
+    return source_priors(trained.classes, trained.config, trained.record.get("split"))
 
 
 @dataclass
@@ -261,11 +266,11 @@ def timing(checkpoint: Path, films: Films, n: int) -> dict:
             "accepted": profile.record["n_films"]}
 
 
-def load_table(args: argparse.Namespace, ckpt: dict) -> pd.DataFrame:
+def load_table(args: argparse.Namespace, trained: TrainedModel) -> pd.DataFrame:
     """The evaluated films: a folder or manifest, or the checkpoint's own test split; ``--limit`` patients drawn."""
-    table = load_manifest(args.data or (ckpt.get("config") or {}).get("data"))
+    table = load_manifest(args.data or trained.config.get("data"))
     if args.run_test or args.run_split:
-        split = RunFolder(args.checkpoint, ckpt).require_split()
+        split = RunFolder.of(trained).require_split()
         part = args.run_split or "test"
         table = table[table["relpath"].isin(split.loc[split["split"] == part, "relpath"])]
     table = table.assign(patient_id=table["patient_id"].replace("", np.nan).fillna(table["path"]))
@@ -341,15 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if not args.run_test and not args.run_split and not args.data:
         p.error("--data or --run-test")
-    ckpt = load_checkpoint(args.checkpoint)
     predictor = Predictor.from_checkpoint(args.checkpoint, device="cpu", backend="torch")
     predictor.model.to(memory_format=torch.channels_last)  # as covidxr.adapt does on a CPU
     evaluation = predictor.metrics or {}
     threshold = (evaluation.get("covid_vs_rest") or {}).get("threshold")
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    films = read_films(predictor, load_table(args, ckpt))
-    source = source_priors(ckpt)
+    films = read_films(predictor, load_table(args, predictor.trained))
+    source = training_priors(predictor.trained)
     report = {"name": args.name, "command": " ".join(["python", "benchmarks/adapt_eval.py", *(argv or sys.argv[1:])]),
               "checkpoint_sha256": predictor.checkpoint_sha256, "n_films": len(films.y),
               "n_accepted": int(films.accepted.sum()), "n_patients": int(films.table["patient_id"].nunique()),

@@ -25,12 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import adapt_eval as ae  # noqa: E402
+import adapt_eval as ae  # benchmarks/ is on the path when this script runs
 
 from covidxr.adapt.estimate import AdaptSettings, em_priors, floored, mixed_bn_stats  # noqa: E402
 from covidxr.adapt.site import adapted_logits  # noqa: E402
-from covidxr.checkpoint import load_checkpoint  # noqa: E402
 from covidxr.files import atomic_write_text  # noqa: E402
 from covidxr.inference.predictor import Predictor  # noqa: E402
 from covidxr.utils import softmax  # noqa: E402
@@ -52,11 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     table_args = argparse.Namespace(checkpoint=args.checkpoint, data=args.data, run_test=False,
                                     run_split=args.run_split, limit=args.limit, offset=args.offset, seed=0)
-    ckpt = load_checkpoint(args.checkpoint)
     pred = Predictor.from_checkpoint(args.checkpoint, device="cpu", backend="torch")
     pred.model.to(memory_format=torch.channels_last)
-    films = ae.read_films(pred, ae.load_table(table_args, ckpt))
-    source, classes, temperature = ae.source_priors(ckpt), list(pred.classes), pred.temperature
+    films = ae.read_films(pred, ae.load_table(table_args, pred.trained))
+    source, classes, temperature = ae.training_priors(pred.trained), list(pred.classes), pred.temperature
     patients = films.table["patient_id"].astype(str).to_numpy()
     rng = np.random.default_rng(0)
     halvings = [ae.patient_halves(patients, rng) for _ in range(args.splits)]
