@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.assessment import Assessment, assess
 from covidxr.errors import CovidxrError
+from covidxr.images.reader import MAX_FILE_BYTES, Xray, load_xray
 from covidxr.inference.prediction_log import (
     PredictionLog,
     PredictionLogError,
@@ -23,7 +24,6 @@ from covidxr.inference.prediction_log import (
     pixel_sha256,
     prediction_record,
 )
-from covidxr.io import MAX_FILE_BYTES, Xray, load_xray
 
 if TYPE_CHECKING:  # torch and friends load on first use, so the page shows its first lines at once
     from covidxr.inference.decision import Decision
@@ -31,7 +31,8 @@ if TYPE_CHECKING:  # torch and friends load on first use, so the page shows its 
 
 log = logging.getLogger("covidxr.app")
 
-# File name endings the uploader's picker offers; any other file is still read by its content (covidxr.io decides),
+# File name endings the uploader's picker offers; any other file is still read by its content (covidxr.images.reader
+# decides),
 # except a file without any extension, which waits for the "accept files without an extension" option.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", ".bmp", ".tif", ".tiff", ".webp",
                             ".jp2"})

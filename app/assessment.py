@@ -1,7 +1,7 @@
 """Is an image one the model can assess? The single place where the page decides to show or withhold a result.
 
 :func:`assess` reads the input gate's verdict that the predictor attaches to each prediction (``Prediction.gate``, see
-``covidxr.inference.gate``): file checks (colour, a tiny image, the DICOM header's modality, body part and view), and
+``covidxr.model.gate``): file checks (colour, a tiny image, the DICOM header's modality, body part and view), and
 when the checkpoint has a fitted gate a learned view check (rotated, inverted, lateral, CT slice, photograph,
 document) and an out-of-distribution check whose borderline band gives a third verdict: assessed, but marked as an
 unusual film. A prediction without a verdict (a predictor from before the gate) gets the gate's file checks here.
@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from covidxr.io import Xray
+from covidxr.images.reader import Xray
 
-BORDERLINE = "unusual film: read with care"  # covidxr.inference.gate.BORDERLINE (not imported: it loads torch)
+BORDERLINE = "unusual film: read with care"  # covidxr.model.gate.BORDERLINE (not imported: it loads torch)
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def assess(xray: Xray, prediction: Any, unavailable: str | None = None) -> Asses
     """
     verdict = getattr(prediction, "gate", None)
     if verdict is None:
-        from covidxr.inference.gate import file_checks
+        from covidxr.model.gate import file_checks
 
         failed, warnings = file_checks(xray)
         verdict = {"assessable": not failed, "reasons": [reason for _, reason in failed], "warnings": warnings}

@@ -36,10 +36,10 @@ from app.heatmap import (
 )
 from app.redact import strip_paths
 from covidxr.errors import CovidxrError
+from covidxr.images.reader import Xray
 from covidxr.inference.decision import Decision, OperatingPoint, decide_prediction
 from covidxr.inference.dicom_out import caption_lines, dicom_zip, read_header
 from covidxr.inference.prediction_log import safe_header
-from covidxr.io import Xray
 
 if TYPE_CHECKING:
     from covidxr.inference.predictor import Prediction
@@ -132,7 +132,7 @@ def _image(xray: Xray, picture: np.ndarray, assessment: Assessment) -> None:
 
 
 def image_alt(assessment: Assessment, width: int, height: int) -> str:
-    """The alt text of the uploaded image: what it is, as far as the page knows (the refusal reason for a refused
+    """The alt text of the uploaded image: what it is, as the page knows (the refusal reason for a refused
     image, which may be a CT slice or a photograph)."""
     size = f"{width} by {height} pixels, without heat map"
     if not assessment.assessable:

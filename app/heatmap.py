@@ -14,7 +14,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from app.analysis import Context, Upload
 from covidxr.errors import CovidxrError
-from covidxr.io import Xray
+from covidxr.images.reader import Xray
 
 if TYPE_CHECKING:
     from covidxr.inference.predictor import Prediction, Predictor
@@ -42,7 +42,7 @@ def cam_choices(predictor: Predictor) -> list[str | None]:
     Score-CAM runs one forward pass per feature map (2048 for ResNet-50): many minutes on a CPU, during which the
     shared model would be busy for every other user.
     """
-    from covidxr.explain.cam import CAM_METHODS
+    from covidxr.model.cam import CAM_METHODS
 
     on_cpu = getattr(getattr(predictor, "device", None), "type", "cpu") == "cpu"
     return [m for m in CAM_METHODS if not (on_cpu and m in SLOW_ON_CPU)] + [None]

@@ -13,7 +13,8 @@ records the profile with every prediction.
 Uploads stay in memory; every prediction is recorded in the audit log (``covidxr.inference.prediction_log``; default
 ``audit.jsonl`` beside the checkpoint) without names, patient identifiers or the image itself.
 
-The page is thin: reading is ``covidxr.io``, prediction and explanation are ``covidxr.inference.predictor`` and
+The page is thin: reading is ``covidxr.images.reader``, prediction and explanation are ``covidxr.inference.predictor``
+and
 ``covidxr.explain``, the numbers of the model view come from the saved evaluation.
 """
 
@@ -32,10 +33,10 @@ from app.model_view import render_model_view
 from app.settings import TRAIN_COMMANDS, AppSettings, checkpoint_choices, load_settings, run_label
 from app.summary import results_csv, summary_frame
 from covidxr.errors import CovidxrError
+from covidxr.images.reader import MAX_FILE_BYTES
 from covidxr.inference.prediction_log import PredictionLog, new_session_id
-from covidxr.inference.site_profile import site_profiles
 from covidxr.inference.stamp import model_stamp
-from covidxr.io import MAX_FILE_BYTES
+from covidxr.model.site_profile import site_profiles
 
 if TYPE_CHECKING:  # torch loads with the first model, after the page's first lines are shown
     from covidxr.inference.predictor import Predictor

@@ -45,9 +45,9 @@ from covidxr.evaluation.arrays import binary_auc
 from covidxr.evaluation.bootstrap import bootstrap_draws
 from covidxr.evaluation.calibration import expected_calibration_error
 from covidxr.files import atomic_write_text
+from covidxr.images.reader import load_xray
 from covidxr.inference.predictor import Predictor
 from covidxr.model.trained import TrainedModel
-from covidxr.io import load_xray
 from covidxr.utils import softmax
 
 ARMS = ("unadapted", "bn", "priors", "adapted")

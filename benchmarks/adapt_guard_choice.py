@@ -18,6 +18,7 @@ the COVID-vs-normal AUC (unadapted, batch-norm only).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -25,7 +26,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import adapt_eval as ae  # benchmarks/ is on the path when this script runs
+
+def _sibling(name: str):
+    """The benchmark module ``benchmarks/NAME.py`` beside this one (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+ae = _sibling("adapt_eval")
 
 from covidxr.adapt.estimate import AdaptSettings, em_priors, floored, mixed_bn_stats  # noqa: E402
 from covidxr.adapt.site import adapted_logits  # noqa: E402

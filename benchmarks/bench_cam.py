@@ -10,7 +10,7 @@ over the classes) are decoded and letterboxed once, outside the timings. Then fo
 
 * ``torch``: prediction alone, PyTorch eager under ``torch.inference_mode()`` (logits and softmax);
 * ``onnxruntime``: prediction alone, ONNX Runtime on the CPU (the model exported once, in memory);
-* ``cam usual``: :func:`covidxr.explain.cam.compute_cam` with ``efficient=False``: pytorch-grad-cam as usually run,
+* ``cam usual``: :func:`covidxr.model.cam.compute_cam` with ``efficient=False``: pytorch-grad-cam as usually run,
   every parameter requiring grad, so the backward runs through the whole network (one forward pass, whose logits
   give the prediction);
 * ``cam efficient``: the same call with ``efficient=True`` (backward stops at the target layer).
@@ -34,11 +34,11 @@ import pandas as pd
 import torch
 
 from covidxr.data.manifest import load_manifest, resolve_data_path
-from covidxr.explain.cam import compute_cam
+from covidxr.images.reader import load_xray
 from covidxr.inference.onnx_backend import OnnxRunner, export_bytes
-from covidxr.io import load_xray
-from covidxr.models import build_model
-from covidxr.preprocess import letterbox
+from covidxr.model.cam import compute_cam
+from covidxr.networks.architectures import build_model
+from covidxr.preprocessing.transforms import letterbox
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -2,7 +2,8 @@
 real ``--gpu-cache`` loader, with model FLOP utilisation.
 
 Every variant runs the project's own training step (``covidxr.training.engine.train_one_epoch``: bf16 autocast where
-supported, channels_last, fused AdamW on CUDA) on the project's model (``covidxr.models.build_model``). The real-loader
+supported, channels_last, fused AdamW on CUDA) on the project's model (``covidxr.networks.architectures.build_model``).
+The real-loader
 rows cut batches from a uint8 array of letterboxed squares (``--squares``, made here with ``--make-squares`` from a
 covidxr dataset: the decode-once cache's squares) with :class:`covidxr.data.dataset.DeviceBatches`, exactly what
 ``python -m covidxr.train --gpu-cache on`` does.
@@ -28,7 +29,7 @@ from torch.utils.data import BatchSampler, RandomSampler
 from torch.utils.flop_counter import FlopCounterMode
 
 from covidxr.data.dataset import DeviceBatches
-from covidxr.models import build_model
+from covidxr.networks.architectures import build_model
 from covidxr.training import engine
 from covidxr.utils import amp_dtype, autocast
 
@@ -58,7 +59,7 @@ def make_squares(data: str, out: Path, img_size: int, limit: int) -> None:
     """Decode ``limit`` images of ``data`` into the cache-size squares the training loader uses; save as .npy."""
     from covidxr.data.cache import fill_cache
     from covidxr.data.manifest import load_manifest, resolve_data_path
-    from covidxr.preprocess import cache_size
+    from covidxr.preprocessing.transforms import cache_size
 
     table = load_manifest(resolve_data_path(data)).sample(frac=1.0, random_state=0).head(limit)
     prepared = fill_cache(list(table["path"]), cache_size(img_size), None, workers=2)

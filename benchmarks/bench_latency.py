@@ -55,8 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def default_checkpoint(folder: Path) -> Path:
     """An untrained EfficientNet-Lite0 at 224 px as a checkpoint in ``folder``."""
-    from covidxr.checkpoint import save_checkpoint
-    from covidxr.models import build_model, preprocess_for
+    from covidxr.model.checkpoint import save_checkpoint
+    from covidxr.networks.architectures import build_model, preprocess_for
 
     model = build_model("efficientnet_lite0", 3, "none")
     path = folder / "best.pt"

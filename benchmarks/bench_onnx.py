@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from covidxr.inference.onnx_backend import export_bytes
-from covidxr.models import build_model
+from covidxr.networks.architectures import build_model
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:

@@ -9,7 +9,7 @@ Prints four counts, each with the places it found:
   ``build_eval_model``).
 * ``TrainedModel.load callers``: places that load a checkpoint file as one typed model.
 * ``raw-dict signatures``: functions with a parameter named ``ckpt``/``ckpts`` (the dictionary ``load_checkpoint``
-  returns), outside the loader (``covidxr/checkpoint.py``, ``covidxr/model/``), the lung model and training's own
+  returns), outside the loader (``covidxr/model/checkpoint.py``, ``covidxr/model/``), the lung model and training's own
   save/resume.
 * ``evaluation predictors``: ``Predictor.from_checkpoint`` calls in ``covidxr/evaluation/``.
 * ``evaluation Grad-CAM``: calls computing heat maps in ``covidxr/evaluation/`` (``compute_cam``, ``predict*`` with a
@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 BUILDERS = {"model_from_checkpoint", "load_classifier", "build_eval_model"}
-LOADER = ("covidxr/checkpoint.py", "covidxr/model/", "covidxr/lungs/")  # lungs: the lung model's own checkpoints
+LOADER = ("covidxr/model/checkpoint.py", "covidxr/model/", "covidxr/lungs/")  # lungs: the lung model's own checkpoints
 TRAINING_OWN = ("covidxr/training/trainer.py", "covidxr/training/__main__.py")
 
 

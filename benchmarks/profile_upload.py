@@ -7,7 +7,8 @@ Usage::
 
 Makes the same films as ``benchmarks/bench_latency.py`` (one real X-ray of the shared data resized to each size) and
 runs, for each, the steps the page runs for one upload in the order it runs them, through the page's own helpers,
-timing each: reading the file (``covidxr.io.load_xray``), the pixels' SHA-256 for the audit log, the prediction with
+timing each: reading the file (``covidxr.images.reader.load_xray``), the pixels' SHA-256 for the audit log, the
+prediction with
 its Grad-CAM heat map and input gate (``Predictor.predict``), the lung mask and the heat map's share inside the lungs
 (``app.heatmap.heatmap_share``, with ``--lung-model`` as the installed lung model), the decision, and the two pictures
 as the page draws and encodes them (``overlay`` of the display-size arrays and Streamlit's JPEG encoding).
@@ -58,9 +59,9 @@ def upload_steps(data: bytes, name: str, predictor: Any, lungs: Any) -> list[tup
     from app.heatmap import DISPLAY_MAX_SIDE, display_heatmap, display_image, heatmap_share
     from covidxr.errors import CheckpointError
     from covidxr.explain.display import overlay
+    from covidxr.images.reader import load_xray
     from covidxr.inference.decision import decide_prediction
     from covidxr.inference.prediction_log import pixel_sha256
-    from covidxr.io import load_xray
 
     def installed(path: object = None) -> Any:
         if lungs is None:

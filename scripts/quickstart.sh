@@ -39,7 +39,7 @@ if [[ " $RECIPE " == *" --lung-"* ]] && ! python -c "from covidxr.lungs import l
 fi
 if ! python - "$ARCH" <<'PY'
 import sys
-from covidxr.models import WeightsError, build_model
+from covidxr.networks.architectures import WeightsError, build_model
 try:
     build_model(sys.argv[1], 2, "imagenet")
 except WeightsError as exc:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from covidxr.io import load_xray
+from covidxr.images.reader import load_xray
 
 NOTCXR = Path(os.environ.get("COVIDXR_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
               ).parent / "notcxr"
@@ -133,7 +133,7 @@ def covid_block(external: bool, threshold: float = THRESHOLD) -> dict[str, Any]:
 def ship_threshold(run: Path, sha256: str, threshold: float | None = THRESHOLD) -> None:
     """Store the evaluation summary with the COVID threshold beside the run's checkpoint (its calibration sidecar),
     as ``covidxr.evaluate`` does: the page's operating point."""
-    from covidxr.calibration_file import write_calibration
+    from covidxr.model.calibration_file import write_calibration
 
     block = None if threshold is None else {"positive": "covid", "threshold": threshold,
                                             "chosen_on": "Youden's J on the held-out sources"}

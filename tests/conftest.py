@@ -75,11 +75,11 @@ def fit_gated_run(shared_data: Path, run: Path, img_size: int) -> Path:
     untrained head (the gate needs only the backbone) at ``img_size``, and fit its input gate with ``python -m
     covidxr.gate fit`` (the lateral films and CT slices of ``notcxr/``, 60 made photographs and documents each);
     return ``run``."""
-    from covidxr.checkpoint import save_checkpoint
     from covidxr.data.manifest import load_manifest
     from covidxr.data.split import make_split, save_split
     from covidxr.inference.gate_fit import main as gate
-    from covidxr.models import build_model, preprocess_for
+    from covidxr.model.checkpoint import save_checkpoint
+    from covidxr.networks.architectures import build_model, preprocess_for
 
     manifest = write_subset_manifest(shared_data, run / "manifest.csv", per_class=45)
     save_split(make_split(load_manifest(manifest), (0.5, 0.3, 0.2), seed=0), run / "split.csv")

@@ -20,16 +20,16 @@ from pydicom.dataset import Dataset
 from covidxr.adapt.__main__ import main as adapt_main
 from covidxr.adapt.estimate import AdaptSettings, collapse_reason, em_priors, floored, mix_weights, source_priors
 from covidxr.adapt.site import adapt_site
-from covidxr.checkpoint import load_checkpoint, save_checkpoint
 from covidxr.files import file_digest
+from covidxr.images.reader import load_xray
 from covidxr.inference.__main__ import main as predict_main
 from covidxr.inference.dicom_out import site_text
 from covidxr.inference.dicom_sr import ReportFacts, _decision_group
 from covidxr.inference.prediction_log import prediction_record
 from covidxr.inference.predictor import Predictor
-from covidxr.inference.site_profile import SiteProfileError, apply_profile, read_profile
-from covidxr.io import load_xray
 from covidxr.model.build import model_from_checkpoint
+from covidxr.model.checkpoint import load_checkpoint, save_checkpoint
+from covidxr.model.site_profile import SiteProfileError, apply_profile, read_profile
 
 # The tiny model of the fixtures knows nothing yet, so its calls may collapse onto one class; tests that need an
 # adapted profile loosen the guard (the guard itself is tested with its defaults and with a strict one).
@@ -388,7 +388,7 @@ def test_gate_reads_the_unadapted_features(shared_data: Path, site: Path, tmp_pa
 
 def test_site_gate_reference_takes_the_site_films_in_and_travels_in_the_profile(tmp_path: Path) -> None:
     from covidxr.adapt.site import GATE_FILE, read_gate_reference, site_gate, write_gate_reference
-    from covidxr.inference.gate import InputGate, OodModel
+    from covidxr.model.gate import InputGate, OodModel
 
     rng = np.random.default_rng(0)
     train = rng.normal(size=(50, 8)) + np.array([10.0] + [0.0] * 7)  # the training films point one way

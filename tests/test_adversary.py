@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from covidxr.checkpoint import load_checkpoint
 from covidxr.errors import DatasetError
-from covidxr.models import XrayClassifier
+from covidxr.model.checkpoint import load_checkpoint
+from covidxr.networks.architectures import XrayClassifier
 from covidxr.training.__main__ import main
 from covidxr.training.adversary import (
     AdversarialNetwork,

@@ -23,9 +23,9 @@ from streamlit.testing.v1 import AppTest
 
 from app.format import probability
 from app.settings import load_settings
-from covidxr.dicom import DICOM_HEADER_FIELDS
+from covidxr.images.dicom import DICOM_HEADER_FIELDS
+from covidxr.images.reader import load_xray
 from covidxr.inference.prediction_log import read_records
-from covidxr.io import load_xray
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "app" / "streamlit_app.py")
@@ -365,8 +365,8 @@ def own_run(app_env: Path, tiny_run: Path, tmp_path: Path, monkeypatch: pytest.M
 
 def evaluated_sha(run: Path) -> str:
     """The checkpoint digest a saved evaluation must record to be shown for this run."""
-    from covidxr.calibration_file import read_calibration
     from covidxr.files import file_digest
+    from covidxr.model.calibration_file import read_calibration
 
     summary = (read_calibration(run / "best.pt", file_digest(run / "best.pt")) or {}).get("evaluation") or {}
     return summary.get("checkpoint_sha256") or file_digest(run / "best.pt")

@@ -24,8 +24,8 @@ from app_server import CHROMIUM, CHROMIUM_ARGS, RESULT_TIMEOUT_MS, require_chrom
 from PIL import Image
 
 from covidxr.explain.display import display_size
+from covidxr.images.reader import load_xray
 from covidxr.inference.prediction_log import read_records
-from covidxr.io import load_xray
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 DOWNLOAD_MAX_SIDE = 2048  # app.heatmap.DOWNLOAD_MAX_SIDE

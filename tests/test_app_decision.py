@@ -24,9 +24,9 @@ from app_inputs import fake_evaluation, lateral_dicom, ship_threshold, sr_conclu
 from app_server import CHROMIUM, CHROMIUM_ARGS, RESULT_TIMEOUT_MS, AppServer, require_chromium, run_app
 from PIL import Image
 
+from covidxr.images.reader import load_xray
 from covidxr.inference.decision import NEAR, NEAR_THRESHOLD
 from covidxr.inference.prediction_log import pixel_sha256, read_records
-from covidxr.io import load_xray
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 DECISION = re.compile(r"^COVID: (yes|no; most likely \w+)(; caution: .+)?$")

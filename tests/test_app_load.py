@@ -6,9 +6,9 @@ groups of :data:`FILES_PER_SESSION` real chest X-rays that no other session uplo
 uploads one of its groups, waits for the results, checks that its page shows exactly its own files with the class
 and probabilities that ``covidxr.predict.Predictor`` gives for those files in this process (same checkpoint, no
 CAM), then removes them. No two of the images show the same probabilities, so a result delivered to the wrong
-session fails on its numbers as well as on its name. All sessions start the first round at the same moment; it
+session fails on its numbers as on its name. All sessions start the first round at the same moment; it
 also downloads each session's CSV of results and compares it at full precision. After that the sessions run their
-rounds freely, each as fast as the server answers it.
+rounds freely, each as the server answers it.
 
 Memory: the server's resident set (process and children, psutil) is sampled once the pages have loaded, after the
 :data:`WARMUP_ROUNDS` warm-up rounds and at the end, each time with every session idle and its files removed (and
@@ -41,8 +41,8 @@ import pytest
 from app_server import CHROMIUM, CHROMIUM_ARGS, REPO, RESULT_TIMEOUT_MS, AppServer, require_chromium, run_app
 
 from app.assessment import assess
+from covidxr.images.reader import MAX_FILE_BYTES, load_xray
 from covidxr.inference.prediction_log import pixel_sha256, read_records
-from covidxr.io import MAX_FILE_BYTES, load_xray
 
 SESSIONS = 8
 FILES_PER_SESSION = 3
@@ -303,7 +303,8 @@ async def drive(server: AppServer, own: list[list[list[Expected]]]) -> dict[str,
 
 
 def test_upload_cap_is_the_readers_limit() -> None:
-    """Streamlit's upload cap (MB) is covidxr.io.MAX_FILE_BYTES, so no accepted upload is refused by the reader."""
+    """Streamlit's upload cap (MB) is covidxr.images.reader.MAX_FILE_BYTES, so no accepted upload is refused by the
+    reader."""
     config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
     assert config["server"]["maxUploadSize"] * 2**20 == MAX_FILE_BYTES
 

@@ -15,15 +15,15 @@ import pytest
 from PIL import Image
 
 from covidxr.bench.scale_data import load_films, variant
-from covidxr.checkpoint import save_checkpoint
 from covidxr.data.__main__ import main
 from covidxr.data.audit import audit, inspect_images
 from covidxr.data.audit_report import html_report, markdown_report, report_blocks, write_report
 from covidxr.data.confounding import confounding_warnings
 from covidxr.data.duplicates import close_pairs, dhash, hash_bits
 from covidxr.data.manifest import load_manifest
-from covidxr.models import build_model
-from covidxr.preprocess import Preprocess
+from covidxr.model.checkpoint import save_checkpoint
+from covidxr.networks.architectures import build_model
+from covidxr.preprocessing.transforms import Preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 

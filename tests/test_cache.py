@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covidxr import prepare as prepare_cli
 from covidxr.data import cache
 from covidxr.data.cache import fill_cache
 from covidxr.data.loaders import LoaderSettings, input_pipeline
 from covidxr.data.manifest import load_manifest
-from covidxr.input_settings import InputSettings
-from covidxr.preprocess import cache_size
+from covidxr.preprocessing.settings import InputSettings
+from covidxr.preprocessing.transforms import cache_size
+from covidxr.training import cache_command as prepare_cli
 
 
 def _png(path: Path, value: int, size: tuple[int, int] = (40, 30)) -> Path:

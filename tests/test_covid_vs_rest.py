@@ -105,10 +105,10 @@ def test_heldout_logits_calibrate_only_the_same_recipe(tmp_path) -> None:
 def test_evaluate_calibrates_on_held_out_sources_of_the_same_recipe(tiny_run, tmp_path) -> None:
     import shutil
 
-    from covidxr.checkpoint import load_checkpoint
     from covidxr.evaluation.__main__ import main
     from covidxr.evaluation.heldout import heldout_result
     from covidxr.evaluation.outputs import jsonable
+    from covidxr.model.checkpoint import load_checkpoint
     from covidxr.utils import softmax
 
     run = tmp_path / "run"

@@ -21,13 +21,13 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from covidxr.checkpoint import save_checkpoint
+from covidxr.images.reader import load_xray
 from covidxr.inference.__main__ import main
 from covidxr.inference.decision import decide_prediction
 from covidxr.inference.dicom_out import dicom_zip
 from covidxr.inference.predictor import Predictor
-from covidxr.io import load_xray
-from covidxr.models import build_model, preprocess_for
+from covidxr.model.checkpoint import save_checkpoint
+from covidxr.networks.architectures import build_model, preprocess_for
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

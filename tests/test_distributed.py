@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch.utils.data import WeightedRandomSampler
 
-from covidxr.batches import EpochOutput, predict_loader
-from covidxr.checkpoint import load_checkpoint
 from covidxr.data.loaders import DistributedWeightedSampler, load_run_data, make_loaders
-from covidxr.models import build_model
+from covidxr.model.checkpoint import load_checkpoint
+from covidxr.networks.architectures import build_model
+from covidxr.networks.batches import EpochOutput, predict_loader
 from covidxr.training import engine
 from covidxr.training.config import TrainConfig
 from covidxr.training.distributed import DistInfo, env_info, gather_epoch

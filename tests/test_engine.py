@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from covidxr.data.dataset import XrayDataset
-from covidxr.preprocess import eval_transform, train_transform
+from covidxr.preprocessing.transforms import eval_transform, train_transform
 from covidxr.training import engine
 from covidxr.utils import autocast
 

@@ -12,13 +12,13 @@ import pandas as pd
 import pytest
 import torch
 
-from covidxr.calibration_file import write_calibration
-from covidxr.checkpoint import load_checkpoint, save_checkpoint
-from covidxr.ensemble_model import ENSEMBLE, EnsembleClassifier, EnsembleHead
 from covidxr.errors import CheckpointError
 from covidxr.files import file_digest
+from covidxr.images.reader import load_xray
 from covidxr.inference.predictor import Predictor
-from covidxr.io import load_xray
+from covidxr.model.calibration_file import write_calibration
+from covidxr.model.checkpoint import load_checkpoint, save_checkpoint
+from covidxr.networks.ensemble import ENSEMBLE, EnsembleClassifier, EnsembleHead
 from covidxr.training.ensemble import build_ensemble, combine
 from covidxr.training.ensemble import main as ensemble_main
 

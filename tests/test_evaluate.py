@@ -14,8 +14,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidxr.calibration_file import calibration_path
-from covidxr.checkpoint import load_checkpoint, save_checkpoint
 from covidxr.evaluation.__main__ import main
 from covidxr.evaluation.analysis import SOURCE_CONFOUNDED
 from covidxr.evaluation.outputs import PLOT_FILES
@@ -23,6 +21,8 @@ from covidxr.evaluation.report_external import NO_EXTERNAL
 from covidxr.html_page import format_value
 from covidxr.inference.predictor import Predictor
 from covidxr.model.calibration import Origin
+from covidxr.model.calibration_file import calibration_path
+from covidxr.model.checkpoint import load_checkpoint, save_checkpoint
 from covidxr.model.trained import TrainedModel
 
 REPO = Path(__file__).resolve().parents[1]

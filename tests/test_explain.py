@@ -12,16 +12,16 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from covidxr.checkpoint import load_checkpoint, save_checkpoint
 from covidxr.explain.__main__ import main
-from covidxr.explain.cam import CAM_METHODS, compute_cam
 from covidxr.explain.display import heatmap_on_image, overlay
 from covidxr.explain.scoring import border_share
+from covidxr.images.reader import Xray, load_xray
 from covidxr.inference.predictor import Predictor
-from covidxr.io import Xray, load_xray
+from covidxr.model.cam import CAM_METHODS, compute_cam
+from covidxr.model.checkpoint import load_checkpoint, save_checkpoint
 from covidxr.model.trained import TrainedModel
-from covidxr.models import IMAGENET_MEAN, IMAGENET_STD, XrayClassifier, build_model
-from covidxr.preprocess import letterbox
+from covidxr.networks.architectures import IMAGENET_MEAN, IMAGENET_STD, XrayClassifier, build_model
+from covidxr.preprocessing.transforms import letterbox
 
 GRADIENT_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam")
 

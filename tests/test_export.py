@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 
 from covidxr.files import file_digest
+from covidxr.images.reader import Xray, load_xray
 from covidxr.inference.export import main
 from covidxr.inference.onnx_backend import SHA_KEY, OnnxRunner
 from covidxr.inference.predictor import Predictor
-from covidxr.io import Xray, load_xray
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
-from covidxr.checkpoint import load_checkpoint, save_checkpoint
 from covidxr.errors import CheckpointError
+from covidxr.model.checkpoint import load_checkpoint, save_checkpoint
 
 TRAIN_ARGS = ["--arch", "resnet18", "--weights", "none", "--img-size", "48", "--epochs", "3", "--batch-size", "8",
               "--workers", "0", "--freeze-epochs", "1", "--patience", "0", "--seed", "7"]

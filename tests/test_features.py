@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch.utils.data import BatchSampler, SequentialSampler
 
-from covidxr.checkpoint import load_checkpoint
 from covidxr.data.dataset import DeviceBatches, XrayDataset
 from covidxr.data.loaders import LoaderSettings, RunData, use_device_cache
 from covidxr.errors import DatasetError
-from covidxr.models import build_model
-from covidxr.preprocess import (
+from covidxr.model.checkpoint import load_checkpoint
+from covidxr.networks.architectures import build_model
+from covidxr.preprocessing.transforms import (
     affine_grid,
     affine_matrices,
     augment_batch,

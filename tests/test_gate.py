@@ -10,9 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from covidxr.checkpoint import load_checkpoint, save_checkpoint
 from covidxr.errors import CheckpointError
-from covidxr.inference.gate import (
+from covidxr.images.reader import Xray
+from covidxr.inference.gate_data import patient_halves
+from covidxr.inference.gate_fit import fit_ood, fit_view, invert_content, main, variant
+from covidxr.model.checkpoint import load_checkpoint, save_checkpoint
+from covidxr.model.gate import (
     BORDERLINE,
     FRONTAL,
     NO_GATE,
@@ -22,10 +25,7 @@ from covidxr.inference.gate import (
     file_checks,
     weights_sha256,
 )
-from covidxr.inference.gate_data import patient_halves
-from covidxr.inference.gate_files import TINY_SIDE
-from covidxr.inference.gate_fit import fit_ood, fit_view, invert_content, main, variant
-from covidxr.io import Xray
+from covidxr.model.gate_files import TINY_SIDE
 from covidxr.model.sidecars import read_gate
 
 FEATURES = 16

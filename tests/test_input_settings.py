@@ -14,9 +14,9 @@ from covidxr.crossval.folds import CrossvalConfig
 from covidxr.data.loaders import LoaderSettings, input_pipeline
 from covidxr.data.run_folder import RunFolder
 from covidxr.evaluation.inputs import EvalOptions, eval_settings
-from covidxr.input_settings import InputSettings
-from covidxr.model_input import InputPipeline, pipeline_from_checkpoint
-from covidxr.preprocess import Preprocess
+from covidxr.model.input_pipeline import InputPipeline, pipeline_from_checkpoint
+from covidxr.preprocessing.settings import InputSettings
+from covidxr.preprocessing.transforms import Preprocess
 from covidxr.training.config import TrainConfig, config_from_args, get_args_parser
 
 FLAGS = ["--equalize", "clahe", "--lung-margin", "0.1", "--augment", "style", "--img-size", "64"]

@@ -1,4 +1,5 @@
-"""Tests of covidxr.io.load_xray on synthetic files of every supported kind, the real data, and bad inputs."""
+"""Tests of covidxr.images.reader.load_xray on synthetic files of every supported kind, the real data, and bad
+inputs."""
 
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from covidxr import dicom as xdicom
-from covidxr import io as xio
-from covidxr.dicom import DICOM_HEADER_FIELDS
 from covidxr.errors import CovidxrError, ImageReadError
-from covidxr.io import MAX_FILE_BYTES, MAX_PIXELS, Xray, load_xray
+from covidxr.images import dicom as xdicom
+from covidxr.images import reader as xio
+from covidxr.images.dicom import DICOM_HEADER_FIELDS
+from covidxr.images.reader import MAX_FILE_BYTES, MAX_PIXELS, Xray, load_xray
 
 # The shared data, located like tests/conftest.py does: $COVIDXR_DATA (the cxr folder), else ../shared/data/cxr.
 CXR = Path(os.environ.get("COVIDXR_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr")

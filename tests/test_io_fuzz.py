@@ -1,4 +1,4 @@
-"""Property-based fuzzing of covidxr.io.load_xray.
+"""Property-based fuzzing of covidxr.images.reader.load_xray.
 
 The property, for any input whatsoever: load_xray returns an Xray whose pixels are a finite 2-D float32 array in
 [0, 1], or raises ImageReadError with a one-line "NAME: reason" message. Any other exception is a bug.
@@ -23,7 +23,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, SecondaryCaptureImageStorage, generate_uid
 
 from covidxr.errors import ImageReadError
-from covidxr.io import load_xray
+from covidxr.images.reader import load_xray
 
 NAME = "fuzz.bin"
 # Corrupt input makes PIL and pydicom warn a lot; that is expected here (see the warnings-as-errors test below).

@@ -1,6 +1,7 @@
 """The package layout's rules, read from the import statements: no import circle (between modules or between stages),
-evaluation and training independent of each other, the app on the predictor, explanations, the reader and the
-saved-evaluation reader only, and no module past a generous size ceiling.
+no import from a lower group to a higher one (:data:`LAYERS`), no loose module at the top beyond the basics and the
+commands' shims, evaluation and training independent of each other, the app on the predictor, the trained model,
+explanations, the reader and the saved-evaluation reader only, and no module past a generous size ceiling.
 
 A module is judged by its concern, not its length: one concern belongs in one module even when that module is long
 (a 400-line limit used to split the input gate over five modules, the report over three and the checklist over
@@ -20,11 +21,18 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "covidxr"
 MAX_LINES = 900  # a ceiling against accidents, not a design rule (see the module docstring)
 # Thin modules that only keep documented commands (python -m covidxr.NAME) working: they import a stage's CLI.
-SHIMS = {"covidxr.train", "covidxr.evaluate", "covidxr.compare", "covidxr.predict", "covidxr.export", "covidxr.gate"}
+SHIMS = {"covidxr.train", "covidxr.evaluate", "covidxr.compare", "covidxr.predict", "covidxr.export", "covidxr.gate",
+         "covidxr.prepare"}
 # What the app may use: the predictor and prediction log, the explanations, the reader, the saved-evaluation reader,
 # the lung model, and the readable names of the data sources (a basic module without covidxr imports).
-APP_ALLOWED = ("covidxr.inference", "covidxr.explain", "covidxr.io", "covidxr.errors", "covidxr.evaluation.results",
-               "covidxr.lungs", "covidxr.sources_display")
+APP_ALLOWED = ("covidxr.inference", "covidxr.model", "covidxr.explain", "covidxr.images.reader", "covidxr.errors",
+               "covidxr.evaluation.results", "covidxr.lungs", "covidxr.sources_display")
+# The groups from the bottom up: a module may import its own group and the groups below it, never one above. The
+# basics (errors, files, utils, html_page, sources_display) sit below all; the commands' shims above all.
+LAYERS = ("covidxr.images", "covidxr.preprocessing", "covidxr.networks", "covidxr.lungs", "covidxr.model",
+          "covidxr.data", ("covidxr.training", "covidxr.evaluation", "covidxr.explain", "covidxr.inference"),
+          ("covidxr.crossval", "covidxr.adapt", "covidxr.bench"))
+BASICS = {"covidxr", "covidxr.errors", "covidxr.files", "covidxr.utils", "covidxr.html_page", "covidxr.sources_display"}
 
 
 def module_name(path: Path) -> str:
@@ -85,8 +93,8 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
 def test_graph_reader_sees_imports_inside_functions(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("import os\nfrom covidxr.files import atomic_write_text\n\ndef f():\n"
-                      "    from covidxr.training import engine\n    import covidxr.io\n")
-    assert set(covidxr_imports(source)) == {"covidxr.files", "covidxr.training.engine", "covidxr.io"}
+                      "    from covidxr.training import engine\n    import covidxr.images.reader\n")
+    assert set(covidxr_imports(source)) == {"covidxr.files", "covidxr.training.engine", "covidxr.images.reader"}
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
 
@@ -155,3 +163,37 @@ def test_no_module_past_the_size_ceiling():
     long = {str(p.relative_to(ROOT)): n for folder in (PACKAGE, ROOT / "app") for p in folder.rglob("*.py")
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def layer(module: str) -> int | None:
+    """The index of ``module``'s group in :data:`LAYERS` (None for the basics and the commands' shims)."""
+    for index, group in enumerate(LAYERS):
+        if any(module == g or module.startswith(g + ".") for g in ((group,) if isinstance(group, str) else group)):
+            return index
+    return None
+
+
+def test_layer_of_finds_groups():
+    assert layer("covidxr.images.reader") == 0 and layer("covidxr.model.trained") == 4
+    assert layer("covidxr.evaluation.pipeline") == layer("covidxr.inference.predictor") == 6
+    assert layer("covidxr.errors") is None
+
+
+def rank(module: str) -> int:
+    """Where ``module`` sits: the basics lowest, then the groups of :data:`LAYERS`, the commands at the top."""
+    if module in BASICS:
+        return -1
+    found = layer(module)
+    return len(LAYERS) if found is None else found
+
+
+def test_no_import_runs_back_up():
+    upward = {m: sorted(i for i in imported if rank(i) > rank(m)) for m, imported in graph(PACKAGE).items()}
+    assert {m: i for m, i in upward.items() if i} == {}
+
+
+def test_the_top_holds_only_the_basics_and_the_commands():
+    loose = {module_name(p) for p in PACKAGE.glob("*.py")} - BASICS - {"covidxr.__init__"}
+    commands = {m for m in loose if m in SHIMS or (PACKAGE / (m.split(".")[-1] + ".py")).read_text(
+        encoding="utf-8").lstrip('"').startswith("``python -m covidxr.")}
+    assert sorted(loose - commands) == []

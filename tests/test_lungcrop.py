@@ -15,8 +15,6 @@ import pytest
 import torch
 from test_external import external_root, external_subset
 
-from covidxr import model_input
-from covidxr.checkpoint import load_checkpoint
 from covidxr.crossval.__main__ import get_args_parser as crossval_parser
 from covidxr.crossval.__main__ import main as crossval_main
 from covidxr.crossval.folds import CrossvalConfig
@@ -26,14 +24,16 @@ from covidxr.data.loaders import LoaderSettings, input_pipeline
 from covidxr.errors import CheckpointError
 from covidxr.evaluation.__main__ import main as evaluate_main
 from covidxr.evaluation.lung_share import lung_share_summary
+from covidxr.images.reader import load_xray
 from covidxr.inference.predictor import Predictor
-from covidxr.input_settings import LUNG_MASK_DILATION, InputSettings
-from covidxr.io import load_xray
 from covidxr.lungs.geometry import dilate_mask
 from covidxr.lungs.train import LungTrainConfig, default_lung_data
 from covidxr.lungs.train import run as train_lungs
-from covidxr.model_input import PLAIN, InputPipeline, pipeline_from_checkpoint, read_lung_entry
-from covidxr.preprocess import Preprocess, cache_size, equalize, eval_transform
+from covidxr.model import input_pipeline as model_input
+from covidxr.model.checkpoint import load_checkpoint
+from covidxr.model.input_pipeline import PLAIN, InputPipeline, pipeline_from_checkpoint, read_lung_entry
+from covidxr.preprocessing.settings import LUNG_MASK_DILATION, InputSettings
+from covidxr.preprocessing.transforms import Preprocess, cache_size, equalize, eval_transform
 from covidxr.training.__main__ import main as train_main
 from covidxr.training.config import TrainConfig, config_from_args, get_args_parser
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torchvision
 
-from covidxr.io import load_xray
-from covidxr.models import WeightsError, XrayClassifier, build_model, target_layer
-from covidxr.preprocess import letterbox
+from covidxr.images.reader import load_xray
+from covidxr.networks.architectures import WeightsError, XrayClassifier, build_model, target_layer
+from covidxr.preprocessing.transforms import letterbox
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "densenet121", "efficientnet_b0", "convnext_tiny", "vgg16", "alexnet",
@@ -86,7 +86,7 @@ def test_efficientnet_lite0_package_weights_recognise_grace_hopper() -> None:
     # Use the pretrained ImageNet head itself: rebuild the timm model with its classifier and the package weights.
     import timm
 
-    from covidxr.models import _build_lite0
+    from covidxr.networks.architectures import _build_lite0
 
     net, mean, std = _build_lite0("efficientnet_lite0", pretrained=True)
     assert isinstance(net, timm.models.efficientnet.EfficientNet)
@@ -106,7 +106,7 @@ def test_efficientnet_lite0_package_weights_recognise_grace_hopper() -> None:
 
 def test_checkpoint_rebuild_restores_the_weights_normalisation() -> None:
     from covidxr.model.build import model_from_checkpoint
-    from covidxr.models import preprocess_for
+    from covidxr.networks.architectures import preprocess_for
 
     trained = build_model("efficientnet_lite0", 3, "imagenet").eval()
     ckpt = {"arch": "efficientnet_lite0", "classes": ["a", "b", "c"], "model": trained.state_dict(),
@@ -121,7 +121,7 @@ def test_checkpoint_rebuild_restores_the_weights_normalisation() -> None:
 def test_checkpoint_with_other_class_count_is_refused() -> None:
     from covidxr.errors import CheckpointError
     from covidxr.model.build import model_from_checkpoint
-    from covidxr.models import preprocess_for
+    from covidxr.networks.architectures import preprocess_for
 
     model = build_model("resnet18", 3, "none")
     ckpt = {"arch": "resnet18", "classes": ["a", "b"], "model": model.state_dict(),

@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from covidxr.checkpoint import load_checkpoint, save_checkpoint
 from covidxr.errors import CheckpointError
+from covidxr.images.reader import Xray, load_xray
 from covidxr.inference.__main__ import main
 from covidxr.inference.predictor import Prediction, Predictor
-from covidxr.io import Xray, load_xray
-from covidxr.model_input import PLAIN
-from covidxr.models import build_model
+from covidxr.model.checkpoint import load_checkpoint, save_checkpoint
+from covidxr.model.input_pipeline import PLAIN
+from covidxr.networks.architectures import build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -220,8 +220,8 @@ def test_cli_without_cam_and_usage_errors(tiny_run: Path, shared_data: Path, tmp
 
 def test_prediction_input_matches_what_training_and_evaluation_see(shared_data: Path) -> None:
     from covidxr.data.cache import decode_square
-    from covidxr.io import load_xray
-    from covidxr.preprocess import cache_size, eval_transform
+    from covidxr.images.reader import load_xray
+    from covidxr.preprocessing.transforms import cache_size, eval_transform
 
     path = next((shared_data / "normal").iterdir())
     cached = torch.from_numpy(decode_square(path, cache_size(64))).float().div(255)[None]  # the training cache

@@ -41,9 +41,9 @@ import pytest
 from app_server import CHROMIUM, CHROMIUM_ARGS, RESULT_TIMEOUT_MS, AppServer, require_chromium, run_app
 from PIL import Image
 
-from covidxr.dicom import DICOM_HEADER_FIELDS
+from covidxr.images.dicom import DICOM_HEADER_FIELDS
+from covidxr.images.reader import load_xray
 from covidxr.inference.prediction_log import read_records
-from covidxr.io import load_xray
 
 REPO = Path(__file__).resolve().parents[1]
 

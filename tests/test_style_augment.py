@@ -15,9 +15,9 @@ from torch.utils.data import BatchSampler, SequentialSampler
 
 from covidxr.data.dataset import DeviceBatches
 from covidxr.data.loaders import LoaderSettings, RunData, make_loaders
-from covidxr.input_settings import InputSettings
-from covidxr.preprocess import augment_batch, augment_params, train_transform
-from covidxr.style_augment import STYLE, StyleRanges, apply_style, style_params, style_ranges
+from covidxr.preprocessing.settings import InputSettings
+from covidxr.preprocessing.style_augment import STYLE, StyleRanges, apply_style, style_params, style_ranges
+from covidxr.preprocessing.transforms import augment_batch, augment_params, train_transform
 from covidxr.training.__main__ import main
 from covidxr.training.config import TrainConfig, config_from_args, get_args_parser
 from covidxr.training.distributed import DistInfo

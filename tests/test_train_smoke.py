@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from covidxr.checkpoint import load_checkpoint, save_checkpoint
 from covidxr.data.loaders import LoaderSettings
-from covidxr.models import build_model
+from covidxr.model.checkpoint import load_checkpoint, save_checkpoint
+from covidxr.networks.architectures import build_model
 from covidxr.training import __main__ as train_cli
 from covidxr.training.__main__ import main
 from covidxr.training.config import TrainConfig

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from covidxr.calibration_file import calibration_path, write_calibration
-from covidxr.checkpoint import load_checkpoint, save_checkpoint
 from covidxr.files import file_digest
 from covidxr.inference.gate_fit import fit_ood, fit_view
 from covidxr.inference.predictor import Predictor
 from covidxr.model.calibration import Calibration, Origin, origin_of
+from covidxr.model.calibration_file import calibration_path, write_calibration
+from covidxr.model.checkpoint import load_checkpoint, save_checkpoint
 from covidxr.model.gate import FRONTAL, InputGate
 from covidxr.model.sidecars import gate_path, write_gate
 from covidxr.model.trained import TrainedModel
-from covidxr.models import architecture, build_model, target_layer
+from covidxr.networks.architectures import architecture, build_model, target_layer
 
 
 @pytest.fixture()

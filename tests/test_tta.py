@@ -1,4 +1,5 @@
-"""Test-time augmentation: probabilities averaged over views of the input (``covidxr.tta``), and ``evaluate --tta``
+"""Test-time augmentation: probabilities averaged over views of the input (``covidxr.networks.tta``), and ``evaluate
+--tta``
 measuring it without touching the checkpoint's calibration."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from covidxr.tta import VIEWS, TTAClassifier, view
+from covidxr.networks.tta import VIEWS, TTAClassifier, view
 
 
 class Spy(torch.nn.Module):

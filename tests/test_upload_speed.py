@@ -18,9 +18,9 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from covidxr.explain.display import overlay, shrink
+from covidxr.images.reader import load_xray
 from covidxr.inference.prediction_log import pixel_sha256
-from covidxr.io import load_xray
-from covidxr.preprocess import equalize
+from covidxr.preprocessing.transforms import equalize
 
 
 def _torchvision_hist(image: np.ndarray) -> np.ndarray:
@@ -44,7 +44,7 @@ def test_histogram_equalisation_equals_torchvision(make) -> None:
 def test_clahe_reads_and_returns_the_same_eight_bits() -> None:
     import cv2
 
-    from covidxr.preprocess import CLAHE_CLIP, CLAHE_TILES
+    from covidxr.preprocessing.transforms import CLAHE_CLIP, CLAHE_TILES
 
     image = np.random.default_rng(4).beta(2, 5, (300, 200)).astype(np.float32)
     grey = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)

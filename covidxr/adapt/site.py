@@ -31,15 +31,15 @@ from covidxr.adapt.estimate import (
     shifted_probs,
     source_priors,
 )
-from covidxr.ensemble_model import ENSEMBLE
 from covidxr.errors import CovidxrError, ImageReadError
 from covidxr.files import atomic_write_bytes, file_digest
+from covidxr.images.reader import Xray, load_xray
 from covidxr.inference.__main__ import find_images
-from covidxr.model.gate import InputGate
 from covidxr.inference.prediction_log import pixel_sha256
 from covidxr.inference.predictor import Predictor
-from covidxr.io import Xray, load_xray
+from covidxr.model.gate import InputGate
 from covidxr.model.site_profile import FORMAT, FORMAT_VERSION, SiteProfile, write_profile
+from covidxr.networks.ensemble import ENSEMBLE
 
 log = logging.getLogger("covidxr.adapt")
 

@@ -19,8 +19,8 @@ import torch
 
 from covidxr.data.cache import fill_cache
 from covidxr.data.manifest import load_manifest, resolve_data_path
-from covidxr.models import XrayClassifier, build_model
-from covidxr.preprocess import cache_size
+from covidxr.networks.architectures import XrayClassifier, build_model
+from covidxr.preprocessing.transforms import cache_size
 from covidxr.utils import amp_dtype, autocast
 
 MB = 2**20

@@ -13,7 +13,7 @@ from torchvision.datasets.folder import default_loader
 
 from covidxr.bench.common import Measure, cached_images, rate, real_subset, timed
 from covidxr.data.dataset import DeviceBatches, XrayDataset
-from covidxr.preprocess import cache_size, eval_transform, train_transform
+from covidxr.preprocessing.transforms import cache_size, eval_transform, train_transform
 
 
 class NotebookDataset:

@@ -12,7 +12,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from covidxr.bench.common import Measure, amp_context, bench_model, cached_images, peaks, real_subset, timed
 from covidxr.data.dataset import XrayDataset
-from covidxr.preprocess import cache_size, eval_transform, train_transform
+from covidxr.preprocessing.transforms import cache_size, eval_transform, train_transform
 from covidxr.training import engine
 from covidxr.training import head_features as features
 

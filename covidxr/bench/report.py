@@ -20,7 +20,7 @@ import torch
 
 from covidxr.bench.common import Measure, real_subset
 from covidxr.data.cache import fill_cache
-from covidxr.preprocess import cache_size
+from covidxr.preprocessing.transforms import cache_size
 from covidxr.utils import pick_device
 
 # Dense tensor-core TFLOP/s (bf16/fp16, no sparsity) by device-name fragment; --peak-tflops overrides.

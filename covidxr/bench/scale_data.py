@@ -24,7 +24,7 @@ import pandas as pd
 from PIL import Image
 
 from covidxr.data.manifest import write_manifest
-from covidxr.io import load_xray
+from covidxr.images.reader import load_xray
 
 IMAGES_PER_PATIENT = ((1, 0.80), (2, 0.13), (3, 0.07))
 CROP = 0.08  # at most this share of each side is cut off

@@ -32,7 +32,6 @@ import psutil
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-from covidxr import prepare as prepare_cli
 from covidxr.data.__main__ import main as data_cli
 from covidxr.data.cache import fill_cache
 from covidxr.data.dataset import XrayDataset
@@ -53,7 +52,8 @@ from covidxr.evaluation.results import (
     record_json,
 )
 from covidxr.files import atomic_write_bytes, atomic_write_text
-from covidxr.preprocess import cache_size, train_transform
+from covidxr.preprocessing.transforms import cache_size, train_transform
+from covidxr.training import cache_command as prepare_cli
 from covidxr.utils import softmax
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from covidxr.bench.common import Measure, amp_context, bench_model, cached_images, peaks, real_subset, timed
 from covidxr.data.dataset import DeviceBatches, XrayDataset
-from covidxr.preprocess import cache_size, train_transform
+from covidxr.preprocessing.transforms import cache_size, train_transform
 from covidxr.training import engine
 
 WARMUP_STEPS = 3  # untimed: cuDNN autotuning, allocator growth, loader start-up

@@ -39,8 +39,8 @@ from covidxr.crossval.folds import (
 from covidxr.crossval.results import fold_result, write_heldout_logits, write_outputs, write_split
 from covidxr.errors import DatasetError
 from covidxr.html_page import format_value
-from covidxr.model_input import require_lung_model
-from covidxr.models import ARCHS
+from covidxr.model.input_pipeline import require_lung_model
+from covidxr.networks.architectures import ARCHS
 from covidxr.training.config import add_balance_args, add_input_args, image_size
 from covidxr.utils import OneLineParser, add_device_arg, add_out_arg, int_at_least, pick_device, run_cli, setup_logging
 

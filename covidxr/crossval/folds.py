@@ -22,15 +22,15 @@ import pandas as pd
 import torch
 from torch.utils.data import BatchSampler, SequentialSampler
 
-from covidxr.checkpoint import load_checkpoint, save_checkpoint
 from covidxr.data.loaders import LoaderSettings, RunData, cache_dir, input_pipeline, make_loaders, prepare_rows
 from covidxr.data.manifest import class_names, dataset_root, load_manifest, resolve_data_path, validate_for_training
 from covidxr.data.split import check_no_leakage, make_split
 from covidxr.errors import DatasetError
-from covidxr.input_settings import InputSettings, settings_from_dict
+from covidxr.model.checkpoint import load_checkpoint, save_checkpoint
+from covidxr.model.input_pipeline import InputPipeline
 from covidxr.model.trained import TrainedModel
-from covidxr.model_input import InputPipeline
-from covidxr.models import build_model
+from covidxr.networks.architectures import build_model
+from covidxr.preprocessing.settings import InputSettings, settings_from_dict
 from covidxr.training import distributed
 from covidxr.training import head_features as features
 from covidxr.training.config import TrainConfig
@@ -45,7 +45,8 @@ MODES = ("probe", "finetune")
 @dataclass(frozen=True)
 class CrossvalConfig:
     """Settings of one cross-validation (the command-line arguments); the lung crop and mask, equalisation and lung
-    model are its ``preprocessing`` (:class:`~covidxr.input_settings.InputSettings`), which every fold trains with."""
+    model are its ``preprocessing`` (:class:`~covidxr.preprocessing.settings.InputSettings`), which every fold trains
+    with."""
 
     data: str
     out: Path

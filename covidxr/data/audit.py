@@ -1,13 +1,14 @@
 """Dataset audit: what a dataset really contains before any model is trained on it.
 
-:func:`audit` reads every image once (through :func:`covidxr.io.load_xray`) and reports:
+:func:`audit` reads every image once (through :func:`covidxr.images.reader.load_xray`) and reports:
 
 * counts per class and per source (cross-table), per split when a split is given;
 * patients per class and images per patient (max, mean); images whose patient id is per-image (the dataset had
   none, so a patient may hide in two splits);
 * exact duplicates (identical file bytes, SHA-256) and near duplicates (256-bit dHash within 12 bits), see
   :mod:`covidxr.data.duplicates`;
-* images that look wrong for the task: colour images (:attr:`covidxr.io.Xray.color`), tiny images (shorter side
+* images that look wrong for the task: colour images (:attr:`covidxr.images.reader.Xray.color`), tiny images (shorter
+side
   below ``TINY_SIDE`` = 256 px), non-frontal views (from the ``view`` column or the DICOM ViewPosition) and
   DICOM modalities other than CR/DX;
 * class/source confounding (:func:`covidxr.data.confounding.confounding_warnings`);
@@ -46,7 +47,7 @@ from covidxr.data.mapping import is_frontal
 from covidxr.data.split import apply_split
 from covidxr.errors import DatasetError, ImageReadError
 from covidxr.files import file_digest
-from covidxr.io import MAX_PIXELS, Xray, load_xray
+from covidxr.images.reader import MAX_PIXELS, Xray, load_xray
 
 TINY_SIDE = 256
 """Images whose shorter side is below this many pixels are flagged as tiny."""

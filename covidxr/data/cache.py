@@ -1,5 +1,5 @@
 """Decode once: every source image is read by the shared reader, prepared by the run's input pipeline (lung crop, lung
-mask and equalisation when asked, then letterbox; ``covidxr.model_input``) and stored as uint8 .npy.
+mask and equalisation when asked, then letterbox; ``covidxr.model.input_pipeline``) and stored as uint8 .npy.
 
 Entries are keyed by the source file's absolute path, size and modification time, the cache side, the reader's
 version and the pipeline's variant (``InputPipeline.key``: the lung model's digest, margin, mask and equalisation), so a
@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from covidxr.errors import ImageReadError
-from covidxr.io import load_xray
-from covidxr.model_input import PLAIN, InputPipeline
+from covidxr.images.reader import load_xray
+from covidxr.model.input_pipeline import PLAIN, InputPipeline
 
 # Bump when load_xray or letterbox change what they produce: every cache entry is then decoded again.
 READER_VERSION = "1"

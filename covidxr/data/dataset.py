@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from covidxr.io import load_xray
-from covidxr.model_input import PLAIN, InputPipeline
-from covidxr.preprocess import augment_batch, eval_transform
-from covidxr.style_augment import StyleRanges
+from covidxr.images.reader import load_xray
+from covidxr.model.input_pipeline import PLAIN, InputPipeline
+from covidxr.preprocessing.style_augment import StyleRanges
+from covidxr.preprocessing.transforms import augment_batch, eval_transform
 
 
 class XrayDataset(Dataset):

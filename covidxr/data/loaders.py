@@ -4,7 +4,7 @@ Training and evaluation both load data through here; :class:`LoaderSettings` hol
 configuration (``covidxr.training.config.TrainConfig.loader_settings`` makes one, and
 :meth:`DataSettings.from_dict` reads one back from a stored config); the fields a run's configuration shares with
 it are declared once, in :class:`DataSettings`, whose ``preprocessing`` is the run's
-:class:`~covidxr.input_settings.InputSettings`. Under
+:class:`~covidxr.preprocessing.settings.InputSettings`. Under
 ``torchrun`` each rank loads its share: ``rank`` and ``world_size`` (a single process: 0 and 1).
 """
 
@@ -36,10 +36,10 @@ from covidxr.data.dataset import DeviceBatches, XrayDataset
 from covidxr.data.manifest import class_names, dataset_root, load_manifest, resolve_data_path, validate_for_training
 from covidxr.data.split import apply_split, check_no_leakage, make_split
 from covidxr.errors import DatasetError
-from covidxr.input_settings import InputSettings, flat_settings, settings_from_dict
-from covidxr.model_input import InputPipeline, read_lung_entry
-from covidxr.preprocess import cache_size, eval_transform, train_transform
-from covidxr.style_augment import style_ranges
+from covidxr.model.input_pipeline import InputPipeline, read_lung_entry
+from covidxr.preprocessing.settings import InputSettings, flat_settings, settings_from_dict
+from covidxr.preprocessing.style_augment import style_ranges
+from covidxr.preprocessing.transforms import cache_size, eval_transform, train_transform
 
 log = logging.getLogger("covidxr.data.loaders")
 Settings = TypeVar("Settings", bound="DataSettings")
@@ -284,7 +284,7 @@ def make_loaders(data: RunData, settings: LoaderSettings, device: torch.device, 
         augment: False gives the train split the evaluation transform and order (feature extraction).
 
     The train split's augmentation is ``settings.preprocessing.augment``'s (``style`` adds the scanner-style steps of
-    :mod:`covidxr.style_augment`, on the device as in loader processes). Every loader yields
+    :mod:`covidxr.preprocessing.style_augment`, on the device as in loader processes). Every loader yields
     ``(images, targets, indices)`` with indices into its split.
     """
     index = {c: i for i, c in enumerate(data.classes)}

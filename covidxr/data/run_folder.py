@@ -17,14 +17,14 @@ from typing import Any
 
 import pandas as pd
 
-from covidxr.checkpoint import load_checkpoint
 from covidxr.data.loaders import LoaderSettings
 from covidxr.data.manifest import resolve_data_path
 from covidxr.errors import DatasetError
 from covidxr.model.build import read_preprocess
+from covidxr.model.checkpoint import load_checkpoint
+from covidxr.model.input_pipeline import InputPipeline, pipeline_from_checkpoint
 from covidxr.model.trained import TrainedModel
-from covidxr.model_input import InputPipeline, pipeline_from_checkpoint
-from covidxr.preprocess import Preprocess
+from covidxr.preprocessing.transforms import Preprocess
 
 SPLIT_FILE = "split.csv"
 

@@ -25,8 +25,8 @@ from sklearn.preprocessing import StandardScaler
 
 from covidxr.data.cache import fill_cache
 from covidxr.data.confounding import source_column
+from covidxr.model.input_pipeline import PLAIN, InputPipeline
 from covidxr.model.trained import TrainedModel
-from covidxr.model_input import PLAIN, InputPipeline
 
 
 def _features(model: Any, paths: Sequence[str], img_size: int, cache_dir: Path | None, batch_size: int,

@@ -13,7 +13,8 @@ The run's own data (default: the data it was trained on, split as recorded in ``
 or in the checkpoint) is evaluated on its ``test`` split by default. The validation split is predicted as well: a
 temperature is fitted on it (temperature scaling) and the decision thresholds of the operating points are chosen
 on it. They go, with a compact summary, into the checkpoint's calibration sidecar ``best.calibration.json``
-(:mod:`covidxr.calibration_file`), pinned to the checkpoint's SHA-256: evaluating never changes the model file, and
+(:mod:`covidxr.model.calibration_file`), pinned to the checkpoint's SHA-256: evaluating never changes the model file,
+and
 the report names the file by the same hash as the app.
 
 A dataset whose images are not the run's split is *external*: all its images are evaluated (``--split all``), the

@@ -19,8 +19,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from covidxr.errors import ImageReadError
+from covidxr.images.reader import Xray, load_xray
 from covidxr.inference.predictor import Predictor
-from covidxr.io import Xray, load_xray
 from covidxr.lungs import LungModel
 from covidxr.model.gate import GateVerdict
 

@@ -19,8 +19,8 @@ from covidxr.evaluation.film_pass import Film, FilmPass
 from covidxr.evaluation.lung_share import lung_model_for
 from covidxr.explain.display import overlay
 from covidxr.files import atomic_write_bytes
+from covidxr.images.reader import load_xray
 from covidxr.inference.predictor import Predictor
-from covidxr.io import load_xray
 from covidxr.lungs import LungModel
 
 log = logging.getLogger("covidxr.evaluate")

@@ -28,10 +28,10 @@ from covidxr.errors import ImageReadError
 from covidxr.evaluation.film_pass import FilmPass
 from covidxr.files import file_digest
 from covidxr.html_page import paragraph_html, table_html
+from covidxr.images.reader import Xray, load_xray
 from covidxr.inference.__main__ import find_images
 from covidxr.inference.gate_kinds import write_made_images
 from covidxr.inference.predictor import Predictor
-from covidxr.io import Xray, load_xray
 from covidxr.model.gate import GateVerdict
 
 TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {

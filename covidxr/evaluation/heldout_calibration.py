@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from covidxr.data.loaders import DataSettings
-from covidxr.input_settings import InputRecord
+from covidxr.preprocessing.settings import InputRecord
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class HeldOutLogits:
 
 def _recipe(settings: dict[str, Any]) -> dict[str, Any]:
     """What must match between the folds and the checkpoint: architecture, input size, balance and the recorded input
-    pipeline (with its defaults and the lung-mask rule of :class:`~covidxr.input_settings.InputRecord`)."""
+    pipeline (with its defaults and the lung-mask rule of :class:`~covidxr.preprocessing.settings.InputRecord`)."""
     return {"arch": settings.get("arch"), "img_size": settings.get("img_size"),
             "balance": settings.get("balance", DataSettings.balance), **InputRecord.from_dict(settings).input_record()}
 

@@ -51,7 +51,7 @@ class EvalOptions:
     gallery: int = 4  # most confident errors shown per true class and evaluated set (0: no failure gallery)
     prevalence: float | None = None  # prevalence the decision curves assume (None: each set's own)
     pdf: bool = False  # also print report.html to report.pdf with headless Chromium
-    tta: bool = False  # average the probabilities over the views of covidxr.tta (measurement only: no sidecar)
+    tta: bool = False  # average the probabilities over the views of covidxr.networks.tta (measurement only: no sidecar)
     site: Path | None = None  # a site profile (python -m covidxr.adapt): evaluate the model adapted to that site
 
 

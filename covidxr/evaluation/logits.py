@@ -26,7 +26,7 @@ class SplitOutputs:
 def predict_splits(model: TrainedModel, data: EvalData, tta: bool = False) -> SplitOutputs:
     """Predict logits for the validation and evaluated rows with the run's loaders (``data.run.table.split`` is
     each row's loader role); the validation rows' are None when there are none. With ``tta`` the logits are the
-    log mean probabilities over :data:`covidxr.tta.VIEWS`. The model runs as the predictor runs it
+    log mean probabilities over :data:`covidxr.networks.tta.VIEWS`. The model runs as the predictor runs it
     (:meth:`covidxr.model.trained.TrainedModel.run_loader`: float32 on every device), so the report's probabilities are
     the app's."""
     table = data.run.table

@@ -17,8 +17,8 @@ import pandas as pd
 
 from covidxr.errors import CheckpointError, ImageReadError, one_line
 from covidxr.evaluation.film_pass import FilmPass
+from covidxr.images.reader import load_xray
 from covidxr.inference.predictor import Predictor
-from covidxr.io import load_xray
 from covidxr.lungs import LungModel, load_lung_model
 
 log = logging.getLogger("covidxr.evaluate")

@@ -25,7 +25,7 @@ from covidxr.evaluation.logits import SplitOutputs
 from covidxr.evaluation.metrics import HEADLINE
 from covidxr.files import atomic_write_bytes, file_digest, text_digest
 from covidxr.model.trained import TrainedModel
-from covidxr.tta import VIEWS
+from covidxr.networks.tta import VIEWS
 from covidxr.utils import library_versions
 
 log = logging.getLogger("covidxr.evaluate")

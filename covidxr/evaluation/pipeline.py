@@ -16,7 +16,6 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from covidxr.calibration_file import write_calibration
 from covidxr.data.manifest import resolve_data_path
 from covidxr.data.run_folder import RunFolder
 from covidxr.errors import CovidxrError, DatasetError
@@ -54,8 +53,9 @@ from covidxr.evaluation.report_sections import build_report
 from covidxr.files import atomic_write_bytes, atomic_write_text
 from covidxr.inference.predictor import Predictor
 from covidxr.lungs import LungModel
+from covidxr.model.calibration_file import write_calibration
 from covidxr.model.trained import TrainedModel
-from covidxr.tta import VIEWS
+from covidxr.networks.tta import VIEWS
 
 
 class _Stages:
@@ -83,7 +83,8 @@ def assemble(model: TrainedModel, predictor: Predictor, data: EvalData, pred: Sp
     if result["ci"] is None:
         warnings.append("--bootstrap 0: no confidence intervals")
     if opts.tta:
-        warnings.append(f"--tta: every probability is the mean over {len(VIEWS)} views of the film (covidxr.tta); the "
+        warnings.append(f"--tta: every probability is the mean over {len(VIEWS)} views of the film "
+                        "(covidxr.networks.tta); the "
                         "app and predict show single-view probabilities, so these numbers are not theirs")
     card = model_card(model, data, pred.table, split_table, result["metrics"], result["ci"])
     card["model"]["calibration"] = result["calibration"]["how"]  # the model card says which calibration was used

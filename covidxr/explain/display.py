@@ -7,7 +7,8 @@ The overlay leaves low CAM values transparent: each pixel's opacity grows with i
 that mattered. :func:`colour_stops` gives the same scale for a legend drawn elsewhere (the app's HTML colour bar).
 
 CAMs (:mod:`covidxr.model.cam`) are computed on the letterboxed network input and mapped back onto the original
-``(H, W)`` image with :func:`covidxr.preprocess.unletterbox` (the padding is cropped away, then bilinear resizing).
+``(H, W)`` image with :func:`covidxr.preprocessing.transforms.unletterbox` (the padding is cropped away, then bilinear
+resizing).
 Values stay on pytorch-grad-cam's scale (min-max over the whole network input, so the maximum inside the image can
 be below 1). A heatmap that is not finite or constant over the image gives no heatmap and a note
 ``"no explanation available (...)"``; it is never drawn as a uniformly hot picture.

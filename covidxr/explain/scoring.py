@@ -45,7 +45,7 @@ from covidxr.data.split import apply_split
 from covidxr.errors import CheckpointError, DatasetError, ImageReadError
 from covidxr.files import atomic_write_text
 from covidxr.html_page import Section, paragraph_html, render_html, table_html
-from covidxr.io import load_xray
+from covidxr.images.reader import load_xray
 from covidxr.lungs import LungModel, load_lung_model
 from covidxr.model.cam import compute_cam, preserved_state
 from covidxr.model.trained import TrainedModel

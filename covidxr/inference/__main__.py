@@ -46,14 +46,14 @@ import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
 
-from covidxr.dicom import is_dicom
 from covidxr.errors import CovidxrError, ImageReadError
 from covidxr.explain.display import captioned, overlay
 from covidxr.files import atomic_write_bytes, atomic_write_text
+from covidxr.images.dicom import is_dicom
+from covidxr.images.reader import Xray, load_xray
 from covidxr.inference.decision import Decision, decide_prediction
 from covidxr.inference.dicom_out import caption_lines, dicom_bytes, read_header, results_as_dicom
 from covidxr.inference.predictor import BACKENDS, Prediction, Predictor
-from covidxr.io import Xray, load_xray
 from covidxr.model.cam import CAM_METHODS, resolve_layers
 from covidxr.utils import (
     EXIT_DONE,

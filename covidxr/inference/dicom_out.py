@@ -39,8 +39,8 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import STR_VR, validate_value
 
 import covidxr
-from covidxr.dicom import is_dicom
 from covidxr.errors import CovidxrError
+from covidxr.images.dicom import is_dicom
 from covidxr.inference.decision import Decision, decide_prediction, probability
 from covidxr.inference.dicom_sr import RESEARCH_ONLY, ReportFacts, structured_report
 

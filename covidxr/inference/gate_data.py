@@ -23,7 +23,8 @@ log = logging.getLogger("covidxr.gate")
 
 @dataclass
 class GateImages:
-    """Letterboxed uint8 ``(S', S')`` squares (at :func:`covidxr.preprocess.cache_size`) the gate is fitted on.
+    """Letterboxed uint8 ``(S', S')`` squares (at :func:`covidxr.preprocessing.transforms.cache_size`) the gate is
+    fitted on.
 
     Attributes:
         train: the training split's films.

@@ -20,7 +20,8 @@ Laterals and CT slices come from ``--laterals FOLDER`` and ``--ct FOLDER`` (defa
 or its parent groups them by patient. Without them the view check does not learn that kind (the DICOM header check
 still refuses lateral and CT DICOMs).
 
-The films go through the run's input path (``covidxr.model_input``); for a run that crops to the lungs the rotated
+The films go through the run's input path (``covidxr.model.input_pipeline``); for a run that crops to the lungs the
+rotated
 and inverted copies are made of the cropped squares, which approximates the crop of a rotated or inverted upload.
 The gate is written beside the checkpoint, ``best.pt`` -> ``best.gate.pt``, pinned to its SHA-256
 (:mod:`covidxr.model.sidecars`); the checkpoint itself is not changed, so a calibration fitted before stays valid.
@@ -52,8 +53,8 @@ from covidxr.inference.gate_data import GateImages, default_kind_folder, gate_im
 from covidxr.model.gate import FRONTAL, InputGate, OodModel, ViewModel
 from covidxr.model.sidecars import gate_path, write_gate
 from covidxr.model.trained import TrainedModel
-from covidxr.models import XrayClassifier
-from covidxr.preprocess import eval_transform
+from covidxr.networks.architectures import XrayClassifier
+from covidxr.preprocessing.transforms import eval_transform
 from covidxr.utils import (
     OneLineParser,
     add_checkpoint_arg,

@@ -1,4 +1,5 @@
-"""ONNX export of an :class:`~covidxr.models.XrayClassifier` and prediction with ONNX Runtime on the CPU.
+"""ONNX export of an :class:`~covidxr.networks.architectures.XrayClassifier` and prediction with ONNX Runtime on the
+CPU.
 
 The exported graph has one input ``image``, ``(B, 1, S, S)`` float32 in ``[0, 1]`` with a dynamic batch size, and one
 output ``logits``, ``(B, C)`` (no softmax); the grey-to-RGB repeat and the normalisation are inside, as in the torch

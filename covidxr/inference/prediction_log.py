@@ -19,7 +19,7 @@ short ``"event": "explanation"`` record (:func:`explanation_record`: time, sessi
 method and class) and never another ``"prediction"`` record.
 
 Privacy: the record holds **no** file name (names often contain patient names), no patient name, ID, birth date or
-any other DICOM field than :data:`covidxr.dicom.DICOM_HEADER_FIELDS` (filtered here again, whatever the caller
+any other DICOM field than :data:`covidxr.images.dicom.DICOM_HEADER_FIELDS` (filtered here again, whatever the caller
 passes). The
 image is identified only by the SHA-256 of its decoded pixels (``Xray.pixels``: float32, C order), which lets an
 auditor check which image a prediction was made on without storing the image. ``session_id`` is random per browser
@@ -48,8 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from covidxr.dicom import DICOM_HEADER_FIELDS
 from covidxr.errors import CovidxrError
+from covidxr.images.dicom import DICOM_HEADER_FIELDS
 
 __all__ = [
     "ENV_VAR",
@@ -121,7 +121,7 @@ def _plain(value: Any) -> Any:
 
 
 def safe_header(header: Mapping[str, Any] | None) -> dict[str, str]:
-    """Keep only the non-identifying DICOM fields (:data:`~covidxr.dicom.DICOM_HEADER_FIELDS`) of ``header``.
+    """Keep only the non-identifying DICOM fields (:data:`~covidxr.images.dicom.DICOM_HEADER_FIELDS`) of ``header``.
 
     Args:
         header: e.g. ``Xray.header``.
@@ -161,7 +161,7 @@ def prediction_record(
         image_sha256: from :func:`pixel_sha256`.
         image_shape: ``(H, W)`` of the decoded image.
         image_format: ``Xray.format``.
-        header: ``Xray.header``; filtered to :data:`~covidxr.dicom.DICOM_HEADER_FIELDS`.
+        header: ``Xray.header``; filtered to :data:`~covidxr.images.dicom.DICOM_HEADER_FIELDS`.
         arch: model architecture.
         checkpoint_sha256: SHA-256 of the checkpoint file.
         classes: class names in model order.

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from covidxr.images.reader import Xray
 from covidxr.inference.decision import OperatingPoint, operating_point
 from covidxr.inference.onnx_backend import (
     OnnxRunner,
@@ -49,7 +50,6 @@ from covidxr.inference.onnx_backend import (
     write_onnx,
 )
 from covidxr.inference.prediction import Prediction
-from covidxr.io import Xray
 from covidxr.lungs import LungModel
 from covidxr.model.cam import CAM_METHODS
 from covidxr.model.trained import TrainedModel
@@ -86,7 +86,8 @@ def _data_summary(record: Mapping[str, Any]) -> dict:
 
 
 def _as_pixels(image: np.ndarray | Xray) -> np.ndarray:
-    """Return the ``(H, W)`` image of an :class:`~covidxr.io.Xray` or of an array (float in ``[0, 1]``, or uint8
+    """Return the ``(H, W)`` image of an :class:`~covidxr.images.reader.Xray` or of an array (float in ``[0, 1]``, or
+    uint8
     read as value/255), checked.
 
     Raises:
@@ -95,7 +96,7 @@ def _as_pixels(image: np.ndarray | Xray) -> np.ndarray:
     pixels = image.pixels if isinstance(image, Xray) else np.asarray(image)
     if pixels.ndim != 2 or min(pixels.shape) < 1:
         raise ValueError(f"expected an (H, W) grey image, got shape {pixels.shape}; read files with "
-                         "covidxr.io.load_xray")
+                         "covidxr.images.reader.load_xray")
     if pixels.dtype != np.uint8:
         if not np.issubdtype(pixels.dtype, np.number):
             raise ValueError(f"image must be numeric, got dtype {pixels.dtype}")
@@ -231,7 +232,7 @@ class Predictor:
         """Predict one image and, unless ``cam`` is None, explain it, with a single forward pass.
 
         Args:
-            image: an :class:`~covidxr.io.Xray` or an ``(H, W)`` array (float in ``[0, 1]``, or uint8).
+            image: an :class:`~covidxr.images.reader.Xray` or an ``(H, W)`` array (float in ``[0, 1]``, or uint8).
             cam: a method of :data:`covidxr.model.cam.CAM_METHODS`, or None (or ``"none"``) for no heatmap.
             cam_class: class to explain (name or index); None explains the predicted class. Ignored without ``cam``.
             name: the name in the result (default: the Xray's name).

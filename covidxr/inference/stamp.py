@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from covidxr.calibration_file import calibration_path
+from covidxr.model.calibration_file import calibration_path
 
 
 def model_stamp(checkpoint: str | os.PathLike) -> tuple[int, int]:

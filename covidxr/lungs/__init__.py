@@ -2,7 +2,7 @@
 
 Public API (everything else in this package is internal)::
 
-    from covidxr.io import load_xray
+    from covidxr.images.reader import load_xray
     from covidxr.lungs import load_lung_model, lung_box, crop_to_lungs, cam_share_in_lungs
 
     image = load_xray("film.png").pixels          # (H, W) float32 in [0, 1]

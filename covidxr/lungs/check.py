@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from covidxr.errors import DatasetError
 from covidxr.files import atomic_write_bytes, atomic_write_text
-from covidxr.io import load_xray
+from covidxr.images.reader import load_xray
 from covidxr.lungs.geometry import LungBox, lung_box
 from covidxr.lungs.model import LungModel, load_lung_model
 

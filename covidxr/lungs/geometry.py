@@ -107,7 +107,7 @@ def crop_to_lungs(image: np.ndarray, model_or_mask: MasksImages | np.ndarray,
     """Return ``image`` cropped to its lungs (see :func:`lung_box`) and the box used.
 
     Args:
-        image: (H, W) image (e.g. ``covidxr.io.load_xray(...).pixels``).
+        image: (H, W) image (e.g. ``covidxr.images.reader.load_xray(...).pixels``).
         model_or_mask: a :class:`covidxr.lungs.LungModel` (the mask is predicted) or an (H, W) mask of the image.
         margin: see :func:`lung_box`.
 
@@ -146,7 +146,8 @@ def cam_share_in_lungs(cam: np.ndarray, mask: np.ndarray) -> float:
 
     Args:
         cam: (h, w) non-negative saliency map of the same field of view as the mask (for a map computed on a
-            letterboxed input, undo the letterbox first: ``covidxr.preprocess.unletterbox``). Resized bilinearly
+            letterboxed input, undo the letterbox first: ``covidxr.preprocessing.transforms.unletterbox``). Resized
+            bilinearly
             to the mask's size when the sizes differ.
         mask: (H, W) boolean lung mask.
 

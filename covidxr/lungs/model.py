@@ -18,7 +18,7 @@ from torch import nn
 from covidxr.errors import CheckpointError, one_line
 from covidxr.files import atomic_write_bytes
 from covidxr.lungs.net import build_net
-from covidxr.preprocess import letterbox, unletterbox
+from covidxr.preprocessing.transforms import letterbox, unletterbox
 
 FORMAT = "covidxr-lung-seg"
 FORMAT_VERSION = 1
@@ -93,7 +93,8 @@ def read_lung_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 class LungModel:
     """A trained lung segmentation network with its preprocessing; masks images of any size.
 
-    The image is letterboxed to ``img_size`` (as ``covidxr.preprocess.letterbox``), segmented, and the lung
+    The image is letterboxed to ``img_size`` (as ``covidxr.preprocessing.transforms.letterbox``), segmented, and the
+    lung
     probability is mapped back onto the image's own (H, W) before thresholding. The model always runs in eval mode
     on the CPU unless moved with :meth:`to`.
     """
@@ -132,7 +133,8 @@ class LungModel:
         """Return the lung probability of each image, float32 (H, W) in [0, 1] at the image's own size.
 
         Args:
-            images: (H, W) float images in [0, 1] (as ``covidxr.io.load_xray(...).pixels``), sizes may differ;
+            images: (H, W) float images in [0, 1] (as ``covidxr.images.reader.load_xray(...).pixels``), sizes may
+            differ;
                 uint8 images are read as value / 255.
             shapes: per image, the (height, width) to return the probability at instead of the image's own (the
                 same aspect ratio, e.g. its display size), or None for the image's own. The network's input is the

@@ -1,6 +1,7 @@
 """Segmentation networks for the lung model: a compact U-Net in plain torch, and a U-Net on EfficientNet-Lite0.
 
-Both take (B, 1, S, S) grey images in [0, 1] (letterboxed, see :func:`covidxr.preprocess.letterbox`) and return
+Both take (B, 1, S, S) grey images in [0, 1] (letterboxed, see :func:`covidxr.preprocessing.transforms.letterbox`) and
+return
 (B, 1, S, S) lung logits. Each normalises its input inside ``forward``, so the checkpoint's ``arch`` record plus the
 state dict rebuild the whole model: nothing about the input lives outside the checkpoint.
 """
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covidxr.models import LITE0, WeightsError, build_model
+from covidxr.networks.architectures import LITE0, WeightsError, build_model
 
 UNET = "unet"
 LITE0_UNET = "lite0-unet"
@@ -100,7 +101,8 @@ class Lite0UNet(nn.Module):
 
 
 def lite0_encoder_weights(encoder: nn.Module) -> dict[str, torch.Tensor]:
-    """The ImageNet Lite0 weights (from the offline package, via :func:`covidxr.models.build_model`) for the
+    """The ImageNet Lite0 weights (from the offline package, via :func:`covidxr.networks.architectures.build_model`)
+    for the
     feature-extractor ``encoder``; the classifier's head convolution and its norm are dropped."""
     backbone = build_model(LITE0, 2, "imagenet").backbone.state_dict()
     wanted = encoder.state_dict()

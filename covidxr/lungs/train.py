@@ -1,6 +1,7 @@
 """Training the lung model: data, a seeded split that holds masks out, augmentation, the loop, and Dice.
 
-Films and masks are decoded once (``covidxr.io.load_xray`` for the films), letterboxed to the network size and kept
+Films and masks are decoded once (``covidxr.images.reader.load_xray`` for the films), letterboxed to the network size
+and kept
 in memory: 175 films at 128 px are about 11 MB, so an epoch is only the network's work.
 """
 
@@ -25,10 +26,10 @@ from tqdm.auto import tqdm
 
 from covidxr.errors import DatasetError
 from covidxr.files import atomic_write_text
-from covidxr.io import load_xray
+from covidxr.images.reader import load_xray
 from covidxr.lungs.model import LungModel, default_lung_model_path, metrics_path, save_lung_checkpoint
 from covidxr.lungs.net import ARCHS, LITE0_UNET, UNET, build_net
-from covidxr.preprocess import letterbox
+from covidxr.preprocessing.transforms import letterbox
 from covidxr.utils import library_versions
 
 log = logging.getLogger(__name__)
@@ -296,7 +297,8 @@ def run(cfg: LungTrainConfig, limit: int | None = None) -> dict[str, Any]:
     best = max(history, key=lambda row: row["val_dice"])
     train_seconds = time.perf_counter() - started
     ckpt = {"arch": cfg.arch_record, "img_size": cfg.img_size, "threshold": 0.5, "model": net.state_dict(),
-            "preprocess": {"reader": "covidxr.io.load_xray", "geometry": "letterbox", "img_size": cfg.img_size,
+            "preprocess": {"reader": "covidxr.images.reader.load_xray", "geometry": "letterbox",
+                           "img_size": cfg.img_size,
                            "input": "grey float in [0, 1]", "normalisation": "inside the network"}}
     model = LungModel.from_checkpoint(ckpt, "trained model")
     held = held_out_dice(model, data.subset(split["held_out"]))

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from covidxr.ensemble_model import ENSEMBLE, EnsembleClassifier
 from covidxr.errors import CheckpointError, one_line
-from covidxr.models import Classifier, WeightsError, build_model
-from covidxr.preprocess import Preprocess
+from covidxr.networks.architectures import Classifier, WeightsError, build_model
+from covidxr.networks.ensemble import ENSEMBLE, EnsembleClassifier
+from covidxr.preprocessing.transforms import Preprocess
 
 
 def read_preprocess(ckpt: dict, source: str = "checkpoint") -> Preprocess:

@@ -2,7 +2,7 @@
 they came from as an :class:`Origin` (an enum, not prose).
 
 A :class:`Calibration` is read once, by :meth:`covidxr.model.trained.TrainedModel.load`, from the checkpoint's
-sidecar (:mod:`covidxr.calibration_file`), and made by the evaluation when it fits a new one
+sidecar (:mod:`covidxr.model.calibration_file`), and made by the evaluation when it fits a new one
 (:meth:`Calibration.fitted`, :meth:`Calibration.with_thresholds`). The English sentence that says how a temperature
 was fitted (``how``) is kept for the report and metrics.json; code decides on :attr:`Calibration.origin` only.
 Sidecars written before the origin was recorded are read by :func:`origin_of` (the only place that reads the prose).
@@ -93,7 +93,7 @@ class Calibration:
 
     @classmethod
     def from_sidecar(cls, record: Mapping[str, Any], source: str = "calibration") -> Calibration:
-        """The calibration in a sidecar record (:func:`covidxr.calibration_file.read_calibration`)."""
+        """The calibration in a sidecar record (:func:`covidxr.model.calibration_file.read_calibration`)."""
         how = str(record.get("temperature_how") or "")
         stored = record.get("temperature_origin")
         origin = Origin(stored) if stored in {o.value for o in Origin} else origin_of(how)

@@ -41,8 +41,8 @@ from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from covidxr.models import target_layers
-from covidxr.preprocess import unletterbox
+from covidxr.networks.architectures import target_layers
+from covidxr.preprocessing.transforms import unletterbox
 
 CAM_METHODS: tuple[str, ...] = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam")
 """Method names accepted everywhere (``--cam``, ``Predictor.predict(cam=...)``)."""
@@ -97,7 +97,8 @@ def resolve_layers(model: nn.Module, layer: str | nn.Module | None = None) -> li
     last convolutional stage; for a seed ensemble, every member's, whose maps pytorch-grad-cam averages).
 
     Args:
-        model: the classifier (an :class:`~covidxr.models.XrayClassifier` or an ensemble of them when ``layer`` is
+        model: the classifier (an :class:`~covidxr.networks.architectures.XrayClassifier` or an ensemble of them when
+        ``layer`` is
             None).
         layer: None for the default, a dotted module name such as ``"backbone.layer3"``, or a module of ``model``.
 

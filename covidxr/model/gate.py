@@ -3,7 +3,7 @@
 Checks, in order; each failed check gives a reason in plain words, and any reason refuses the image ("not assessed:
 REASON"). The first reason is the most likely one (:attr:`GateVerdict.reason`, what the page shows):
 
-1. File checks (no model, :mod:`covidxr.model.gate_files`): a colour image (:attr:`~covidxr.io.Xray.color`: a
+1. File checks (no model, :mod:`covidxr.model.gate_files`): a colour image (:attr:`~covidxr.images.reader.Xray.color`: a
    photograph, a tinted picture), an image under 128 pixels a side, and for DICOM the header's modality (not plain
    radiography), body part (not the chest) and view position (lateral or oblique).
 2. View (learned by :mod:`covidxr.inference.gate_fit`): a multinomial logistic regression on the classifier's own
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from covidxr.errors import CheckpointError
-from covidxr.io import Xray
+from covidxr.images.reader import Xray
 from covidxr.model.gate_files import file_checks
 from covidxr.utils import softmax
 

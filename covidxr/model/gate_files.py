@@ -6,7 +6,7 @@ go into the audit log).
 
 from __future__ import annotations
 
-from covidxr.io import Xray
+from covidxr.images.reader import Xray
 
 TINY_SIDE = 128  # refused below this: the network input is upscaled from a thumbnail
 SMALL_SIDE = 256  # a warning below this: fine detail is missing

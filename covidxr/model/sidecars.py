@@ -1,7 +1,8 @@
 """Everything fitted to a model after training lives beside its checkpoint, in sidecars pinned to the checkpoint's
 SHA-256; the checkpoint itself is never rewritten once training has saved it.
 
-* ``best.calibration.json`` (:mod:`covidxr.calibration_file`): the temperature, the thresholds and a summary of the
+* ``best.calibration.json`` (:mod:`covidxr.model.calibration_file`): the temperature, the thresholds and a summary of
+the
   evaluation that fitted them.
 * ``best.gate.pt`` (this module): the input gate (:mod:`covidxr.model.gate`), written by ``python -m covidxr.gate
   fit`` and at the end of training. Before issue #28 the gate was written *into* ``best.pt``, which changed its hash

@@ -33,22 +33,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from covidxr.batches import EpochOutput, collect, progress_bar
-from covidxr.calibration_file import read_calibration
-from covidxr.checkpoint import load_checkpoint
 from covidxr.files import file_digest
-from covidxr.io import Xray
+from covidxr.images.reader import Xray
 from covidxr.lungs import LungModel, cam_share_in_lungs
 from covidxr.model.build import architecture_name, model_from_checkpoint, read_preprocess
 from covidxr.model.calibration import Calibration, Origin
+from covidxr.model.calibration_file import read_calibration
 from covidxr.model.cam import compute_cam, heatmap_on_image
+from covidxr.model.checkpoint import load_checkpoint
 from covidxr.model.gate import GateVerdict, InputGate, weights_sha256
+from covidxr.model.input_pipeline import InputPipeline, Prepared, pipeline_from_checkpoint
 from covidxr.model.sidecars import read_gate
 from covidxr.model.site_profile import SiteProfile, apply_profile, read_profile
-from covidxr.model_input import InputPipeline, Prepared, pipeline_from_checkpoint
-from covidxr.models import Classifier
-from covidxr.preprocess import Preprocess
-from covidxr.tta import TTAClassifier
+from covidxr.networks.architectures import Classifier
+from covidxr.networks.batches import EpochOutput, collect, progress_bar
+from covidxr.networks.tta import TTAClassifier
+from covidxr.preprocessing.transforms import Preprocess
 from covidxr.utils import pick_device
 
 # Entries of the checkpoint that are not part of the record a TrainedModel exposes: the weights and what is read into
@@ -187,7 +187,8 @@ class TrainedModel:
             cam: a Grad-CAM method (:data:`covidxr.model.cam.CAM_METHODS`), or None for no heat maps.
             cam_targets: the class to explain per film (None: each film's predicted class).
             cam_layer: dotted name of the layer to explain (default: the architecture's).
-            tta: logits are the log mean probabilities over the views of :data:`covidxr.tta.VIEWS` (a measurement of
+            tta: logits are the log mean probabilities over the views of :data:`covidxr.networks.tta.VIEWS` (a
+            measurement of
                 ``evaluate --tta``; not with ``cam`` or ``features``).
 
         Raises:

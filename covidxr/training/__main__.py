@@ -23,8 +23,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from covidxr.checkpoint import load_checkpoint
-from covidxr.model_input import require_lung_model
+from covidxr.model.checkpoint import load_checkpoint
+from covidxr.model.input_pipeline import require_lung_model
 from covidxr.training import distributed
 from covidxr.training.config import config_from_args, get_args_parser
 from covidxr.training.trainer import run

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from covidxr.errors import DatasetError
-from covidxr.models import XrayClassifier
+from covidxr.networks.architectures import XrayClassifier
 
 HIDDEN = 256
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from covidxr.data.loaders import DataSettings, LoaderSettings
-from covidxr.input_settings import EQUALIZE, LUNG_MARGIN, LUNG_MASK_DILATION
-from covidxr.models import ARCHS
-from covidxr.style_augment import AUGMENT_MODES
+from covidxr.networks.architectures import ARCHS
+from covidxr.preprocessing.settings import EQUALIZE, LUNG_MARGIN, LUNG_MASK_DILATION
+from covidxr.preprocessing.style_augment import AUGMENT_MODES
 from covidxr.training.contrast import LOSSES
 from covidxr.utils import OneLineParser, add_device_arg, int_at_least
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from covidxr.batches import EpochOutput
+from covidxr.networks.batches import EpochOutput
 
 # Rank 0 decodes the whole dataset into the cache while the others wait at a barrier: allow for that.
 DEFAULT_TIMEOUT_MIN = 120

@@ -1,5 +1,5 @@
 """The training loop, its summary metrics and learning-rate schedule: no argument parsing, no printing beyond
-progress bars (the inference pass is :func:`covidxr.batches.predict_loader`)."""
+progress bars (the inference pass is :func:`covidxr.networks.batches.predict_loader`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from torch import nn
 
-from covidxr.batches import EpochOutput, collect, progress_bar
+from covidxr.networks.batches import EpochOutput, collect, progress_bar
 from covidxr.utils import softmax
 
 # On an accelerator the running loss in the progress bar is refreshed every this many steps (each read waits).

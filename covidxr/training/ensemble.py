@@ -7,7 +7,7 @@
     python -m covidxr.ensemble runs/s0 runs/s1 --out runs/ens
     python -m covidxr.evaluate --checkpoint runs/ens/best.pt
 
-The ensemble (:class:`~covidxr.ensemble_model.EnsembleClassifier`) averages the members' calibrated probabilities:
+The ensemble (:class:`~covidxr.networks.ensemble.EnsembleClassifier`) averages the members' calibrated probabilities:
 each member's logits are divided by its own temperature (from its calibration sidecar when that belongs to its
 checkpoint, else the checkpoint's, else 1). The members must agree on everything but their weights: architecture,
 classes, preprocessing and input pipeline (lung crop and mask, equalisation, the lung model) and the patient split,
@@ -27,15 +27,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from covidxr.checkpoint import save_checkpoint
 from covidxr.data.run_folder import SPLIT_FILE, RunFolder
-from covidxr.ensemble_model import ENSEMBLE, EnsembleClassifier
 from covidxr.errors import CheckpointError
 from covidxr.files import atomic_write_text
 from covidxr.inference.gate_fit import fit_checkpoint
 from covidxr.model.calibration import Origin
+from covidxr.model.checkpoint import save_checkpoint
 from covidxr.model.gate import weights_sha256
 from covidxr.model.trained import TrainedModel
+from covidxr.networks.ensemble import ENSEMBLE, EnsembleClassifier
 from covidxr.utils import OneLineParser, add_device_arg, add_out_arg, library_versions, run_cli, setup_logging
 
 log = logging.getLogger("covidxr.ensemble")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from covidxr.batches import EpochOutput, collect, progress_bar
+from covidxr.networks.batches import EpochOutput, collect, progress_bar
 
 
 @dataclass

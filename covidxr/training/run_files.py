@@ -13,7 +13,7 @@ import torch
 from covidxr.data.loaders import RunData
 from covidxr.data.split import save_split
 from covidxr.files import atomic_write_text
-from covidxr.models import XrayClassifier, preprocess_for
+from covidxr.networks.architectures import XrayClassifier, preprocess_for
 from covidxr.training.config import TrainConfig
 from covidxr.training.distributed import DistInfo
 from covidxr.utils import library_versions

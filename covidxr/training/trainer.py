@@ -20,8 +20,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, SequentialSampler
 from tqdm.auto import tqdm
 
-from covidxr.batches import EpochOutput, predict_loader
-from covidxr.checkpoint import load_checkpoint, save_checkpoint
 from covidxr.data.loaders import (
     RANK_SEED_STRIDE,
     LoaderSettings,
@@ -38,7 +36,9 @@ from covidxr.errors import CovidxrError, DatasetError, one_line
 from covidxr.files import remove_stale_temporaries
 from covidxr.inference.gate_fit import fit_checkpoint
 from covidxr.model.build import model_from_checkpoint
-from covidxr.models import XrayClassifier, build_model
+from covidxr.model.checkpoint import load_checkpoint, save_checkpoint
+from covidxr.networks.architectures import XrayClassifier, build_model
+from covidxr.networks.batches import EpochOutput, predict_loader
 from covidxr.training import distributed, engine
 from covidxr.training import head_features as features
 from covidxr.training.adversary import AdversarialNetwork, build_adversarial

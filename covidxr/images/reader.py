@@ -8,8 +8,8 @@ Conventions (decided once, here):
 
 * Colour input (RGB, CMYK, YCbCr, palette, colour DICOM) is converted to luminance with the ITU-R 601-2 weights
   that PIL's own ``convert("L")`` uses (0.299 R + 0.587 G + 0.114 B), computed in floating point.
-  :attr:`Xray.color` is True when at least :data:`~covidxr.pixels.COLOR_MIN_FRACTION` of the pixels have channels
-  that differ by more than :data:`~covidxr.pixels.COLOR_MIN_SPREAD` of the full range. A colour-tinted scan
+  :attr:`Xray.color` is True when at least :data:`~covidxr.images.pixels.COLOR_MIN_FRACTION` of the pixels have channels
+  that differ by more than :data:`~covidxr.images.pixels.COLOR_MIN_SPREAD` of the full range. A colour-tinted scan
   therefore counts as colour, JPEG chroma noise and a small coloured arrow or logo do not.
 * Alpha (RGBA, LA, PA, transparent palettes) is composited onto **black**: a fully transparent pixel reads 0.
 * 8-bit samples are divided by 255 and 16-bit samples (PIL modes ``I;16*``) by 65535, so stored values are preserved.
@@ -18,7 +18,7 @@ Conventions (decided once, here):
   scaled. A constant image is therefore returned as its constant (min-max scaling of a constant gives zeros).
 * Multi-frame files (animated GIF/WebP, multi-page TIFF): only the first frame is read. Multi-frame DICOM is refused.
 * EXIF orientation is applied (:func:`PIL.ImageOps.exif_transpose`).
-* DICOM is decoded by :mod:`covidxr.dicom` (windowing, MONOCHROME1, colour DICOM, the header fields kept).
+* DICOM is decoded by :mod:`covidxr.images.dicom` (windowing, MONOCHROME1, colour DICOM, the header fields kept).
 * Every failure raises :class:`~covidxr.errors.ImageReadError` with a one-line ``"NAME: reason"`` message.
 
 Nothing here changes global state: PIL's ``LOAD_TRUNCATED_IMAGES`` and ``MAX_IMAGE_PIXELS`` and the warning filters
@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from covidxr.dicom import decode_dicom, is_dicom
 from covidxr.errors import ImageReadError
-from covidxr.pixels import clean_text, is_color, luminance, read_error, unit_image
+from covidxr.images.dicom import decode_dicom, is_dicom
+from covidxr.images.pixels import clean_text, is_color, luminance, read_error, unit_image
 
 __all__ = ["MAX_FILE_BYTES", "MAX_PIXELS", "Xray", "load_xray"]
 
@@ -76,7 +76,7 @@ class Xray:
         pixels: ``(H, W)`` float32 array in ``[0, 1]``, bone/body bright (MONOCHROME2 convention), always finite.
         format: PIL format name (``"PNG"``, ``"JPEG"``, ``"BMP"``, ``"TIFF"``, ...) or ``"DICOM"``.
         color: True when the input held real colour (channels differ materially), e.g. a photo or a tinted scan.
-        header: DICOM only: the non-identifying fields of :data:`covidxr.dicom.DICOM_HEADER_FIELDS` (Modality,
+        header: DICOM only: the non-identifying fields of :data:`covidxr.images.dicom.DICOM_HEADER_FIELDS` (Modality,
             ViewPosition, BodyPartExamined, PhotometricInterpretation, Rows, Columns, BitsStored, Manufacturer) as
             strings, missing or empty ones omitted; ``{}`` for other formats.
         name: the file name used in messages.

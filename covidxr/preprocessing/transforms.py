@@ -1,12 +1,15 @@
 """The geometry (letterbox to a square), the augmentations, and the preprocessing record a checkpoint stores
-(:class:`Preprocess`: the input settings of ``covidxr.input_settings``, where they are defined, plus the image size,
+(:class:`Preprocess`: the input settings of ``covidxr.preprocessing.settings``, where they are defined, plus the image
+size,
 the normalisation and the geometry).
 
-Pipeline: ``covidxr.io.load_xray`` gives an (H, W) float image in [0, 1]; optionally it is cropped to the lungs,
+Pipeline: ``covidxr.images.reader.load_xray`` gives an (H, W) float image in [0, 1]; optionally it is cropped to the
+lungs,
 blacked out outside them and its intensities equalised (the record's ``lung_crop``, ``lung_mask`` and ``equalize``;
-the whole chain is ``covidxr.model_input.InputPipeline.prepare``); :func:`letterbox` pads it to a square with
+the whole chain is ``covidxr.model.input_pipeline.InputPipeline.prepare``); :func:`letterbox` pads it to a square with
 black borders (nothing of the chest is cropped) and resizes it; the model itself repeats the grey channel and
-normalises with the mean/std of its pretrained weights (see ``covidxr.models``), so the tensors handled here are
+normalises with the mean/std of its pretrained weights (see ``covidxr.networks.architectures``), so the tensors handled
+here are
 always (1, S, S) floats in [0, 1].
 """
 
@@ -22,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from covidxr.input_settings import EQUALIZE, InputRecord
-from covidxr.style_augment import StyleRanges, apply_style
+from covidxr.preprocessing.settings import EQUALIZE, InputRecord
+from covidxr.preprocessing.style_augment import StyleRanges, apply_style
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -41,7 +44,8 @@ class Preprocess(InputRecord):
         std: per-channel normalisation std of the pretrained weights (applied inside the model).
         geometry: how the image is made square; only "letterbox" (pad, then resize) exists.
 
-    The lung crop, lung mask and equalisation are the :class:`~covidxr.input_settings.InputRecord` fields (with a
+    The lung crop, lung mask and equalisation are the :class:`~covidxr.preprocessing.settings.InputRecord` fields (with
+    a
     lung crop, the lung model travels in the checkpoint).
     """
 
@@ -286,7 +290,8 @@ def augment_batch(squares: torch.Tensor, img_size: int, generator: torch.Generat
 
     Per sample: random resized crop, rotation and shift as one affine map (so each output pixel is interpolated
     once, bilinearly), then brightness and then contrast factors; the ranges are ``ranges``. With ``style``, the
-    scanner-style augmentation follows (:func:`covidxr.style_augment.apply_style`; its draws come after these, so
+    scanner-style augmentation follows (:func:`covidxr.preprocessing.style_augment.apply_style`; its draws come after
+    these, so
     without it the output is unchanged). Runs on the device of ``squares``; the parameters come from
     ``generator`` (a CPU generator; None: torch's default one).
     """

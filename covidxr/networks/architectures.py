@@ -2,7 +2,7 @@
 
 Every model is an :class:`XrayClassifier`: it takes (B, 1, H, W) grey images in [0, 1], repeats the grey
 channel to RGB and normalises with its pretrained weights' mean/std inside ``forward``. So the network input
-needs nothing but geometry (``covidxr.preprocess``), and an exported model carries its normalisation.
+needs nothing but geometry (``covidxr.preprocessing.transforms``), and an exported model carries its normalisation.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 import torchvision
 from torch import nn
 
-from covidxr.ensemble_model import EnsembleClassifier
 from covidxr.errors import CheckpointError, CovidxrError
-from covidxr.preprocess import Preprocess
+from covidxr.networks.ensemble import EnsembleClassifier
+from covidxr.preprocessing.transforms import Preprocess
 
 log = logging.getLogger(__name__)
 

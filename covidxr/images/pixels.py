@@ -1,7 +1,8 @@
-"""What the raster reader (:mod:`covidxr.io`) and the DICOM decoder (:mod:`covidxr.dicom`) share.
+"""What the raster reader (:mod:`covidxr.images.reader`) and the DICOM decoder (:mod:`covidxr.images.dicom`) share.
 
 The grey-level conventions (colour to luminance, when an image counts as colour, the final float image) and the
-one-line :class:`~covidxr.errors.ImageReadError` both decoders raise. Reading files is :func:`covidxr.io.load_xray`.
+one-line :class:`~covidxr.errors.ImageReadError` both decoders raise. Reading files is
+:func:`covidxr.images.reader.load_xray`.
 """
 
 from __future__ import annotations

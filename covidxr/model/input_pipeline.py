@@ -1,8 +1,9 @@
-"""Carrying out the input settings (defined in ``covidxr.input_settings``): the path from a decoded X-ray to the
+"""Carrying out the input settings (defined in ``covidxr.preprocessing.settings``): the path from a decoded X-ray to the
 network's square input, lung crop (optional), lung mask (optional), equalisation (optional), letterbox.
 
 :class:`InputPipeline` holds what the preprocessing record asks for (the
-:class:`~covidxr.input_settings.InputRecord` fields of ``covidxr.preprocess.Preprocess``: ``lung_crop``,
+:class:`~covidxr.preprocessing.settings.InputRecord` fields of ``covidxr.preprocessing.transforms.Preprocess``:
+``lung_crop``,
 ``lung_margin``, ``lung_mask``, ``lung_mask_dilation`` and ``equalize``) and, for a lung crop, the lung model.
 The prepared cache (``covidxr.data.cache``), the data loaders, the predictor (and so the app), cross-validation and
 ``explain score`` all call :meth:`InputPipeline.prepare`, so a model sees the same pixels in training, evaluation
@@ -11,7 +12,8 @@ and prediction.
 A lung mask (``--lung-mask``) crops as the lung crop does and then blacks out (0, as the letterbox's padding) every
 pixel of the crop outside the lung mask widened by ``lung_mask_dilation`` of the crop's longer side, so that text
 markers, borders, devices and body outside the lungs cannot tell the hospital; the equalisation then learns from the
-pixels inside the mask alone (``covidxr.preprocess.equalize_inside``). When the mask does not look like lungs the
+pixels inside the mask alone (``covidxr.preprocessing.transforms.equalize_inside``). When the mask does not look like
+lungs the
 lung box falls back to the whole image (``covidxr.lungs.lung_box``), and then nothing is blacked out either.
 
 A lung crop or mask needs the lung model (``covidxr.lungs``): training reads it from its file (:func:`read_lung_entry`,
@@ -32,11 +34,11 @@ import numpy as np
 import torch
 
 from covidxr.errors import CheckpointError
-from covidxr.input_settings import EQUALIZE, InputRecord
 from covidxr.lungs import LungBox, LungModel, default_lung_model_path, lung_box
 from covidxr.lungs.geometry import dilate_mask
 from covidxr.lungs.model import read_lung_checkpoint
-from covidxr.preprocess import (
+from covidxr.preprocessing.settings import EQUALIZE, InputRecord
+from covidxr.preprocessing.transforms import (
     Preprocess,
     cache_size,
     equalize,
@@ -91,7 +93,7 @@ class Prepared(NamedTuple):
 @dataclass(frozen=True)
 class InputPipeline(InputRecord):
     """Lung crop -> lung mask -> equalisation -> letterbox, as a preprocessing record asks (see the module
-    docstring): the :class:`~covidxr.input_settings.InputRecord` fields and, with a lung crop, the lung model.
+    docstring): the :class:`~covidxr.preprocessing.settings.InputRecord` fields and, with a lung crop, the lung model.
 
     Attributes:
         lung_entry: the lung model's checkpoint entry (:func:`read_lung_entry`); required with ``lung_crop``.
@@ -126,7 +128,7 @@ class InputPipeline(InputRecord):
         return ",".join(parts)
 
     def prepare(self, image: np.ndarray, size: int) -> Prepared:
-        """Turn a decoded (H, W) float image in [0, 1] (``covidxr.io.load_xray(...).pixels``) into the uint8
+        """Turn a decoded (H, W) float image in [0, 1] (``covidxr.images.reader.load_xray(...).pixels``) into the uint8
         (size, size) square: lung crop (if set), lung mask (if set, unless the lung box fell back), equalisation
         (if set; with the mask, from the pixels inside it), letterbox."""
         image = np.asarray(image)

@@ -1,6 +1,7 @@
 """A seed ensemble as one network: members of one architecture whose calibrated probabilities are averaged.
 
-:class:`EnsembleClassifier` has the interface of :class:`~covidxr.models.XrayClassifier` that inference uses
+:class:`EnsembleClassifier` has the interface of :class:`~covidxr.networks.architectures.XrayClassifier` that inference
+uses
 (``features``, ``head``, ``forward``, ``mean``/``std``, ``num_classes``), so the predictor, the input gate, Grad-CAM,
 ONNX export and evaluation take an ensemble checkpoint as they take a single model:
 
@@ -8,10 +9,11 @@ ONNX export and evaluation take an ensemble checkpoint as they take a single mod
 - ``head`` (:class:`EnsembleHead`) splits them again, applies each member's own linear head and temperature, and
   returns ``log(mean_i softmax(logits_i / T_i))``: a softmax of the output is the members' mean calibrated
   probability, so a further temperature (evaluate's, fitted on the ensemble) applies on top as for any model.
-- Grad-CAM explains every member's last convolutional stage (:func:`covidxr.models.target_layers`);
+- Grad-CAM explains every member's last convolutional stage (:func:`covidxr.networks.architectures.target_layers`);
   pytorch-grad-cam averages the per-layer maps.
 
-This module knows nothing of checkpoints; :func:`covidxr.models.model_from_checkpoint` builds the members.
+This module knows nothing of checkpoints; :func:`covidxr.networks.architectures.model_from_checkpoint` builds the
+members.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""DICOM decoding for :func:`covidxr.io.load_xray` (the only caller; read files through it).
+"""DICOM decoding for :func:`covidxr.images.reader.load_xray` (the only caller; read files through it).
 
 Conventions: modality LUT / rescale, then the first VOI LUT or window (when present), else the nominal stored value
 range (from Bits Stored and Pixel Representation, passed through the modality transform) is mapped onto ``[0, 1]``.
 MONOCHROME1 is inverted. RGB and YBR colour DICOMs are converted to luminance (colour when the channels differ, as
-:func:`covidxr.pixels.is_color` decides). Other photometric interpretations (PALETTE COLOR, ...) and multi-frame
+:func:`covidxr.images.pixels.is_color` decides). Other photometric interpretations (PALETTE COLOR, ...) and multi-frame
 files are refused. Only the non-identifying header fields of :data:`DICOM_HEADER_FIELDS` are read out.
 """
 
@@ -15,7 +15,7 @@ import typing
 
 import numpy as np
 
-from covidxr.pixels import is_color, luminance, read_error, unit_image
+from covidxr.images.pixels import is_color, luminance, read_error, unit_image
 
 DICOM_HEADER_FIELDS: tuple[str, ...] = (
     "Modality",
