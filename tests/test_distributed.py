@@ -76,7 +76,9 @@ def test_torchrun_two_processes_train_resume_and_report_metrics_over_all_ranks(s
     second = _torchrun(["--resume", str(run / "last.pt"), "--epochs", "2"], cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stderr.count("epoch   2 [full]") == 1
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "history.csv", "last.pt", "split.csv"]
+    # best.gate.pt: the input gate training fits, a sidecar pinned to best.pt's hash (best.pt never changes after)
+    assert sorted(p.name for p in run.iterdir()) == ["best.gate.pt", "best.pt", "config.json", "history.csv",
+                                                     "last.pt", "split.csv"]
     history = pd.read_csv(run / "history.csv")
     assert list(history["epoch"]) == [1, 2] and list(history["phase"]) == ["head", "full"]
 
