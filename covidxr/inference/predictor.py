@@ -52,6 +52,7 @@ from covidxr.inference.onnx_backend import (
 from covidxr.inference.prediction import Prediction
 from covidxr.lungs import LungModel
 from covidxr.model.cam import CAM_METHODS
+from covidxr.model.input_pipeline import Prepared
 from covidxr.model.trained import TrainedModel
 from covidxr.utils import softmax
 
@@ -246,6 +247,17 @@ class Predictor:
         """
         return self.predict_batch([image], cam=cam, names=[name], cam_class=cam_class, cam_layer=cam_layer)[0]
 
+    def _fallback_masks(self, pixels: Sequence[np.ndarray], prepared: Sequence[Prepared],
+                        lungs: LungModel | None) -> list[np.ndarray | None]:
+        """The lung masks of the films whose pipeline has none, from ``lungs`` in one batched pass (None where the
+        pipeline has its own mask, or without ``lungs``)."""
+        todo = [i for i, prep in enumerate(prepared) if prep.mask is None]
+        masks: list[np.ndarray | None] = [None] * len(pixels)
+        if lungs is not None and todo:
+            for i, mask in zip(todo, lungs.masks([pixels[i] for i in todo]), strict=True):
+                masks[i] = mask
+        return masks
+
     def predict_batch(self, images: Sequence[np.ndarray | Xray], *, cam: str | None = None,
                       names: Sequence[str] | None = None, cam_class: str | int | None = None,
                       cam_layer: str | None = None, lungs: LungModel | None = None) -> list[Prediction]:
@@ -290,8 +302,9 @@ class Predictor:
                                    cam_targets=None if target is None else [target] * len(images), cam_layer=cam_layer)
             logits, features = out.logits, out.features
             explained = list(out.cam_targets)
+            masks = self._fallback_masks(pixels, [prep for _, prep in prepared], lungs)
             for i, (image, (_, prep)) in enumerate(zip(pixels, prepared, strict=True)):
-                film = self.trained.film_heat(out.cams[i], image, prep, lungs)
+                film = self.trained.film_heat(out.cams[i], image, prep, lungs, mask=masks[i])
                 heatmaps[i], notes[i], shares[i] = film.heat, film.note, film.lung_share
         xrays = [img if isinstance(img, Xray) else Xray(p, "array", False, {}, name)
                  for img, p, name in zip(images, pixels, labels, strict=True)]
