@@ -33,7 +33,7 @@ from covidxr.model.site_profile import SiteProfileError, apply_profile, read_pro
 
 # The tiny model of the fixtures knows nothing yet, so its calls may collapse onto one class; tests that need an
 # adapted profile loosen the guard (the guard itself is tested with its defaults and with a strict one).
-LOOSE = AdaptSettings(max_class_share=1.0, max_prior_shift=1.0, min_films=10, batch_size=8)
+LOOSE = AdaptSettings(max_class_share=1.0, max_prior_shift=1.0, max_call_growth=1.0, min_films=10, batch_size=8)
 VOLATILE = ("created", "seconds")
 
 
