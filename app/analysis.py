@@ -32,8 +32,7 @@ if TYPE_CHECKING:  # torch and friends load on first use, so the page shows its 
 log = logging.getLogger("covidxr.app")
 
 # File name endings the uploader's picker offers; any other file is still read by its content (covidxr.images.reader
-# decides),
-# except a file without any extension, which waits for the "accept files without an extension" option.
+# decides), except a file without any extension, which waits for the "accept files without an extension" option.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", ".bmp", ".tif", ".tiff", ".webp",
                             ".jp2"})
 NO_EXTENSION_HINT = ("has no file extension, so it was not read. If it is a DICOM file exported without '.dcm', tick "

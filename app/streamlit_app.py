@@ -14,8 +14,7 @@ Uploads stay in memory; every prediction is recorded in the audit log (``covidxr
 ``audit.jsonl`` beside the checkpoint) without names, patient identifiers or the image itself.
 
 The page is thin: reading is ``covidxr.images.reader``, prediction and explanation are ``covidxr.inference.predictor``
-and
-``covidxr.explain``, the numbers of the model view come from the saved evaluation.
+and ``covidxr.explain``, the numbers of the model view come from the saved evaluation.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ real ``--gpu-cache`` loader, with model FLOP utilisation.
 
 Every variant runs the project's own training step (``covidxr.training.engine.train_one_epoch``: bf16 autocast where
 supported, channels_last, fused AdamW on CUDA) on the project's model (``covidxr.networks.architectures.build_model``).
-The real-loader
-rows cut batches from a uint8 array of letterboxed squares (``--squares``, made here with ``--make-squares`` from a
+The real-loader rows cut batches from a uint8 array of letterboxed squares (``--squares``, made here with
+``--make-squares`` from a
 covidxr dataset: the decode-once cache's squares) with :class:`covidxr.data.dataset.DeviceBatches`, exactly what
 ``python -m covidxr.train --gpu-cache on`` does.
 

@@ -8,8 +8,8 @@ Usage::
 Makes the same films as ``benchmarks/bench_latency.py`` (one real X-ray of the shared data resized to each size) and
 runs, for each, the steps the page runs for one upload in the order it runs them, through the page's own helpers,
 timing each: reading the file (``covidxr.images.reader.load_xray``), the pixels' SHA-256 for the audit log, the
-prediction with
-its Grad-CAM heat map and input gate (``Predictor.predict``), the lung mask and the heat map's share inside the lungs
+prediction with its Grad-CAM heat map and input gate (``Predictor.predict``), the lung mask and the heat map's share
+inside the lungs
 (``app.heatmap.heatmap_share``, with ``--lung-model`` as the installed lung model), the decision, and the two pictures
 as the page draws and encodes them (``overlay`` of the display-size arrays and Streamlit's JPEG encoding).
 The model is warmed by one untimed film first. Prints the fastest time of each step per film (the

@@ -14,8 +14,7 @@ or in the checkpoint) is evaluated on its ``test`` split by default. The validat
 temperature is fitted on it (temperature scaling) and the decision thresholds of the operating points are chosen
 on it. They go, with a compact summary, into the checkpoint's calibration sidecar ``best.calibration.json``
 (:mod:`covidxr.model.calibration_file`), pinned to the checkpoint's SHA-256: evaluating never changes the model file,
-and
-the report names the file by the same hash as the app.
+and the report names the file by the same hash as the app.
 
 A dataset whose images are not the run's split is *external*: all its images are evaluated (``--split all``), the
 temperature and thresholds stored in the checkpoint are reused, images that were also in the run's data (same

@@ -8,8 +8,8 @@ that mattered. :func:`colour_stops` gives the same scale for a legend drawn else
 
 CAMs (:mod:`covidxr.model.cam`) are computed on the letterboxed network input and mapped back onto the original
 ``(H, W)`` image with :func:`covidxr.preprocessing.transforms.unletterbox` (the padding is cropped away, then bilinear
-resizing).
-Values stay on pytorch-grad-cam's scale (min-max over the whole network input, so the maximum inside the image can
+resizing). Values stay on pytorch-grad-cam's scale (min-max over the whole network input, so the maximum inside the
+image can
 be below 1). A heatmap that is not finite or constant over the image gives no heatmap and a note
 ``"no explanation available (...)"``; it is never drawn as a uniformly hot picture.
 """

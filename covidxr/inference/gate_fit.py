@@ -21,8 +21,8 @@ or its parent groups them by patient. Without them the view check does not learn
 still refuses lateral and CT DICOMs).
 
 The films go through the run's input path (``covidxr.model.input_pipeline``); for a run that crops to the lungs the
-rotated
-and inverted copies are made of the cropped squares, which approximates the crop of a rotated or inverted upload.
+rotated and inverted copies are made of the cropped squares, which approximates the crop of a rotated or inverted
+upload.
 The gate is written beside the checkpoint, ``best.pt`` -> ``best.gate.pt``, pinned to its SHA-256
 (:mod:`covidxr.model.sidecars`); the checkpoint itself is not changed, so a calibration fitted before stays valid.
 With ``--out FOLDER`` a copy of the checkpoint and its gate go there instead.

@@ -88,8 +88,7 @@ def _data_summary(record: Mapping[str, Any]) -> dict:
 
 def _as_pixels(image: np.ndarray | Xray) -> np.ndarray:
     """Return the ``(H, W)`` image of an :class:`~covidxr.images.reader.Xray` or of an array (float in ``[0, 1]``, or
-    uint8
-    read as value/255), checked.
+    uint8 read as value/255), checked.
 
     Raises:
         ValueError: for other shapes, non-finite values or floats outside ``[0, 1]``.

@@ -147,8 +147,7 @@ def cam_share_in_lungs(cam: np.ndarray, mask: np.ndarray) -> float:
     Args:
         cam: (h, w) non-negative saliency map of the same field of view as the mask (for a map computed on a
             letterboxed input, undo the letterbox first: ``covidxr.preprocessing.transforms.unletterbox``). Resized
-            bilinearly
-            to the mask's size when the sizes differ.
+            bilinearly to the mask's size when the sizes differ.
         mask: (H, W) boolean lung mask.
 
     Returns:

@@ -94,8 +94,7 @@ class LungModel:
     """A trained lung segmentation network with its preprocessing; masks images of any size.
 
     The image is letterboxed to ``img_size`` (as ``covidxr.preprocessing.transforms.letterbox``), segmented, and the
-    lung
-    probability is mapped back onto the image's own (H, W) before thresholding. The model always runs in eval mode
+    lung probability is mapped back onto the image's own (H, W) before thresholding. The model always runs in eval mode
     on the CPU unless moved with :meth:`to`.
     """
 

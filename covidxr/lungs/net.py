@@ -1,8 +1,8 @@
 """Segmentation networks for the lung model: a compact U-Net in plain torch, and a U-Net on EfficientNet-Lite0.
 
 Both take (B, 1, S, S) grey images in [0, 1] (letterboxed, see :func:`covidxr.preprocessing.transforms.letterbox`) and
-return
-(B, 1, S, S) lung logits. Each normalises its input inside ``forward``, so the checkpoint's ``arch`` record plus the
+return (B, 1, S, S) lung logits. Each normalises its input inside ``forward``, so the checkpoint's ``arch`` record plus
+the
 state dict rebuild the whole model: nothing about the input lives outside the checkpoint.
 """
 

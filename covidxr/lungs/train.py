@@ -1,8 +1,7 @@
 """Training the lung model: data, a seeded split that holds masks out, augmentation, the loop, and Dice.
 
 Films and masks are decoded once (``covidxr.images.reader.load_xray`` for the films), letterboxed to the network size
-and kept
-in memory: 175 films at 128 px are about 11 MB, so an epoch is only the network's work.
+and kept in memory: 175 films at 128 px are about 11 MB, so an epoch is only the network's work.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ network's square input, lung crop (optional), lung mask (optional), equalisation
 
 :class:`InputPipeline` holds what the preprocessing record asks for (the
 :class:`~covidxr.preprocessing.settings.InputRecord` fields of ``covidxr.preprocessing.transforms.Preprocess``:
-``lung_crop``,
-``lung_margin``, ``lung_mask``, ``lung_mask_dilation`` and ``equalize``) and, for a lung crop, the lung model.
+``lung_crop``, ``lung_margin``, ``lung_mask``, ``lung_mask_dilation`` and ``equalize``) and, for a lung crop, the lung
+model.
 The prepared cache (``covidxr.data.cache``), the data loaders, the predictor (and so the app), cross-validation and
 ``explain score`` all call :meth:`InputPipeline.prepare`, so a model sees the same pixels in training, evaluation
 and prediction.
@@ -13,8 +13,7 @@ A lung mask (``--lung-mask``) crops as the lung crop does and then blacks out (0
 pixel of the crop outside the lung mask widened by ``lung_mask_dilation`` of the crop's longer side, so that text
 markers, borders, devices and body outside the lungs cannot tell the hospital; the equalisation then learns from the
 pixels inside the mask alone (``covidxr.preprocessing.transforms.equalize_inside``). When the mask does not look like
-lungs the
-lung box falls back to the whole image (``covidxr.lungs.lung_box``), and then nothing is blacked out either.
+lungs the lung box falls back to the whole image (``covidxr.lungs.lung_box``), and then nothing is blacked out either.
 
 A lung crop or mask needs the lung model (``covidxr.lungs``): training reads it from its file (:func:`read_lung_entry`,
 ``$COVIDXR_HOME/lungs/lung-seg.pt`` by default) and stores it in the classifier checkpoint under ``"lung_model"``

@@ -1,8 +1,8 @@
 """A seed ensemble as one network: members of one architecture whose calibrated probabilities are averaged.
 
 :class:`EnsembleClassifier` has the interface of :class:`~covidxr.networks.architectures.XrayClassifier` that inference
-uses
-(``features``, ``head``, ``forward``, ``mean``/``std``, ``num_classes``), so the predictor, the input gate, Grad-CAM,
+uses (``features``, ``head``, ``forward``, ``mean``/``std``, ``num_classes``), so the predictor, the input gate,
+Grad-CAM,
 ONNX export and evaluation take an ensemble checkpoint as they take a single model:
 
 - ``features(x)`` is the members' pooled features side by side, ``(B, sum of F_i)``; the gate is fitted on them.

@@ -5,8 +5,8 @@ for training, the augmentation and the lung model file. Every field of it is dec
 ``equalize``, ``lung_mask``, ``lung_mask_dilation``) and holds the one rule that ties them: a lung mask is applied to
 the lung crop, so ``lung_mask`` implies ``lung_crop``. The checkpoint's preprocessing record
 (``covidxr.preprocessing.transforms.Preprocess``: this record plus the image size and the letterbox) and the pipeline
-that carries it
-out (``covidxr.model.input_pipeline.InputPipeline``) are input records. :class:`InputSettings` adds what only a run's
+that carries it out (``covidxr.model.input_pipeline.InputPipeline``) are input records. :class:`InputSettings` adds what
+only a run's
 settings
 need: the training augmentation and the lung model's file (a checkpoint carries the lung model itself).
 

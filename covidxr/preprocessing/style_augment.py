@@ -4,8 +4,7 @@ and noise, so that a network cannot tell hospitals apart by how their images wer
 Public chest X-ray sets are confounded by source, and every source has its own processing chain (contrast curve,
 edge enhancement, detector resolution and JPEG softness, noise). Randomising these cues per sample, on top of the
 geometric and brightness/contrast augmentation of :func:`covidxr.preprocessing.transforms.augment_batch`, takes them
-away as a
-shortcut. It is augmentation only: evaluation and prediction never apply it.
+away as a shortcut. It is augmentation only: evaluation and prediction never apply it.
 """
 
 from __future__ import annotations

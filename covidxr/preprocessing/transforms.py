@@ -1,16 +1,14 @@
 """The geometry (letterbox to a square), the augmentations, and the preprocessing record a checkpoint stores
 (:class:`Preprocess`: the input settings of ``covidxr.preprocessing.settings``, where they are defined, plus the image
-size,
-the normalisation and the geometry).
+size, the normalisation and the geometry).
 
 Pipeline: ``covidxr.images.reader.load_xray`` gives an (H, W) float image in [0, 1]; optionally it is cropped to the
-lungs,
-blacked out outside them and its intensities equalised (the record's ``lung_crop``, ``lung_mask`` and ``equalize``;
+lungs, blacked out outside them and its intensities equalised (the record's ``lung_crop``, ``lung_mask`` and
+``equalize``;
 the whole chain is ``covidxr.model.input_pipeline.InputPipeline.prepare``); :func:`letterbox` pads it to a square with
 black borders (nothing of the chest is cropped) and resizes it; the model itself repeats the grey channel and
 normalises with the mean/std of its pretrained weights (see ``covidxr.networks.architectures``), so the tensors handled
-here are
-always (1, S, S) floats in [0, 1].
+here are always (1, S, S) floats in [0, 1].
 """
 
 from __future__ import annotations
@@ -45,8 +43,7 @@ class Preprocess(InputRecord):
         geometry: how the image is made square; only "letterbox" (pad, then resize) exists.
 
     The lung crop, lung mask and equalisation are the :class:`~covidxr.preprocessing.settings.InputRecord` fields (with
-    a
-    lung crop, the lung model travels in the checkpoint).
+    a lung crop, the lung model travels in the checkpoint).
     """
 
     img_size: int = 224
@@ -291,8 +288,7 @@ def augment_batch(squares: torch.Tensor, img_size: int, generator: torch.Generat
     Per sample: random resized crop, rotation and shift as one affine map (so each output pixel is interpolated
     once, bilinearly), then brightness and then contrast factors; the ranges are ``ranges``. With ``style``, the
     scanner-style augmentation follows (:func:`covidxr.preprocessing.style_augment.apply_style`; its draws come after
-    these, so
-    without it the output is unchanged). Runs on the device of ``squares``; the parameters come from
+    these, so without it the output is unchanged). Runs on the device of ``squares``; the parameters come from
     ``generator`` (a CPU generator; None: torch's default one).
     """
     n = squares.shape[0]
