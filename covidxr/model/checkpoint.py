@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import math
 import os
 import pickle
 from pathlib import Path
@@ -59,19 +58,3 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
     return ckpt
-
-
-def read_temperature(ckpt: dict[str, Any], source: str = "checkpoint") -> float:
-    """Return the checkpoint's probability temperature (1.0 when absent), checked to be a positive finite number.
-
-    Raises:
-        CheckpointError: when it is not a positive finite number (``source`` names the checkpoint in the message).
-    """
-    value = ckpt.get("temperature", 1.0)
-    try:
-        temperature = float(value if value is not None else 1.0)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{source}: temperature {value!r} is not a number") from exc
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise CheckpointError(f"{source}: temperature must be a positive number, got {value!r}")
-    return temperature
