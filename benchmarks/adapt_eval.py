@@ -8,9 +8,10 @@ Usage::
 
 Each film is decoded and prepared once. Then, for each of ``--splits`` random splits of the patients into two halves,
 the model is adapted on one half's films (those the input gate accepts; labels never used) and scores the other half,
-then the halves swap: every film gets one prediction from an adaptation that never saw it, per split. Four arms are
-scored on the same films: unadapted, batch-norm statistics only, priors only (EM on the unadapted model), both (what
-``covidxr.adapt`` writes; when its collapse guard refuses, the unadapted output, as the product does). Reported per
+then the halves swap: every film gets one prediction from an adaptation that never saw it, per split. Five arms are
+scored on the same films: unadapted, batch-norm statistics only, priors only (EM on the unadapted model), both
+with the collapse guard (``--shift-priors``), and what ``covidxr.adapt`` writes by default (batch-norm statistics,
+guard on; when the guard refuses, the unadapted output, as the product does). Reported per
 arm: the mean over splits of per-class recall, COVID sensitivity and specificity at the operating point (the
 checkpoint's COVID threshold when its calibration has one, else the arg-max), the share of films without pneumonia
 called pneumonia, ECE, macro AUC and COVID-vs-normal AUC, with a patient-level paired bootstrap 95% interval of each
@@ -50,7 +51,7 @@ from covidxr.inference.predictor import Predictor
 from covidxr.model.trained import TrainedModel
 from covidxr.utils import softmax
 
-ARMS = ("unadapted", "bn", "priors", "adapted")
+ARMS = ("unadapted", "bn", "priors", "bn+priors", "adapted")
 
 
 def training_priors(trained: TrainedModel) -> np.ndarray:
@@ -115,11 +116,16 @@ def adapt_arms(predictor: Predictor, films: Films, adapt: np.ndarray, score: np.
     prior_only = floored(em_priors(softmax(films.logits0[use], temperature), source)[0], settings.prior_floor)
     out["priors"] = softmax(films.logits0[score] / temperature + np.log(prior_only / source))
     site = floored(em_priors(softmax(bn_adapt), source)[0], settings.prior_floor)
-    offsets = np.log(site / source)
-    calls = softmax(bn_adapt + offsets).argmax(axis=1)
     unadapted = films.logits0[use].argmax(axis=1)
-    refused = collapse_reason(calls, len(classes), site, source, list(classes), settings, unadapted)
-    out["adapted"] = out["unadapted"] if refused else softmax(bn_score + offsets)
+    shipped = None
+    for arm, shift in (("bn+priors", True), ("adapted", settings.shift_priors)):
+        offsets = np.log(site / source) if shift else np.zeros(len(classes))
+        calls = softmax(bn_adapt + offsets).argmax(axis=1)
+        refused = collapse_reason(calls, len(classes), site, source, list(classes), settings, unadapted)
+        out[arm] = out["unadapted"] if refused else softmax(bn_score + offsets)
+        if arm == "adapted":
+            shipped = calls, refused
+    calls, refused = shipped
     out["_refused"] = np.array([refused is not None])
     counts = np.bincount(calls, minlength=len(classes))
     growth = (counts - np.bincount(unadapted, minlength=len(classes))) / max(len(calls), 1)
@@ -291,12 +297,13 @@ def markdown(report: dict) -> str:
     if report.get("halves"):
         arms = report["halves"]["arms"]
         keys = list(arms["unadapted"]["mean"])
-        lines += ["| metric | " + " | ".join(ARMS) + " | adapted - unadapted, 95% CI |",
-                  "|---" * (len(ARMS) + 2) + "|"]
+        shown = [a for a in ARMS if a in arms]
+        lines += ["| metric | " + " | ".join(shown) + " | adapted - unadapted, 95% CI | bn - unadapted, 95% CI |",
+                  "|---" * (len(shown) + 3) + "|"]
         for k in keys:
-            ci = arms["adapted"].get("diff_ci95", {}).get(k)
-            lines.append(f"| {k} | " + " | ".join(f"{arms[a]['mean'][k]:.3f}" for a in ARMS)
-                         + (f" | [{ci[0]:+.3f}, {ci[1]:+.3f}] |" if ci else " | |"))
+            cis = [arms[a].get("diff_ci95", {}).get(k) for a in ("adapted", "bn")]
+            lines.append(f"| {k} | " + " | ".join(f"{arms[a]['mean'][k]:.3f}" for a in shown) + " | "
+                         + " | ".join(f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "" for ci in cis) + " |")
         lines += ["", f"Adaptations refused by the guard: {report['halves']['adaptations_refused']} of "
                       f"{2 * report['halves']['splits']}", ""]
         band = report["halves"].get("gate_band", {}).get("total")

@@ -11,8 +11,9 @@ Usage::
 For each ``--depths`` value and each of ``--splits`` random patient halvings (seed 0), adapt on one half and score
 the other, both ways, and print and write (``--out``, one JSON list per set) the estimated priors' shift, the adapted
 model's largest share of calls, the rise of each class's share of calls over the unadapted model's on the
-adaptation half (``growth``), and on the scored half the accuracy and ECE (unadapted, batch-norm only, adapted) and
-the COVID-vs-normal AUC (unadapted, batch-norm only).
+adaptation half (``growth``: batch-norm statistics and priors; ``growth_bn``: batch-norm statistics only, what
+ships), and on the scored half the accuracy and ECE (unadapted, batch-norm only, adapted) and the COVID-vs-normal AUC
+(unadapted, batch-norm only).
 """
 
 from __future__ import annotations
@@ -82,12 +83,15 @@ def main(argv: list[str] | None = None) -> int:
                 offsets = np.log(site / source)
                 calls = softmax(on_adapt + offsets).argmax(axis=1)
                 counts = np.bincount(calls, minlength=len(classes))
-                growth = (counts - np.bincount(films.logits0[use].argmax(axis=1), minlength=len(classes))) / len(use)
+                before = np.bincount(films.logits0[use].argmax(axis=1), minlength=len(classes))
+                growth = (counts - before) / len(use)
+                growth_bn = (np.bincount(on_adapt.argmax(axis=1), minlength=len(classes)) - before) / len(use)
                 base = ae.metrics(films.y[score], softmax(films.logits0[score], temperature), classes, None)
                 bn = ae.metrics(films.y[score], softmax(on_score), classes, None)
                 both = ae.metrics(films.y[score], softmax(on_score + offsets), classes, None)
                 row = {"depth": depth, "shift": 0.5 * float(np.abs(site - source).sum()),
                        "top": float(counts.max() / len(use)), "growth": [round(float(g), 3) for g in growth],
+                       "growth_bn": [round(float(g), 3) for g in growth_bn],
                        "priors": [round(float(v), 3) for v in site],
                        "acc": [round(m["accuracy"], 3) for m in (base, bn, both)],
                        "ece": [round(m["ece"], 3) for m in (base, bn, both)],

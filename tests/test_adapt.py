@@ -316,7 +316,7 @@ def test_benchmark_scores_films_the_adaptation_never_saw(run: Path, site: Path, 
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "adapt-smoke.json").read_text())
     assert report["n_films"] == 24 and report["halves"]["splits"] == 2
-    assert set(report["halves"]["arms"]) == {"unadapted", "bn", "priors", "adapted"}
+    assert set(report["halves"]["arms"]) == {"unadapted", "bn", "priors", "bn+priors", "adapted"}
     arms = report["halves"]["arms"]
     assert "diff_ci95" in arms["adapted"] and "diff_ci95" not in arms["unadapted"]
     assert report["curve"][0]["splits"] == 1 and report["curve"][1] == {"n": 50, "splits": 0,
@@ -370,8 +370,9 @@ def test_browser_site_choice_names_the_site(run: Path, adapted: Path, site: Path
 
 @pytest.mark.slow
 def test_gate_reads_the_unadapted_features(shared_data: Path, site: Path, tmp_path: Path) -> None:
-    """With a fitted gate, a profile changes the answers but not the gate's verdicts: the gate's reference was fitted
-    on the unadapted model's features, so it keeps reading those."""
+    """With a fitted gate, a profile changes the answers, and the gate keeps reading the unadapted model's features
+    (its reference was fitted on them), with the site's accepted films added to its reference: the view check is
+    unchanged and no film moves further from the reference."""
     from conftest import fit_gated_run
 
     gated = fit_gated_run(shared_data, tmp_path / "gated", 96)
@@ -382,7 +383,11 @@ def test_gate_reads_the_unadapted_features(shared_data: Path, site: Path, tmp_pa
     adapted = Predictor.from_checkpoint(gated / "best.pt", device="cpu", backend="torch", site=tmp_path / "g")
     assert plain.gate.learned and adapted.gate_model is not None
     before, after = plain.predict_batch(films), adapted.predict_batch(films)
-    assert [p.gate.to_dict() for p in before] == [p.gate.to_dict() for p in after]
+    assert len(adapted.gate.ood.reference) == len(plain.gate.ood.reference) + profile.record["gate_reference"]["films"]
+    assert adapted.gate.ood.threshold == plain.gate.ood.threshold
+    for a, b in zip(before, after, strict=True):
+        assert a.gate.view_probs == b.gate.view_probs and b.gate.ood_distance <= a.gate.ood_distance + 1e-6
+        assert b.gate.assessable or not a.gate.assessable
     assert any(abs(a.probs["covid"] - b.probs["covid"]) > 1e-3 for a, b in zip(before, after, strict=True))
 
 
@@ -408,3 +413,31 @@ def test_site_gate_reference_takes_the_site_films_in_and_travels_in_the_profile(
     assert (widened.ood.distance(train) <= gate.ood.distance(train) + 1e-6).all()
     (tmp_path / GATE_FILE).write_bytes(b"changed")
     assert read_gate_reference(tmp_path) is None  # its hash no longer matches site.json
+
+
+def test_priors_move_the_decision_only_when_asked(run: Path, adapted: Path, site: Path, tmp_path: Path) -> None:
+    """By default the estimated priors are recorded, not applied; ``--shift-priors`` adds their log-ratio to the
+    calibrated logits (the same estimate either way)."""
+    from dataclasses import replace
+
+    plain = read_profile(adapted, file_digest(run / "best.pt")).record
+    assert plain["settings"]["shift_priors"] is False and plain["logit_offsets"] == [0.0, 0.0, 0.0]
+    shifted = adapt_site(run / "best.pt", site, "Hospital A", tmp_path / "p", "cpu", replace(LOOSE, shift_priors=True))
+    record = shifted.record
+    assert record["site_priors"] == plain["site_priors"]
+    offsets = np.array(record["logit_offsets"])
+    assert np.allclose(offsets, np.log(np.array(record["site_priors"]) / np.array(record["source_priors"])))
+    assert np.abs(offsets).max() > 1e-3
+    film = load_xray(next(site.rglob("*.jp*g")))
+    a = Predictor.from_checkpoint(run / "best.pt", device="cpu", backend="torch", site=adapted).predict(film, cam=None)
+    b = Predictor.from_checkpoint(run / "best.pt", device="cpu", backend="torch", site=tmp_path / "p").predict(
+        film, cam=None)
+    expected = np.array([a.probs[c] for c in record["classes"]]) * np.exp(offsets)
+    assert np.allclose([b.probs[c] for c in record["classes"]], expected / expected.sum(), atol=1e-5)
+    # the flag on the command line
+    status = adapt_main(["--checkpoint", str(run / "best.pt"), "--data", str(site), "--site", "Flag",
+                         "--out", str(tmp_path / "flag"), "--device", "cpu", "--min-films", "10", "--shift-priors"])
+    flagged = json.loads((tmp_path / "flag" / "site.json").read_text())
+    assert status in (0, 1) and flagged["settings"]["shift_priors"] is True
+    assert np.allclose(flagged["logit_offsets"],
+                       np.log(np.array(flagged["site_priors"]) / np.array(flagged["source_priors"])))

@@ -246,3 +246,31 @@ def test_metrics_json_is_its_record_read_back_unchanged(evaluated: dict) -> None
     assert isinstance(record.metrics, Metrics) and isinstance(record.ci, Intervals)
     assert isinstance(record.covid_vs_rest, CovidVsRest) and record.covid_vs_rest.sets[0].name == "internal test"
     assert record.metrics.per_class["covid"].support == evaluated["metrics"]["metrics"]["per_class"]["covid"]["support"]
+
+
+def test_film_pass_logits_are_the_loaders_and_spare_their_pass(evaluated: dict,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The metrics take the evaluated films' logits from the film pass (each film decoded once): they equal the run's
+    loaders' to the bit, and only the validation rows still go through a loader."""
+    from covidxr.evaluation.film_pass import film_pass
+    from covidxr.evaluation.inputs import EvalOptions, load_eval_data
+    from covidxr.evaluation.logits import evaluated_table, predict_splits
+
+    model = TrainedModel.load(evaluated["run"] / "best.pt", device="cpu")
+    data = load_eval_data(model, EvalOptions(checkpoint=evaluated["run"] / "best.pt", batch_size=8, workers=0))
+    table = evaluated_table(data)
+    films = film_pass(Predictor(model), table["path"], every=True, progress=False)
+    assert len(films.logits()) == len(table) > 0
+    loaders = predict_splits(model, data)
+    roles = []
+    run_loader = TrainedModel.run_loader
+    monkeypatch.setattr(TrainedModel, "run_loader",
+                        lambda self, loader, desc="", **kw: roles.append(desc) or run_loader(self, loader, desc, **kw))
+    passed = predict_splits(model, data, known=films.logits())
+    assert roles == ["predict val"]  # the test loader was not run
+    assert np.array_equal(passed.logits, loaders.logits) and np.array_equal(passed.val_logits, loaders.val_logits)
+    assert passed.table.equals(loaders.table)
+    missing = dict(list(films.logits().items())[1:])  # one film without logits: its loader runs after all
+    roles.clear()
+    assert np.array_equal(predict_splits(model, data, known=missing).logits, loaders.logits)
+    assert sorted(roles) == ["predict test", "predict val"]

@@ -337,10 +337,11 @@ def test_lung_share_skipped_without_a_lung_model(tiny_run: Path, small_manifest:
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COVIDXR_HOME", str(tmp_path))
     table = pd.read_csv(small_manifest).head(2)
+    from covidxr.evaluation.film_pass import FilmPass
     from covidxr.inference.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(tiny_run / "best.pt", device="cpu", backend="torch")
-    share = lung_share_summary(predictor, table, 2)
+    share = lung_share_summary(predictor, table, 2, FilmPass({}))
     assert share["mean"] is None and share["n"] == 0 and "no lung model at" in share["note"]
 
 

@@ -414,3 +414,16 @@ def test_group_metrics():
     assert sum(r["siteB"]["class_counts"].values()) == 8
     json.dumps(r, allow_nan=False)
     assert math.isfinite(r["siteA"]["roc_auc_macro"])
+
+
+def test_average_ranks_are_scipys_rankdata() -> None:
+    from scipy.stats import rankdata
+
+    from covidxr.evaluation.arrays import average_ranks
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 229):
+        for ties in (True, False):
+            x = rng.integers(0, 4, size=n).astype(float) if ties else rng.random(n)
+            assert np.array_equal(average_ranks(x), rankdata(x))
+    assert np.isnan(average_ranks(np.array([0.2, np.nan]))).all()

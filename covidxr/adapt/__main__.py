@@ -52,7 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     """The ``python -m covidxr.adapt`` parser."""
     d = AdaptSettings()
     p = OneLineParser(PROG, description="Adapt a checkpoint to a hospital from its own unlabelled films: batch-norm "
-                                        "statistics and class priors, written as a site profile beside the checkpoint.")
+                                        "statistics (and, if asked, class priors), written as a site profile beside "
+                                        "the checkpoint.")
     add_checkpoint_arg(p, "the run's checkpoint (best.pt); it is not changed")
     p.add_argument("--data", required=True, type=Path, metavar="SITE_FOLDER",
                    help="folder of the site's films (searched recursively; labels are never read)")
@@ -63,6 +64,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int_at_least(1), default=d.batch_size, help="films per forward pass")
     p.add_argument("--min-films", type=int_at_least(1), default=d.min_films,
                    help="fewest films the gate must accept (default: %(default)s)")
+    p.add_argument("--shift-priors", action="store_true", help="also move the decision with the site's estimated "
+                   "class priors (off by default: on the training sources' own test split it cost the rarest class "
+                   "most of its recall; see docs/adapt.md)")
     return p
 
 
@@ -74,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = args.out or args.checkpoint.parent / SITES_FOLDER / args.site
         if out.exists() and not out.is_dir():
             raise CovidxrError(f"--out {out} exists and is not a folder")
-        settings = AdaptSettings(batch_size=args.batch_size, min_films=args.min_films)
+        settings = AdaptSettings(batch_size=args.batch_size, min_films=args.min_films,
+                                 shift_priors=args.shift_priors)
         profile = adapt_site(args.checkpoint, args.data, args.site, out, args.device, settings)
         record = profile.record
         print(f"{profile.describe()}; {record['n_films']} films used, {record['n_refused']} refused by the input "

@@ -9,9 +9,7 @@ names nor folders can change the result). Films the input gate refuses take no p
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
-import io
 import logging
 import os
 import time
@@ -32,18 +30,24 @@ from covidxr.adapt.estimate import (
     source_priors,
 )
 from covidxr.errors import CovidxrError, ImageReadError
-from covidxr.files import atomic_write_bytes, file_digest
 from covidxr.images.reader import Xray, load_xray
 from covidxr.inference.__main__ import find_images
 from covidxr.inference.prediction_log import pixel_sha256
 from covidxr.inference.predictor import Predictor
-from covidxr.model.gate import InputGate
-from covidxr.model.site_profile import FORMAT, FORMAT_VERSION, SiteProfile, write_profile
+from covidxr.model.site_profile import (  # noqa: F401 - site_gate and read_gate_reference: the benchmarks' names
+    FORMAT,
+    FORMAT_VERSION,
+    GATE_FILE,
+    SiteProfile,
+    read_gate_reference,
+    site_gate,
+    write_gate_reference,
+    write_profile,
+)
 from covidxr.networks.ensemble import ENSEMBLE
 
 log = logging.getLogger("covidxr.adapt")
 
-GATE_FILE = "gate_reference.pt"  # the site's accepted films' unit-length gate features, float16 (N, F)
 
 
 @dataclass
@@ -100,19 +104,6 @@ def read_site_films(predictor: Predictor, files: list[Path], batch_size: int) ->
     return SiteFilms(inputs, probs, kept, len(films) - len(kept), unreadable)
 
 
-def site_gate(gate: InputGate, features: np.ndarray) -> InputGate:
-    """A copy of ``gate`` whose out-of-distribution reference also holds the site's films (``(N, F)`` pooled
-    features of the films the gate accepted, from the unadapted model, as the gate reads them). Its threshold and
-    band are kept: a film of the site's ordinary kind now finds close neighbours and leaves the "read with care"
-    band; the view check, which refuses laterals, CT slices and photographs, is unchanged."""
-    if gate.ood is None or len(features) == 0:
-        return gate
-    x = np.asarray(features, dtype=np.float32)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    reference = np.vstack([np.asarray(gate.ood.reference, dtype=np.float32), x])
-    return dataclasses.replace(gate, ood=dataclasses.replace(gate.ood, reference=reference))
-
-
 def gate_features(predictor: Predictor, inputs: torch.Tensor, batch_size: int) -> np.ndarray | None:
     """``(N, F)`` unit-length pooled features of the unadapted model (what the gate's out-of-distribution check
     reads), or None when the checkpoint's gate has no such check."""
@@ -123,27 +114,6 @@ def gate_features(predictor: Predictor, inputs: torch.Tensor, batch_size: int) -
         x = torch.cat([predictor.model.features(inputs[i:i + batch_size].to(predictor.device)).float().cpu()
                        for i in range(0, len(inputs), batch_size)]).numpy()
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def write_gate_reference(folder: Path, features: np.ndarray) -> dict[str, Any]:
-    """Write the site's gate reference atomically into the profile's folder; returns its entry for ``site.json``."""
-    buffer = io.BytesIO()
-    torch.save(torch.from_numpy(np.ascontiguousarray(features)).half(), buffer)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / GATE_FILE, buffer.getvalue())
-    return {"file": GATE_FILE, "films": int(len(features)), "sha256": file_digest(folder / GATE_FILE)}
-
-
-def read_gate_reference(folder: str | os.PathLike) -> np.ndarray | None:
-    """The site's gate reference of the profile in ``folder`` (None when it has none or its hash does not match
-    ``site.json``); use it with :func:`site_gate`."""
-    import json
-
-    folder = Path(folder)
-    entry = json.loads((folder / "site.json").read_text()).get("gate_reference")
-    if not entry or not (folder / entry["file"]).is_file() or file_digest(folder / entry["file"]) != entry["sha256"]:
-        return None
-    return torch.load(folder / entry["file"], weights_only=True).float().numpy()
 
 
 def adapted_logits(model: torch.nn.Module, inputs: torch.Tensor, stats: dict[str, dict[str, torch.Tensor]],
@@ -169,7 +139,7 @@ def estimate_profile(predictor: Predictor, films: SiteFilms, source: np.ndarray,
     logits = adapted_logits(predictor.model, films.inputs, stats, settings.batch_size, predictor.device)
     priors, iterations = em_priors(shifted_probs(logits, temperature, np.zeros(len(classes))), source)
     site = floored(priors, settings.prior_floor)
-    offsets = np.log(site / source)
+    offsets = np.log(site / source) if settings.shift_priors else np.zeros(len(classes))
     calls = shifted_probs(logits, temperature, offsets).argmax(axis=1)
     unadapted = films.probs.argmax(axis=1)
     reason = collapse_reason(calls, len(classes), site, source, classes, settings, unadapted)
@@ -185,8 +155,10 @@ def estimate_profile(predictor: Predictor, films: SiteFilms, source: np.ndarray,
         "settings": settings.to_dict(),
         "bn": {"layers": len(weights), "weight_first": weights[0] if weights else None,
                "weight_last": weights[-1] if weights else None},
-        "decision": "the arg-max and the COVID threshold apply to the prior-corrected posterior (softmax of the "
-                    "logits / temperature + logit_offsets)",
+        "decision": ("the arg-max and the COVID threshold apply to the prior-corrected posterior (softmax of the "
+                     "logits / temperature + logit_offsets)" if settings.shift_priors else
+                     "the arg-max and the COVID threshold apply to the adapted model's calibrated posterior; the "
+                     "estimated priors are recorded, not applied (logit_offsets are 0)"),
     }
     return record, ({} if reason else stats)
 

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
 
 
 def clean(value: Any) -> float | None:
@@ -85,8 +84,25 @@ def binary_auc(y_bin: np.ndarray, score: np.ndarray) -> float:
     n_neg = y_bin.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = rankdata(score)
+    ranks = average_ranks(score)
     return float((ranks[y_bin].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``values``, ties sharing their average rank: ``scipy.stats.rankdata(values)`` to the bit (the
+    same arithmetic), without its per-call overhead, which dominated the bootstrap's AUCs; all NaN when any value is
+    NaN, as rankdata propagates it."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    if np.isnan(values).any():
+        return np.full(values.shape, np.nan)
+    order = np.argsort(values, kind="mergesort")
+    ordered = values[order]
+    starts = np.r_[True, ordered[1:] != ordered[:-1]]
+    dense = np.cumsum(starts)
+    bounds = np.r_[np.flatnonzero(starts), values.size]
+    ranks = np.empty(values.size, dtype=np.float64)
+    ranks[order] = 0.5 * (bounds[dense] + bounds[dense - 1] + 1)
+    return ranks
 
 
 def macro_auc(y: np.ndarray, p: np.ndarray, class_idx: Sequence[int]) -> float:

@@ -52,18 +52,24 @@ def _cm_headline(cm: np.ndarray) -> dict[str, Any]:
     }
 
 
-def _resample_indices(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _patient_rows(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows sorted by patient, rows per patient, first sorted row of each patient)`` of ``groups`` (any ids)."""
+    _, codes = np.unique(np.asarray(groups), return_inverse=True)
+    codes = codes.reshape(-1)
+    counts = np.bincount(codes)
+    return np.argsort(codes, kind="stable"), counts, np.concatenate(([0], np.cumsum(counts)[:-1]))
+
+
+def _resample_indices(groups: np.ndarray, rng: np.random.Generator,
+                      rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Row indices of one patient-level bootstrap resample.
 
     Draws ``G`` patients with replacement from the ``G`` distinct ids and returns the rows of every drawn patient,
     concatenated in draw order; a patient drawn ``k`` times contributes each of its rows ``k`` times. ``groups``
-    are codes from ``group_codes`` or any ids; the number of rows returned varies with the patients drawn.
+    are codes from ``group_codes`` or any ids; the number of rows returned varies with the patients drawn. ``rows``
+    is :func:`_patient_rows` of ``groups`` when the caller has it already (the same draw either way).
     """
-    _, codes = np.unique(np.asarray(groups), return_inverse=True)
-    codes = codes.reshape(-1)
-    order = np.argsort(codes, kind="stable")
-    counts = np.bincount(codes)
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    order, counts, starts = rows if rows is not None else _patient_rows(groups)
     drawn = rng.integers(0, counts.size, size=counts.size)
     lengths = counts[drawn]
     total = int(lengths.sum())
@@ -94,7 +100,8 @@ def bootstrap_draws(groups: Any, n: int, n_resamples: int, seed: int) -> tuple[l
         raise ValueError("n_resamples must be >= 1")
     codes = group_codes(groups, n)
     rng = np.random.default_rng(seed)
-    return [_resample_indices(codes, rng) for _ in range(n_resamples)], int(codes.max()) + 1
+    rows = _patient_rows(codes)  # once, not per resample
+    return [_resample_indices(codes, rng, rows) for _ in range(n_resamples)], int(codes.max()) + 1
 
 
 def bootstrap_ci(

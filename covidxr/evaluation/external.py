@@ -20,9 +20,9 @@ from covidxr.errors import CovidxrError, DatasetError, one_line
 from covidxr.evaluation.analysis import analyse, source_warnings, split_warnings
 from covidxr.evaluation.covid_vs_rest import absent_class_calls
 from covidxr.evaluation.film_pass import FilmPass
-from covidxr.evaluation.film_sets import set_films
+from covidxr.evaluation.film_sets import set_films, with_gallery
 from covidxr.evaluation.inputs import EvalOptions, load_eval_data
-from covidxr.evaluation.logits import predict_splits
+from covidxr.evaluation.logits import evaluated_table, predict_splits
 from covidxr.evaluation.lung_share import lung_share_summary
 from covidxr.evaluation.outputs import predictions_frame
 from covidxr.files import atomic_write_bytes
@@ -89,15 +89,17 @@ def evaluate_external(model: TrainedModel, calibration: Calibration, folder: Pat
     data = load_eval_data(model, replace(opts, data=str(folder), split="all"))
     if data.own:
         raise CovidxrError(f"--external {folder}: this is the run's own data, not an external dataset")
-    pred = predict_splits(model, data, opts.tta)
-    if len(pred.y) == 0:
+    table = evaluated_table(data)
+    if len(table) == 0:
         raise DatasetError(f"--external {folder}: no readable image")
+    films = set_films(predictor, lungs, table, opts, gate=False, desc=f"films: {name}")
+    pred = predict_splits(model, data, opts.tta, films.logits())
     analysis = analyse(model.classes, calibration, data, pred, split_table, opts)
     classes = list(model.classes)
     predictions = f"predictions-external-{name}.csv"
     frame = predictions_frame(pred, analysis["_probs"], analysis["_raw"], classes)
     atomic_write_bytes(out / predictions, frame.to_csv(index=False).encode("utf-8"))
-    films = set_films(predictor, lungs, pred.table, frame, classes, opts, gate=False, desc=f"films: {name}")
+    films = with_gallery(predictor, lungs, films, frame, classes, opts, desc=f"gallery: {name}")
     metrics = analysis["metrics"]
     covid = analysis["covid_vs_rest"]
     if covid is not None:
@@ -113,7 +115,7 @@ def evaluate_external(model: TrainedModel, calibration: Calibration, folder: Pat
         "absent_class_calls": absent_class_calls(pred.y, analysis["_probs"], classes),
         "warnings": source_warnings(pred.table) + split_warnings(data, pred, analysis["_calibration"]),
         "unreadable": dict(data.run.unreadable), "predictions": predictions,
-        "lung_share": lung_share_summary(predictor, pred.table, opts.lung_share_limit, opts.seed, films),
+        "lung_share": lung_share_summary(predictor, pred.table, opts.lung_share_limit, films, opts.seed),
     }
     return entry, ExternalPass(name, frame, films)
 

@@ -1,19 +1,21 @@
 """One pass over the films of an evaluated set: each film decoded once and run once through the evaluation's one
-model, giving what the input gate's report, the lung share and the failure gallery need.
+model, giving the metrics' logits, the input gate's verdicts, and what the lung share and the failure gallery need.
 
-The metrics come from the run's loaders (:mod:`covidxr.evaluation.logits`, the prepared squares training saw); this
-pass reads the original films, because the gate's file checks look at the file (colour, size, DICOM header) and the
-heat maps go back onto the film. A film the gate report needs gets its verdict; a film the lung share samples or the
-gallery shows gets its Grad-CAM of the predicted class, its heat map on the film and its lung share
-(:meth:`covidxr.model.trained.TrainedModel.film_heat`, the one place that share is computed); the gallery's films also
-keep their pixels for the thumbnails. Before this pass the gate report, the lung share and the gallery each loaded the
-model again and decoded their films again, and Grad-CAM ran twice for the films the lung share and the gallery share.
+The pass reads the original films, because the gate's file checks look at the file (colour, size, DICOM header) and the
+heat maps go back onto the film; the network's input is prepared from the film exactly as the app prepares it, so its
+logits are those of the run's loaders to the bit (``tests/test_evaluate.py``). Every film gets its logits (``every``)
+and, when the gate report needs it, its verdict; a film the lung share samples gets its Grad-CAM of the predicted
+class, its heat map on the film and its lung share (:meth:`covidxr.model.trained.TrainedModel.film_heat`, the one
+place that share is computed). The failure gallery's films are known only once the metrics are: :func:`gallery_films`
+adds their heat maps (Grad-CAM only for a film the first pass did not explain) and their pixels for the thumbnails.
+Before this pass the gate report, the lung share and the gallery each loaded the model again and decoded their films
+again, Grad-CAM ran twice for the films the lung share and the gallery share, and the metrics ran the model once more.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -35,6 +37,7 @@ class Film:
         heat: ``(H, W)`` heat map of the predicted class on the film, or None (not explained, or no explanation).
         lung_share: share of the heat map's mass inside the lungs, or None.
         pixels: the film's pixels, kept for the gallery's pictures (None otherwise).
+        logits: ``(C,)`` the network's raw logits of the film.
     """
 
     verdict: GateVerdict | None
@@ -42,6 +45,7 @@ class Film:
     heat: np.ndarray | None
     lung_share: float | None
     pixels: np.ndarray | None
+    logits: np.ndarray
 
 
 @dataclass
@@ -54,25 +58,30 @@ class FilmPass:
         """The gate's verdicts of ``paths``, None for an unreadable film."""
         return [None if self.films.get(str(p)) is None else self.films[str(p)].verdict for p in paths]
 
+    def logits(self) -> dict[str, np.ndarray]:
+        """The raw logits of every readable film, by path."""
+        return {path: film.logits for path, film in self.films.items() if film is not None}
+
 
 def film_pass(predictor: Predictor, paths: Iterable[str], *, gate: set[str] | frozenset[str] = frozenset(),
               explain: set[str] | frozenset[str] = frozenset(), keep: set[str] | frozenset[str] = frozenset(),
-              lungs: LungModel | None = None, batch_size: int = 8, progress: bool = True,
+              every: bool = False, lungs: LungModel | None = None, batch_size: int = 8, progress: bool = True,
               desc: str = "films") -> FilmPass:
     """Read each of ``paths`` once and run it once (see the module docstring).
 
     Args:
         predictor: the evaluation's one trained model, as a torch predictor.
-        paths: the films (only those in ``gate``, ``explain`` or ``keep`` are read).
+        paths: the films (with ``every`` False, only those in ``gate``, ``explain`` or ``keep`` are read).
         gate: films whose gate verdict is wanted.
         explain: films whose Grad-CAM (predicted class), heat map and lung share are wanted.
-        keep: films whose pixels the gallery keeps.
+        keep: films whose pixels the gallery keeps (explained too).
+        every: read every film of ``paths`` (the metrics take their logits from this pass).
         lungs: the lung model of the fall-back mask (the checkpoint's pipeline has none of its own).
         batch_size: films per forward pass.
         progress: show a progress bar.
         desc: its label.
     """
-    wanted = [str(p) for p in dict.fromkeys(map(str, paths)) if str(p) in gate or str(p) in explain or str(p) in keep]
+    wanted = [p for p in dict.fromkeys(map(str, paths)) if every or p in gate or p in explain or p in keep]
     films: dict[str, Film | None] = {}
     # films to explain and films that only need a verdict go in separate batches (a CAM batch costs a backward pass)
     cams = [p for p in wanted if p in explain or p in keep]
@@ -91,7 +100,32 @@ def film_pass(predictor: Predictor, paths: Iterable[str], *, gate: set[str] | fr
                 for (path, xray), pred in zip(xrays, preds, strict=True):
                     films[path] = Film(verdict=pred.gate if path in gate else None, explained=pred.cam_class,
                                        heat=pred.heatmap, lung_share=pred.lung_share,
-                                       pixels=xray.pixels if path in keep else None)
+                                       pixels=xray.pixels if path in keep else None,
+                                       logits=np.asarray(pred.logits, dtype=np.float32))
             bar.update(len(group[start:start + batch_size]))
     bar.close()
+    return FilmPass(films)
+
+
+def gallery_films(predictor: Predictor, done: FilmPass, paths: Sequence[str], lungs: LungModel | None = None,
+                  progress: bool = True, desc: str = "films") -> FilmPass:
+    """``done`` with the gallery's ``paths`` added: their pixels, and their heat maps (Grad-CAM of the predicted class,
+    run only for a film ``done`` did not explain)."""
+    films = dict(done.films)
+    todo = []
+    for path in map(str, paths):
+        film = films.get(path)
+        if film is None or film.explained is None:
+            todo.append(path)
+            continue
+        try:
+            films[path] = replace(film, pixels=load_xray(path).pixels)
+        except ImageReadError:
+            films[path] = None
+    if todo:
+        more = film_pass(predictor, todo, explain=set(todo), keep=set(todo), lungs=lungs, progress=progress,
+                         desc=desc)
+        for path, film in more.films.items():
+            old = films.get(path)
+            films[path] = film if old is None or film is None else replace(film, verdict=old.verdict)
     return FilmPass(films)

@@ -16,12 +16,8 @@ from PIL import Image
 
 from covidxr.errors import ImageReadError, one_line
 from covidxr.evaluation.film_pass import Film, FilmPass
-from covidxr.evaluation.lung_share import lung_model_for
 from covidxr.explain.display import overlay
 from covidxr.files import atomic_write_bytes
-from covidxr.images.reader import load_xray
-from covidxr.inference.predictor import Predictor
-from covidxr.lungs import LungModel
 
 log = logging.getLogger("covidxr.evaluate")
 
@@ -82,41 +78,40 @@ def error_paths(frame: pd.DataFrame, classes: Sequence[str], per_class: int = PE
     return [str(frame.iloc[i]["path"]) for rows in confident_errors(probs, y, per_class).values() for i in rows]
 
 
-def _pictures(predictor: Predictor, lungs: LungModel | None, path: str, target: int,
-              film: Film | None = None) -> tuple[bytes, bytes | None, float | None]:
-    """Thumbnail, Grad-CAM overlay of the predicted class (None without a heatmap) and lung share of one image (from
-    the evaluation's film pass when it explained this class of the film, else computed here)."""
-    if film is not None and film.pixels is not None and film.explained == predictor.classes[target]:
-        image, heat, share = film.pixels, film.heat, film.lung_share
-    else:
-        image = load_xray(path).pixels
-        pred = predictor.predict_batch([image], cam="gradcam", cam_class=target, lungs=lungs)[0]
-        heat, share = pred.heatmap, pred.lung_share
-    thumb = _jpeg(overlay(image, None, max_side=THUMB_SIDE))
-    if heat is None:
+def _pictures(film: Film) -> tuple[bytes, bytes | None, float | None]:
+    """Thumbnail, Grad-CAM overlay of the predicted class (None without a heatmap) and lung share of one film, from
+    the evaluation's film pass (:func:`covidxr.evaluation.film_pass.gallery_films` explained it and kept its pixels).
+
+    Raises:
+        ValueError: the pass did not keep the film's pixels.
+    """
+    if film.pixels is None:
+        raise ValueError("the film pass kept no pixels of this film")
+    thumb = _jpeg(overlay(film.pixels, None, max_side=THUMB_SIDE))
+    if film.heat is None:
         return thumb, None, None
-    return thumb, _jpeg(overlay(image, heat, max_side=THUMB_SIDE)), share
+    return thumb, _jpeg(overlay(film.pixels, film.heat, max_side=THUMB_SIDE)), film.lung_share
 
 
-def gallery(sets: Sequence[tuple[str, pd.DataFrame]], predictor: Predictor, out: Path,
-            per_class: int = PER_CLASS, films: Mapping[str, FilmPass] | None = None) -> list[dict[str, Any]]:
+def gallery(sets: Sequence[tuple[str, pd.DataFrame]], classes: Sequence[str], out: Path,
+            films: Mapping[str, FilmPass], per_class: int = PER_CLASS) -> list[dict[str, Any]]:
     """The failure gallery of each evaluated set, with its pictures written to ``out/gallery/``.
 
     Args:
         sets: ``(name, predictions frame)`` per set (columns ``path``, ``label``, ``predicted`` and one probability
             column per class).
-        predictor: The evaluation's one trained model, as a torch predictor (Grad-CAM).
+        classes: The model's classes.
         out: The evaluation folder.
+        films: Each set's film pass with its gallery's films (:func:`covidxr.evaluation.film_sets.with_gallery`):
+            their pixels, heat maps and lung shares.
         per_class: Errors shown per true class and set.
-        films: Each set's film pass (:mod:`covidxr.evaluation.film_pass`), whose heat maps are reused.
 
     Returns:
         Per set ``{"name", "n_errors", "items": [...], "groups": error_groups}``; each item holds the image's
         ``relpath``, ``source``, ``label``, ``predicted``, ``probs``, ``thumbnail``/``gradcam`` (file names under
         ``out``, None when not made), ``lung_share`` and ``note``.
     """
-    classes = predictor.classes
-    lungs, _ = lung_model_for(predictor)
+    classes = list(classes)
     index = {c: i for i, c in enumerate(classes)}
     results = []
     for name, frame in sets:
@@ -133,9 +128,10 @@ def gallery(sets: Sequence[tuple[str, pd.DataFrame]], predictor: Predictor, out:
                         "thumbnail": None, "gradcam": None, "lung_share": None, "note": None}
                 stem = f"{FOLDER}/{name}-{classes[k]}-{rank + 1}"
                 try:
-                    film = (films or {}).get(name)
-                    thumb, cam, share = _pictures(predictor, lungs, str(row["path"]), index[row["predicted"]],
-                                                  film.films.get(str(row["path"])) if film is not None else None)
+                    film = films[name].films.get(str(row["path"])) if name in films else None
+                    if film is None:
+                        raise ImageReadError("unreadable film")
+                    thumb, cam, share = _pictures(film)
                 except (ImageReadError, OSError, ValueError) as exc:
                     item["note"] = f"no picture: {one_line(exc)}"
                     log.warning("gallery: %s: %s", row["path"], item["note"])

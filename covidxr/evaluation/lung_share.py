@@ -9,15 +9,13 @@ lung model gives the mask). A checkpoint without a lung crop is measured with th
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from covidxr.errors import CheckpointError, ImageReadError, one_line
+from covidxr.errors import CheckpointError, one_line
 from covidxr.evaluation.film_pass import FilmPass
-from covidxr.images.reader import load_xray
 from covidxr.inference.predictor import Predictor
 from covidxr.lungs import LungModel, load_lung_model
 
@@ -44,27 +42,12 @@ def lung_model_for(predictor: Predictor) -> tuple[LungModel | None, str]:
         return None, one_line(exc)
 
 
-def lung_shares(predictor: Predictor, lungs: LungModel, paths: Sequence[str]) -> list[float]:
-    """Share of the Grad-CAM mass inside the lungs, per readable image with a heatmap."""
-    shares = []
-    for start in range(0, len(paths), BATCH):
-        pixels = []
-        for path in paths[start : start + BATCH]:
-            try:
-                pixels.append(load_xray(path).pixels)
-            except ImageReadError:
-                continue
-        for pred in predictor.predict_batch(pixels, cam="gradcam", lungs=lungs):
-            if pred.lung_share is not None and np.isfinite(pred.lung_share):
-                shares.append(float(pred.lung_share))
-    return shares
-
-
-def lung_share_summary(predictor: Predictor, table: pd.DataFrame, limit: int, seed: int = 0,
-                       films: FilmPass | None = None) -> dict[str, Any]:
+def lung_share_summary(predictor: Predictor, table: pd.DataFrame, limit: int, films: FilmPass,
+                       seed: int = 0) -> dict[str, Any]:
     """metrics.json's ``"lung_share"``: ``mean``, ``median``, ``n``, ``method`` (and ``lung_model``), or with ``note``
     (and None values) when it was skipped (``limit`` 0, or no lung model installed). ``predictor`` wraps the
-    evaluation's one trained model (torch); ``films``, the set's film pass, gives the shares already measured."""
+    evaluation's one trained model (torch); ``films``, the set's film pass, holds the shares of the sample
+    (:func:`pick_rows`, the same ``limit`` and ``seed``)."""
     empty = {"mean": None, "median": None, "n": 0, "method": METHOD}
     if limit <= 0:
         return {**empty, "note": "skipped (--lung-share-limit 0)"}
@@ -73,12 +56,9 @@ def lung_share_summary(predictor: Predictor, table: pd.DataFrame, limit: int, se
         log.warning("lung share skipped: %s", origin)
         return {**empty, "note": f"skipped: {origin}"}
     paths = pick_rows(table, limit, seed)
-    if films is not None:
-        found = [films.films.get(p) for p in paths]
-        shares = [float(f.lung_share) for f in found
-                  if f is not None and f.lung_share is not None and np.isfinite(f.lung_share)]
-    else:
-        shares = lung_shares(predictor, lungs, paths)
+    found = [films.films.get(p) for p in paths]
+    shares = [float(f.lung_share) for f in found if f is not None and f.lung_share is not None
+              and np.isfinite(f.lung_share)]
     if not shares:
         return {**empty, "note": "no image had a heatmap", "lung_model": origin}
     return {"mean": float(np.mean(shares)), "median": float(np.median(shares)), "n": len(shares), "method": METHOD,

@@ -29,11 +29,11 @@ from covidxr.evaluation.external import (
     read_crossval,
 )
 from covidxr.evaluation.film_pass import FilmPass
-from covidxr.evaluation.film_sets import set_films
+from covidxr.evaluation.film_sets import set_films, with_gallery
 from covidxr.evaluation.gate_report import gate_report
 from covidxr.evaluation.heldout_calibration import load_heldout_logits
 from covidxr.evaluation.inputs import EvalData, EvalOptions, load_eval_data
-from covidxr.evaluation.logits import SplitOutputs, predict_splits
+from covidxr.evaluation.logits import SplitOutputs, evaluated_table, predict_splits
 from covidxr.evaluation.lung_share import lung_model_for, lung_share_summary
 from covidxr.evaluation.model_card import model_card
 from covidxr.evaluation.outputs import (
@@ -96,7 +96,7 @@ def assemble(model: TrainedModel, predictor: Predictor, data: EvalData, pred: Sp
         "unreadable": dict(data.run.unreadable),
         "model_card": card,
         "external": [], "crossval": None,
-        "lung_share": lung_share_summary(predictor, pred.table, opts.lung_share_limit, opts.seed, films),
+        "lung_share": lung_share_summary(predictor, pred.table, opts.lung_share_limit, films, opts.seed),
     }
 
 
@@ -210,21 +210,22 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
             if out.exists() and not out.is_dir():
                 raise CovidxrError(f"--out {out} exists and is not a folder")
         with stages("predict"):
-            pred = predict_splits(model, data, opts.tta)
-            if len(pred.y) == 0:
+            table = evaluated_table(data)
+            if len(table) == 0:
                 raise DatasetError(f"no readable image in the evaluated split ({data.split}) of {data.data_path}")
+            # One pass over the evaluated films (each decoded once): the metrics' logits, the gate's verdicts, and
+            # Grad-CAM for the lung share's sample; the validation rows come from the loaders.
+            lungs = lung_model_for(predictor)[0] if opts.lung_share_limit > 0 or opts.gallery > 0 else None
+            films = set_films(predictor, lungs, table, opts, gate=True, desc="films: evaluated")
+            pred = predict_splits(model, data, opts.tta, films.logits())
         with stages("metrics"):
             # External data reuses the checkpoint's calibration: the folds' logits are read for the run's own data only.
             heldout, why_not = (load_heldout_logits(crossval, dict(model.config), list(model.classes))
                                 if data.own else (None, ""))
             analysis = analyse(model.classes, model.calibration, data, pred, split_table, opts, heldout)
             analysis["calibration"]["why_not_out_of_source"] = why_not or None
-            # One pass over the evaluated films (each decoded once): the gate's verdicts, and Grad-CAM for the lung
-            # share's sample and the gallery's errors.
             frame = predictions_frame(pred, analysis["_probs"], analysis["_raw"], list(model.classes))
-            lungs = lung_model_for(predictor)[0] if opts.lung_share_limit > 0 or opts.gallery > 0 else None
-            films = set_films(predictor, lungs, pred.table, frame, model.classes, opts, gate=True,
-                              desc="films: evaluated")
+            films = with_gallery(predictor, lungs, films, frame, model.classes, opts, desc="gallery: evaluated")
             result = assemble(model, predictor, data, pred, analysis, split_table, opts, out, films)
             if profile is not None:
                 result["site"] = {**profile.summary(), "describe": profile.describe()}
@@ -240,7 +241,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
             result["gate"] = gate_report(predictor, pred.table, opts.gate_check, opts.gate_variants, opts.batch_size,
                                          opts.progress, films)
         with stages("gallery, subgroups, decision curves"):
-            result["publication"] = publication_extras(result, pred, analysis, opts, out, predictor,
+            result["publication"] = publication_extras(result, pred, analysis, opts, out,
                                                        {p.name: p.frame for _, p in external},
                                                        {"": films, **{p.name: p.films for _, p in external}})
         with stages("report"):

@@ -22,7 +22,6 @@ from covidxr.evaluation.outputs import PLOT_FILES, predictions_frame
 from covidxr.evaluation.plots import figure_png
 from covidxr.evaluation.subgroups import SMALL_RULE, subgroups
 from covidxr.files import atomic_write_bytes
-from covidxr.inference.predictor import Predictor
 
 DEMOGRAPHIC_COLUMNS = ("age", "sex")
 
@@ -59,11 +58,11 @@ def evaluated_sets(result: dict[str, Any], pred: SplitOutputs, analysis: dict[st
 
 
 def publication_extras(result: dict[str, Any], pred: SplitOutputs, analysis: dict[str, Any], opts: EvalOptions,
-                       out: Path, predictor: Predictor, frames: Mapping[str, pd.DataFrame] | None = None,
+                       out: Path, frames: Mapping[str, pd.DataFrame] | None = None,
                        films: Mapping[str, FilmPass] | None = None) -> dict[str, Any]:
-    """The failure gallery (pictures under ``out/gallery/``, Grad-CAM of the evaluation's one model, ``predictor``),
-    subgroups and decision curves (``decision_curve.png``); ``frames`` are the external folders' predictions and
-    ``films`` each set's film pass (the internal set's under ``""``), whose heat maps the gallery reuses.
+    """The failure gallery (pictures under ``out/gallery/``, the heat maps of the evaluation's film pass), subgroups
+    and decision curves (``decision_curve.png``); ``frames`` are the external folders' predictions and ``films`` each
+    set's film pass with its gallery's films (the internal set's under ``""``).
 
     Returns:
         ``{"positive", "small_rule", "gallery", "subgroups": {set: ...}, "decision_curves": [...], "plots"}``.
@@ -75,7 +74,7 @@ def publication_extras(result: dict[str, Any], pred: SplitOutputs, analysis: dic
                               "decision_curves": [], "plots": {}}
     if opts.gallery > 0:
         by_set = {(sets[0][0] if name == "" else name): f for name, f in (films or {}).items()}
-        extras["gallery"] = gallery(sets, predictor, out, opts.gallery, by_set)
+        extras["gallery"] = gallery(sets, classes, out, by_set, opts.gallery)
     extras["subgroups"] = {name: subgroups(frame, classes, positive, opts.bootstrap, opts.seed)
                            for name, frame in sets}
     if positive is not None:

@@ -29,6 +29,8 @@ class Prediction:
             model's output on an input it was not made for.
         lung_share: share of the heatmap's mass inside the lungs, when the checkpoint crops to the lungs (its lung
             model gives the mask); None otherwise.
+        logits: the network's raw logits of the film (before the temperature), class order; what the evaluation's
+            metrics read when it takes them from this pass.
     """
 
     name: str
@@ -41,6 +43,7 @@ class Prediction:
     note: str | None = None
     gate: GateVerdict | None = None
     lung_share: float | None = None
+    logits: tuple[float, ...] | None = None
 
     @property
     def assessable(self) -> bool:

@@ -316,7 +316,8 @@ class Predictor:
                 name=labels[i], probs={c: float(p) for c, p in zip(self.classes, probs[i], strict=True)},
                 label=self.classes[best], confidence=float(probs[i][best]), heatmap=heatmaps[i],
                 cam_method=method, cam_class=None if explained[i] is None else self.classes[explained[i]],
-                note=notes[i], gate=verdicts[i], lung_share=shares[i]))
+                note=notes[i], gate=verdicts[i], lung_share=shares[i],
+                logits=tuple(float(v) for v in logits[i])))
         return results
 
     def _logits(self, inputs: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:

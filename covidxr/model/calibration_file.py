@@ -26,6 +26,7 @@ from typing import Any
 
 from covidxr.errors import CheckpointError
 from covidxr.files import atomic_write_text, file_digest
+from covidxr.model.sidecars import pinned
 
 FORMAT = "covidxr-calibration"
 FORMAT_VERSION = 1
@@ -75,11 +76,4 @@ def read_calibration(checkpoint: str | Path, sha256: str) -> dict[str, Any] | No
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         log.warning("%s: unreadable calibration (%s); probabilities uncalibrated", path, exc)
         return None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        log.warning("%s: not a covidxr calibration file; ignored", path)
-        return None
-    if record.get("checkpoint_sha256") != sha256:
-        log.warning("%s: made for other checkpoint bytes (SHA-256 %s..., this file %s...); ignored: evaluate the "
-                    "checkpoint again", path, str(record.get("checkpoint_sha256"))[:8], sha256[:8])
-        return None
-    return record
+    return pinned(record, path, FORMAT, sha256, "calibration file", "evaluate the checkpoint again")

@@ -87,14 +87,22 @@ def _sidecar(path: Path, sha256: str) -> Mapping[str, Any] | None:
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
         log.warning("%s: unreadable gate file (%s); only the file checks run", path, exc)
         return None
-    if not isinstance(record, dict) or record.get("format") != GATE_FILE_FORMAT:
-        log.warning("%s: not a covidxr gate file; ignored", path)
+    record = pinned(record, path, GATE_FILE_FORMAT, sha256, "gate file", "fit the gate again (python -m covidxr.gate "
+                    "fit)")
+    return None if record is None else record.get("gate")
+
+
+def pinned(record: Any, path: Path, fmt: str, sha256: str, kind: str, remedy: str) -> dict[str, Any] | None:
+    """``record`` (a sidecar's content) when it is a ``fmt`` record pinned to these checkpoint bytes (``sha256``);
+    None with a warning naming ``kind`` and the ``remedy`` otherwise. Every sidecar is checked here."""
+    if not isinstance(record, dict) or record.get("format") != fmt:
+        log.warning("%s: not a covidxr %s; ignored", path, kind)
         return None
     if record.get("checkpoint_sha256") != sha256:
-        log.warning("%s: fitted for other checkpoint bytes (SHA-256 %s..., this file %s...); ignored: fit the gate "
-                    "again (python -m covidxr.gate fit)", path, str(record.get("checkpoint_sha256"))[:8], sha256[:8])
+        log.warning("%s: made for other checkpoint bytes (SHA-256 %s..., this file %s...); ignored: %s", path,
+                    str(record.get("checkpoint_sha256"))[:8], sha256[:8], remedy)
         return None
-    return record.get("gate")
+    return record
 
 
 def _gate(stored: Any, weights: str, source: str) -> InputGate:

@@ -6,23 +6,29 @@ Folder ``FOLDER/`` (default ``RUN/sites/NAME/``)::
     site.json      the record below (written last: a folder without it is no profile)
     bn_stats.pt    the mixed batch-norm running statistics, {layer name: {"mean", "var"}} (torch.save of tensors
                    only, read with weights_only=True; its SHA-256 is in site.json)
+    gate_reference.pt  the unit-length gate features of the films the gate accepted (float16 (N, F); its SHA-256
+                   in site.json's ``gate_reference``): added to the gate's out-of-distribution reference under the
+                   profile (:func:`site_gate`), so the site's ordinary films stop landing in "read with care"
 
 ``site.json``: ``{"format", "format_version", "name", "status" ("adapted" or "refused"), "reason", "checkpoint",
 "checkpoint_sha256", "created", "n_films", "n_refused", "n_unreadable", "films_sha256", "temperature", "classes",
-"source_priors", "site_priors", "logit_offsets", "calls_unadapted", "calls_adapted", "settings", "bn", "seconds"}``.
+"source_priors", "site_priors", "logit_offsets", "calls_unadapted", "calls_adapted", "settings", "bn",
+"gate_reference", "seconds"}``.
 
 Applying a profile (:func:`apply_profile`) gives the checkpoint's dict with two changes to its weights, so every
 place that builds a model from a checkpoint (the predictor, the app, ``evaluate``, the ONNX export) runs the adapted
 model with no other code: the batch-norm running statistics are replaced by the mixed ones, and the head's bias
 gains ``temperature * log(site prior / source prior)``, so that ``softmax(logits / temperature)`` is the
 prior-corrected posterior of Saerens et al. (2002). The decision rules (the arg-max, the COVID threshold) are then
-applied to that posterior unchanged: the operating point moves with the priors as Bayes' rule moves it. The input
-gate keeps reading the unadapted model's features (its reference was fitted on them). A refused profile (the
-collapse guard fired) changes nothing: the model runs unadapted and the reason is shown.
+applied to that posterior unchanged: the operating point moves with the priors as Bayes' rule moves it (a profile made
+without ``--shift-priors``, the default, has offsets of 0). The input gate keeps reading the unadapted model's
+features (its reference was fitted on them), with the site's accepted films added to its reference. A refused profile
+(the collapse guard fired) changes nothing: the model runs unadapted and the reason is shown.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -32,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from covidxr.errors import CovidxrError
 from covidxr.files import atomic_write_bytes, atomic_write_text, file_digest
 
@@ -39,10 +47,13 @@ FORMAT = "covidxr-site-profile"
 FORMAT_VERSION = 1
 RECORD = "site.json"
 BN_FILE = "bn_stats.pt"
+GATE_FILE = "gate_reference.pt"  # the site's accepted films' unit-length gate features, float16 (N, F)
 SITES_FOLDER = "sites"  # RUN/sites/NAME/: where adapt writes by default and where the app looks
 
 if TYPE_CHECKING:  # torch is imported where tensors are read or written: the page lists profiles before torch loads
     import torch
+
+    from covidxr.model.gate import InputGate
 
 log = logging.getLogger("covidxr.site")
 
@@ -59,11 +70,14 @@ class SiteProfile:
         record: the JSON record (see the module docstring).
         bn_stats: layer name -> ``{"mean", "var"}`` tensors (empty for a refused profile).
         folder: where it was read from (None before it is written).
+        gate_reference: ``(N, F)`` the gate features of the site's accepted films (None: a refused profile, a gate
+            without an out-of-distribution check, or a profile written before it was stored).
     """
 
     record: dict[str, Any]
     bn_stats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     folder: Path | None = None
+    gate_reference: np.ndarray | None = None
 
     @property
     def name(self) -> str:
@@ -146,7 +160,48 @@ def read_profile(path: str | os.PathLike, checkpoint_sha256: str) -> SiteProfile
     profile = SiteProfile(record, folder=file.parent)
     if profile.adapted:
         profile.bn_stats = _read_bn_stats(file.parent, record)
+        if record.get("gate_reference"):
+            profile.gate_reference = read_gate_reference(file.parent)
+            if profile.gate_reference is None:
+                raise SiteProfileError(f"{file.parent / GATE_FILE}: missing, or not the gate reference {file} was "
+                                       "written with")
     return profile
+
+
+def site_gate(gate: InputGate, features: np.ndarray | None) -> InputGate:
+    """A copy of ``gate`` whose out-of-distribution reference also holds the site's films (``(N, F)`` pooled
+    features of the films the gate accepted, from the unadapted model, as the gate reads them). Its threshold and
+    band are kept: a film of the site's ordinary kind now finds close neighbours and leaves the "read with care"
+    band; the view check, which refuses laterals, CT slices and photographs, is unchanged."""
+    if gate.ood is None or features is None or len(features) == 0:
+        return gate
+    x = np.asarray(features, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    reference = np.vstack([np.asarray(gate.ood.reference, dtype=np.float32), x])
+    return dataclasses.replace(gate, ood=dataclasses.replace(gate.ood, reference=reference))
+
+
+def write_gate_reference(folder: Path, features: np.ndarray) -> dict[str, Any]:
+    """Write the site's gate reference atomically into the profile's folder; returns its entry for ``site.json``."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(torch.from_numpy(np.ascontiguousarray(features)).half(), buffer)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / GATE_FILE, buffer.getvalue())
+    return {"file": GATE_FILE, "films": int(len(features)), "sha256": file_digest(folder / GATE_FILE)}
+
+
+def read_gate_reference(folder: str | os.PathLike) -> np.ndarray | None:
+    """The site's gate reference of the profile in ``folder`` (None when it has none or its hash does not match
+    ``site.json``); use it with :func:`site_gate`."""
+    import torch
+
+    folder = Path(folder)
+    entry = json.loads((folder / RECORD).read_text(encoding="utf-8")).get("gate_reference")
+    if not entry or not (folder / entry["file"]).is_file() or file_digest(folder / entry["file"]) != entry["sha256"]:
+        return None
+    return torch.load(folder / entry["file"], weights_only=True).float().numpy()
 
 
 def _read_bn_stats(folder: Path, record: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:

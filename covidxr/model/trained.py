@@ -44,7 +44,7 @@ from covidxr.model.checkpoint import load_checkpoint
 from covidxr.model.gate import GateVerdict, InputGate, weights_sha256
 from covidxr.model.input_pipeline import InputPipeline, Prepared, pipeline_from_checkpoint
 from covidxr.model.sidecars import read_gate
-from covidxr.model.site_profile import SiteProfile, apply_profile, read_profile
+from covidxr.model.site_profile import SiteProfile, apply_profile, read_profile, site_gate
 from covidxr.networks.architectures import Classifier
 from covidxr.networks.batches import EpochOutput, collect, progress_bar
 from covidxr.networks.tta import TTAClassifier
@@ -140,6 +140,8 @@ class TrainedModel:
         gate = read_gate(path, sha, ckpt.get("gate"), weights, source)
         profile = read_profile(site, sha) if isinstance(site, (str, os.PathLike)) else site
         adapted = apply_profile(ckpt, profile)
+        if profile is not None and profile.adapted:
+            gate = site_gate(gate, profile.gate_reference)  # the site's ordinary films leave "read with care"
         network = _frozen(model_from_checkpoint(adapted, source), torch_device)
         gate_network = None
         if adapted is not ckpt:
