@@ -248,7 +248,9 @@ def curve(predictor: Predictor, films: Films, args: argparse.Namespace, source: 
             arms = adapt_arms(predictor, films, rng.choice(pool, n, replace=False), second, source, AdaptSettings())
             base = metrics(films.y[second], arms["unadapted"], classes, threshold)
             done = metrics(films.y[second], arms["adapted"], classes, threshold)
+            bn = metrics(films.y[second], arms["bn"], classes, threshold)
             found.append({k: done[k] - base[k] for k in base} | {f"adapted_{k}": v for k, v in done.items()}
+                         | {f"bn_{k}": v for k, v in bn.items()} | {f"unadapted_{k}": v for k, v in base.items()}
                          | {"refused_share": float(arms["_refused"][0])})
         rows.append({"n": n, "splits": len(found), **(pd.DataFrame(found).mean().to_dict() if found else
                                                        {"note": "a half has fewer accepted films"})})
@@ -314,7 +316,7 @@ def markdown(report: dict) -> str:
                       f"out of distribution {band['refused_before']} -> {band['refused_after']}", ""]
     if report.get("curve"):
         keys = [k for k in report["curve"][0] if k not in ("n", "splits", "note", "refused_share")
-                and not k.startswith("adapted_")]
+                and not k.startswith(("adapted_", "bn_", "unadapted_"))]
         lines += ["| adaptation films | splits | " + " | ".join(f"Δ {k}" for k in keys) + " |",
                   "|---" * (len(keys) + 2) + "|"]
         for row in report["curve"]:

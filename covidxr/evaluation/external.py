@@ -21,7 +21,7 @@ from covidxr.evaluation.analysis import analyse, source_warnings, split_warnings
 from covidxr.evaluation.covid_vs_rest import absent_class_calls
 from covidxr.evaluation.film_pass import FilmPass
 from covidxr.evaluation.film_sets import set_films, with_gallery
-from covidxr.evaluation.inputs import EvalOptions, load_eval_data
+from covidxr.evaluation.inputs import EvalOptions, load_eval_data, without_unreadable
 from covidxr.evaluation.logits import evaluated_table, predict_splits
 from covidxr.evaluation.lung_share import lung_share_summary
 from covidxr.evaluation.outputs import predictions_frame
@@ -86,13 +86,13 @@ def evaluate_external(model: TrainedModel, calibration: Calibration, folder: Pat
     Raises:
         CovidxrError: The folder is the run's own data, or has no readable image.
     """
-    data = load_eval_data(model, replace(opts, data=str(folder), split="all"))
+    data = load_eval_data(model, replace(opts, data=str(folder), split="all"), prepare=opts.tta)
     if data.own:
         raise CovidxrError(f"--external {folder}: this is the run's own data, not an external dataset")
-    table = evaluated_table(data)
-    if len(table) == 0:
+    films = set_films(predictor, lungs, evaluated_table(data), opts, gate=False, desc=f"films: {name}")
+    data = without_unreadable(data, films.unreadable)
+    if len(evaluated_table(data)) == 0:
         raise DatasetError(f"--external {folder}: no readable image")
-    films = set_films(predictor, lungs, table, opts, gate=False, desc=f"films: {name}")
     pred = predict_splits(model, data, opts.tta, films.logits())
     analysis = analyse(model.classes, calibration, data, pred, split_table, opts)
     classes = list(model.classes)

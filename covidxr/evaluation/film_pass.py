@@ -15,12 +15,12 @@ again, Grad-CAM ran twice for the films the lung share and the gallery share, an
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from covidxr.errors import ImageReadError
+from covidxr.errors import ImageReadError, one_line
 from covidxr.images.reader import Xray, load_xray
 from covidxr.inference.predictor import Predictor
 from covidxr.lungs import LungModel
@@ -50,9 +50,10 @@ class Film:
 
 @dataclass
 class FilmPass:
-    """The films of one set by path (an unreadable film maps to None)."""
+    """The films of one set by path (an unreadable film maps to None, its reason in ``unreadable``)."""
 
     films: dict[str, Film | None]
+    unreadable: dict[str, str] = field(default_factory=dict)
 
     def verdicts(self, paths: Sequence[str]) -> list[GateVerdict | None]:
         """The gate's verdicts of ``paths``, None for an unreadable film."""
@@ -83,6 +84,7 @@ def film_pass(predictor: Predictor, paths: Iterable[str], *, gate: set[str] | fr
     """
     wanted = [p for p in dict.fromkeys(map(str, paths)) if every or p in gate or p in explain or p in keep]
     films: dict[str, Film | None] = {}
+    unreadable: dict[str, str] = {}
     # films to explain and films that only need a verdict go in separate batches (a CAM batch costs a backward pass)
     cams = [p for p in wanted if p in explain or p in keep]
     groups = [cams, [p for p in wanted if p not in set(cams)]]
@@ -93,8 +95,8 @@ def film_pass(predictor: Predictor, paths: Iterable[str], *, gate: set[str] | fr
             for path in group[start:start + batch_size]:
                 try:
                     xrays.append((path, load_xray(path)))
-                except ImageReadError:
-                    films[path] = None
+                except ImageReadError as exc:
+                    films[path], unreadable[path] = None, one_line(exc)
             if xrays:
                 preds = predictor.predict_batch([x for _, x in xrays], cam=cam, lungs=lungs)
                 for (path, xray), pred in zip(xrays, preds, strict=True):
@@ -104,7 +106,7 @@ def film_pass(predictor: Predictor, paths: Iterable[str], *, gate: set[str] | fr
                                        logits=np.asarray(pred.logits, dtype=np.float32))
             bar.update(len(group[start:start + batch_size]))
     bar.close()
-    return FilmPass(films)
+    return FilmPass(films, unreadable)
 
 
 def gallery_films(predictor: Predictor, done: FilmPass, paths: Sequence[str], lungs: LungModel | None = None,
@@ -128,4 +130,4 @@ def gallery_films(predictor: Predictor, done: FilmPass, paths: Sequence[str], lu
         for path, film in more.films.items():
             old = films.get(path)
             films[path] = film if old is None or film is None else replace(film, verdict=old.verdict)
-    return FilmPass(films)
+    return FilmPass(films, dict(done.unreadable))

@@ -10,7 +10,7 @@ or same bytes) are flagged.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -191,8 +191,12 @@ def training_overlap(root: str | os.PathLike | None, split: pd.DataFrame | None,
     return pd.Series(out, index=table.index, dtype=object)
 
 
-def load_external_data(classes: Sequence[str], settings: LoaderSettings, table: pd.DataFrame, split: str) -> RunData:
+def load_external_data(classes: Sequence[str], settings: LoaderSettings, table: pd.DataFrame, split: str,
+                       prepare: bool = True) -> RunData:
     """Prepare the selected rows of an external dataset for the run's loaders (their split column: "external").
+
+    With ``prepare`` False the rows are kept as listed, unread: the evaluation's film pass reads each film once and
+    gives its logits (:func:`without_unreadable` then drops the films it could not read).
 
     Args:
         classes: The model's classes.
@@ -207,16 +211,35 @@ def load_external_data(classes: Sequence[str], settings: LoaderSettings, table: 
         table = table[table["split"] == split]
     table = table.assign(split=EXTERNAL).reset_index(drop=True)
     pipeline = input_pipeline(settings)
+    if not prepare:
+        return RunData(table, list(classes), dataset_root(Path(settings.data)), None, {}, pipeline)
     table, images, unreadable = prepare_rows(table, settings, pipeline=pipeline)
     return RunData(table, list(classes), dataset_root(Path(settings.data)), images, unreadable, pipeline)
 
 
-def load_eval_data(model: TrainedModel, opts: EvalOptions) -> EvalData:
+def without_unreadable(data: EvalData, unreadable: Mapping[str, str]) -> EvalData:
+    """``data`` without the rows whose film (by ``path``) could not be read, each listed in ``run.unreadable`` with
+    its reason, as preparing them would have listed it."""
+    table = data.run.table
+    bad = table["path"].astype(str).isin(set(unreadable)).to_numpy()
+    if not bad.any():
+        return data
+    listed = {str(r): unreadable[str(p)] for r, p in zip(table.loc[bad, "relpath"], table.loc[bad, "path"],
+                                                            strict=True)}
+    images = None if data.run.images is None else [im for im, b in zip(data.run.images, bad, strict=True) if not b]
+    run = replace(data.run, table=table[~bad].reset_index(drop=True), images=images,
+                  unreadable={**data.run.unreadable, **listed})
+    return replace(data, run=run, run_split=data.run_split[~bad].reset_index(drop=True))
+
+
+def load_eval_data(model: TrainedModel, opts: EvalOptions, prepare: bool = True) -> EvalData:
     """Resolve the dataset, decide whether it is the run's own data, and prepare the rows to predict.
 
     Args:
         model: The trained model (``split.csv`` is looked for beside its checkpoint).
         opts: The evaluation options.
+        prepare: prepare an external dataset's rows for the loaders (False: the film pass reads them; the run's own
+            data is always prepared, its validation rows need the loaders).
     """
     run_folder = RunFolder.of(model)
     data_path = run_folder.data_path(opts.data)
@@ -232,7 +255,7 @@ def load_eval_data(model: TrainedModel, opts: EvalOptions) -> EvalData:
         run = load_own_data(model.classes, settings, split_table, split)
     else:
         labelled, warnings = match_labels(manifest, model.classes)
-        run = load_external_data(model.classes, settings, labelled, split)
+        run = load_external_data(model.classes, settings, labelled, split, prepare)
         seen = training_overlap((model.record.get("data") or {}).get("root"), split_table, run.table)
         run.table["seen_in_run"] = seen.values
     run_split = run.table["split"].astype(str).copy()

@@ -32,7 +32,7 @@ from covidxr.evaluation.film_pass import FilmPass
 from covidxr.evaluation.film_sets import set_films, with_gallery
 from covidxr.evaluation.gate_report import gate_report
 from covidxr.evaluation.heldout_calibration import load_heldout_logits
-from covidxr.evaluation.inputs import EvalData, EvalOptions, load_eval_data
+from covidxr.evaluation.inputs import EvalData, EvalOptions, load_eval_data, without_unreadable
 from covidxr.evaluation.logits import SplitOutputs, evaluated_table, predict_splits
 from covidxr.evaluation.lung_share import lung_model_for, lung_share_summary
 from covidxr.evaluation.model_card import model_card
@@ -197,7 +197,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     stages = _Stages(7, opts.progress)
     try:
         with stages("load data"):
-            data = load_eval_data(model, opts)
+            data = load_eval_data(model, opts, prepare=opts.tta)
             if profile is not None and data.own:
                 raise CovidxrError("--site: evaluate an adapted model on that site's films (--data FOLDER), not on "
                                    "the run's own data")
@@ -210,13 +210,13 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
             if out.exists() and not out.is_dir():
                 raise CovidxrError(f"--out {out} exists and is not a folder")
         with stages("predict"):
-            table = evaluated_table(data)
-            if len(table) == 0:
-                raise DatasetError(f"no readable image in the evaluated split ({data.split}) of {data.data_path}")
             # One pass over the evaluated films (each decoded once): the metrics' logits, the gate's verdicts, and
             # Grad-CAM for the lung share's sample; the validation rows come from the loaders.
             lungs = lung_model_for(predictor)[0] if opts.lung_share_limit > 0 or opts.gallery > 0 else None
-            films = set_films(predictor, lungs, table, opts, gate=True, desc="films: evaluated")
+            films = set_films(predictor, lungs, evaluated_table(data), opts, gate=True, desc="films: evaluated")
+            data = without_unreadable(data, films.unreadable)
+            if len(evaluated_table(data)) == 0:
+                raise DatasetError(f"no readable image in the evaluated split ({data.split}) of {data.data_path}")
             pred = predict_splits(model, data, opts.tta, films.logits())
         with stages("metrics"):
             # External data reuses the checkpoint's calibration: the folds' logits are read for the run's own data only.
