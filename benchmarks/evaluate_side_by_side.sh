@@ -8,16 +8,20 @@
 # failure gallery) into a fresh folder under ${OUT:-/tmp/evaluate-side-by-side}; prints one line per run (wall
 # seconds, load average) and checks that both give the same predictions to the bit.
 set -euo pipefail
-before=$1 after=$2 ckpt=$3 data=$4 external=$5 rounds=${6:-3}
-out=${OUT:-/tmp/evaluate-side-by-side}
+before=$(realpath "$1") after=$(realpath "$2") ckpt=$(realpath "$3") data=$(realpath "$4")
+external=$(realpath "$5") rounds=${6:-3}
+out=$(realpath -m "${OUT:-/tmp/evaluate-side-by-side}")
 mkdir -p "$out"
 for round in $(seq "$rounds"); do
   for side in before after; do
     src=$before; [ "$side" = after ] && src=$after
     dest=$out/$side-$round; rm -rf "$dest"
     start=$(date +%s.%N)
-    PYTHONPATH=$src python -m covidxr.evaluate --checkpoint "$ckpt" --data "$data" --external "$external" \
-      --out "$dest" --device cpu > "$dest.log" 2>&1
+    # run from inside the tree: `python -m` puts the working folder first on sys.path, ahead of any installed copy
+    (cd "$src" && PYTHONPATH=$src python -m covidxr.evaluate --checkpoint "$ckpt" --data "$data" \
+      --external "$external" --out "$dest" --device cpu > "$dest.log" 2>&1)
+    grep -q "^$src/covidxr/" <(cd "$src" && python -c "import covidxr; print(covidxr.__file__)") \
+      || { echo "$side: covidxr is not imported from $src" >&2; exit 1; }
     echo "$side round $round: $(echo "$(date +%s.%N) - $start" | bc) s, load $(cut -d' ' -f1 /proc/loadavg)"
   done
   python - "$out/before-$round" "$out/after-$round" <<'PY'
