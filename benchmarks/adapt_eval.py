@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 
 from covidxr.adapt.estimate import AdaptSettings, collapse_reason, em_priors, floored, mixed_bn_stats, source_priors
-from covidxr.adapt.site import adapt_site, adapted_logits, site_gate
+from covidxr.adapt.site import adapt_site, adapted_logits
 from covidxr.data.manifest import load_manifest
 from covidxr.data.run_folder import RunFolder
 from covidxr.evaluation.arrays import binary_auc
@@ -48,6 +48,7 @@ from covidxr.evaluation.calibration import expected_calibration_error
 from covidxr.files import atomic_write_text
 from covidxr.images.reader import load_xray
 from covidxr.inference.predictor import Predictor
+from covidxr.model.site_profile import site_gate
 from covidxr.model.trained import TrainedModel
 from covidxr.utils import softmax
 
@@ -94,7 +95,7 @@ def read_films(predictor: Predictor, table: pd.DataFrame, batch: int = 16) -> Fi
 def gate_band(predictor: Predictor, films: Films, adapt: np.ndarray, score: np.ndarray) -> dict[str, int]:
     """How many of the ``score`` films the gate's learned checks put in the borderline band ("read with care") or
     refuse as out of distribution, with the training reference and with the ``adapt`` films it accepts added to it
-    (:func:`covidxr.adapt.site.site_gate`)."""
+    (:func:`covidxr.model.site_profile.site_gate`)."""
     gate = predictor.gate
     site = site_gate(gate, films.features[adapt[films.accepted[adapt]]])
     x = films.features[score]

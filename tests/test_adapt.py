@@ -392,8 +392,8 @@ def test_gate_reads_the_unadapted_features(shared_data: Path, site: Path, tmp_pa
 
 
 def test_site_gate_reference_takes_the_site_films_in_and_travels_in_the_profile(tmp_path: Path) -> None:
-    from covidxr.adapt.site import GATE_FILE, read_gate_reference, site_gate, write_gate_reference
     from covidxr.model.gate import InputGate, OodModel
+    from covidxr.model.site_profile import GATE_FILE, read_gate_reference, site_gate, write_gate_reference
 
     rng = np.random.default_rng(0)
     train = rng.normal(size=(50, 8)) + np.array([10.0] + [0.0] * 7)  # the training films point one way

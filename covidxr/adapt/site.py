@@ -34,13 +34,11 @@ from covidxr.images.reader import Xray, load_xray
 from covidxr.inference.__main__ import find_images
 from covidxr.inference.prediction_log import pixel_sha256
 from covidxr.inference.predictor import Predictor
-from covidxr.model.site_profile import (  # noqa: F401 - site_gate and read_gate_reference: the benchmarks' names
+from covidxr.model.site_profile import (
     FORMAT,
     FORMAT_VERSION,
     GATE_FILE,
     SiteProfile,
-    read_gate_reference,
-    site_gate,
     write_gate_reference,
     write_profile,
 )

@@ -16,13 +16,12 @@ from typing import Any
 
 import pandas as pd
 
-from covidxr.errors import CovidxrError, DatasetError, one_line
+from covidxr.errors import CovidxrError, one_line
 from covidxr.evaluation.analysis import analyse, source_warnings, split_warnings
 from covidxr.evaluation.covid_vs_rest import absent_class_calls
 from covidxr.evaluation.film_pass import FilmPass
-from covidxr.evaluation.film_sets import set_films, with_gallery
-from covidxr.evaluation.inputs import EvalOptions, load_eval_data, without_unreadable
-from covidxr.evaluation.logits import evaluated_table, predict_splits
+from covidxr.evaluation.film_sets import predict_set, with_gallery
+from covidxr.evaluation.inputs import EvalOptions, load_eval_data
 from covidxr.evaluation.lung_share import lung_share_summary
 from covidxr.evaluation.outputs import predictions_frame
 from covidxr.files import atomic_write_bytes
@@ -89,11 +88,8 @@ def evaluate_external(model: TrainedModel, calibration: Calibration, folder: Pat
     data = load_eval_data(model, replace(opts, data=str(folder), split="all"), prepare=opts.tta)
     if data.own:
         raise CovidxrError(f"--external {folder}: this is the run's own data, not an external dataset")
-    films = set_films(predictor, lungs, evaluated_table(data), opts, gate=False, desc=f"films: {name}")
-    data = without_unreadable(data, films.unreadable)
-    if len(evaluated_table(data)) == 0:
-        raise DatasetError(f"--external {folder}: no readable image")
-    pred = predict_splits(model, data, opts.tta, films.logits())
+    data, films, pred = predict_set(model, predictor, lungs, data, opts, False, f"films: {name}",
+                                    f"--external {folder}: no readable image")
     analysis = analyse(model.classes, calibration, data, pred, split_table, opts)
     classes = list(model.classes)
     predictions = f"predictions-external-{name}.csv"

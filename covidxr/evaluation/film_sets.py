@@ -8,12 +8,15 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from covidxr.errors import DatasetError
 from covidxr.evaluation.film_pass import FilmPass, film_pass, gallery_films
 from covidxr.evaluation.gallery import error_paths
-from covidxr.evaluation.inputs import EvalOptions
+from covidxr.evaluation.inputs import EvalData, EvalOptions, without_unreadable
+from covidxr.evaluation.logits import SplitOutputs, evaluated_table, predict_splits
 from covidxr.evaluation.lung_share import pick_rows
 from covidxr.inference.predictor import Predictor
 from covidxr.lungs import LungModel
+from covidxr.model.trained import TrainedModel
 
 
 def set_films(predictor: Predictor, lungs: LungModel | None, table: pd.DataFrame, opts: EvalOptions, gate: bool,
@@ -32,6 +35,22 @@ def set_films(predictor: Predictor, lungs: LungModel | None, table: pd.DataFrame
     sample = pick_rows(table, opts.lung_share_limit, opts.seed) if opts.lung_share_limit > 0 and lungs else []
     return film_pass(predictor, paths, gate=set(paths) if gate else set(), explain=set(sample), every=not opts.tta,
                      lungs=lungs, progress=opts.progress, desc=desc)
+
+
+def predict_set(model: TrainedModel, predictor: Predictor, lungs: LungModel | None, data: EvalData,
+                opts: EvalOptions, gate: bool, desc: str, empty: str) -> tuple[EvalData, FilmPass, SplitOutputs]:
+    """The film pass over one evaluated set (:func:`set_films`), then its logits: ``data`` without the films the pass
+    could not read, the pass, and the predictions (the loaders run only for the rows the pass does not cover).
+
+    Raises:
+        DatasetError: no evaluated film is readable (``empty`` says which set).
+    """
+    films = set_films(predictor, lungs, evaluated_table(data), opts, gate, desc)
+    data = without_unreadable(data, films.unreadable)
+    pred = predict_splits(model, data, opts.tta, films.logits())
+    if len(pred.y) == 0:
+        raise DatasetError(empty)
+    return data, films, pred
 
 
 def with_gallery(predictor: Predictor, lungs: LungModel | None, films: FilmPass, frame: pd.DataFrame,

@@ -22,7 +22,6 @@ from covidxr.lungs import LungModel, load_lung_model
 log = logging.getLogger("covidxr.evaluate")
 
 METHOD = "gradcam of the predicted class"
-BATCH = 8
 
 
 def pick_rows(table: pd.DataFrame, limit: int, seed: int = 0) -> list[str]:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from covidxr.data.manifest import resolve_data_path
 from covidxr.data.run_folder import RunFolder
-from covidxr.errors import CovidxrError, DatasetError
+from covidxr.errors import CovidxrError
 from covidxr.evaluation.analysis import analyse, default_positive, source_warnings, split_warnings
 from covidxr.evaluation.checklist import write_checklist
 from covidxr.evaluation.external import (
@@ -29,11 +29,11 @@ from covidxr.evaluation.external import (
     read_crossval,
 )
 from covidxr.evaluation.film_pass import FilmPass
-from covidxr.evaluation.film_sets import set_films, with_gallery
+from covidxr.evaluation.film_sets import predict_set, with_gallery
 from covidxr.evaluation.gate_report import gate_report
 from covidxr.evaluation.heldout_calibration import load_heldout_logits
-from covidxr.evaluation.inputs import EvalData, EvalOptions, load_eval_data, without_unreadable
-from covidxr.evaluation.logits import SplitOutputs, evaluated_table, predict_splits
+from covidxr.evaluation.inputs import EvalData, EvalOptions, load_eval_data
+from covidxr.evaluation.logits import SplitOutputs
 from covidxr.evaluation.lung_share import lung_model_for, lung_share_summary
 from covidxr.evaluation.model_card import model_card
 from covidxr.evaluation.outputs import (
@@ -213,11 +213,9 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
             # One pass over the evaluated films (each decoded once): the metrics' logits, the gate's verdicts, and
             # Grad-CAM for the lung share's sample; the validation rows come from the loaders.
             lungs = lung_model_for(predictor)[0] if opts.lung_share_limit > 0 or opts.gallery > 0 else None
-            films = set_films(predictor, lungs, evaluated_table(data), opts, gate=True, desc="films: evaluated")
-            data = without_unreadable(data, films.unreadable)
-            if len(evaluated_table(data)) == 0:
-                raise DatasetError(f"no readable image in the evaluated split ({data.split}) of {data.data_path}")
-            pred = predict_splits(model, data, opts.tta, films.logits())
+            data, films, pred = predict_set(model, predictor, lungs, data, opts, True, "films: evaluated",
+                                            f"no readable image in the evaluated split ({data.split}) of "
+                                            f"{data.data_path}")
         with stages("metrics"):
             # External data reuses the checkpoint's calibration: the folds' logits are read for the run's own data only.
             heldout, why_not = (load_heldout_logits(crossval, dict(model.config), list(model.classes))

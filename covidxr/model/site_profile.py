@@ -161,7 +161,7 @@ def read_profile(path: str | os.PathLike, checkpoint_sha256: str) -> SiteProfile
     if profile.adapted:
         profile.bn_stats = _read_bn_stats(file.parent, record)
         if record.get("gate_reference"):
-            profile.gate_reference = read_gate_reference(file.parent)
+            profile.gate_reference = _gate_reference(file.parent, record["gate_reference"])
             if profile.gate_reference is None:
                 raise SiteProfileError(f"{file.parent / GATE_FILE}: missing, or not the gate reference {file} was "
                                        "written with")
@@ -195,10 +195,14 @@ def write_gate_reference(folder: Path, features: np.ndarray) -> dict[str, Any]:
 def read_gate_reference(folder: str | os.PathLike) -> np.ndarray | None:
     """The site's gate reference of the profile in ``folder`` (None when it has none or its hash does not match
     ``site.json``); use it with :func:`site_gate`."""
+    folder = Path(folder)
+    return _gate_reference(folder, json.loads((folder / RECORD).read_text(encoding="utf-8")).get("gate_reference"))
+
+
+def _gate_reference(folder: Path, entry: dict[str, Any] | None) -> np.ndarray | None:
+    """The gate reference ``site.json``'s ``entry`` names in ``folder``, or None (no entry, no file, another hash)."""
     import torch
 
-    folder = Path(folder)
-    entry = json.loads((folder / RECORD).read_text(encoding="utf-8")).get("gate_reference")
     if not entry or not (folder / entry["file"]).is_file() or file_digest(folder / entry["file"]) != entry["sha256"]:
         return None
     return torch.load(folder / entry["file"], weights_only=True).float().numpy()
