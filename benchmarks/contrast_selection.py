@@ -57,8 +57,8 @@ CONTRAST = ["--loss", "contrast", "--balance", "sqrt", "--epoch-size", "1400"]
 ROWS = {"hist": ["--equalize", "hist"], "contrast": ["--equalize", "hist", *CONTRAST],
         "lungcrop-contrast": ["--lung-crop", "--equalize", "hist", *CONTRAST]}
 # What the quickstart trains for a row: on a 2-core CPU at most 1,400 films an epoch (drawn uniformly unless the row
-# balances otherwise), so that 4,150 films take about the time 1,398 took; a GPU sets --epoch-size 0 (every film,
-# every epoch).
+# balances otherwise), so that an epoch on 4,150 films takes about the time one on 1,398 took; a GPU sets
+# --epoch-size 0 (every film, every epoch).
 BUDGET = ["--epoch-size", "1400"]
 SIMPLICITY = ("hist", "contrast", "lungcrop-contrast")  # ties go left
 TRAIN = ["--arch", "efficientnet_lite0", "--weights", "imagenet", "--img-size", "224", "--epochs", "10",
@@ -269,8 +269,8 @@ def tta(runs: Path, name: str) -> None:
                                           str(run / "best.pt"), "--tta", "--external", EXTERNAL]])
 
 
-def result_row(label: str, path: Path) -> str:
-    """One results row from an evaluation folder's ``metrics.json`` and external predictions (first external set)."""
+def result_values(path: Path) -> dict[str, float]:
+    """The goal figures of one evaluation folder's ``metrics.json`` and external predictions (first external set)."""
     metrics = json.loads(path.read_text())
     ext = metrics["external"][0]
     sets = {s["name"]: s for s in metrics["covid_vs_rest"]["sets"]}
@@ -279,25 +279,42 @@ def result_row(label: str, path: Path) -> str:
     rec = ext["metrics"]["per_class"]
     preds = pd.read_csv(path.parent / f"predictions-external-{ext['name']}.csv")
     two = preds[["covid", "normal"]].idxmax(axis=1)  # the decision with the pneumonia output set aside
-    two_recall = [float((two[preds["label"] == c] == c).mean()) for c in ("covid", "normal")]
-    return (f"| {label} | {e['auc']['estimate']:.3f} | {e['sensitivity']['estimate']:.2f} / "
-            f"{e['specificity']['estimate']:.2f} ({metrics['covid_vs_rest']['threshold']:.3f}) | "
-            f"{rec['covid']['recall']:.2f} / {rec['normal']['recall']:.2f} | "
-            f"{ext.get('absent_class_calls', {}).get('pneumonia', 'n/a')} | "
-            f"{two_recall[0]:.2f} / {two_recall[1]:.2f} | "
-            f"{siim['auc']['estimate'] if siim else float('nan'):.3f} | {ext['metrics']['ece']:.3f} | "
-            f"{(ext.get('lung_share') or {}).get('mean') or float('nan'):.3f} |")
+    return {"auc": e["auc"]["estimate"], "sensitivity": e["sensitivity"]["estimate"],
+            "specificity": e["specificity"]["estimate"], "threshold": metrics["covid_vs_rest"]["threshold"],
+            "recall_covid": rec["covid"]["recall"], "recall_normal": rec["normal"]["recall"],
+            "called_pneumonia": float(ext.get("absent_class_calls", {}).get("pneumonia", float("nan"))),
+            "two_recall_covid": float((two[preds["label"] == "covid"] == "covid").mean()),
+            "two_recall_normal": float((two[preds["label"] == "normal"] == "normal").mean()),
+            "siim_auc": siim["auc"]["estimate"] if siim else float("nan"), "ece": ext["metrics"]["ece"],
+            "lung_share": (ext.get("lung_share") or {}).get("mean") or float("nan")}
+
+
+def result_row(label: str, v: dict[str, float]) -> str:
+    """One markdown results row from :func:`result_values` (or their mean over seeds)."""
+    return (f"| {label} | {v['auc']:.3f} | {v['sensitivity']:.2f} / {v['specificity']:.2f} ({v['threshold']:.3f}) | "
+            f"{v['recall_covid']:.2f} / {v['recall_normal']:.2f} | {v['called_pneumonia']:.0f} | "
+            f"{v['two_recall_covid']:.2f} / {v['two_recall_normal']:.2f} | {v['siim_auc']:.3f} | {v['ece']:.3f} | "
+            f"{v['lung_share']:.3f} |")
 
 
 def table(runs: Path) -> str:
-    """Every goals, ensemble and TTA evaluation in ``runs`` as one markdown table (``runs/goals.md``)."""
+    """Every goals, ensemble and TTA evaluation in ``runs`` as one markdown table (``runs/goals.md``), and for a row
+    with several goal seeds their mean (the issue's goals are means over seeds 0-2)."""
     lines = ["| run | external COVID-vs-rest AUC | sensitivity / specificity (threshold) | recall covid / normal | "
              "films called pneumonia (of 199) | recall covid / normal, argmax over covid and normal | siim test "
              "COVID-vs-normal AUC | ECE | lung share |", "|---|---|---|---|---|---|---|---|---|"]
+    seeds: dict[str, list[dict[str, float]]] = {}
     for path in sorted(runs.glob("*/eval*/metrics.json")):
         if path.parent.name in ("eval", "eval-tta") and (path.parent.parent.name.startswith(("goals-", "ens-"))):
             label = path.parent.parent.name + (" + TTA" if path.parent.name == "eval-tta" else "")
-            lines.append(result_row(label, path))
+            values = result_values(path)
+            lines.append(result_row(label, values))
+            if path.parent.name == "eval" and label.startswith("goals-"):
+                seeds.setdefault(label.rsplit("-s", 1)[0], []).append(values)
+    for row, runs_of_row in seeds.items():
+        if len(runs_of_row) > 1:
+            mean = {k: float(np.mean([v[k] for v in runs_of_row])) for k in runs_of_row[0]}
+            lines.append(result_row(f"{row}, mean of {len(runs_of_row)} seeds", mean))
     text = "\n".join(lines) + "\n"
     (runs / "goals.md").write_text(text)
     print(text)
