@@ -269,6 +269,12 @@ def tta(runs: Path, name: str) -> None:
                                           str(run / "best.pt"), "--tta", "--external", EXTERNAL]])
 
 
+def two_class_recall(preds: pd.DataFrame) -> dict[str, float]:
+    """Recall of COVID and of normal when the decision is the argmax over those two outputs (pneumonia set aside)."""
+    two = preds[["covid", "normal"]].idxmax(axis=1)
+    return {c: float((two[preds["label"] == c] == c).mean()) for c in ("covid", "normal")}
+
+
 def result_values(path: Path) -> dict[str, float]:
     """The goal figures of one evaluation folder's ``metrics.json`` and external predictions (first external set)."""
     metrics = json.loads(path.read_text())
@@ -277,14 +283,12 @@ def result_values(path: Path) -> dict[str, float]:
     e = sets[f"external {ext['name']}"]
     siim = next((s for n, s in sets.items() if n.startswith("internal test: SIIM")), None)
     rec = ext["metrics"]["per_class"]
-    preds = pd.read_csv(path.parent / f"predictions-external-{ext['name']}.csv")
-    two = preds[["covid", "normal"]].idxmax(axis=1)  # the decision with the pneumonia output set aside
+    two = two_class_recall(pd.read_csv(path.parent / f"predictions-external-{ext['name']}.csv"))
     return {"auc": e["auc"]["estimate"], "sensitivity": e["sensitivity"]["estimate"],
             "specificity": e["specificity"]["estimate"], "threshold": metrics["covid_vs_rest"]["threshold"],
             "recall_covid": rec["covid"]["recall"], "recall_normal": rec["normal"]["recall"],
             "called_pneumonia": float(ext.get("absent_class_calls", {}).get("pneumonia", float("nan"))),
-            "two_recall_covid": float((two[preds["label"] == "covid"] == "covid").mean()),
-            "two_recall_normal": float((two[preds["label"] == "normal"] == "normal").mean()),
+            "two_recall_covid": two["covid"], "two_recall_normal": two["normal"],
             "siim_auc": siim["auc"]["estimate"] if siim else float("nan"), "ece": ext["metrics"]["ece"],
             "lung_share": (ext.get("lung_share") or {}).get("mean") or float("nan")}
 

@@ -14,6 +14,7 @@ does not hold, recall with the pneumonia output set aside, ECE, and the ``siim``
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,11 @@ from sklearn.metrics import roc_auc_score
 from covidxr.evaluation.covid_vs_rest import absent_class_calls
 from covidxr.evaluation.metrics import classification_metrics
 
-SIIM = "SIIM-FISABIO-RSNA COVID-19 (via vikasb512/Capstone-Project)"
+# The selection script beside this one (benchmarks/ is not a package): its siim source, contrast AUC and two-class
+# recall, so that both scripts score the same way.
+_spec = importlib.util.spec_from_file_location("contrast_selection", Path(__file__).with_name("contrast_selection.py"))
+selection = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(selection)
 
 
 def prediction_table(folder: Path, which: str) -> pd.DataFrame:
@@ -55,18 +60,18 @@ def scores(table: pd.DataFrame, classes: list[str]) -> dict[str, float]:
     y = table["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     probs = table[classes].to_numpy()
     metrics = classification_metrics(y, probs, classes)
-    two = table[["covid", "normal"]].idxmax(axis=1)
+    two = selection.two_class_recall(table)
     out = {"films": float(len(table)), "covid_vs_rest_auc": float(roc_auc_score(y == classes.index("covid"),
                                                                                  probs[:, classes.index("covid")])),
            "ece": float(metrics["ece"])}
     for c in ("covid", "normal"):
         out[f"recall_{c}"] = float(metrics["per_class"][c]["recall"])
-        out[f"two_recall_{c}"] = float((two[table["label"] == c] == c).mean())
+        out[f"two_recall_{c}"] = two[c]
     out.update({f"called_{c}": float(n) for c, n in absent_class_calls(y, probs, classes).items()})
-    siim = table[(table["source"] == SIIM) & table["label"].isin(["covid", "normal"])]
-    if len(siim) and siim["label"].nunique() == 2:
-        share = siim["covid"] / (siim["covid"] + siim["normal"])
-        out["siim_covid_vs_normal_auc"] = float(roc_auc_score(siim["label"] == "covid", share))
+    siim = (table["source"] == selection.SIIM).to_numpy()
+    if {"covid", "normal"} <= set(table.loc[siim, "label"]):
+        labels = table["label"].to_numpy()[siim]
+        out["siim_covid_vs_normal_auc"] = selection.contrast_auc(probs[siim], labels, classes, ("covid", "normal"))
     return out
 
 
